@@ -1,0 +1,232 @@
+"""What every engine needs before its first iteration: options, grid, probe, kernel.
+
+Everything here is computed once, on the client, from the dataset's metadata and
+positions (small); the diffraction patterns stay in the store until a task reads
+the ones it owns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import config, physics
+from ..errors import DatasetError, DeviceError, OptionsError
+from ..geometry import ObjectGrid, object_grid
+from ..options import check_options
+
+ENGINES = ("ml", "gd", "hve", "dm")
+
+
+def _cfg(key):
+    return field(default_factory=lambda: config.get(f"reconstruct.{key}"))
+
+
+@dataclass
+class ReconstructOptions:
+    """Options of :func:`daskptycho.reconstruct` (unknown keys are rejected).
+
+    Defaults come from ``dask.config`` (``daskptycho.reconstruct.*``).
+    """
+
+    engine: str = _cfg("engine")
+    iterations: int = _cfg("iterations")
+    batch_size: int | None = _cfg("batch_size")  # positions per update; None = full batch
+    step: float = _cfg("step")                   # object step (1 = preconditioned Newton-like step)
+    probe_step: float = _cfg("probe_step")
+    refine_probe: bool = _cfg("refine_probe")
+    probe_refine_start: int = _cfg("probe_refine_start")
+    regularization: float = _cfg("regularization")
+    cost: str = _cfg("cost")
+    seed: int = _cfg("seed")
+    pad_px: int = _cfg("pad_px")
+    slices: int = 1
+    slice_thickness_m: float | None = None
+    probe_modes: int | None = None                # None: as many as the store's probe guess has
+    chunk_positions: int = 256                    # positions per vectorised gradient call (memory bound)
+    device: str = "cpu"
+    # gradient decomposition and friends (used by the distributed engines)
+    tiles: tuple = (1, 1)
+    local_updates: bool = False
+    passes_per_iteration: int = 1
+    halo_m: float | None = None
+    workers: int | None = None
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise OptionsError("engine", f"got {self.engine!r}; expected one of {', '.join(ENGINES)}")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, (int, np.integer)) or self.iterations < 1:
+            raise OptionsError("iterations", f"got {self.iterations!r}; expected an integer >= 1")
+        if self.batch_size is not None and (not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1):
+            raise OptionsError("batch_size", f"got {self.batch_size!r}; expected a positive integer or None (full batch)")
+        for name in ("step", "probe_step"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
+                raise OptionsError(name, f"got {getattr(self, name)!r}; expected a positive number")
+        if not self.regularization >= 0:
+            raise OptionsError("regularization", f"got {self.regularization!r}; expected >= 0")
+        if self.cost not in ("amplitude", "poisson"):
+            raise OptionsError("cost", f"got {self.cost!r}; expected 'amplitude' or 'poisson'")
+        if not isinstance(self.slices, (int, np.integer)) or self.slices < 1:
+            raise OptionsError("slices", f"got {self.slices!r}; expected an integer >= 1")
+        if self.slice_thickness_m is not None and not self.slice_thickness_m > 0:
+            raise OptionsError("slice_thickness_m", f"got {self.slice_thickness_m!r}; expected a positive thickness in metres")
+        if self.probe_modes is not None and (not isinstance(self.probe_modes, (int, np.integer)) or self.probe_modes < 1):
+            raise OptionsError("probe_modes", f"got {self.probe_modes!r}; expected an integer >= 1")
+        if self.pad_px < 0:
+            raise OptionsError("pad_px", f"got {self.pad_px}; expected >= 0")
+        if self.chunk_positions < 1:
+            raise OptionsError("chunk_positions", f"got {self.chunk_positions}; expected >= 1")
+        if self.device not in ("cpu", "gpu"):
+            raise OptionsError("device", f"got {self.device!r}; expected 'cpu' or 'gpu'")
+        try:
+            t = tuple(int(v) for v in self.tiles)
+        except (TypeError, ValueError):
+            t = ()
+        if len(t) != 2 or min(t) < 1:
+            raise OptionsError("tiles", f"got {self.tiles!r}; expected (rows, cols) with both >= 1, e.g. (3, 3)")
+        self.tiles = t
+        if self.passes_per_iteration < 1:
+            raise OptionsError("passes_per_iteration", f"got {self.passes_per_iteration}; expected >= 1")
+
+
+def array_module(device):
+    """NumPy for ``"cpu"``; CuPy for ``"gpu"``, with a clear error when no GPU is usable."""
+    if device == "cpu":
+        return np
+    try:
+        import cupy
+    except ImportError:
+        raise DeviceError("device='gpu' needs CuPy: pip install 'daskptycho[gpu]', or use device='cpu'") from None
+    if not cupy.is_available():
+        raise DeviceError("device='gpu' but CuPy finds no usable GPU on this machine: use device='cpu'")
+    return cupy
+
+
+@dataclass
+class Problem:
+    """The fixed geometry and starting point of a reconstruction (host arrays)."""
+
+    options: ReconstructOptions
+    grid: ObjectGrid
+    window: tuple
+    positions_m: np.ndarray          # (J, 2)
+    corners: np.ndarray              # (J, 2) int, window top-left on the grid
+    probe: np.ndarray                # (K, N, N) complex64, initial
+    kernel: np.ndarray               # (N, N) complex64, Fresnel kernel between slices
+    mask: np.ndarray | None          # (N, N) bool, FFT order
+    slice_thickness_m: float
+    wavelength_m: float
+    mean_counts: float               # mean total counts per pattern
+
+    @property
+    def n_positions(self):
+        return self.positions_m.shape[0]
+
+    def initial_object(self, xp=np):
+        s = self.options.slices
+        return xp.ones((s,) + self.grid.shape, dtype=np.complex64)
+
+    def eps_object(self, n_positions):
+        """Preconditioner floor: ``regularization`` times the mean illumination that
+        ``n_positions`` probes deposit per object pixel (a global scalar every
+        tile can compute, so distributed engines match the reference exactly)."""
+        power = float(np.sum(np.abs(self.probe) ** 2))
+        return self.options.regularization * n_positions * power / (self.grid.shape[0] * self.grid.shape[1])
+
+
+def _initial_probe(ds, opts, window, dx, lam, mean_counts):
+    if "probe" in ds:
+        probe = np.asarray(ds["probe"].values, dtype=np.complex64)
+    else:
+        need = ("probe_semiangle_rad", "probe_defocus_m")
+        for a in need:
+            if a not in ds.attrs:
+                raise DatasetError(f"attrs.{a}", "missing: with no 'probe' variable in the store the probe is formed from "
+                                   "probe_semiangle_rad and probe_defocus_m; add them or store a probe guess")
+        probe = physics.aperture_probe(window, dx, lam, float(ds.attrs["probe_semiangle_rad"]),
+                                       float(ds.attrs["probe_defocus_m"]), float(ds.attrs.get("probe_cs_m", 0.0)),
+                                       central_stop=float(ds.attrs.get("probe_central_stop", 0.0)))[None]
+    k = opts.probe_modes or probe.shape[0]
+    if k > probe.shape[0]:
+        probe = physics.probe_modes(probe[0], k, seed=opts.seed)
+    elif k < probe.shape[0]:
+        probe = probe[:k]
+    # rescale so the model's total counts match the measured mean (|O| ~ 1, unitary FFT)
+    probe = probe * np.float32(np.sqrt(mean_counts / np.sum(np.abs(probe) ** 2)))
+    return probe.astype(np.complex64)
+
+
+def prepare(ds, options) -> Problem:
+    """Validate options against the dataset and compute the fixed geometry."""
+    opts = options
+    dx = float(ds.attrs["pixel_size_m"])
+    lam = float(ds.attrs["wavelength_m"])
+    n_scan, ny, nx = ds["intensity"].shape
+    window = (ny, nx)
+    if opts.slices > 1:
+        thickness = opts.slice_thickness_m or ds.attrs.get("slice_thickness_m")
+        if thickness is None:
+            raise OptionsError("slice_thickness_m", "needed with slices > 1 and the store gives none: pass slice_thickness_m (CLI --slice-thickness, metres)")
+    else:
+        thickness = opts.slice_thickness_m or ds.attrs.get("slice_thickness_m") or 0.0
+    positions = np.asarray(ds["position"].values, dtype=np.float64)
+    grid = object_grid(positions, window, dx, opts.pad_px)
+    corners = grid.window_corners(positions, window)
+    mask = None
+    if "mask" in ds:
+        mask = np.fft.ifftshift(np.asarray(ds["mask"].values, dtype=bool))
+    totals = ds["intensity"].sum(("ky", "kx")) if mask is None else (ds["intensity"] * ds["mask"]).sum(("ky", "kx"))
+    mean_counts = float(totals.mean().compute() if hasattr(totals.data, "compute") else totals.mean())
+    if not mean_counts > 0:
+        raise DatasetError("intensity", "all patterns are zero; expected measured counts")
+    if mask is not None:
+        mean_counts *= ny * nx / max(int(mask.sum()), 1)
+    probe = _initial_probe(ds, opts, window, dx, lam, mean_counts)
+    kernel = physics.fresnel_kernel(window, dx, lam, thickness)
+    return Problem(opts, grid, window, positions, corners, probe, kernel, mask, float(thickness), lam, mean_counts)
+
+
+def result_dataset(problem: Problem, obj, probe, costs, ds, extra_attrs=None):
+    """Assemble the result :class:`xarray.Dataset` (see ``docs/format.md``)."""
+    import json
+
+    import xarray as xr
+
+    from .. import __version__
+
+    obj = np.asarray(obj, dtype=np.complex64)
+    probe = np.asarray(probe, dtype=np.complex64)
+    _, fractions = physics.orthogonalize_modes(probe)
+    g = problem.grid
+    opts = dataclasses.asdict(problem.options)
+    out = xr.Dataset(
+        {
+            "object": (("slice", "y", "x"), obj, {"units": "1", "long_name": "complex transmission function per slice"}),
+            "probe": (("mode", "py", "px"), probe, {"units": "sqrt(counts)", "long_name": "probe modes, centre at pixel N//2"}),
+            "probe_power_fraction": (("mode",), np.asarray(fractions), {"units": "1"}),
+            "cost": (("iteration",), np.asarray(costs, dtype=np.float64), {"units": "counts", "long_name": f"{problem.options.cost} cost per iteration (before its update)"}),
+        },
+        coords={
+            "y": ("y", g.y, {"units": "m", "long_name": "pixel centre"}),
+            "x": ("x", g.x, {"units": "m", "long_name": "pixel centre"}),
+            "slice": np.arange(obj.shape[0]),
+            "z": ("slice", np.arange(obj.shape[0]) * problem.slice_thickness_m, {"units": "m", "long_name": "depth of the slice's entrance"}),
+            "iteration": np.arange(len(costs)),
+        },
+    )
+    out.attrs.update({
+        "engine": problem.options.engine,
+        "options": json.dumps(opts, default=str),
+        "daskptycho_version": __version__,
+        "input_store": str(ds.attrs.get("source", "")),
+        "radiation": ds.attrs["radiation"],
+        "energy_eV": float(ds.attrs["energy_eV"]),
+        "wavelength_m": problem.wavelength_m,
+        "pixel_size_m": g.pixel_size_m,
+        "slice_thickness_m": problem.slice_thickness_m,
+        "mean_counts_per_pattern": problem.mean_counts,
+    })
+    out.attrs.update(extra_attrs or {})
+    return out

@@ -1,0 +1,61 @@
+"""Gradient sums over position chunks and the preconditioned descent step.
+
+Shared by every gradient engine (``ml`` in one task, ``gd`` per tile), so the
+distributed engines apply exactly the reference arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import physics
+from ..backend import get_array_module
+
+
+def gradient_sum(obj, probe, index, kernel, data, mask, cost, chunk, probe_gradient):
+    """Sum of the gradients of positions ``index`` (J, N, N) over chunks of ``chunk``.
+
+    Each chunk is one vectorised call of :func:`daskptycho.physics.gradients`;
+    chunking only bounds the transient memory (incident waves of every slice).
+
+    Returns the dict of :func:`~daskptycho.physics.gradients`, summed.
+    """
+    xp = get_array_module(obj)
+    total = None
+    for start in range(0, index.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        g = physics.gradients(obj, probe, index[sl], kernel, data[sl], mask, cost, probe_gradient)
+        if total is None:
+            total = g
+        else:
+            for k, v in g.items():
+                total[k] = total[k] + v
+    if total is None:  # a tile with no positions contributes nothing
+        total = {
+            "cost": 0.0,
+            "object": xp.zeros_like(obj),
+            "illumination": xp.zeros(obj.shape, dtype=obj.real.dtype),
+        }
+        if probe_gradient:
+            total["probe"] = xp.zeros_like(probe)
+            total["probe_illumination"] = xp.zeros(probe.shape[-2:], dtype=probe.real.dtype)
+    return total
+
+
+def object_step(obj, grad, illumination, step, eps):
+    """``O - step * g / (2 (illumination + eps))``: a diagonal Gauss-Newton step.
+
+    With ``step = 1`` and one slice this is the averaged-projection (error
+    reduction) update; ``illumination`` is ``sum_j |incident wave|^2`` per slice.
+    """
+    # Every slice sees the whole residual: updating all S slices by a full step each
+    # overshoots S-fold, so the step is shared among the slices.
+    step = step / obj.shape[0]
+    return obj - (step * grad / (2 * (illumination + eps))).astype(obj.dtype)
+
+
+def probe_step(probe, grad, illumination, step, regularization):
+    """Preconditioned probe step; ``illumination`` is ``sum_j |O_0 patch|^2`` (N, N)."""
+    xp = get_array_module(probe)
+    eps = regularization * float(xp.mean(illumination)) + 1e-30
+    return probe - (step * grad / (2 * (illumination + eps))).astype(probe.dtype)

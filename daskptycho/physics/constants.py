@@ -1,0 +1,51 @@
+"""Wavelengths and the electron interaction constant (SI units throughout)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import constants as C
+
+__all__ = ["electron_wavelength", "interaction_constant", "xray_wavelength", "wavelength"]
+
+
+def electron_wavelength(energy_eV: float) -> float:
+    """Relativistic de Broglie wavelength of an electron.
+
+    Parameters
+    ----------
+    energy_eV : float
+        Kinetic energy (accelerating voltage times e), in eV.
+
+    Returns
+    -------
+    float
+        Wavelength in metres (2.508e-12 m at 200 keV).
+    """
+    E = energy_eV * C.e
+    return C.h / np.sqrt(2 * C.m_e * E * (1 + E / (2 * C.m_e * C.c**2)))
+
+
+def interaction_constant(energy_eV: float) -> float:
+    """Electron interaction constant sigma, in rad / (V m).
+
+    The phase a fast electron picks up crossing a projected potential ``v`` (V m) is
+    ``sigma * v``. Relativistic form: ``sigma = 2 pi / (lambda V) (m c^2 + eV) /
+    (2 m c^2 + eV)`` (Kirkland, *Advanced Computing in Electron Microscopy*, eq. 5.6).
+    """
+    lam = electron_wavelength(energy_eV)
+    mc2 = C.m_e * C.c**2 / C.e  # rest energy in eV
+    return 2 * np.pi / (lam * energy_eV) * (mc2 + energy_eV) / (2 * mc2 + energy_eV)
+
+
+def xray_wavelength(energy_eV: float) -> float:
+    """Photon wavelength ``h c / E`` in metres (1.2398e-10 m at 10 keV)."""
+    return C.h * C.c / (energy_eV * C.e)
+
+
+def wavelength(radiation: str, energy_eV: float) -> float:
+    """Wavelength in metres for ``radiation`` ("electron" or "xray")."""
+    if radiation == "electron":
+        return electron_wavelength(energy_eV)
+    if radiation == "xray":
+        return xray_wavelength(energy_eV)
+    raise ValueError(f"radiation must be 'electron' or 'xray', got {radiation!r}")

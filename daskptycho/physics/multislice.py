@@ -1,0 +1,144 @@
+"""Multislice forward model and its hand-written adjoint, batched over positions.
+
+Geometry: the object is a stack of complex transmission functions ``obj`` with
+shape (S, H, W). Probe position ``j`` illuminates the window of ``N x N`` pixels
+whose flat indices into ``obj[s]`` are ``index[j]`` (see :func:`window_index`).
+The incident wave on slice 0 is the probe (K modes); after each slice but the last
+it is propagated by the Fresnel kernel; the exit wave of the last slice goes to the
+far field by an orthonormal FFT. Modes are mutually incoherent: intensities add.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import fft2, get_array_module, ifft2, scatter_add
+from .cost import cost_and_far_field_gradient
+
+__all__ = ["window_index", "forward", "far_field_intensity", "gradients"]
+
+
+def window_index(corners, window, object_shape, xp=np):
+    """Flat indices of the probe windows in an object slice.
+
+    Parameters
+    ----------
+    corners : int array (J, 2)
+        Top-left pixel (row, col) of each window.
+    window : (int, int)
+        Window shape (N_y, N_x).
+    object_shape : (int, int)
+        (H, W) of one object slice.
+
+    Returns
+    -------
+    int array, shape (J, N_y, N_x)
+    """
+    corners = np.asarray(corners)
+    h, w = object_shape
+    ny, nx = window
+    if corners.size and (corners.min() < 0 or (corners[:, 0] + ny).max() > h or (corners[:, 1] + nx).max() > w):
+        raise ValueError("a probe window falls outside the object array")
+    rows = corners[:, 0, None, None] + np.arange(ny)[None, :, None]
+    cols = corners[:, 1, None, None] + np.arange(nx)[None, None, :]
+    return xp.asarray((rows * w + cols).astype(np.int64))
+
+
+def _views(obj, index):
+    """Object patches under each window: (S, J, N, N)."""
+    s = obj.shape[0]
+    return obj.reshape(s, -1)[:, index]
+
+
+def forward(obj, probe, index, kernel, keep=False):
+    """Far-field waves of every position and probe mode.
+
+    Parameters
+    ----------
+    obj : complex array (S, H, W)
+    probe : complex array (K, N, N)
+    index : int array (J, N, N), from :func:`window_index`
+    kernel : complex array (N, N) or None
+        Fresnel transfer function between consecutive slices (FFT order).
+    keep : bool
+        Also return what :func:`gradients` needs (incident waves and patches).
+
+    Returns
+    -------
+    far : complex array (J, K, N, N), FFT order (zero frequency at [0, 0])
+    """
+    xp = get_array_module(obj, probe)
+    patches = _views(obj, index)[:, :, None]  # (S, J, 1, N, N)
+    psi = xp.broadcast_to(probe[None], (index.shape[0],) + probe.shape)
+    incident = []
+    n_slices = obj.shape[0]
+    for s in range(n_slices):  # loop over slices, vectorised over positions and modes
+        incident.append(psi)
+        phi = psi * patches[s]
+        if s < n_slices - 1:
+            psi = ifft2(fft2(phi, xp) * kernel, xp)
+    far = fft2(phi, xp)
+    if keep:
+        return far, (incident, patches)
+    return far
+
+
+def far_field_intensity(obj, probe, index, kernel):
+    """Model diffraction intensity (J, N, N), summed over modes, **centred**
+    (zero frequency at ``(N // 2, N // 2)``), as stored in a dataset."""
+    xp = get_array_module(obj, probe)
+    far = forward(obj, probe, index, kernel)
+    inten = xp.sum(far.real**2 + far.imag**2, axis=1)
+    return xp.fft.fftshift(inten, axes=(-2, -1))
+
+
+def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude", probe_gradient=True):
+    """Cost, gradients and illumination for one batch of positions.
+
+    Parameters
+    ----------
+    obj : complex array (S, H, W)
+    probe : complex array (K, N, N)
+    index : int array (J, N, N)
+    kernel : complex array (N, N) or None
+    intensity : real array (J, N, N), measured, **FFT order** (ifftshifted)
+    mask : bool array (N, N) or None, FFT order
+    cost : "amplitude" or "poisson"
+
+    Returns
+    -------
+    dict with
+        ``cost`` (float),
+        ``object`` (S, H, W) complex: ``2 dL/dO*`` summed over the batch,
+        ``illumination`` (S, H, W) real: ``sum_j sum_k |incident wave|^2`` per slice,
+        the diagonal preconditioner of the object update,
+        ``probe`` (K, N, N) complex: ``2 dL/dP*`` (if ``probe_gradient``),
+        ``probe_illumination`` (N, N) real: ``sum_j |O_0 patch|^2``.
+    """
+    xp = get_array_module(obj, probe)
+    far, (incident, patches) = forward(obj, probe, index, kernel, keep=True)
+    value, g = cost_and_far_field_gradient(far, intensity, mask, cost)
+    g = ifft2(g, xp)  # adjoint of the orthonormal FFT
+    n_slices = obj.shape[0]
+    flat = index.reshape(-1)
+    g_obj = xp.zeros((n_slices, obj.shape[1] * obj.shape[2]), dtype=obj.dtype)
+    illum = xp.zeros(g_obj.shape, dtype=obj.real.dtype)
+    for s in range(n_slices - 1, -1, -1):
+        psi = incident[s]
+        go = xp.sum(psi.conj() * g, axis=1)  # (J, N, N): sum over modes
+        il = xp.sum(psi.real**2 + psi.imag**2, axis=1)
+        scatter_add(g_obj[s:s + 1], flat, go.reshape(1, -1))
+        scatter_add(illum[s:s + 1], flat, il.reshape(1, -1))
+        g = patches[s].conj() * g  # gradient w.r.t. the incident wave
+        if s > 0:
+            g = ifft2(fft2(g, xp) * kernel.conj(), xp)
+    out = {
+        "cost": value,
+        "object": g_obj.reshape(obj.shape),
+        "illumination": illum.reshape(obj.shape),
+    }
+    if probe_gradient:
+        out["probe"] = xp.sum(g, axis=0)
+        p0 = patches[0][:, 0]
+        out["probe_illumination"] = xp.sum(p0.real**2 + p0.imag**2, axis=0)
+    return out

@@ -1,0 +1,146 @@
+"""Probe formation: electron (aperture, defocus, Cs) and X-ray (defocused aperture,
+zone-plate-like with a central stop), and mutually incoherent probe modes.
+
+Sign convention for defocus (written in ``docs/format.md`` too): the aberration
+phase is ``chi(k) = pi lambda |k|^2 (Cs lambda^2 |k|^2 / 2 - defocus)`` (Kirkland's
+convention), so a **positive** ``defocus_m`` is underfocus: the crossover lies
+downstream of the sample plane, and the probe at the sample is the converging beam
+before focus.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module, ifft2
+from .propagation import spatial_frequencies
+
+__all__ = ["aperture_probe", "electron_probe", "xray_probe", "probe_modes", "orthogonalize_modes"]
+
+
+def aperture_probe(shape, pixel_size_m, wavelength_m, semiangle_rad, defocus_m=0.0, cs_m=0.0,
+                   central_stop=0.0, xp=np, dtype=np.complex64):
+    """Probe formed by a circular aperture with defocus and spherical aberration.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Window shape (py, px) in pixels.
+    pixel_size_m, wavelength_m : float
+        Real-space pixel size and wavelength, metres.
+    semiangle_rad : float
+        Aperture (convergence) semi-angle, radians.
+    defocus_m : float
+        Defocus, metres; positive is underfocus (see module docstring).
+    cs_m : float
+        Spherical aberration coefficient, metres.
+    central_stop : float
+        Radius of a central stop as a fraction of the aperture (0 = none); a
+        zone-plate-like X-ray optic uses about 0.3-0.5.
+
+    Returns
+    -------
+    array, shape (py, px), complex
+        The probe with its centre at pixel ``(py // 2, px // 2)``, normalised to
+        ``sum |P|^2 = 1``.
+    """
+    ky, kx = spatial_frequencies(shape, pixel_size_m, xp)
+    k2 = ky**2 + kx**2
+    kmax = semiangle_rad / wavelength_m
+    if kmax * pixel_size_m * 2 > 1:
+        raise ValueError(
+            f"aperture semi-angle {semiangle_rad} rad exceeds the detector's maximum angle "
+            f"{wavelength_m / (2 * pixel_size_m)} rad: use a smaller pixel_size_m"
+        )
+    aperture = (k2 <= kmax**2) & (k2 >= (central_stop * kmax) ** 2)
+    chi = np.pi * wavelength_m * k2 * (0.5 * cs_m * wavelength_m**2 * k2 - defocus_m)
+    spectrum = aperture * xp.exp(-1j * chi)
+    probe = xp.fft.fftshift(ifft2(spectrum.astype(np.complex128), xp), axes=(-2, -1))
+    probe /= xp.sqrt(xp.sum(xp.abs(probe) ** 2))
+    return probe.astype(dtype)
+
+
+def electron_probe(shape, pixel_size_m, wavelength_m, semiangle_rad, defocus_m=0.0, cs_m=0.0, **kw):
+    """Convergent-beam electron probe (STEM): see :func:`aperture_probe`."""
+    return aperture_probe(shape, pixel_size_m, wavelength_m, semiangle_rad, defocus_m, cs_m, **kw)
+
+
+def xray_probe(shape, pixel_size_m, wavelength_m, semiangle_rad, defocus_m, central_stop=0.0, **kw):
+    """X-ray probe of a focusing optic of numerical aperture ``semiangle_rad``,
+    ``defocus_m`` away from focus; ``central_stop > 0`` gives a zone-plate-like
+    annular pupil."""
+    return aperture_probe(shape, pixel_size_m, wavelength_m, semiangle_rad, defocus_m, 0.0,
+                          central_stop=central_stop, **kw)
+
+
+def orthogonalize_modes(modes):
+    """Orthogonalize probe modes (K, py, px), keeping their total power.
+
+    The modes are replaced by the eigenvectors of their density matrix
+    ``sum_k |P_k><P_k|``, sorted by decreasing power. Incoherent modes describe
+    the same partially coherent beam under any unitary mixing, so this changes
+    no intensity the model predicts.
+
+    Returns
+    -------
+    modes : array (K, py, px)
+    fractions : array (K,), float
+        Power fraction of each mode, summing to 1.
+    """
+    xp = get_array_module(modes)
+    k = modes.shape[0]
+    flat = modes.reshape(k, -1)
+    gram = flat.conj() @ flat.T  # (K, K) overlap matrix
+    w, v = xp.linalg.eigh(gram)
+    order = xp.argsort(w)[::-1]
+    w, v = w[order], v[:, order]
+    new = (v.T @ flat).reshape(modes.shape).astype(modes.dtype)
+    power = xp.sum(xp.abs(new.reshape(k, -1)) ** 2, axis=1)
+    return new, (power / power.sum()).astype(np.float64)
+
+
+def probe_modes(probe, n_modes, first_fraction=0.7, decay=0.5, seed=0):
+    """Build ``n_modes`` mutually incoherent modes from one coherent probe.
+
+    The extra modes are the probe multiplied by low-order Hermite-like polynomials
+    (``y``, ``x``, ``xy``, ``y^2 - x^2`` ...) and orthogonalised: a smooth first
+    guess of a partially coherent beam. Power fractions: ``first_fraction`` for
+    the main mode, the rest shared in a geometric series of ratio ``decay``.
+
+    Parameters
+    ----------
+    probe : array (py, px) or (1, py, px)
+    n_modes : int
+
+    Returns
+    -------
+    array, shape (n_modes, py, px), same total power as ``probe``
+    """
+    xp = get_array_module(probe)
+    p = probe.reshape(probe.shape[-2:])
+    total = float(xp.sum(xp.abs(p) ** 2))
+    if n_modes == 1:
+        return p[None].copy()
+    py, px = p.shape
+    y = (xp.arange(py) - py // 2)[:, None] / py
+    x = (xp.arange(px) - px // 2)[None, :] / px
+    basis = [xp.ones_like(y * x), y + 0 * x, x + 0 * y, x * y, y**2 - x**2, y**2 + x**2]
+    rng = np.random.default_rng(seed)
+    modes = []
+    for i in range(n_modes):
+        if i < len(basis):
+            f = basis[i]
+        else:
+            f = xp.asarray(rng.standard_normal((py, px)))
+        modes.append(p * f)
+    modes = xp.stack(modes)
+    # Gram-Schmidt keeps mode 0 equal to the probe itself
+    flat = modes.reshape(n_modes, -1).astype(np.complex128)
+    for i in range(n_modes):
+        for j in range(i):
+            flat[i] -= (flat[j].conj() @ flat[i]) * flat[j]
+        flat[i] /= xp.sqrt(xp.sum(xp.abs(flat[i]) ** 2))
+    rest = decay ** np.arange(n_modes - 1)
+    fractions = np.concatenate([[first_fraction], (1 - first_fraction) * rest / rest.sum()])
+    flat *= xp.asarray(np.sqrt(fractions * total))[:, None]
+    return flat.reshape(n_modes, py, px).astype(probe.dtype)
