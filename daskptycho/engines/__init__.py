@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from ..io.store import validate_dataset
@@ -11,7 +12,7 @@ from .problem import ENGINES, ReconstructOptions, prepare, result_dataset
 __all__ = ["reconstruct", "ReconstructOptions", "ENGINES"]
 
 
-def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, **kwargs):
+def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, report=None, **kwargs):
     """Reconstruct an object (and probe) from a dataset.
 
     Parameters
@@ -25,6 +26,8 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, **
         For the distributed engines; without one an embedded LocalCluster is started.
     progress : callable(iteration, cost), optional
         Called after every iteration.
+    report : str, optional
+        Write a Dask performance report (HTML, with the task timeline) of the run.
     options : dict or ReconstructOptions, optional
     **kwargs
         Options (see :class:`ReconstructOptions`): ``iterations``, ``batch_size``
@@ -50,9 +53,21 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, **
     problem = prepare(ds, opts)
     t0 = time.perf_counter()
     if opts.engine == "ml":
-        from .ml import load_patterns, run_ml
+        from functools import partial
 
-        obj, probe, costs = run_ml(problem, load_patterns(ds), progress=progress)
+        from .driver import Driver
+        from .ml import load_patterns, load_patterns_from_store, ml_init, ml_step
+
+        source = ds.attrs.get("source")
+        if source and os.path.isdir(source):
+            load = partial(load_patterns_from_store, source)  # the worker reads the store itself
+        else:
+            load = partial(_identity, load_patterns(ds))
+        with Driver(client, workers=opts.workers or 1, report=report) as drv:
+            state, costs = drv.run_sequential(
+                load, partial(_ml_step, problem=problem), partial(ml_init, problem), opts.iterations, progress
+            )
+        obj, probe = state["object"], state["probe"]
         extra = {}
     else:
         from ..errors import OptionsError
@@ -60,3 +75,13 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, **
         raise OptionsError("engine", f"{opts.engine!r} is not available yet in this version; use 'ml'")
     extra["wall_time_s"] = time.perf_counter() - t0
     return result_dataset(problem, obj, probe, costs, ds, extra)
+
+
+def _identity(x):
+    return x
+
+
+def _ml_step(state, data, it, problem):
+    from .ml import ml_step
+
+    return ml_step(state, data, it, problem)

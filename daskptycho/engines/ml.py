@@ -1,9 +1,9 @@
 """The reference engine: maximum-likelihood gradient descent on the whole object.
 
-One process holds the whole object and every pattern (the single-GPU baseline of
-the gradient-decomposition paper). Full batch (``batch_size=None``) is exact
-gradient descent with a diagonal preconditioner; minibatches visit the positions
-in a seeded random order each iteration.
+One task holds the whole object and every pattern (the single-GPU baseline of the
+gradient-decomposition paper). Full batch (``batch_size=None``) is exact gradient
+descent with a diagonal preconditioner; minibatches visit the positions in a
+random order drawn from ``(seed, iteration)``, so any iteration can be replayed.
 """
 
 from __future__ import annotations
@@ -22,49 +22,69 @@ def load_patterns(ds, scan_indices=None):
     return np.fft.ifftshift(np.asarray(inten.values, dtype=np.float32), axes=(-2, -1))
 
 
-def run_ml(problem: Problem, data, progress=None, state=None):
-    """Run the reference engine.
+def load_patterns_from_store(path, scan_indices=None):
+    """Read patterns straight from a store; runs on the worker that owns them."""
+    from ..io.store import open_dataset
+
+    return load_patterns(open_dataset(path, check_values=False), scan_indices)
+
+
+def ml_init(problem: Problem):
+    """Starting state: the problem's object and probe."""
+    return {"object": problem.initial_object(np), "probe": problem.probe.copy(), "cost": float("nan")}
+
+
+def ml_step(state, data, it, problem: Problem):
+    """One iteration of the reference engine (a pure function of its inputs).
 
     Parameters
     ----------
-    problem : Problem
-    data : float32 array (J, N, N), FFT order (see :func:`load_patterns`)
-    progress : callable(iteration, cost), optional
-    state : dict, optional
-        ``object``, ``probe`` to start from (default: the problem's start).
+    state : dict with ``object`` (S, H, W) and ``probe`` (K, N, N)
+    data : float32 array (J, N, N), FFT order
+    it : int, the iteration number (selects the minibatch order and probe refinement)
 
     Returns
     -------
-    obj : complex64 array (S, H, W); probe : (K, N, N); costs : list of float
+    dict: the new ``object`` and ``probe`` and the ``cost`` measured during the iteration.
     """
     opts = problem.options
     xp = array_module(opts.device)
-    state = state or {}
-    obj = xp.asarray(state.get("object", problem.initial_object(np)))
-    probe = xp.asarray(state.get("probe", problem.probe))
+    obj = xp.asarray(state["object"])
+    probe = xp.asarray(state["probe"])
     kernel = xp.asarray(problem.kernel)
     mask = None if problem.mask is None else xp.asarray(problem.mask)
     index = physics.window_index(problem.corners, problem.window, problem.grid.shape, xp)
     data = xp.asarray(data)
     j = problem.n_positions
-    rng = np.random.default_rng(opts.seed)
+    refine = opts.refine_probe and it >= opts.probe_refine_start
+    if opts.batch_size is None or opts.batch_size >= j:
+        batches = [np.arange(j)]
+    else:
+        order = np.random.default_rng([opts.seed, it]).permutation(j)
+        batches = [order[s:s + opts.batch_size] for s in range(0, j, opts.batch_size)]
+    cost = 0.0
+    for b in batches:
+        bi = xp.asarray(b)
+        g = gradient_sum(obj, probe, index[bi], kernel, data[bi], mask, opts.cost, opts.chunk_positions, refine)
+        cost += g["cost"]
+        obj = object_step(obj, g["object"], g["illumination"], opts.step, problem.eps_object(len(b)))
+        if refine:
+            probe = probe_step(probe, g["probe"], g["probe_illumination"], opts.probe_step, opts.regularization)
+    return {"object": to_numpy(obj), "probe": to_numpy(probe), "cost": cost}
+
+
+def run_ml(problem: Problem, data, progress=None, state=None):
+    """Run the reference engine in this process (no cluster).
+
+    Returns
+    -------
+    obj : complex64 array (S, H, W); probe : (K, N, N); costs : list of float
+    """
+    state = state or ml_init(problem)
     costs = []
-    for it in range(opts.iterations):
-        refine = opts.refine_probe and it >= opts.probe_refine_start
-        if opts.batch_size is None or opts.batch_size >= j:
-            batches = [np.arange(j)]
-        else:
-            order = rng.permutation(j)
-            batches = [order[s:s + opts.batch_size] for s in range(0, j, opts.batch_size)]
-        cost = 0.0
-        for b in batches:
-            bi = xp.asarray(b)
-            g = gradient_sum(obj, probe, index[bi], kernel, data[bi], mask, opts.cost, opts.chunk_positions, refine)
-            cost += g["cost"]
-            obj = object_step(obj, g["object"], g["illumination"], opts.step, problem.eps_object(len(b)))
-            if refine:
-                probe = probe_step(probe, g["probe"], g["probe_illumination"], opts.probe_step, opts.regularization)
-        costs.append(cost)
+    for it in range(problem.options.iterations):
+        state = ml_step(state, data, it, problem)
+        costs.append(state["cost"])
         if progress is not None:
-            progress(it, cost)
-    return to_numpy(obj), to_numpy(probe), costs
+            progress(it, state["cost"])
+    return state["object"], state["probe"], costs

@@ -15,7 +15,7 @@ import numpy as np
 from ..backend import fft2, get_array_module, ifft2, scatter_add
 from .cost import cost_and_far_field_gradient
 
-__all__ = ["window_index", "forward", "far_field_intensity", "gradients"]
+__all__ = ["window_index", "forward", "backward", "far_field_intensity", "gradients"]
 
 
 def window_index(corners, window, object_shape, xp=np):
@@ -92,6 +92,51 @@ def far_field_intensity(obj, probe, index, kernel):
     return xp.fft.fftshift(inten, axes=(-2, -1))
 
 
+def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True):
+    """Adjoint of the multislice model, applied to a far-field gradient.
+
+    Given ``g = 2 dL/dPsi*`` for the far-field waves Psi of :func:`forward`,
+    return ``2 dL/dO*`` for every slice and ``2 dL/dP*`` for the probe: the
+    Jacobian's conjugate transpose applied to ``g``, written by hand.
+
+    Parameters
+    ----------
+    g_far : complex array (J, K, N, N), FFT order
+    cache : the second output of ``forward(..., keep=True)``
+    index : int array (J, N, N)
+    obj_shape : (S, H, W)
+    kernel : complex array (N, N) or None
+
+    Returns
+    -------
+    dict with ``object`` (S, H, W), ``illumination`` (S, H, W) real (``sum_j sum_k
+    |incident wave|^2``), and if ``probe_gradient``: ``probe`` (K, N, N) and
+    ``probe_illumination`` (N, N) real (``sum_j |O_0 patch|^2``).
+    """
+    incident, patches = cache
+    xp = get_array_module(g_far)
+    g = ifft2(g_far, xp)  # adjoint of the orthonormal FFT
+    n_slices = obj_shape[0]
+    flat = index.reshape(-1)
+    g_obj = xp.zeros((n_slices, obj_shape[1] * obj_shape[2]), dtype=g_far.dtype)
+    illum = xp.zeros(g_obj.shape, dtype=g_far.real.dtype)
+    for s in range(n_slices - 1, -1, -1):
+        psi = incident[s]
+        go = xp.sum(psi.conj() * g, axis=1)  # (J, N, N): sum over modes
+        il = xp.sum(psi.real**2 + psi.imag**2, axis=1)
+        scatter_add(g_obj[s:s + 1], flat, go.reshape(1, -1))
+        scatter_add(illum[s:s + 1], flat, il.reshape(1, -1))
+        g = patches[s].conj() * g  # gradient w.r.t. the incident wave
+        if s > 0:
+            g = ifft2(fft2(g, xp) * kernel.conj(), xp)
+    out = {"object": g_obj.reshape(obj_shape), "illumination": illum.reshape(obj_shape)}
+    if probe_gradient:
+        out["probe"] = xp.sum(g, axis=0)
+        p0 = patches[0][:, 0]
+        out["probe_illumination"] = xp.sum(p0.real**2 + p0.imag**2, axis=0)
+    return out
+
+
 def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude", probe_gradient=True):
     """Cost, gradients and illumination for one batch of positions.
 
@@ -107,38 +152,10 @@ def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude",
 
     Returns
     -------
-    dict with
-        ``cost`` (float),
-        ``object`` (S, H, W) complex: ``2 dL/dO*`` summed over the batch,
-        ``illumination`` (S, H, W) real: ``sum_j sum_k |incident wave|^2`` per slice,
-        the diagonal preconditioner of the object update,
-        ``probe`` (K, N, N) complex: ``2 dL/dP*`` (if ``probe_gradient``),
-        ``probe_illumination`` (N, N) real: ``sum_j |O_0 patch|^2``.
+    dict: ``cost`` (float) and the entries of :func:`backward`.
     """
-    xp = get_array_module(obj, probe)
-    far, (incident, patches) = forward(obj, probe, index, kernel, keep=True)
+    far, cache = forward(obj, probe, index, kernel, keep=True)
     value, g = cost_and_far_field_gradient(far, intensity, mask, cost)
-    g = ifft2(g, xp)  # adjoint of the orthonormal FFT
-    n_slices = obj.shape[0]
-    flat = index.reshape(-1)
-    g_obj = xp.zeros((n_slices, obj.shape[1] * obj.shape[2]), dtype=obj.dtype)
-    illum = xp.zeros(g_obj.shape, dtype=obj.real.dtype)
-    for s in range(n_slices - 1, -1, -1):
-        psi = incident[s]
-        go = xp.sum(psi.conj() * g, axis=1)  # (J, N, N): sum over modes
-        il = xp.sum(psi.real**2 + psi.imag**2, axis=1)
-        scatter_add(g_obj[s:s + 1], flat, go.reshape(1, -1))
-        scatter_add(illum[s:s + 1], flat, il.reshape(1, -1))
-        g = patches[s].conj() * g  # gradient w.r.t. the incident wave
-        if s > 0:
-            g = ifft2(fft2(g, xp) * kernel.conj(), xp)
-    out = {
-        "cost": value,
-        "object": g_obj.reshape(obj.shape),
-        "illumination": illum.reshape(obj.shape),
-    }
-    if probe_gradient:
-        out["probe"] = xp.sum(g, axis=0)
-        p0 = patches[0][:, 0]
-        out["probe_illumination"] = xp.sum(p0.real**2 + p0.imag**2, axis=0)
+    out = backward(g, cache, index, obj.shape, kernel, probe_gradient)
+    out["cost"] = value
     return out

@@ -1,0 +1,250 @@
+"""The ``daskptycho`` command line: simulate | info | reconstruct | view.
+
+User errors print one line (``daskptycho: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _pair(text):
+    """'16x16' or '16' -> (16, 16)."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NxM (e.g. 3x3), got {text!r}") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected NxM with positive integers (e.g. 3x3), got {text!r}")
+    return tuple(parts)
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="daskptycho", description="Ptychographic reconstruction on Dask clusters.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("simulate", help="write a simulated dataset with known truth", description="Write a simulated dataset (with its ground truth) to a Zarr store.")
+    s.add_argument("out", help="output store (directory)")
+    s.add_argument("--kind", default="pbtio3", choices=["pbtio3", "image"], help="pbtio3: electron multislice perovskite; image: X-ray 2D test image")
+    s.add_argument("--scan", type=_pair, default=(16, 16), help="scan grid, e.g. 16x16 (default)")
+    s.add_argument("--step", type=float, help="scan step in metres")
+    s.add_argument("--detector", type=int, default=64, help="detector pixels per side (default 64)")
+    s.add_argument("--slices", type=_positive_int, help="object slices")
+    s.add_argument("--slice-thickness", type=float, help="slice thickness in metres")
+    s.add_argument("--energy", type=float, help="beam energy in eV")
+    s.add_argument("--semiangle", type=float, help="probe semi-angle in rad")
+    s.add_argument("--defocus", type=float, help="probe defocus in metres (positive = underfocus)")
+    s.add_argument("--probe-modes", type=_positive_int, default=1, help="incoherent probe modes (default 1)")
+    s.add_argument("--dose", type=float, help="dose in particles per square angstrom (Poisson noise); default noise-free")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing store")
+
+    i = sub.add_parser("info", help="describe a dataset or result store", description="Print the geometry and contents of a store.")
+    i.add_argument("store")
+
+    r = sub.add_parser("reconstruct", help="reconstruct a dataset", description="Reconstruct a dataset store and write a result store.")
+    r.add_argument("store", help="input dataset store")
+    r.add_argument("--out", required=True, help="output result store")
+    r.add_argument("--engine", default=None, help="ml | gd | hve | dm (default from config)")
+    r.add_argument("--iterations", type=_positive_int)
+    r.add_argument("--batch-size", type=_positive_int, help="positions per update (default: full batch)")
+    r.add_argument("--slices", type=_positive_int, default=1)
+    r.add_argument("--slice-thickness", type=float, help="slice thickness in metres")
+    r.add_argument("--step", type=float, help="object step (1 = preconditioned Newton-like step)")
+    r.add_argument("--refine-probe", action="store_true", help="also refine the probe")
+    r.add_argument("--probe-modes", type=_positive_int)
+    r.add_argument("--cost", choices=["amplitude", "poisson"])
+    r.add_argument("--seed", type=int)
+    r.add_argument("--tiles", type=_pair, help="tile grid for gd/hve, e.g. 3x3")
+    r.add_argument("--workers", type=_positive_int, help="workers of the embedded LocalCluster")
+    r.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    r.add_argument("--report", help="write a Dask performance report (HTML) of the run")
+    r.add_argument("--timing", help="write per-iteration wall times (JSON)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing result")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("view", help="write PNGs of a result", description="Write PNGs: phase and amplitude per slice, probe modes, cost curve.")
+    v.add_argument("result", help="result store")
+    v.add_argument("--out", required=True, help="output directory for PNGs")
+    v.add_argument("--truth", help="dataset store with truth_object: also print the phase correlation and draw a comparison")
+    return p
+
+
+class _Progress:
+    """A one-line progress bar on stderr with the cost of each iteration."""
+
+    def __init__(self, total, quiet=False):
+        self.total = total
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.times = []
+
+    def __call__(self, it, cost):
+        now = time.perf_counter()
+        self.times.append(now)
+        if self.quiet:
+            return
+        done = it + 1
+        width = 30
+        bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
+        line = f"iteration {done:>4}/{self.total} [{bar}] cost {cost:.6g}  {now - self.t0:6.1f} s"
+        if self.tty:
+            sys.stderr.write("\r" + line + ("\n" if done == self.total else ""))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def iteration_times(self):
+        edges = [self.t0] + self.times
+        return [b - a for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _cmd_simulate(a):
+    from . import simulate, write_dataset
+
+    kw = {"kind": a.kind, "scan": a.scan, "detector": a.detector, "probe_modes": a.probe_modes, "seed": a.seed, "dose": a.dose}
+    for opt, key in (("step", "step_m"), ("slices", "slices"), ("slice_thickness", "slice_thickness_m"), ("energy", "energy_eV"),
+                     ("semiangle", "semiangle_rad"), ("defocus", "defocus_m")):
+        if getattr(a, opt) is not None:
+            kw[key] = getattr(a, opt)
+    ds = simulate(**kw)
+    write_dataset(ds, a.out, overwrite=a.overwrite)
+    print(f"wrote {a.out}: {ds.sizes['scan']} patterns of {ds.sizes['ky']}x{ds.sizes['kx']}, "
+          f"object {ds.sizes['slice']}x{ds.sizes['y']}x{ds.sizes['x']}, pixel {ds.attrs['pixel_size_m']:.4g} m")
+
+
+def _describe(path):
+    import numpy as np
+
+    from .io.store import RESULT_FORMAT_NAME, _open_zarr, open_dataset
+
+    raw = _open_zarr(path)
+    lines = []
+    if raw.attrs.get("format") == RESULT_FORMAT_NAME:
+        ds = raw
+        lines.append(f"{path}: daskptycho result (engine {ds.attrs.get('engine')}, version {ds.attrs.get('daskptycho_version')})")
+        o = ds["object"]
+        lines.append(f"  object: {o.sizes['slice']} slices of {o.sizes['y']} x {o.sizes['x']} px, pixel {ds.attrs['pixel_size_m']:.4g} m")
+        lines.append(f"  probe: {ds.sizes['mode']} mode(s) of {ds.sizes['py']} x {ds.sizes['px']} px")
+        c = ds["cost"].values
+        lines.append(f"  cost: {c[0]:.6g} -> {c[-1]:.6g} over {c.size} iterations")
+        lines.append(f"  input: {ds.attrs.get('input_store')}")
+        return "\n".join(lines)
+    ds = open_dataset(path)
+    at = ds.attrs
+    n, ny, nx = ds["intensity"].shape
+    pos = ds["position"].values
+    lines.append(f"{path}: daskptycho dataset, format version {at['format_version']}")
+    lines.append(f"  radiation: {at['radiation']}, energy {at['energy_eV']:.6g} eV, wavelength {at['wavelength_m']:.6g} m")
+    lines.append(f"  geometry: {at.get('geometry', 'far-field')}")
+    for key, label in (("detector_distance_m", "detector distance"), ("detector_pixel_size_m", "detector pixel")):
+        if key in at:
+            lines.append(f"  {label}: {at[key]:.6g} m")
+    lines.append(f"  patterns: {n} of {ny} x {nx} px, chunks along scan {ds['intensity'].data.chunksize[0]}")
+    lines.append(f"  real-space pixel: {at['pixel_size_m']:.6g} m")
+    ext = pos.max(0) - pos.min(0)
+    lines.append(f"  scan extent: {ext[0]:.4g} m (y) x {ext[1]:.4g} m (x)")
+    for key in ("probe_semiangle_rad", "probe_defocus_m", "probe_cs_m"):
+        if key in at:
+            lines.append(f"  {key}: {at[key]:.6g}")
+    extras = [v for v in ("mask", "probe", "truth_object", "truth_probe") if v in ds]
+    lines.append(f"  also: {', '.join(extras) if extras else 'nothing else'}")
+    mean = float(ds["intensity"].sum(("ky", "kx")).mean().compute())
+    lines.append(f"  mean counts per pattern: {mean:.6g}")
+    del np
+    return "\n".join(lines)
+
+
+def _cmd_info(a):
+    print(_describe(a.store))
+
+
+def _cmd_reconstruct(a):
+    from . import config, open_dataset, reconstruct, write_result
+    from .errors import OutputExistsError
+
+    if os.path.exists(a.out) and not a.overwrite:
+        raise OutputExistsError(f"{a.out} exists: pass --overwrite to replace it")
+    ds = open_dataset(a.store)
+    kw = {}
+    for opt, key in (("iterations", "iterations"), ("batch_size", "batch_size"), ("slices", "slices"),
+                     ("slice_thickness", "slice_thickness_m"), ("step", "step"), ("probe_modes", "probe_modes"),
+                     ("cost", "cost"), ("seed", "seed"), ("tiles", "tiles"), ("workers", "workers"), ("device", "device")):
+        if getattr(a, opt) is not None:
+            kw[key] = getattr(a, opt)
+    if a.refine_probe:
+        kw["refine_probe"] = True
+    iterations = kw.get("iterations", config.get("reconstruct.iterations"))
+    bar = _Progress(iterations, a.quiet)
+    res = reconstruct(ds, engine=a.engine, progress=bar, report=a.report, **kw)
+    write_result(res, a.out, overwrite=a.overwrite)
+    times = bar.iteration_times()
+    if a.timing:
+        import statistics
+
+        rec = {"iteration_s": times, "iteration_s_median": statistics.median(times[1:] or times),
+               "engine": res.attrs["engine"], "store": os.path.abspath(a.store)}
+        tmp = a.timing + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rec, f, indent=1)
+        os.replace(tmp, a.timing)
+    print(f"wrote {a.out}: cost {res.cost.values[0]:.6g} -> {res.cost.values[-1]:.6g} in {res.sizes['iteration']} iterations")
+
+
+def _cmd_view(a):
+    from . import open_dataset, open_result
+    from .view import write_pngs
+
+    res = open_result(a.result)
+    truth = pos = None
+    if a.truth:
+        ds = open_dataset(a.truth, check_values=False)
+        if "truth_object" not in ds:
+            from .errors import DatasetError
+
+            raise DatasetError("truth_object", f"{a.truth} holds no truth_object; --truth needs a simulated store")
+        truth, pos = ds["truth_object"], ds["position"].values
+    paths = write_pngs(res, a.out, truth=truth, position=pos)
+    for p in paths:
+        print(f"wrote {p}")
+    if truth is not None:
+        from .metrics import phase_correlation
+
+        r, rms = phase_correlation(res["object"], truth, pos)
+        print(f"phase correlation with the truth over the scanned field: Pearson r = {r:.4f} (RMS error {rms:.4f} rad after removing the offset)")
+
+
+def main(argv=None):  # noqa: D103
+    from .errors import DaskptychoError
+
+    args = _parser().parse_args(argv)
+    try:
+        {"simulate": _cmd_simulate, "info": _cmd_info, "reconstruct": _cmd_reconstruct, "view": _cmd_view}[args.command](args)
+    except DaskptychoError as e:
+        print(f"daskptycho: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("daskptycho: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
