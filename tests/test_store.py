@@ -125,6 +125,14 @@ def test_reopened_dataset_can_be_written_again(store, tmp_path):
     _assert_same_dataset(again, ds, source=copy)
 
 
+def test_relative_path_source_is_absolute(sim, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    daskptycho.write_dataset(sim, "rel.zarr")
+    ds = daskptycho.open_dataset("rel.zarr")
+    assert ds.attrs["source"] == os.path.join(os.fspath(tmp_path), "rel.zarr")
+    assert os.path.isabs(ds.attrs["source"])
+
+
 def test_write_refuses_existing_path_unless_overwrite(sim, store, tmp_path):
     before = _tree_hash(store)
     with pytest.raises(OutputExistsError):

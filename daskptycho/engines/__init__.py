@@ -69,10 +69,34 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
             )
         obj, probe = state["object"], state["probe"]
         extra = {}
+    elif opts.engine in ("gd", "hve"):
+        import json
+
+        from .driver import TileDriver
+
+        source = ds.attrs.get("source")
+        with TileDriver(client, workers=opts.workers, report=report) as drv:
+            if not (source and os.path.isdir(source)):
+                from .ml import load_patterns
+
+                source = drv.client.scatter(load_patterns(ds), hash=False)
+            if opts.engine == "gd":
+                from .gd import run_gd as run
+            else:
+                from .hve import run_hve as run
+            obj, probe, costs, info = run(drv, problem, source, progress)
+        t = info["tiling"]
+        extra = {
+            "tiles": f"{t.rows}x{t.cols}",
+            "halo_px": list(t.halo),
+            "tile_cores": json.dumps({f"{x.row},{x.col}": list(map(int, x.core)) for x in t}),
+            "tile_extended": json.dumps({f"{x.row},{x.col}": list(map(int, x.extended)) for x in t}),
+            "memory": json.dumps(info["memory"]),
+        }
     else:
         from ..errors import OptionsError
 
-        raise OptionsError("engine", f"{opts.engine!r} is not available yet in this version; use 'ml'")
+        raise OptionsError("engine", f"{opts.engine!r} is not available yet in this version; use 'ml', 'gd' or 'hve'")
     extra["wall_time_s"] = time.perf_counter() - t0
     return result_dataset(problem, obj, probe, costs, ds, extra)
 

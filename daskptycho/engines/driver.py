@@ -90,3 +90,58 @@ class Driver:
 
 def as_host(a):
     return np.asarray(a)
+
+
+class TileDriver(Driver):
+    """Driver for engines whose state is split over tiles pinned to workers."""
+
+    def place_tiles(self, keys):
+        """Map tiles to workers: contiguous blocks of tiles (row-major) per worker,
+        so neighbouring tiles often share a worker and their strips stay local."""
+        ws = self.worker_addresses
+        keys = list(keys)
+        n = len(keys)
+        return {k: ws[min(len(ws) - 1, i * len(ws) // n)] for i, k in enumerate(keys)}
+
+    def submit_graph(self, graph, tile_workers, keys):
+        """Submit an :class:`~daskptycho.schedule.IterationGraph` with each task
+        pinned to its tile's worker; returns ``{key: Future}`` for ``keys`` (the
+        other tasks' results are released as soon as their dependents have run)."""
+        from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+        by_worker = {}
+        for key, task in graph.tasks.items():
+            tile = graph.placement.get(key)
+            w = tile_workers[tile] if tile is not None else None
+            by_worker.setdefault(w, {})[key] = task
+        layers, deps = {}, {}
+        for i, (w, tasks) in enumerate(by_worker.items()):
+            ann = {"workers": [w], "allow_other_workers": False} if w is not None else None
+            layers[f"daskptycho-{i}"] = MaterializedLayer(tasks, annotations=ann)
+            deps[f"daskptycho-{i}"] = set()
+        hlg = HighLevelGraph(layers, deps)
+        keys = list(keys)
+        futures = self.client.get(hlg, keys, sync=False)
+        return dict(zip(keys, futures))
+
+    def submit_pinned(self, func, *args, worker, key):
+        return self.client.submit(func, *args, key=key, workers=[worker], allow_other_workers=False, pure=False)
+
+    def memory_baseline(self):
+        return self.client.run(_rss)
+
+    def memory_peak(self):
+        return self.client.run(_peak_rss)
+
+
+def _rss():
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss():
+    """High-water mark of this worker process's resident memory (bytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

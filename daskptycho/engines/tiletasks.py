@@ -1,0 +1,177 @@
+"""The functions that run as tasks on the worker owning a tile.
+
+Pure functions of their inputs (no in-place changes to an input: a task may be
+re-run after a lost worker), on NumPy or CuPy arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import physics
+from ..backend import get_array_module
+from .problem import array_module
+from .updates import gradient_sum, object_step, probe_step
+
+
+@dataclass
+class TileContext:
+    """What every tile task needs besides its own arrays (small, broadcast once).
+
+    Attributes
+    ----------
+    corners : dict ``{(r, c): int array (J_t, 2)}``: window corners of each tile's
+        positions, relative to the tile's extended region.
+    eps_per_position : float
+        Preconditioner floor per position in a gradient sum (the reference
+        engine's ``Problem.eps_object(1)``), so tiles apply its exact arithmetic.
+    """
+
+    kernel: np.ndarray
+    mask: np.ndarray | None
+    window: tuple
+    corners: dict
+    cost: str
+    chunk: int
+    step: float
+    probe_step: float
+    regularization: float
+    eps_per_position: float
+    device: str = "cpu"
+    local_batch: int = 16
+
+    def xp(self):
+        return array_module(self.device)
+
+
+def load_tile_patterns(source, scan_indices, device="cpu"):
+    """Read a tile's own patterns (J_t, N, N) from the store, in FFT order.
+
+    ``source`` is a store path (read on this worker) or an in-memory array of all
+    patterns (FFT order) for datasets that were never written to a store.
+    """
+    if isinstance(source, str):
+        from .ml import load_patterns_from_store
+
+        data = load_patterns_from_store(source, scan_indices)
+    else:
+        data = np.asarray(source)[np.asarray(scan_indices)]
+    return array_module(device).asarray(data)
+
+
+def initial_patch(full_object, region, device="cpu"):
+    """The tile's extended region of the starting object (S, h, w)."""
+    y0, y1, x0, x1 = region
+    return array_module(device).asarray(np.asarray(full_object)[:, y0:y1, x0:x1].copy())
+
+
+def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_probe, local_updates):
+    """Gradient buffer of one tile's positions ``local`` (indices into its patterns).
+
+    Returns a dict with ``object`` and ``illumination`` (the buffer, (S, h, w)),
+    ``cost``, and with ``refine_probe`` the probe gradient parts; with
+    ``local_updates`` also ``local_object``, the tile after per-minibatch steps.
+    """
+    xp = get_array_module(state)
+    kernel = xp.asarray(ctx.kernel)
+    mask = None if ctx.mask is None else xp.asarray(ctx.mask)
+    probe = xp.asarray(probe)
+    corners = ctx.corners[tile][local]
+    index = physics.window_index(corners, ctx.window, state.shape[-2:], xp)
+    d = data[xp.asarray(local)] if len(local) else data[:0]
+    if not local_updates:
+        return gradient_sum(state, probe, index, kernel, d, mask, ctx.cost, ctx.chunk, refine_probe)
+    # Alg. 1, lines 5-9: accumulate each minibatch's gradient into the buffer and
+    # step the tile with it at once
+    obj = state
+    total = None
+    for start in range(0, index.shape[0], ctx.local_batch):
+        sl = slice(start, start + ctx.local_batch)
+        gb = gradient_sum(obj, probe, index[sl], kernel, d[sl], mask, ctx.cost, ctx.chunk, refine_probe)
+        obj = object_step(obj, gb["object"], gb["illumination"], ctx.step, ctx.eps_per_position * index[sl].shape[0])
+        total = gb if total is None else {k: total[k] + v for k, v in gb.items()}
+    if total is None:
+        total = gradient_sum(state, probe, index, kernel, d, mask, ctx.cost, ctx.chunk, refine_probe)
+    total["local_object"] = obj
+    return total
+
+
+def extract_strip(buf, region):
+    """Cut the overlap strip (a copy) out of a buffer, on the sending worker."""
+    sy, sx = region
+    return {"object": buf["object"][..., sy, sx].copy(), "illumination": buf["illumination"][..., sy, sx].copy()}
+
+
+def add_strip(buf, strip, region):
+    """Forward pass: a new buffer with ``strip`` added into ``region``."""
+    sy, sx = region
+    out = {"object": buf["object"].copy(), "illumination": buf["illumination"].copy()}
+    out["object"][..., sy, sx] += strip["object"]
+    out["illumination"][..., sy, sx] += strip["illumination"]
+    return out
+
+
+def replace_strip(buf, strip, region):
+    """Backward pass: a new buffer with ``region`` replaced by ``strip``."""
+    sy, sx = region
+    out = {"object": buf["object"].copy(), "illumination": buf["illumination"].copy()}
+    out["object"][..., sy, sx] = strip["object"]
+    out["illumination"][..., sy, sx] = strip["illumination"]
+    return out
+
+
+def probe_part(grad):
+    """The probe-gradient parts of a tile's gradient (small: K x N x N)."""
+    return {"probe": grad["probe"], "probe_illumination": grad["probe_illumination"]}
+
+
+def add_parts(a, b):
+    return {k: a[k] + b[k] for k in a}
+
+
+def probe_update(probe, total, ctx: TileContext):
+    """The new probe from the probe gradient summed over every tile."""
+    xp = get_array_module(total["probe"])
+    return probe_step(xp.asarray(probe), total["probe"], total["probe_illumination"], ctx.probe_step, ctx.regularization)
+
+
+def tile_update(state, grad, buf, ctx: TileContext, n_positions):
+    """Step the tile with its accumulated buffer (Alg. 1, lines 15-17)."""
+    base = grad.get("local_object", state)
+    return object_step(base, buf["object"], buf["illumination"], ctx.step, ctx.eps_per_position * n_positions)
+
+
+def core_of(state, region):
+    """The tile's core (a copy): the only part that goes back for stitching."""
+    sy, sx = region
+    return state[..., sy, sx].copy()
+
+
+def tile_nbytes(state, data, buf_factor=1.5):
+    """Bytes a tile holds: object patch, gradient buffer (complex + real), patterns."""
+    obj = state.nbytes
+    return {"object": int(obj), "buffer": int(obj * buf_factor), "patterns": int(data.nbytes)}
+
+
+def hve_local_step(state, data, probe, ctx: TileContext, tile, n_total):
+    """One independent iteration of a Halo Voxel Exchange tile on its extended region."""
+    local = np.arange(data.shape[0])
+    g = tile_gradient(state, data, local, probe, ctx, tile, False, False)
+    return {"object": object_step(state, g["object"], g["illumination"], ctx.step, ctx.eps_per_position * n_total),
+            "cost": g["cost"]}
+
+
+def hve_cut(stepped, region):
+    """The part of a tile's core another tile needs (a copy, on the sending worker)."""
+    sy, sx = region
+    return stepped["object"][..., sy, sx].copy()
+
+
+def hve_paste(stepped, pieces, regions):
+    """Paste neighbours' core voxels into this tile's halo."""
+    out = stepped["object"].copy()
+    for piece, (sy, sx) in zip(pieces, regions):
+        out[..., sy, sx] = piece
+    return out

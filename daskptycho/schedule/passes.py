@@ -1,0 +1,140 @@
+"""Gradient decomposition: one iteration as an explicit dependency graph.
+
+The accumulated-gradient buffers of the tiles are summed over their overlaps by
+four chains of point-to-point strip exchanges (Fig. 4 of the paper):
+
+1. vertical forward: down each column, add the overlap strip of (r, c) into (r+1, c);
+2. vertical backward: up each column, replace the overlap strip of (r, c) by (r+1, c)'s;
+3. horizontal forward and 4. backward: the same along each row.
+
+Only strips travel: a strip is cut by a task on the sender's worker and added or
+pasted by a task on the receiver's. A row's horizontal passes depend on that row's
+own vertical results only, so the bottom row can start them while upper rows are
+still in their vertical backward pass (the paper's asynchronous pipelining, APPP).
+
+Keys: ``("grad", s, r, c)``, ``("vfwd-strip", s, r, c)``, ``("vfwd", s, r, c)``,
+``("vbwd-strip", ...)``, ``("vbwd", ...)``, ``("hfwd-strip", ...)``, ``("hfwd", ...)``,
+``("hbwd-strip", ...)``, ``("hbwd", ...)``, ``("update", s, r, c)``, ``("cost", s)``,
+``("probe", s)``, where ``s = iteration * T + round`` counts pass rounds (``s`` is the
+iteration when ``T = 1``).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+from ..engines import tiletasks as tt
+from .graph import IterationGraph
+
+
+def accumulate_passes(tiling, s, buffers, graph=None):
+    """Add the four passes of round ``s`` to ``graph``.
+
+    Parameters
+    ----------
+    tiling : Tiling
+    s : int, the round
+    buffers : dict ``{(r, c): key or value}``, each tile's gradient buffer
+    graph : IterationGraph, optional (a new one by default)
+
+    Returns
+    -------
+    graph, final : IterationGraph, ``{(r, c): key of the tile's accumulated buffer}``
+    """
+    g = graph if graph is not None else IterationGraph()
+    cur = dict(buffers)
+    R, C = tiling.rows, tiling.cols
+
+    def exchange(name, src, dst, combine):
+        ov = tiling.overlap(src, dst)
+        if ov is None:  # cores always touch, so this only guards degenerate grids
+            return
+        strip = g.add((f"{name}-strip", s, *src), (tt.extract_strip, cur[src], tiling[src].local(ov)), src)
+        cur[dst] = g.add((name, s, *dst), (combine, cur[dst], strip, tiling[dst].local(ov)), dst)
+
+    for c in range(C):
+        for r in range(1, R):
+            exchange("vfwd", (r - 1, c), (r, c), tt.add_strip)
+        for r in range(R - 2, -1, -1):
+            exchange("vbwd", (r + 1, c), (r, c), tt.replace_strip)
+    for r in range(R):
+        for c in range(1, C):
+            exchange("hfwd", (r, c - 1), (r, c), tt.add_strip)
+        for c in range(C - 2, -1, -1):
+            exchange("hbwd", (r, c + 1), (r, c), tt.replace_strip)
+    return g, cur
+
+
+def _tree_sum(g, name, s, keys, func):
+    """Pairwise tree reduction of ``keys``; returns the key of the total."""
+    level = 0
+    while len(keys) > 1:
+        nxt = []
+        for i in range(0, len(keys), 2):
+            if i + 1 < len(keys):
+                nxt.append(g.add((name, s, level, i // 2), (func, keys[i], keys[i + 1])))
+            else:
+                nxt.append(keys[i])
+        keys = nxt
+        level += 1
+    return keys[0]
+
+
+def round_positions(tiling, rounds):
+    """``{(r, c): [local index arrays, one per round]}``: each tile's positions
+    split into ``rounds`` contiguous groups in acquisition order."""
+    return {t.key: np.array_split(np.arange(t.positions.size), rounds) for t in tiling}
+
+
+def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_probe=False, local_updates=False):
+    """The task graph of one gradient-decomposition iteration (pure: no client).
+
+    Parameters
+    ----------
+    tiling : Tiling
+    it : int
+    states : dict ``{(r, c): key/future/value}``: each tile's object patch (S, h, w)
+    data : dict ``{(r, c): key/future/value}``: each tile's patterns (J_t, N, N), FFT order
+    probe : key/future/value: the probe (K, N, N)
+    context : key/future/value: a :class:`~daskptycho.engines.tiletasks.TileContext`
+    rounds : int
+        Pass rounds per iteration (the paper's T).
+    refine_probe : bool
+        Sum the probe gradient over tiles (tree reduction) and update the probe.
+    local_updates : bool
+        Update each tile after each minibatch of its own positions between passes
+        (Alg. 1, lines 5-9); off: pure batch mode, exactly full-batch gradient descent.
+
+    Returns
+    -------
+    IterationGraph with outputs ``states`` ({tile: key}), ``probe`` (key or the input),
+    ``costs`` (list of keys, one per round).
+    """
+    g = IterationGraph()
+    states = dict(states)
+    groups = round_positions(tiling, rounds)
+    costs = []
+    for rnd in range(rounds):
+        s = it * rounds + rnd
+        n_round = int(sum(groups[t.key][rnd].size for t in tiling))
+        grads = {}
+        for t in tiling:
+            grads[t.key] = g.add(("grad", s, *t.key), (
+                tt.tile_gradient, states[t.key], data[t.key], groups[t.key][rnd], probe, context, t.key,
+                refine_probe, local_updates), t.key)
+        _, final = accumulate_passes(tiling, s, grads, g)
+        tile_costs = [g.add(("tile-cost", s, *t.key), (operator.getitem, grads[t.key], "cost"), t.key) for t in tiling]
+        costs.append(g.add(("cost", s), (sum, tile_costs)))
+        new_probe = probe
+        if refine_probe:
+            parts = [g.add(("tile-probe", s, *t.key), (tt.probe_part, grads[t.key]), t.key) for t in tiling]
+            total = _tree_sum(g, "probe-sum", s, parts, tt.add_parts)
+            new_probe = g.add(("probe", s), (tt.probe_update, probe, total, context))
+        for t in tiling:
+            states[t.key] = g.add(("update", s, *t.key), (
+                tt.tile_update, states[t.key], grads[t.key], final[t.key], context, n_round), t.key)
+        probe = new_probe
+    g.outputs.update(states=states, probe=probe, costs=costs)
+    return g
