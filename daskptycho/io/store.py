@@ -127,6 +127,16 @@ def _open_zarr(path):
             return xr.open_zarr(path, consolidated=False, chunks={}, mask_and_scale=False)
     except DatasetError:
         raise
+    except ValueError as e:
+        import re
+
+        m = re.search(r"conflicting sizes for dimension '(\w+)': length (\d+) on '(\w+)'", str(e))
+        if m:
+            dim, n, var = m.groups()
+            field = "position" if "position" in (var, str(e)) and dim == "scan" else var
+            raise DatasetError(field, f"has {n} entries along '{dim}' but the other variables disagree; expected one entry per {dim} point in every variable") from None
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DatasetError("metadata", f"the store's Zarr metadata cannot be read (ValueError: {msg}); re-create the store") from None
     except Exception as e:  # garbage or inconsistent metadata
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DatasetError("metadata", f"the store's Zarr metadata cannot be read ({type(e).__name__}: {msg}); re-create the store") from None
@@ -211,8 +221,11 @@ def validate_dataset(ds: xr.Dataset, check_values: bool = True) -> None:
     if "scan" in ds.coords and ds["scan"].size != n_scan:
         raise DatasetError("scan", "coordinate length does not match the intensity's scan axis")
     ny, nx = ds.sizes["ky"], ds.sizes["kx"]
-    if "probe" in ds and (ds.sizes["py"], ds.sizes["px"]) != (ny, nx):
-        raise DatasetError("probe", f"window {ds.sizes['py']}x{ds.sizes['px']} differs from the detector {ny}x{nx}; expected the same shape")
+    for name in ("probe", "truth_probe"):
+        if name in ds and tuple(ds[name].shape[-2:]) != (ny, nx):
+            raise DatasetError(name, f"window {ds[name].shape[-2]}x{ds[name].shape[-1]} differs from the detector {ny}x{nx}; expected the same shape")
+    if "mask" in ds and not bool(np.asarray(ds["mask"].values).any()):
+        raise DatasetError("mask", "marks no detector pixel as valid; expected True for the pixels to use")
 
     pos = np.asarray(ds["position"].values)
     if pos.shape != (n_scan, 2):
