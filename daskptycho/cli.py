@@ -1,4 +1,4 @@
-"""The ``daskptycho`` command line: simulate | info | reconstruct | view.
+"""The ``daskptycho`` command line: simulate | info | reconstruct | view | graph.
 
 User errors print one line (``daskptycho: error: ...``) and exit with status 2.
 """
@@ -78,6 +78,16 @@ def _parser():
     r.add_argument("--timing", help="write per-iteration wall times (JSON)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing result")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("graph", help="draw one iteration's task graph (and a real run's timeline)",
+                       description="Render one gradient-decomposition iteration's task graph (SVG) and, with --timeline, "
+                                   "the task stream of a real run on an embedded LocalCluster.")
+    g.add_argument("--tiles", type=_pair, default=(3, 3), help="tile grid (default 3x3)")
+    g.add_argument("--out", default="graphs", help="output directory (default graphs/)")
+    g.add_argument("--store", help="take the scan geometry from this dataset (default: a 16x16 scan, 64 px patterns)")
+    g.add_argument("--timeline", action="store_true", help="also run a small real reconstruction and draw its task stream")
+    g.add_argument("--workers", type=_positive_int, default=2, help="workers for --timeline (default 2)")
+    g.add_argument("--iterations", type=_positive_int, default=3, help="iterations for --timeline (default 3)")
 
     v = sub.add_parser("view", help="write PNGs of a result", description="Write PNGs: phase and amplitude per slice, probe modes, cost curve.")
     v.add_argument("result", help="result store")
@@ -231,12 +241,20 @@ def _cmd_view(a):
         print(f"phase correlation with the truth over the scanned field: Pearson r = {r:.4f} (RMS error {rms:.4f} rad after removing the offset)")
 
 
+def _cmd_graph(a):
+    from .graphs import render
+
+    for path, what in render(a.out, a.tiles, store=a.store, timeline=a.timeline, workers=a.workers, iterations=a.iterations):
+        print(f"wrote {path}: {what}")
+
+
 def main(argv=None):  # noqa: D103
     from .errors import DaskptychoError
 
     args = _parser().parse_args(argv)
     try:
-        {"simulate": _cmd_simulate, "info": _cmd_info, "reconstruct": _cmd_reconstruct, "view": _cmd_view}[args.command](args)
+        {"simulate": _cmd_simulate, "info": _cmd_info, "reconstruct": _cmd_reconstruct, "view": _cmd_view,
+         "graph": _cmd_graph}[args.command](args)
     except DaskptychoError as e:
         print(f"daskptycho: error: {e}", file=sys.stderr)
         return 2
