@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -64,14 +65,12 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
         else:
             load = partial(_identity, load_patterns(ds))
         with Driver(client, workers=opts.workers or 1, report=report) as drv:
-            state, costs = drv.run_sequential(
+            state, costs, memory = drv.run_sequential(
                 load, partial(_ml_step, problem=problem), partial(ml_init, problem), opts.iterations, progress
             )
         obj, probe = state["object"], state["probe"]
-        extra = {}
+        extra = {"memory": json.dumps(memory)}
     elif opts.engine in ("gd", "hve"):
-        import json
-
         from .driver import TileDriver
 
         source = ds.attrs.get("source")

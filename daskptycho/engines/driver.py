@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import operator
 
-import numpy as np
-
 from ..cluster import local_cluster
 
 
@@ -43,12 +41,30 @@ class Driver:
             self.client = self._stack.enter_context(Client(cluster))
         else:
             self.client = self._given
+        # import the engine code on every worker first, so the memory baseline
+        # (and the peak above it) counts arrays, not modules
+        self.baseline = self.client.run(_warm_up)
         if self.report:
             self._stack.enter_context(performance_report(filename=str(self.report)))
         return self
 
     def __exit__(self, *exc):
         return self._stack.__exit__(*exc)
+
+    def memory_report(self, tile_bytes, tile_workers):
+        """Bytes each tile holds and each worker's measured peak resident memory.
+
+        The peak is the worker process's high-water mark (``ru_maxrss``); the
+        figure above the baseline (RSS after imports, before any data) is what the
+        run's arrays, state and transients took at their largest.
+        """
+        peak = self.client.run(_peak_rss)
+        return {
+            "tile_bytes": {f"{k[0]},{k[1]}": b for k, b in tile_bytes.items()},
+            "worker_peak_rss_bytes": {w: int(v) for w, v in peak.items()},
+            "worker_peak_above_baseline_bytes": {w: int(v - self.baseline.get(w, 0)) for w, v in peak.items()},
+            "tile_workers": {f"{k[0]},{k[1]}": w for k, w in tile_workers.items()},
+        }
 
     @property
     def worker_addresses(self):
@@ -84,12 +100,15 @@ class Driver:
             if progress is not None:
                 progress(it, float(cost))
         final = state.result()
+        nbytes = c.submit(_state_bytes, state, data, key="nbytes", **pin).result()
         del data, state
-        return final, costs
+        return final, costs, self.memory_report({(0, 0): nbytes}, {(0, 0): w})
 
 
-def as_host(a):
-    return np.asarray(a)
+def _state_bytes(state, data):
+    """Bytes the single-task engine holds: object, gradient buffers, patterns."""
+    obj = int(state["object"].nbytes)
+    return {"object": obj, "buffer": obj + obj // 2, "patterns": int(data.nbytes)}
 
 
 class TileDriver(Driver):
@@ -127,16 +146,17 @@ class TileDriver(Driver):
     def submit_pinned(self, func, *args, worker, key):
         return self.client.submit(func, *args, key=key, workers=[worker], allow_other_workers=False, pure=False)
 
-    def memory_baseline(self):
-        return self.client.run(_rss)
-
-    def memory_peak(self):
-        return self.client.run(_peak_rss)
 
 
-def _rss():
+def _warm_up():
+    """Import the engine modules and run a tiny FFT; return this worker's RSS (bytes)."""
+    import numpy as np
     import psutil
 
+    from .. import backend, physics  # noqa: F401
+    from . import ml, tiletasks  # noqa: F401
+
+    backend.fft2(np.ones((2, 8, 8), np.complex64))
     return psutil.Process().memory_info().rss
 
 

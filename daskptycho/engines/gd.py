@@ -23,7 +23,7 @@ def context_for(problem: Problem, tiling, corners=None, tiles=None):
     rel = {k: problem.corners[pos] - np.array([ext[0], ext[2]]) for k, (pos, ext) in tiles.items()}
     return tt.TileContext(
         kernel=problem.kernel, mask=problem.mask, window=problem.window, corners=rel, cost=o.cost,
-        chunk=o.chunk_positions, step=o.step, probe_step=o.probe_step, regularization=o.regularization,
+        chunk=problem.chunk, step=o.step, probe_step=o.probe_step, regularization=o.regularization,
         eps_per_position=problem.eps_object(1), device=o.device, local_batch=o.batch_size or 16,
     )
 
@@ -41,7 +41,6 @@ def run_tiles(drv, problem: Problem, source, tiling, tile_specs, build_iteration
     o = problem.options
     c = drv.client
     workers = drv.place_tiles([t.key for t in tiling])
-    baseline = drv.memory_baseline()
     ctx = c.scatter(context_for(problem, tiling, tiles=tile_specs), broadcast=True, hash=False)
     probe = c.scatter(problem.probe, hash=False)
     start = problem.initial_object(np)
@@ -75,14 +74,7 @@ def run_tiles(drv, problem: Problem, source, tiling, tile_specs, build_iteration
     obj = tiling.stitch_cores(cores)
     probe_final = np.asarray(probe.result() if hasattr(probe, "result") else probe)
     nbytes = c.gather([drv.submit_pinned(_tile_bytes, states[k], data[k], worker=workers[k], key=("nbytes", *k)) for k in states])
-    peak = drv.memory_peak()
-    mem = {
-        "tile_bytes": {f"{k[0]},{k[1]}": b for k, b in zip(states, nbytes)},
-        "worker_peak_rss_bytes": {w: int(peak[w]) for w in peak},
-        "worker_peak_above_baseline_bytes": {w: int(peak[w] - baseline.get(w, 0)) for w in peak},
-        "tile_workers": {f"{k[0]},{k[1]}": w for k, w in workers.items()},
-    }
-    return obj, probe_final, costs, mem
+    return obj, probe_final, costs, drv.memory_report(dict(zip(states, nbytes)), workers)
 
 
 def _report(item, costs, progress):

@@ -65,7 +65,7 @@ def ml_step(state, data, it, problem: Problem):
     cost = 0.0
     for b in batches:
         bi = xp.asarray(b)
-        g = gradient_sum(obj, probe, index[bi], kernel, data[bi], mask, opts.cost, opts.chunk_positions, refine)
+        g = gradient_sum(obj, probe, index[bi], kernel, data[bi], mask, opts.cost, problem.chunk, refine)
         cost += g["cost"]
         obj = object_step(obj, g["object"], g["illumination"], opts.step, problem.eps_object(len(b)))
         if refine:

@@ -45,7 +45,7 @@ class ReconstructOptions:
     slices: int = 1
     slice_thickness_m: float | None = None
     probe_modes: int | None = None                # None: as many as the store's probe guess has
-    chunk_positions: int = 256                    # positions per vectorised gradient call (memory bound)
+    working_set_mib: float = _cfg("working_set_mib")  # transient memory of one vectorised gradient call
     device: str = "cpu"
     # gradient decomposition and friends (used by the distributed engines)
     tiles: tuple = (1, 1)
@@ -76,8 +76,8 @@ class ReconstructOptions:
             raise OptionsError("probe_modes", f"got {self.probe_modes!r}; expected an integer >= 1")
         if self.pad_px < 0:
             raise OptionsError("pad_px", f"got {self.pad_px}; expected >= 0")
-        if self.chunk_positions < 1:
-            raise OptionsError("chunk_positions", f"got {self.chunk_positions}; expected >= 1")
+        if not self.working_set_mib > 0:
+            raise OptionsError("working_set_mib", f"got {self.working_set_mib}; expected a positive size in MiB")
         if self.device not in ("cpu", "gpu"):
             raise OptionsError("device", f"got {self.device!r}; expected 'cpu' or 'gpu'")
         try:
@@ -123,6 +123,13 @@ class Problem:
     @property
     def n_positions(self):
         return self.positions_m.shape[0]
+
+    @property
+    def chunk(self):
+        """Positions per vectorised gradient call: as many as fit in ``working_set_mib``."""
+        from .updates import positions_per_chunk
+
+        return positions_per_chunk(self.window, self.options.slices, self.probe.shape[0], self.options.working_set_mib)
 
     def initial_object(self, xp=np):
         s = self.options.slices

@@ -12,6 +12,17 @@ from .. import physics
 from ..backend import get_array_module
 
 
+def positions_per_chunk(window, slices, modes, budget_mib):
+    """How many positions one vectorised gradient call may take within ``budget_mib``.
+
+    The call keeps, per position, the incident wave of every slice and mode and the
+    object patch of every slice (for the adjoint), plus a few mode-sized temporaries
+    (far field, its gradient, FFT work arrays), all complex64.
+    """
+    per_position = (slices * (modes + 1) + 6 * modes) * window[0] * window[1] * 8
+    return max(1, int(budget_mib * 2**20 // per_position))
+
+
 def gradient_sum(obj, probe, index, kernel, data, mask, cost, chunk, probe_gradient):
     """Sum of the gradients of positions ``index`` (J, N, N) over chunks of ``chunk``.
 
