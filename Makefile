@@ -4,7 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo-output
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint clean graphs bench
+
+# One gd iteration's task graph and a real 3x3 run's timeline into graphs/
+graphs: install
+	$(VENV)/bin/daskptycho graph --tiles 3x3 --out graphs --timeline
+
+# Benchmarks (not tests): JSON into benchmarks/results/
+bench: install
+	$(PY) -m benchmarks seams
+	$(PY) -m benchmarks memory
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +28,8 @@ install: $(VENV)/.installed
 demo: install
 	rm -rf $(DEMO)
 	$(VENV)/bin/daskptycho simulate $(DEMO)/pbtio3.zarr --kind pbtio3 --scan 16x16 --detector 64 --slices 4
-	$(VENV)/bin/daskptycho reconstruct $(DEMO)/pbtio3.zarr --engine ml --slices 4 --iterations 30 \
-		--workers 1 --out $(DEMO)/result.zarr --report $(DEMO)/report.html
+	$(VENV)/bin/daskptycho reconstruct $(DEMO)/pbtio3.zarr --engine gd --tiles 2x2 --slices 4 --iterations 30 \
+		--workers 2 --out $(DEMO)/result.zarr --report $(DEMO)/report.html
 	$(VENV)/bin/daskptycho view $(DEMO)/result.zarr --out $(DEMO)/png --truth $(DEMO)/pbtio3.zarr
 	@echo "demo: images in $(DEMO)/png, timeline in $(DEMO)/report.html"
 

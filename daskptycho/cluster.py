@@ -15,7 +15,7 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def local_cluster(n_workers=None, memory_limit="auto", processes=True, dashboard=True):
+def local_cluster(n_workers=None, memory_limit="auto", processes=True, dashboard=True):  # noqa: ARG001
     """An embedded :class:`distributed.LocalCluster`: one thread per worker, loopback only.
 
     One thread per worker because each tile's task already uses every core it is
@@ -32,7 +32,9 @@ def local_cluster(n_workers=None, memory_limit="auto", processes=True, dashboard
         threads_per_worker=1,
         processes=processes,
         host="127.0.0.1",
-        dashboard_address="127.0.0.1:0" if dashboard else None,
+        # a free port on loopback: the scheduler serves HTTP even without the
+        # dashboard, and a fixed port would collide with other clusters
+        dashboard_address="127.0.0.1:0",
         memory_limit=memory_limit,
         silence_logs=40,  # logging.ERROR: keep the user's terminal readable
     )

@@ -46,3 +46,47 @@ def phase_correlation(obj: xr.DataArray, truth: xr.DataArray, position, margin_m
     b = b - b.mean()
     r = float(np.dot(a, b) / np.sqrt(np.dot(a, a) * np.dot(b, b)))
     return r, float(np.sqrt(np.mean((a - b) ** 2)))
+
+
+def error_map(obj: xr.DataArray, truth: xr.DataArray, position, margin_m=0.0):
+    """Per-pixel reconstruction error over the scanned field.
+
+    ``|O e^{-i phi_s} - T|`` summed over slices, where ``phi_s`` is the best constant
+    phase of slice ``s`` (the one unobservable offset), on the truth's pixels.
+    """
+    o, t = _on_truth_grid(obj, truth, scanned_region(position, margin_m))
+    o, t = o.load().values, t.load().values
+    err = np.zeros(o.shape[-2:])
+    for s in range(o.shape[0]):
+        phase = np.angle(np.vdot(o[s], t[s]))  # argmin over a constant phase
+        err += np.abs(o[s] * np.exp(1j * phase) - t[s])
+    return err
+
+
+def seam_ratio(result, truth: xr.DataArray, position, width_px=2):
+    """Reconstruction error within ``width_px`` of internal tile borders divided by
+    the error elsewhere, over the scanned field (1 = no seams).
+
+    Parameters
+    ----------
+    result : xarray.Dataset from a tiled engine (its ``tile_cores`` attribute gives the borders)
+    """
+    import json
+
+    cores = json.loads(result.attrs["tile_cores"])
+    rows = sorted({v[0] for v in cores.values()} - {0})
+    cols = sorted({v[2] for v in cores.values()} - {0})
+    region = scanned_region(position)
+    o, t = _on_truth_grid(result["object"], truth, region)
+    err = error_map(result["object"], truth, position)
+    # global pixel indices of the compared pixels
+    y = np.rint((o["y"].values - result["y"].values[0]) / (result["y"].values[1] - result["y"].values[0])).astype(int)
+    x = np.rint((o["x"].values - result["x"].values[0]) / (result["x"].values[1] - result["x"].values[0])).astype(int)
+    near = np.zeros(err.shape, bool)
+    for e in rows:  # a border between pixel rows e-1 and e
+        near |= (np.abs(y - e + 0.5) <= width_px)[:, None]
+    for e in cols:
+        near |= (np.abs(x - e + 0.5) <= width_px)[None, :]
+    if not near.any() or near.all():
+        return float("nan")
+    return float(err[near].mean() / err[~near].mean())

@@ -186,7 +186,12 @@ def simulate(options: SimulationOptions | dict | None = None, **kw):
     kernel = physics.fresnel_kernel(window, dx, lam, opts.slice_thickness_m)
     corners = grid.window_corners(positions, window)
     index = physics.window_index(corners, window, grid.shape)
-    intensity = physics.far_field_intensity(truth, probe, index, kernel).astype(np.float32)
+    from .engines.updates import positions_per_chunk
+
+    chunk = positions_per_chunk(window, opts.slices, opts.probe_modes, 64)
+    intensity = np.empty((index.shape[0], n, n), dtype=np.float32)
+    for s in range(0, index.shape[0], chunk):  # bounded memory for large scans
+        intensity[s:s + chunk] = physics.far_field_intensity(truth, probe, index[s:s + chunk], kernel)
     intensity = np.maximum(intensity, 0)
     if opts.dose is not None:
         intensity = rng.poisson(intensity).astype(np.float32)

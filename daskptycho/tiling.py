@@ -139,6 +139,8 @@ def make_tiling(grid: ObjectGrid, corners, window, tiles, halo_px=None) -> Tilin
         halo = tuple(int(v) for v in halo_px)
         if halo[0] < need[0] or halo[1] < need[1]:
             raise OptionsError("halo_m", f"a halo of {halo} px cannot hold the {window[0]}x{window[1]} probe windows; it needs at least {need} px")
+    if (centre < 0).any() or (centre >= np.asarray(grid.shape)).any():
+        raise OptionsError("positions", "a probe window centre lies outside the object grid; build the grid from the positions (object_grid)")
     tr = np.searchsorted(row_edges, centre[:, 0], side="right") - 1
     tc = np.searchsorted(col_edges, centre[:, 1], side="right") - 1
     out = []

@@ -21,8 +21,10 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
     ds : xarray.Dataset or str
         A dataset in the daskptycho format (from :func:`daskptycho.open_dataset`) or
         the path of its store.
-    engine : {"ml", "gd", "hve", "dm"}
-        ``ml``: the single-task reference (maximum-likelihood gradient descent).
+    engine : {"gd", "ml", "hve"}
+        ``gd`` (default): image gradient decomposition over ``tiles`` pinned to
+        workers; ``ml``: the single-task reference (maximum-likelihood gradient
+        descent); ``hve``: the Halo Voxel Exchange baseline.
     client : distributed.Client, optional
         For the distributed engines; without one an embedded LocalCluster is started.
     progress : callable(iteration, cost), optional

@@ -1,4 +1,11 @@
-"""Engine ``hve``: the Halo Voxel Exchange baseline (section II-C of the paper)."""
+"""Engine ``hve``: the Halo Voxel Exchange baseline (section II-C of the paper).
+
+Full batch (``batch_size=None``), one step per exchange, it is exact: each tile holds
+every position whose window reaches its core, so its core update is the full-batch
+one, and halos are overwritten by their owners' cores. With ``batch_size`` each tile
+runs sequential minibatch updates on its own between exchanges (the independent
+tile reconstruction of the paper): halos go stale and seams appear.
+"""
 
 from __future__ import annotations
 
@@ -32,8 +39,8 @@ def run_hve(drv, problem: Problem, source, progress=None):
     o = problem.options
     if o.refine_probe:
         raise OptionsError("refine_probe", "the hve baseline duplicates positions across tiles and does not refine the probe; use engine='gd'")
-    if o.local_updates or o.batch_size:
-        raise OptionsError("batch_size", "the hve baseline runs full-batch steps on each tile; leave batch_size and local_updates unset")
+    if o.local_updates:
+        raise OptionsError("local_updates", "the hve baseline has no accumulated-gradient buffer; give batch_size for sequential minibatch updates inside each tile")
     tiling = tiling_for(problem)
     specs = hve_tiles(problem, tiling)
     extended = {k: ext for k, (_, ext) in specs.items()}

@@ -48,7 +48,7 @@ class ReconstructOptions:
     working_set_mib: float = _cfg("working_set_mib")  # transient memory of one vectorised gradient call
     device: str = "cpu"
     # gradient decomposition and friends (used by the distributed engines)
-    tiles: tuple = (1, 1)
+    tiles: tuple = _cfg("tiles")
     local_updates: bool = False
     passes_per_iteration: int = 1
     halo_m: float | None = None

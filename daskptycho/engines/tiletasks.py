@@ -41,6 +41,7 @@ class TileContext:
     eps_per_position: float
     device: str = "cpu"
     local_batch: int = 16
+    hve_minibatch: bool = False
 
     def xp(self):
         return array_module(self.device)
@@ -158,6 +159,11 @@ def tile_nbytes(state, data, buf_factor=1.5):
 def hve_local_step(state, data, probe, ctx: TileContext, tile, n_total):
     """One independent iteration of a Halo Voxel Exchange tile on its extended region."""
     local = np.arange(data.shape[0])
+    if ctx.hve_minibatch:
+        # independent sequential (minibatch) updates of the extended tile, as the
+        # baseline's own tile reconstruction does
+        g = tile_gradient(state, data, local, probe, ctx, tile, False, True)
+        return {"object": g["local_object"], "cost": g["cost"]}
     g = tile_gradient(state, data, local, probe, ctx, tile, False, False)
     return {"object": object_step(state, g["object"], g["illumination"], ctx.step, ctx.eps_per_position * n_total),
             "cost": g["cost"]}

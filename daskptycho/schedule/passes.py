@@ -14,8 +14,9 @@ still in their vertical backward pass (the paper's asynchronous pipelining, APPP
 
 Keys: ``("grad", s, r, c)``, ``("vfwd-strip", s, r, c)``, ``("vfwd", s, r, c)``,
 ``("vbwd-strip", ...)``, ``("vbwd", ...)``, ``("hfwd-strip", ...)``, ``("hfwd", ...)``,
-``("hbwd-strip", ...)``, ``("hbwd", ...)``, ``("update", s, r, c)``, ``("cost", s)``,
-``("probe", s)``, where ``s = iteration * T + round`` counts pass rounds (``s`` is the
+``("hbwd-strip", ...)``, ``("hbwd", ...)``, ``("update", s, r, c)``, the per-tile
+scalars ``("tile-cost", s, r, c)`` and probe-gradient parts ``("tile-probe", s, r, c)``,
+their reductions ``("cost", s)``, ``("probe-sum", s, level, i)`` and ``("probe", s)``, where ``s = iteration * T + round`` counts pass rounds (``s`` is the
 iteration when ``T = 1``).
 """
 

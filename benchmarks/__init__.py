@@ -1,0 +1,1 @@
+"""Benchmarks of daskptycho (never timed tests): ``python -m benchmarks NAME``."""

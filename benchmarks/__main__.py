@@ -1,0 +1,12 @@
+"""``python -m benchmarks NAME [options]``: run one benchmark, write benchmarks/results/NAME.json."""
+
+import importlib
+import sys
+
+NAMES = ("seams", "memory")
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in NAMES:
+        print(f"usage: python -m benchmarks {{{'|'.join(NAMES)}}} [options]", file=sys.stderr)
+        sys.exit(2)
+    importlib.import_module(f"benchmarks.{sys.argv[1]}").main(sys.argv[2:])

@@ -1,0 +1,42 @@
+"""Helpers shared by the benchmarks: machine description and atomic JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+
+def machine():
+    import dask
+    import distributed
+    import numpy
+    import psutil
+    import scipy
+    import xarray
+    import zarr
+
+    import daskptycho
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "versions": {m.__name__: m.__version__ for m in (daskptycho, dask, distributed, numpy, scipy, xarray, zarr)},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def write(name, payload):
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"machine": machine(), **payload}, f, indent=1, default=str)
+    os.replace(tmp, path)
+    return path
