@@ -2,8 +2,27 @@
 
 ``pbtio3``: a lead-titanate-like perovskite seen along [001] by a 200 keV electron
 probe (multislice). ``image``: an X-ray-like single-slice object from a test image.
-Both write the ground truth (``truth_object`` on the reconstruction grid, and
-``truth_probe``) into the same store.
+``flyscan``: the ``image`` object scanned on the fly: the sample moves along the fast
+axis (x) during every exposure, so each recorded pattern is the incoherent sum of the
+patterns of several sub-positions (see :func:`flyscan_offsets`); Poisson noise by
+default. Every kind writes the ground truth (``truth_object`` on the reconstruction
+grid, and ``truth_probe``) into the same store.
+
+Fly-scan motion model
+---------------------
+With a scan step of ``s = rint(step_m / dx)`` pixels and ``n = flyscan_subpositions``,
+the sample is sampled at the midpoints of ``n`` equal parts of one step centred on the
+nominal position, rounded to whole pixels (half away from zero, so the set is
+symmetric): ``offsets_px = round(s * ((i + 0.5) / n - 0.5))``, ``i = 0..n-1``
+(``s = 10, n = 5``: -4, -2, 0, 2, 4). The stored ``position`` is the nominal one (the
+centre of the motion). A pattern is the mean over sub-positions of the coherent
+far-field intensities, so its expected total is ``counts_per_pattern`` (or the dose
+times the step area) times the object's mean transmission, exactly as for a static
+scan. Sub-position windows reach up to ``max|offsets_px|`` pixels beyond the nominal
+ones, so the truth lies on ``object_grid(position, window, dx, pad_px=P)`` with
+``P = max|offsets_px|``, recorded as the attribute ``recommended_pad_px``: reconstruct
+with ``daskptycho.reconstruct(ds, pad_px=ds.attrs["recommended_pad_px"])`` to get the
+truth's grid (any ``pad_px`` works for comparisons, which go by coordinates).
 """
 
 from __future__ import annotations
@@ -19,7 +38,7 @@ from .geometry import object_grid
 from .io.store import build_dataset
 from .options import check_options
 
-__all__ = ["SimulationOptions", "simulate", "pbtio3_potential"]
+__all__ = ["SimulationOptions", "simulate", "pbtio3_potential", "flyscan_offsets"]
 
 # Projected-potential peak phase of one atom (rad, at 200 keV) is set so a Pb atom
 # gives ~0.35 rad; lighter atoms scale as Z**0.75 (roughly the Z dependence of
@@ -34,9 +53,9 @@ class SimulationOptions:
     Lengths in metres, angles in radians, energies in eV.
     """
 
-    kind: str = "pbtio3"
+    kind: str = "pbtio3"            # "pbtio3", "image" or "flyscan"
     scan: tuple = (16, 16)          # positions along (y, x)
-    step_m: float | None = None     # scan step; default: 0.5 angstrom (pbtio3), 40 nm (image)
+    step_m: float | None = None     # scan step; default: 0.5 angstrom (pbtio3), 40 nm (image), 100 nm (flyscan)
     detector: int = 64              # pixels per side of the (square) detector
     slices: int | None = None       # default: 4 (pbtio3), 1 (image)
     slice_thickness_m: float | None = None  # default: one lattice constant (pbtio3), 1 um (image)
@@ -46,19 +65,33 @@ class SimulationOptions:
     cs_m: float = 0.0
     max_angle_rad: float | None = None      # detector half-width; sets the pixel size
     probe_modes: int = 1
-    dose: float | None = None       # electrons (or photons) per square angstrom; None = no noise
+    # electrons (or photons) per square angstrom over one step area; None = no noise.
+    # default: None (pbtio3, image), 0.5 (flyscan: 5e5 photons per 100 nm step)
+    dose: float | None | str = "default"
     counts_per_pattern: float = 1e6  # total counts of a pattern when dose is None
     jitter_m: float = 0.0           # rms random error of the positions
     seed: int = 0
+    flyscan_subpositions: int | None = None  # flyscan: sub-positions per exposure (default 5)
 
     def __post_init__(self):
         self.scan = tuple(int(v) for v in np.broadcast_to(np.asarray(self.scan), (2,)))
-        if self.kind not in ("pbtio3", "image"):
-            raise OptionsError("kind", f"got {self.kind!r}; expected 'pbtio3' or 'image' ('flyscan' comes with the dm engine)")
+        if self.kind not in _DEFAULTS:
+            raise OptionsError("kind", f"got {self.kind!r}; expected 'pbtio3', 'image' or 'flyscan'")
         d = _DEFAULTS[self.kind]
         for k, v in d.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
+        if isinstance(self.dose, str):
+            if self.dose != "default":
+                raise OptionsError("dose", f"got {self.dose!r}; expected a positive number or None")
+            self.dose = _DEFAULT_DOSE.get(self.kind)
+        if self.kind == "flyscan":
+            n = self.flyscan_subpositions
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+                raise OptionsError("flyscan_subpositions", f"got {n!r}; expected an integer >= 1")
+            self.flyscan_subpositions = int(n)
+        elif self.flyscan_subpositions is not None:
+            raise OptionsError("flyscan_subpositions", f"only applies to kind='flyscan' (kind is {self.kind!r})")
         if min(self.scan) < 1:
             raise OptionsError("scan", f"got {self.scan}; expected at least 1x1 positions")
         if self.detector < 8 or self.detector % 2:
@@ -79,7 +112,27 @@ _DEFAULTS = {
                    semiangle_rad=25e-3, defocus_m=80e-10, max_angle_rad=75e-3),
     "image": dict(step_m=40e-9, slices=1, slice_thickness_m=1e-6, energy_eV=8e3,
                   semiangle_rad=2.5e-3, defocus_m=48e-6, max_angle_rad=7.75e-3),
+    "flyscan": dict(step_m=100e-9, slices=1, slice_thickness_m=1e-6, energy_eV=8e3,
+                    semiangle_rad=2.5e-3, defocus_m=48e-6, max_angle_rad=7.75e-3,
+                    flyscan_subpositions=5),
 }
+# default dose (per square angstrom) when none is given; None = noise-free
+_DEFAULT_DOSE = {"flyscan": 0.5}
+
+
+def flyscan_offsets(step_px, n):
+    """Whole-pixel offsets (along x) of the ``n`` sub-positions of one fly-scan exposure.
+
+    The midpoints of ``n`` equal parts of one step of ``step_px`` pixels centred on the
+    nominal position, rounded half away from zero (symmetric about 0):
+    ``round(step_px * ((i + 0.5) / n - 0.5))``. Offsets coincide when ``n > step_px``.
+
+    Returns
+    -------
+    int array (n,)
+    """
+    f = step_px * ((np.arange(n) + 0.5) / n - 0.5)
+    return (np.sign(f) * np.floor(np.abs(f) + 0.5)).astype(np.int64)
 
 
 def _gaussian_splat(grid, atoms_yx, amplitude, width_m):
@@ -150,7 +203,11 @@ def simulate(options: SimulationOptions | dict | None = None, **kw):
     -------
     xarray.Dataset
         In the daskptycho format, with ``truth_object`` (S, H, W) on the grid that
-        ``reconstruct`` builds (``pad_px=0``) and ``truth_probe``.
+        ``reconstruct`` builds (``pad_px=0``; for ``flyscan`` ``pad_px`` equal to the
+        attribute ``recommended_pad_px``) and ``truth_probe``. ``flyscan`` also records
+        ``flyscan_subpositions``, ``flyscan_offsets_px`` (x offsets in pixels of the
+        sub-positions from the stored nominal position), ``flyscan_axis`` and
+        ``flyscan_model`` (see the module docstring).
     """
     opts = check_options(SimulationOptions, options, kw)
     rng = np.random.default_rng(opts.seed)
@@ -165,7 +222,13 @@ def simulate(options: SimulationOptions | dict | None = None, **kw):
     # positions on the pixel lattice keep the truth exactly on the reconstruction grid
     nominal = np.rint(nominal / dx) * dx
     positions = nominal + rng.normal(0, opts.jitter_m, nominal.shape) if opts.jitter_m else nominal
-    grid = object_grid(positions, window, dx, pad_px=0)
+    if opts.kind == "flyscan":
+        # motion during the exposure along the fast axis x, in whole pixels
+        offsets_px = flyscan_offsets(int(np.rint(opts.step_m / dx)), opts.flyscan_subpositions)
+    else:
+        offsets_px = np.zeros(1, dtype=np.int64)
+    pad_px = int(np.abs(offsets_px).max())  # the sub-position windows must fit in the grid
+    grid = object_grid(positions, window, dx, pad_px=pad_px)
 
     if opts.kind == "pbtio3":
         phase = pbtio3_potential(grid, opts.slices, opts.energy_eV, rng)
@@ -184,14 +247,17 @@ def simulate(options: SimulationOptions | dict | None = None, **kw):
     probe = physics.probe_modes(probe, opts.probe_modes, seed=opts.seed) * np.float32(np.sqrt(scale))
 
     kernel = physics.fresnel_kernel(window, dx, lam, opts.slice_thickness_m)
-    corners = grid.window_corners(positions, window)
-    index = physics.window_index(corners, window, grid.shape)
     from .engines.updates import positions_per_chunk
 
     chunk = positions_per_chunk(window, opts.slices, opts.probe_modes, 64)
-    intensity = np.empty((index.shape[0], n, n), dtype=np.float32)
-    for s in range(0, index.shape[0], chunk):  # bounded memory for large scans
-        intensity[s:s + chunk] = physics.far_field_intensity(truth, probe, index[s:s + chunk], kernel)
+    intensity = np.zeros((positions.shape[0], n, n), dtype=np.float32)
+    for off in offsets_px:  # a few sub-positions; each is vectorised over positions
+        sub = positions + np.array([0.0, off * dx])
+        index = physics.window_index(grid.window_corners(sub, window), window, grid.shape)
+        for s in range(0, index.shape[0], chunk):  # bounded memory for large scans
+            intensity[s:s + chunk] += physics.far_field_intensity(truth, probe, index[s:s + chunk], kernel)
+    if offsets_px.size > 1:
+        intensity /= np.float32(offsets_px.size)  # mean: the exposure's total is the same as a static one's
     intensity = np.maximum(intensity, 0)
     if opts.dose is not None:
         intensity = rng.poisson(intensity).astype(np.float32)
@@ -205,6 +271,16 @@ def simulate(options: SimulationOptions | dict | None = None, **kw):
         "simulation": opts.kind,
         "simulation_options": repr(dataclasses.asdict(opts)),
     }
+    if opts.kind == "flyscan":
+        attrs.update({
+            "flyscan_subpositions": int(offsets_px.size),
+            "flyscan_offsets_px": [int(v) for v in offsets_px],
+            "flyscan_axis": "x",
+            "flyscan_model": "each pattern is the mean of the coherent far-field intensities at position + "
+                             "(0, offset * pixel_size_m) for every offset in flyscan_offsets_px (sample motion "
+                             "along x during the exposure); position is the centre of the motion",
+            "recommended_pad_px": pad_px,
+        })
     return build_dataset(
         intensity, positions, radiation=radiation, energy_eV=opts.energy_eV, wavelength_m=lam,
         pixel_size_m=dx, truth_object=truth, truth_probe=probe, truth_grid=grid,

@@ -59,7 +59,7 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
         from functools import partial
 
         from .driver import Driver
-        from .ml import load_patterns, load_patterns_from_store, ml_init, ml_step
+        from .ml import load_patterns, load_patterns_from_store, ml_init
 
         source = ds.attrs.get("source")
         if source and os.path.isdir(source):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import physics
 from ..backend import to_numpy
 from .problem import Problem, array_module
 from .updates import gradient_sum, object_step, probe_step
@@ -73,7 +72,6 @@ def ml_step(state, data, it, problem: Problem):
     probe = xp.asarray(state["probe"])
     kernel = xp.asarray(problem.kernel)
     mask = None if problem.mask is None else xp.asarray(problem.mask)
-    index = physics.window_index(problem.corners, problem.window, problem.grid.shape, xp)
     data = xp.asarray(data)
     j = problem.n_positions
     refine = opts.refine_probe and it >= opts.probe_refine_start
@@ -84,8 +82,7 @@ def ml_step(state, data, it, problem: Problem):
         batches = [order[s:s + opts.batch_size] for s in range(0, j, opts.batch_size)]
     cost = 0.0
     for b in batches:
-        bi = xp.asarray(b)
-        g = gradient_sum(obj, probe, index[bi], kernel, data[bi], mask, opts.cost, problem.chunk, refine)
+        g = gradient_sum(obj, probe, problem.corners, problem.window, kernel, data, b, mask, opts.cost, problem.chunk, refine)
         cost += g["cost"]
         obj = object_step(obj, g["object"], g["illumination"], opts.step, problem.eps_object(len(b)))
         if refine:

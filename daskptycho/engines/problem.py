@@ -15,7 +15,6 @@ import numpy as np
 from .. import config, physics
 from ..errors import DatasetError, DeviceError, OptionsError
 from ..geometry import ObjectGrid, object_grid
-from ..options import check_options
 
 ENGINES = ("ml", "gd", "hve", "dm")
 

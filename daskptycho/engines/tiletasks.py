@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import physics
 from ..backend import get_array_module
 from .problem import array_module
 from .updates import gradient_sum, object_step, probe_step
@@ -79,22 +78,25 @@ def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_prob
     kernel = xp.asarray(ctx.kernel)
     mask = None if ctx.mask is None else xp.asarray(ctx.mask)
     probe = xp.asarray(probe)
-    corners = ctx.corners[tile][local]
-    index = physics.window_index(corners, ctx.window, state.shape[-2:], xp)
-    d = data[xp.asarray(local)] if len(local) else data[:0]
+    corners = ctx.corners[tile]
+    local = np.asarray(local, dtype=np.int64)
+
+    def gsum(obj, sel):
+        return gradient_sum(obj, probe, corners, ctx.window, kernel, data, sel, mask, ctx.cost, ctx.chunk, refine_probe)
+
     if not local_updates:
-        return gradient_sum(state, probe, index, kernel, d, mask, ctx.cost, ctx.chunk, refine_probe)
+        return gsum(state, local)
     # Alg. 1, lines 5-9: accumulate each minibatch's gradient into the buffer and
     # step the tile with it at once
     obj = state
     total = None
-    for start in range(0, index.shape[0], ctx.local_batch):
-        sl = slice(start, start + ctx.local_batch)
-        gb = gradient_sum(obj, probe, index[sl], kernel, d[sl], mask, ctx.cost, ctx.chunk, refine_probe)
-        obj = object_step(obj, gb["object"], gb["illumination"], ctx.step, ctx.eps_per_position * index[sl].shape[0])
+    for start in range(0, local.size, ctx.local_batch):
+        sel = local[start:start + ctx.local_batch]
+        gb = gsum(obj, sel)
+        obj = object_step(obj, gb["object"], gb["illumination"], ctx.step, ctx.eps_per_position * sel.size)
         total = gb if total is None else {k: total[k] + v for k, v in gb.items()}
     if total is None:
-        total = gradient_sum(state, probe, index, kernel, d, mask, ctx.cost, ctx.chunk, refine_probe)
+        total = gsum(state, local)
     total["local_object"] = obj
     return total
 

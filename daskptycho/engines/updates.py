@@ -23,19 +23,30 @@ def positions_per_chunk(window, slices, modes, budget_mib):
     return max(1, int(budget_mib * 2**20 // per_position))
 
 
-def gradient_sum(obj, probe, index, kernel, data, mask, cost, chunk, probe_gradient):
-    """Sum of the gradients of positions ``index`` (J, N, N) over chunks of ``chunk``.
+def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, chunk, probe_gradient):
+    """Sum of the gradients of the positions ``select`` over chunks of ``chunk``.
 
     Each chunk is one vectorised call of :func:`daskptycho.physics.gradients`;
-    chunking only bounds the transient memory (incident waves of every slice).
+    chunking bounds the transient memory (window indices, incident waves of every
+    slice, the chunk's patterns): nothing of size (J, N, N) is made for all
+    positions at once.
+
+    Parameters
+    ----------
+    corners : int array (J, 2), window corners on ``obj``'s grid (host memory)
+    window : (N_y, N_x)
+    data : float array (J, N, N), FFT order
+    select : int array, the positions (rows of ``corners`` and ``data``) to sum over
 
     Returns the dict of :func:`~daskptycho.physics.gradients`, summed.
     """
     xp = get_array_module(obj)
+    select = np.asarray(select)
     total = None
-    for start in range(0, index.shape[0], chunk):
-        sl = slice(start, start + chunk)
-        g = physics.gradients(obj, probe, index[sl], kernel, data[sl], mask, cost, probe_gradient)
+    for start in range(0, select.size, chunk):
+        sel = select[start:start + chunk]
+        index = physics.window_index(corners[sel], window, obj.shape[-2:], xp)
+        g = physics.gradients(obj, probe, index, kernel, data[xp.asarray(sel)], mask, cost, probe_gradient)
         if total is None:
             total = g
         else:

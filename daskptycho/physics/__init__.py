@@ -4,10 +4,10 @@ Every function here works on NumPy or CuPy arrays alike (the array module is loo
 up from the inputs) and has no side effects.
 """
 
-from .constants import electron_wavelength, interaction_constant, xray_wavelength, wavelength
+from .constants import electron_wavelength, interaction_constant, wavelength, xray_wavelength
 from .cost import amplitude_cost, cost_and_far_field_gradient, poisson_cost
-from .multislice import backward, forward, gradients, window_index, far_field_intensity
-from .probe import aperture_probe, electron_probe, xray_probe, probe_modes, orthogonalize_modes
+from .multislice import backward, far_field_intensity, forward, gradients, window_index
+from .probe import aperture_probe, electron_probe, orthogonalize_modes, probe_modes, xray_probe
 from .propagation import fresnel_kernel, propagate
 
 __all__ = [

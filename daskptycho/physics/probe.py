@@ -15,7 +15,7 @@ import numpy as np
 from ..backend import get_array_module, ifft2
 from .propagation import spatial_frequencies
 
-__all__ = ["aperture_probe", "electron_probe", "xray_probe", "probe_modes", "orthogonalize_modes"]
+__all__ = ["aperture_probe", "electron_probe", "xray_probe", "probe_modes", "blurred_modes", "orthogonalize_modes"]
 
 
 def aperture_probe(shape, pixel_size_m, wavelength_m, semiangle_rad, defocus_m=0.0, cs_m=0.0,
@@ -87,16 +87,25 @@ def orthogonalize_modes(modes):
     fractions : array (K,), float
         Power fraction of each mode, summing to 1.
     """
+    new, fractions, _ = orthogonalize_modes_with_mixing(modes)
+    return new, fractions
+
+
+def orthogonalize_modes_with_mixing(modes):
+    """:func:`orthogonalize_modes`, also returning the mixing matrix ``U`` (K, K)
+    with ``new[k] = sum_m U[m, k] modes[m]``, to apply the same change to views."""
     xp = get_array_module(modes)
     k = modes.shape[0]
-    flat = modes.reshape(k, -1)
-    gram = flat.conj() @ flat.T  # (K, K) overlap matrix
+    flat = modes.reshape(k, -1).astype(np.complex128)
+    # with G[i, j] = <a_i, a_j> and new_k = sum_m V[m, k] a_m, <new_k, new_k'> is
+    # (V^H G V)[k, k']: diagonal when V holds the eigenvectors of G
+    gram = flat.conj() @ flat.T
     w, v = xp.linalg.eigh(gram)
     order = xp.argsort(w)[::-1]
-    w, v = w[order], v[:, order]
+    v = v[:, order]
     new = (v.T @ flat).reshape(modes.shape).astype(modes.dtype)
     power = xp.sum(xp.abs(new.reshape(k, -1)) ** 2, axis=1)
-    return new, (power / power.sum()).astype(np.float64)
+    return new, (power / power.sum()).astype(np.float64), v
 
 
 def probe_modes(probe, n_modes, first_fraction=0.7, decay=0.5, seed=0):
@@ -144,3 +153,34 @@ def probe_modes(probe, n_modes, first_fraction=0.7, decay=0.5, seed=0):
     fractions = np.concatenate([[first_fraction], (1 - first_fraction) * rest / rest.sum()])
     flat *= xp.asarray(np.sqrt(fractions * total))[:, None]
     return flat.reshape(n_modes, py, px).astype(probe.dtype)
+
+
+def blurred_modes(probe, n_modes, first_fraction=0.8, decay=0.5):
+    """``n_modes`` incoherent modes that differ in blur, as the multi-mode DM paper
+    suggests for fly scans: mode k is the probe blurred by a Gaussian of
+    ``k`` pixels, orthogonalised; power fractions ``first_fraction`` then a
+    geometric series of ratio ``decay``. Same total power as ``probe``.
+
+    Returns
+    -------
+    array (n_modes, py, px)
+    """
+    from scipy import ndimage
+
+    from ..backend import to_numpy
+
+    xp = get_array_module(probe)
+    p = to_numpy(probe).reshape(probe.shape[-2:]).astype(np.complex128)
+    total = float(np.sum(np.abs(p) ** 2))
+    if n_modes == 1:
+        return xp.asarray(p[None].astype(probe.dtype))
+    modes = [p] + [ndimage.gaussian_filter(p.real, k) + 1j * ndimage.gaussian_filter(p.imag, k) for k in range(1, n_modes)]
+    flat = np.stack(modes).reshape(n_modes, -1)
+    for i in range(n_modes):  # Gram-Schmidt keeps mode 0 equal to the probe
+        for j in range(i):
+            flat[i] -= (flat[j].conj() @ flat[i]) * flat[j]
+        flat[i] /= np.sqrt(np.sum(np.abs(flat[i]) ** 2))
+    rest = decay ** np.arange(n_modes - 1)
+    fractions = np.concatenate([[first_fraction], (1 - first_fraction) * rest / rest.sum()])
+    flat *= np.sqrt(fractions * total)[:, None]
+    return xp.asarray(flat.reshape((n_modes,) + p.shape).astype(probe.dtype))

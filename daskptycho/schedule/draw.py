@@ -77,7 +77,6 @@ def draw_timeline(stream, tile_workers, path, title="task stream"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from distributed.utils import key_split  # noqa: F401  (keys arrive as strings or tuples)
 
     recs = [r for r in stream if any(s["action"] == "compute" for s in r["startstops"])]
     t0 = min(s["start"] for r in recs for s in r["startstops"])

@@ -1,0 +1,91 @@
+"""The multi-mode difference map (Dong et al., eqs. 1-7), on batches of views.
+
+Views ``psi`` have shape (J, K, L, N, N): position j, probe mode k, object mode l.
+The object modes ``obj`` have shape (L, H, W) (one slice: the method is 2-D), the
+probe modes ``probe`` (K, N, N). ``index`` (J, N, N) holds the flat object indices
+of each window (:func:`daskptycho.physics.window_index`).
+"""
+
+from __future__ import annotations
+
+from ..backend import fft2, get_array_module, ifft2, scatter_add
+
+__all__ = ["exit_waves", "fourier_constraint", "dm_update_views", "dm_partial_sums", "fourier_error", "relative_change"]
+
+
+def exit_waves(probe, obj, index):
+    """``P^(k)(r - r_j) O^(l)(r)`` for every view (eq. 2): (J, K, L, N, N)."""
+    patches = obj.reshape(obj.shape[0], -1)[:, index]  # (L, J, N, N)
+    return probe[None, :, None] * patches.transpose(1, 0, 2, 3)[:, None]
+
+
+def fourier_constraint(waves, intensity, mask=None):
+    """The constrained Fourier projection of eq. 4, back in real space.
+
+    The far-field modulus summed over all modes is replaced by the measured one;
+    phases and the split between modes are kept. Pixels outside ``mask`` keep the
+    computed values.
+
+    Parameters
+    ----------
+    waves : (J, K, L, N, N) complex
+    intensity : (J, N, N) real, FFT order
+    mask : (N, N) bool, FFT order, optional
+    """
+    xp = get_array_module(waves)
+    far = fft2(waves, xp)
+    total = xp.sum(far.real**2 + far.imag**2, axis=(1, 2))
+    scale = xp.sqrt(intensity / xp.maximum(total, 1e-30)).astype(far.real.dtype)
+    if mask is not None:
+        scale = xp.where(mask, scale, xp.ones_like(scale))
+    return ifft2(far * scale[:, None, None], xp)
+
+
+def dm_update_views(psi, probe, obj, index, intensity, mask=None, beta=0.8):
+    """Eq. 3: ``psi += beta (F^-1 F_c[2 P O - psi] - P O)``; returns the new views."""
+    po = exit_waves(probe, obj, index)
+    return psi + beta * (fourier_constraint(2 * po - psi, intensity, mask) - po)
+
+
+def dm_partial_sums(psi, probe, obj, index):
+    """This part's numerators and denominators of eqs. 5 (probe) and 6 (object).
+
+    Returns
+    -------
+    dict: ``probe_num`` (K, N, N), ``probe_den`` (N, N), ``object_num`` (L, H, W),
+    ``object_den`` (H, W). Sums over the part's views: adding the dicts of all parts
+    gives the full sums.
+    """
+    xp = get_array_module(psi)
+    n_obj = obj.shape[0]
+    patches = obj.reshape(n_obj, -1)[:, index].transpose(1, 0, 2, 3)  # (J, L, N, N)
+    probe_num = xp.sum(patches.conj()[:, None] * psi, axis=(0, 2))
+    probe_den = xp.sum(patches.real**2 + patches.imag**2, axis=(0, 1))
+    flat = index.reshape(-1)
+    obj_num = xp.zeros((n_obj, obj.shape[1] * obj.shape[2]), dtype=obj.dtype)
+    contrib = xp.sum(probe.conj()[None, :, None] * psi, axis=1)  # (J, L, N, N)
+    scatter_add(obj_num, flat, contrib.transpose(1, 0, 2, 3).reshape(n_obj, -1))
+    obj_den = xp.zeros((1, obj.shape[1] * obj.shape[2]), dtype=obj.real.dtype)
+    p2 = xp.sum(probe.real**2 + probe.imag**2, axis=0)  # (N, N)
+    scatter_add(obj_den, flat, xp.broadcast_to(p2, index.shape).reshape(1, -1))
+    return {"probe_num": probe_num, "probe_den": probe_den,
+            "object_num": obj_num.reshape(obj.shape), "object_den": obj_den.reshape(obj.shape[1:])}
+
+
+def fourier_error(probe, obj, index, intensity, mask=None):
+    """``sum (sqrt(sum_kl |F[P O]|^2) - sqrt(I))^2`` over the views (a float)."""
+    xp = get_array_module(probe)
+    far = fft2(exit_waves(probe, obj, index), xp)
+    amp = xp.sqrt(xp.sum(far.real**2 + far.imag**2, axis=(1, 2)))
+    r = (amp - xp.sqrt(intensity)) ** 2
+    if mask is not None:
+        r = r * mask
+    return float(xp.sum(r, dtype=xp.float64))
+
+
+def relative_change(new, old, axis=None):
+    """Eq. 7: ``sqrt(sum |new - old|^2 / sum |new|^2)`` over ``axis`` (all by default)."""
+    xp = get_array_module(new)
+    d = xp.sum(xp.abs(new - old) ** 2, axis=axis)
+    n = xp.sum(xp.abs(new) ** 2, axis=axis)
+    return xp.sqrt(d / xp.maximum(n, 1e-30))
