@@ -52,6 +52,11 @@ class ReconstructOptions:
     passes_per_iteration: int = 1
     halo_m: float | None = None
     workers: int | None = None
+    # multi-mode difference map
+    beta: float = 0.8
+    object_modes: int = 1
+    partitions: int | None = None                 # parts of the scan (default: one per worker)
+    partition: str = "blocks"                     # "blocks" (spatially contiguous) or "index" (even split by index)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -71,8 +76,19 @@ class ReconstructOptions:
             raise OptionsError("slices", f"got {self.slices!r}; expected an integer >= 1")
         if self.slice_thickness_m is not None and not self.slice_thickness_m > 0:
             raise OptionsError("slice_thickness_m", f"got {self.slice_thickness_m!r}; expected a positive thickness in metres")
-        if self.probe_modes is not None and (not isinstance(self.probe_modes, (int, np.integer)) or self.probe_modes < 1):
-            raise OptionsError("probe_modes", f"got {self.probe_modes!r}; expected an integer >= 1")
+        if self.probe_modes is not None and self.probe_modes != "auto" and (
+                not isinstance(self.probe_modes, (int, np.integer)) or isinstance(self.probe_modes, bool) or self.probe_modes < 1):
+            raise OptionsError("probe_modes", f"got {self.probe_modes!r}; expected an integer >= 1 or 'auto' (dm)")
+        if self.probe_modes == "auto" and self.engine != "dm":
+            raise OptionsError("probe_modes", "'auto' is only for engine='dm'; give an integer")
+        if not 0 < self.beta <= 1:
+            raise OptionsError("beta", f"got {self.beta!r}; expected 0 < beta <= 1 (the paper uses 0.8)")
+        if not isinstance(self.object_modes, (int, np.integer)) or self.object_modes < 1:
+            raise OptionsError("object_modes", f"got {self.object_modes!r}; expected an integer >= 1")
+        if self.partitions is not None and (not isinstance(self.partitions, (int, np.integer)) or self.partitions < 1):
+            raise OptionsError("partitions", f"got {self.partitions!r}; expected an integer >= 1")
+        if self.partition not in ("blocks", "index"):
+            raise OptionsError("partition", f"got {self.partition!r}; expected 'blocks' or 'index'")
         if self.pad_px < 0:
             raise OptionsError("pad_px", f"got {self.pad_px}; expected >= 0")
         if not self.working_set_mib > 0:
@@ -154,9 +170,12 @@ def _initial_probe(ds, opts, window, dx, lam, mean_counts):
         probe = physics.aperture_probe(window, dx, lam, float(ds.attrs["probe_semiangle_rad"]),
                                        float(ds.attrs["probe_defocus_m"]), float(ds.attrs.get("probe_cs_m", 0.0)),
                                        central_stop=float(ds.attrs.get("probe_central_stop", 0.0)))[None]
-    k = opts.probe_modes or probe.shape[0]
+    k = opts.probe_modes if isinstance(opts.probe_modes, (int, np.integer)) else probe.shape[0]
     if k > probe.shape[0]:
-        probe = physics.probe_modes(probe[0], k, seed=opts.seed)
+        if opts.engine == "dm":  # modes that differ in blur, as the multi-mode DM paper suggests
+            probe = physics.probe.blurred_modes(probe[0], k)
+        else:
+            probe = physics.probe_modes(probe[0], k, seed=opts.seed)
     elif k < probe.shape[0]:
         probe = probe[:k]
     # rescale so the model's total counts match the measured mean (|O| ~ 1, unitary FFT)
@@ -194,7 +213,7 @@ def prepare(ds, options) -> Problem:
     return Problem(opts, grid, window, positions, corners, probe, kernel, mask, float(thickness), lam, mean_counts)
 
 
-def result_dataset(problem: Problem, obj, probe, costs, ds, extra_attrs=None):
+def result_dataset(problem: Problem, obj, probe, costs, ds, extra_attrs=None, extra_vars=None):
     """Assemble the result :class:`xarray.Dataset` (see ``docs/format.md``)."""
     import json
 
@@ -234,5 +253,7 @@ def result_dataset(problem: Problem, obj, probe, costs, ds, extra_attrs=None):
         "slice_thickness_m": problem.slice_thickness_m,
         "mean_counts_per_pattern": problem.mean_counts,
     })
+    for name, var in (extra_vars or {}).items():
+        out[name] = var
     out.attrs.update(extra_attrs or {})
     return out

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from ..backend import fft2, get_array_module, ifft2, scatter_add
 
-__all__ = ["exit_waves", "fourier_constraint", "dm_update_views", "dm_partial_sums", "fourier_error", "relative_change"]
+__all__ = ["exit_waves", "fourier_constraint", "dm_update_views", "dm_probe_sums", "dm_object_sums", "dm_partial_sums",
+           "fourier_error", "relative_change"]
 
 
 def exit_waves(probe, obj, index):
@@ -47,20 +48,23 @@ def dm_update_views(psi, probe, obj, index, intensity, mask=None, beta=0.8):
     return psi + beta * (fourier_constraint(2 * po - psi, intensity, mask) - po)
 
 
-def dm_partial_sums(psi, probe, obj, index):
-    """This part's numerators and denominators of eqs. 5 (probe) and 6 (object).
+def dm_probe_sums(psi, obj, index):
+    """This part's numerator (K, N, N) and denominator (N, N) of eq. 5 (probe).
 
-    Returns
-    -------
-    dict: ``probe_num`` (K, N, N), ``probe_den`` (N, N), ``object_num`` (L, H, W),
-    ``object_den`` (H, W). Sums over the part's views: adding the dicts of all parts
-    gives the full sums.
+    Sums over the part's views: adding the dicts of all parts gives the full sums.
     """
     xp = get_array_module(psi)
-    n_obj = obj.shape[0]
-    patches = obj.reshape(n_obj, -1)[:, index].transpose(1, 0, 2, 3)  # (J, L, N, N)
-    probe_num = xp.sum(patches.conj()[:, None] * psi, axis=(0, 2))
-    probe_den = xp.sum(patches.real**2 + patches.imag**2, axis=(0, 1))
+    patches = obj.reshape(obj.shape[0], -1)[:, index].transpose(1, 0, 2, 3)  # (J, L, N, N)
+    return {"probe_num": xp.sum(patches.conj()[:, None] * psi, axis=(0, 2)),
+            "probe_den": xp.sum(patches.real**2 + patches.imag**2, axis=(0, 1))}
+
+
+def dm_object_sums(psi, probe, index, obj_shape):
+    """This part's numerator (L, H, W) and denominator (H, W) of eq. 6 (object),
+    on an object array of shape ``obj_shape`` (L, H, W)."""
+    xp = get_array_module(psi)
+    n_obj = obj_shape[0]
+    obj = xp.zeros(obj_shape, dtype=psi.dtype)
     flat = index.reshape(-1)
     obj_num = xp.zeros((n_obj, obj.shape[1] * obj.shape[2]), dtype=obj.dtype)
     contrib = xp.sum(probe.conj()[None, :, None] * psi, axis=1)  # (J, L, N, N)
@@ -68,8 +72,13 @@ def dm_partial_sums(psi, probe, obj, index):
     obj_den = xp.zeros((1, obj.shape[1] * obj.shape[2]), dtype=obj.real.dtype)
     p2 = xp.sum(probe.real**2 + probe.imag**2, axis=0)  # (N, N)
     scatter_add(obj_den, flat, xp.broadcast_to(p2, index.shape).reshape(1, -1))
-    return {"probe_num": probe_num, "probe_den": probe_den,
-            "object_num": obj_num.reshape(obj.shape), "object_den": obj_den.reshape(obj.shape[1:])}
+    return {"object_num": obj_num.reshape(obj.shape), "object_den": obj_den.reshape(obj.shape[1:])}
+
+
+def dm_partial_sums(psi, probe, obj, index):
+    """Both sums (eqs. 5 and 6) from the same probe and object (for tests and
+    single-process use; the engine updates the object first, then the probe)."""
+    return {**dm_probe_sums(psi, obj, index), **dm_object_sums(psi, probe, index, obj.shape)}
 
 
 def fourier_error(probe, obj, index, intensity, mask=None):

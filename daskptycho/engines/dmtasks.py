@@ -1,0 +1,125 @@
+"""Tasks of the multi-mode difference map, run on the worker owning a part."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import get_array_module, to_numpy
+from ..physics import dm, window_index
+from ..physics.probe import orthogonalize_modes_with_mixing
+
+
+@dataclass
+class DMContext:
+    """What every part task needs (small, broadcast once).
+
+    Attributes
+    ----------
+    corners : dict ``{part: int array (J_p, 2)}``, window corners relative to the part's region
+    regions : dict ``{part: (y0, y1, x0, x1)}``, the object region each part's windows touch
+    grid_shape : (H, W) of the whole object
+    """
+
+    mask: np.ndarray | None
+    window: tuple
+    corners: dict
+    regions: dict
+    grid_shape: tuple
+    beta: float = 0.8
+    regularization: float = 1e-3
+    device: str = "cpu"
+
+
+def _index(ctx, part, shape, xp):
+    return window_index(ctx.corners[part], ctx.window, shape, xp)
+
+
+def init_views(probe, crop, ctx: DMContext, part):
+    """Starting views ``P O`` of a part: (J_p, K, L, N, N)."""
+    xp = get_array_module(crop)
+    return dm.exit_waves(xp.asarray(probe), crop, _index(ctx, part, crop.shape[-2:], xp))
+
+
+def crop_object(obj_or_update, region, device="cpu"):
+    """The part of the object a part's windows touch (a copy)."""
+    from ..engines.problem import array_module
+
+    obj = obj_or_update["object"] if isinstance(obj_or_update, dict) else obj_or_update
+    y0, y1, x0, x1 = region
+    return array_module(device).asarray(np.asarray(to_numpy(obj))[..., y0:y1, x0:x1].copy())
+
+
+def part_step(views, data, probe, crop, mixing, ctx: DMContext, part):
+    """One DM view update on a part: Fourier error of the current model, the view
+    update (eq. 3), and the part's sums of eq. 6 (object).
+
+    Returns a dict: ``views`` (stays on the worker), ``partial`` (travels to the
+    reduction: object sums on the part's region), ``error``.
+    """
+    xp = get_array_module(views)
+    probe = xp.asarray(probe)
+    if mixing is not None:  # the probe modes were re-orthogonalised: mix the views alike
+        views = xp.einsum("mk,jml...->jkl...", xp.asarray(mixing).astype(views.dtype), views)
+    mask = None if ctx.mask is None else xp.asarray(ctx.mask)
+    index = _index(ctx, part, crop.shape[-2:], xp)
+    error = dm.fourier_error(probe, crop, index, data, mask)
+    views = dm.dm_update_views(views, probe, crop, index, data, mask, ctx.beta)
+    partial = {k: to_numpy(v) for k, v in dm.dm_object_sums(views, probe, index, crop.shape).items()}
+    partial["regions"] = [ctx.regions[part]]
+    return {"views": views, "partial": partial, "error": error}
+
+
+def probe_partial(views, crop, ctx: DMContext, part):
+    """The part's sums of eq. 5 (probe) with the new object crop (small: K x N x N)."""
+    xp = get_array_module(views)
+    index = _index(ctx, part, crop.shape[-2:], xp)
+    return {k: to_numpy(v) for k, v in dm.dm_probe_sums(views, crop, index).items()}
+
+
+def add_partials(a, b, grid_shape):
+    """Sum two parts' object sums on the whole object grid."""
+    out = {name: _on_grid(a, name, grid_shape) + _on_grid(b, name, grid_shape) for name in ("object_num", "object_den")}
+    out["regions"] = [(0, grid_shape[0], 0, grid_shape[1])]
+    return out
+
+
+def add_probe_partials(a, b):
+    return {k: a[k] + b[k] for k in a}
+
+
+def _on_grid(p, name, grid_shape):
+    arr = p[name]
+    (y0, y1, x0, x1), = p["regions"]
+    if arr.shape[-2:] == tuple(grid_shape):
+        return arr
+    full = np.zeros(arr.shape[:-2] + tuple(grid_shape), dtype=arr.dtype)
+    full[..., y0:y1, x0:x1] = arr
+    return full
+
+
+def object_update(total, obj, ctx: DMContext):
+    """Eq. 6 from the summed partials (unlit pixels keep their value) and eq. 7."""
+    obj = np.asarray(to_numpy(obj))
+    num = _on_grid(total, "object_num", ctx.grid_shape)
+    den = _on_grid(total, "object_den", ctx.grid_shape)
+    lit = den > 1e-6 * den.max()
+    new = np.where(lit, num / (den + ctx.regularization * den.max()), obj).astype(obj.dtype)
+    return {"object": new, "object_change": float(dm.relative_change(new, obj))}
+
+
+def probe_update(total, probe, ctx: DMContext):
+    """Eq. 5 from the summed partials, eq. 7 per mode, then orthogonal modes.
+
+    Returns a dict: ``probe``, ``mixing`` (K, K, for the views; None for one mode),
+    ``probe_change`` (K,), ``fractions`` (K,).
+    """
+    probe = np.asarray(to_numpy(probe))
+    den = total["probe_den"]
+    new = (total["probe_num"] / (den + ctx.regularization * den.max())).astype(probe.dtype)
+    change = np.asarray(dm.relative_change(new, probe, axis=(-2, -1)))
+    mixing, fractions = None, np.ones(1)
+    if new.shape[0] > 1:
+        new, fractions, mixing = orthogonalize_modes_with_mixing(new)
+    return {"probe": new, "mixing": mixing, "probe_change": change, "fractions": fractions}
