@@ -1,4 +1,4 @@
-"""The ``daskptycho`` command line: simulate | info | reconstruct | view | graph.
+"""The ``daskptycho`` command line: simulate | import | info | reconstruct | view | graph.
 
 User errors print one line (``daskptycho: error: ...``) and exit with status 2.
 """
@@ -25,6 +25,10 @@ def _pair(text):
     return tuple(parts)
 
 
+def _modes(text):
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _positive_int(text):
     try:
         v = int(text)
@@ -41,7 +45,8 @@ def _parser():
 
     s = sub.add_parser("simulate", help="write a simulated dataset with known truth", description="Write a simulated dataset (with its ground truth) to a Zarr store.")
     s.add_argument("out", help="output store (directory)")
-    s.add_argument("--kind", default="pbtio3", choices=["pbtio3", "image"], help="pbtio3: electron multislice perovskite; image: X-ray 2D test image")
+    s.add_argument("--kind", default="pbtio3", choices=["pbtio3", "image", "flyscan"],
+                   help="pbtio3: electron multislice perovskite; image: X-ray 2D test image; flyscan: X-ray fly scan (motion blur, Poisson noise)")
     s.add_argument("--scan", type=_pair, default=(16, 16), help="scan grid, e.g. 16x16 (default)")
     s.add_argument("--step", type=float, help="scan step in metres")
     s.add_argument("--detector", type=int, default=64, help="detector pixels per side (default 64)")
@@ -68,7 +73,11 @@ def _parser():
     r.add_argument("--slice-thickness", type=float, help="slice thickness in metres")
     r.add_argument("--step", type=float, help="object step (1 = preconditioned Newton-like step)")
     r.add_argument("--refine-probe", action="store_true", help="also refine the probe")
-    r.add_argument("--probe-modes", type=_positive_int)
+    r.add_argument("--probe-modes", type=_modes, help="incoherent probe modes (dm: an integer or 'auto')")
+    r.add_argument("--object-modes", type=_positive_int, help="object modes (dm)")
+    r.add_argument("--partitions", type=_positive_int, help="parts of the scan for dm (default: one per worker)")
+    r.add_argument("--partition", choices=["blocks", "index"], help="dm: spatially contiguous blocks (default) or even split by index")
+    r.add_argument("--beta", type=float, help="dm: the difference-map parameter beta (default 0.8)")
     r.add_argument("--cost", choices=["amplitude", "poisson"])
     r.add_argument("--seed", type=int)
     r.add_argument("--tiles", type=_pair, help="tile grid for gd/hve, e.g. 3x3")
@@ -88,6 +97,17 @@ def _parser():
     g.add_argument("--timeline", action="store_true", help="also run a small real reconstruction and draw its task stream")
     g.add_argument("--workers", type=_positive_int, default=2, help="workers for --timeline (default 2)")
     g.add_argument("--iterations", type=_positive_int, default=3, help="iterations for --timeline (default 3)")
+
+    m = sub.add_parser("import", help="convert measured data into a daskptycho store",
+                       description="Convert measured data into a daskptycho dataset store. Formats: the Tike Siemens-star "
+                                   "test file (.npz.bz2: data, scan, probe) and generic .npz/.npy files (see docs/format.md).")
+    m.add_argument("input", help="input file")
+    m.add_argument("out", help="output store (directory)")
+    m.add_argument("--format", choices=["auto", "siemens-star", "npz"], default="auto")
+    m.add_argument("--pixel-size", type=float, help="real-space pixel size in metres (nominal when the file has none)")
+    m.add_argument("--energy", type=float, help="photon energy in eV (nominal when the file has none)")
+    m.add_argument("--radiation", choices=["xray", "electron"], help="npz: the radiation, if the file does not say")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing store")
 
     v = sub.add_parser("view", help="write PNGs of a result", description="Write PNGs: phase and amplitude per slice, probe modes, cost curve.")
     v.add_argument("result", help="result store")
@@ -196,7 +216,8 @@ def _cmd_reconstruct(a):
     kw = {}
     for opt, key in (("iterations", "iterations"), ("batch_size", "batch_size"), ("slices", "slices"),
                      ("slice_thickness", "slice_thickness_m"), ("step", "step"), ("probe_modes", "probe_modes"),
-                     ("cost", "cost"), ("seed", "seed"), ("tiles", "tiles"), ("workers", "workers"), ("device", "device")):
+                     ("cost", "cost"), ("seed", "seed"), ("tiles", "tiles"), ("workers", "workers"), ("device", "device"),
+                     ("object_modes", "object_modes"), ("partitions", "partitions"), ("partition", "partition"), ("beta", "beta")):
         if getattr(a, opt) is not None:
             kw[key] = getattr(a, opt)
     if a.refine_probe:
@@ -241,6 +262,33 @@ def _cmd_view(a):
         print(f"phase correlation with the truth over the scanned field: Pearson r = {r:.4f} (RMS error {rms:.4f} rad after removing the offset)")
 
 
+def _cmd_import(a):
+    from . import write_dataset
+    from .errors import DatasetError, OptionsError
+    from .io import importers
+
+    fmt = a.format
+    if not os.path.exists(a.input):
+        raise DatasetError("input", f"{a.input} does not exist")
+    if fmt == "auto":
+        fmt = "siemens-star" if a.input.endswith(".npz.bz2") else "npz" if a.input.endswith((".npz", ".npy")) else None
+        if fmt is None:
+            raise OptionsError("--format", f"cannot tell the format of {a.input}; give --format siemens-star or npz")
+    kw = {}
+    if a.pixel_size is not None:
+        kw["pixel_size_m"] = a.pixel_size
+    if a.energy is not None:
+        kw["energy_eV"] = a.energy
+    if fmt == "siemens-star":
+        ds = importers.import_siemens_star(a.input, **kw)
+    else:
+        if a.radiation is not None:
+            kw["radiation"] = a.radiation
+        ds = importers.import_npz(a.input, **kw)
+    write_dataset(ds, a.out, overwrite=a.overwrite)
+    print(f"wrote {a.out}: {ds.sizes['scan']} patterns of {ds.sizes['ky']}x{ds.sizes['kx']} from {a.input} ({fmt})")
+
+
 def _cmd_graph(a):
     from .graphs import render
 
@@ -254,7 +302,7 @@ def main(argv=None):  # noqa: D103
     args = _parser().parse_args(argv)
     try:
         {"simulate": _cmd_simulate, "info": _cmd_info, "reconstruct": _cmd_reconstruct, "view": _cmd_view,
-         "graph": _cmd_graph}[args.command](args)
+         "graph": _cmd_graph, "import": _cmd_import}[args.command](args)
     except DaskptychoError as e:
         print(f"daskptycho: error: {e}", file=sys.stderr)
         return 2
