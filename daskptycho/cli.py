@@ -56,7 +56,10 @@ def _parser():
     s.add_argument("--semiangle", type=float, help="probe semi-angle in rad")
     s.add_argument("--defocus", type=float, help="probe defocus in metres (positive = underfocus)")
     s.add_argument("--probe-modes", type=_positive_int, default=1, help="incoherent probe modes (default 1)")
-    s.add_argument("--dose", type=float, help="dose in particles per square angstrom (Poisson noise); default noise-free")
+    s.add_argument("--dose", type=float, help="dose in particles per square angstrom (Poisson noise); default: noise-free "
+                   "for pbtio3 and image, 0.5 photons/A^2 for flyscan")
+    s.add_argument("--noise-free", action="store_true", help="no Poisson noise, whatever the kind")
+    s.add_argument("--flyscan-subpositions", type=_positive_int, help="flyscan: sub-positions summed per exposure (default 5)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true", help="replace an existing store")
 
@@ -81,6 +84,7 @@ def _parser():
     r.add_argument("--cost", choices=["amplitude", "poisson"])
     r.add_argument("--seed", type=int)
     r.add_argument("--tiles", type=_pair, help="tile grid for gd/hve, e.g. 3x3")
+    r.add_argument("--pad-px", type=int, help="object grid margin in pixels (a fly-scan store recommends one: recommended_pad_px)")
     r.add_argument("--workers", type=_positive_int, help="workers of the embedded LocalCluster")
     r.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     r.add_argument("--report", help="write a Dask performance report (HTML) of the run")
@@ -149,7 +153,13 @@ class _Progress:
 def _cmd_simulate(a):
     from . import simulate, write_dataset
 
-    kw = {"kind": a.kind, "scan": a.scan, "detector": a.detector, "probe_modes": a.probe_modes, "seed": a.seed, "dose": a.dose}
+    kw = {"kind": a.kind, "scan": a.scan, "detector": a.detector, "probe_modes": a.probe_modes, "seed": a.seed}
+    if a.noise_free:
+        kw["dose"] = None
+    elif a.dose is not None:
+        kw["dose"] = a.dose
+    if a.flyscan_subpositions is not None:
+        kw["flyscan_subpositions"] = a.flyscan_subpositions
     for opt, key in (("step", "step_m"), ("slices", "slices"), ("slice_thickness", "slice_thickness_m"), ("energy", "energy_eV"),
                      ("semiangle", "semiangle_rad"), ("defocus", "defocus_m")):
         if getattr(a, opt) is not None:
@@ -214,10 +224,12 @@ def _cmd_reconstruct(a):
         raise OutputExistsError(f"{a.out} exists: pass --overwrite to replace it")
     ds = open_dataset(a.store)
     kw = {}
+    if a.pad_px is None and "recommended_pad_px" in ds.attrs:
+        kw["pad_px"] = int(ds.attrs["recommended_pad_px"])
     for opt, key in (("iterations", "iterations"), ("batch_size", "batch_size"), ("slices", "slices"),
                      ("slice_thickness", "slice_thickness_m"), ("step", "step"), ("probe_modes", "probe_modes"),
                      ("cost", "cost"), ("seed", "seed"), ("tiles", "tiles"), ("workers", "workers"), ("device", "device"),
-                     ("object_modes", "object_modes"), ("partitions", "partitions"), ("partition", "partition"), ("beta", "beta")):
+                     ("object_modes", "object_modes"), ("pad_px", "pad_px"), ("partitions", "partitions"), ("partition", "partition"), ("beta", "beta")):
         if getattr(a, opt) is not None:
             kw[key] = getattr(a, opt)
     if a.refine_probe:

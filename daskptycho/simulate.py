@@ -252,10 +252,10 @@ def simulate(options: SimulationOptions | dict | None = None, **kw):
     chunk = positions_per_chunk(window, opts.slices, opts.probe_modes, 64)
     intensity = np.zeros((positions.shape[0], n, n), dtype=np.float32)
     for off in offsets_px:  # a few sub-positions; each is vectorised over positions
-        sub = positions + np.array([0.0, off * dx])
-        index = physics.window_index(grid.window_corners(sub, window), window, grid.shape)
-        for s in range(0, index.shape[0], chunk):  # bounded memory for large scans
-            intensity[s:s + chunk] += physics.far_field_intensity(truth, probe, index[s:s + chunk], kernel)
+        corners = grid.window_corners(positions + np.array([0.0, off * dx]), window)
+        for s in range(0, corners.shape[0], chunk):  # window indices and patterns per chunk: bounded memory
+            index = physics.window_index(corners[s:s + chunk], window, grid.shape)
+            intensity[s:s + chunk] += physics.far_field_intensity(truth, probe, index, kernel)
     if offsets_px.size > 1:
         intensity /= np.float32(offsets_px.size)  # mean: the exposure's total is the same as a static one's
     intensity = np.maximum(intensity, 0)

@@ -247,7 +247,7 @@ def test_image_kind_slices_split_the_object(image1):
         ({"scan": -1}, "scan"),
         ({"detector": 7}, "detector"),
         ({"detector": 6}, "detector"),
-        ({"kind": "flyscan"}, "kind"),
+        ({"kind": "bogus"}, "kind"),
         ({"slices": 0}, "slices"),
         ({"energy_eV": -1.0}, "energy_eV"),
         ({"step_m": 0.0}, "step_m"),

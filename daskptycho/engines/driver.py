@@ -157,11 +157,30 @@ def _warm_up():
     from . import ml, tiletasks  # noqa: F401
 
     backend.fft2(np.ones((2, 8, 8), np.complex64))
+    _reset_peak()
     return psutil.Process().memory_info().rss
 
 
+def _reset_peak():
+    """Reset this process's peak-RSS mark (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_rss():
-    """High-water mark of this worker process's resident memory (bytes)."""
+    """High-water mark of this worker process's resident memory (bytes) since the
+    baseline: VmHWM (reset at warm-up) where /proc exists. Not ``ru_maxrss``: that
+    survives execve, so a worker would inherit the peak of the process that started it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

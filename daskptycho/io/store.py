@@ -130,16 +130,32 @@ def _open_zarr(path):
     except ValueError as e:
         import re
 
-        m = re.search(r"conflicting sizes for dimension '(\w+)': length (\d+) on '(\w+)'", str(e))
+        m = re.search(r"conflicting sizes for dimension '(\w+)'", str(e))
         if m:
-            dim, n, var = m.groups()
-            field = "position" if "position" in (var, str(e)) and dim == "scan" else var
-            raise DatasetError(field, f"has {n} entries along '{dim}' but the other variables disagree; expected one entry per {dim} point in every variable") from None
+            dim = m.group(1)
+            field, n, ref = _odd_one_out(path, dim)
+            raise DatasetError(field, f"has {n} entries along '{dim}' but intensity has {ref}; expected one entry per {dim} point in every variable") from None
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DatasetError("metadata", f"the store's Zarr metadata cannot be read (ValueError: {msg}); re-create the store") from None
     except Exception as e:  # garbage or inconsistent metadata
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DatasetError("metadata", f"the store's Zarr metadata cannot be read ({type(e).__name__}: {msg}); re-create the store") from None
+
+
+def _odd_one_out(path, dim):
+    """The variable whose length along ``dim`` differs from ``intensity``'s (from the
+    Zarr metadata alone), with its length and the reference length."""
+    import zarr
+
+    group = zarr.open_group(os.fspath(path), mode="r")
+    sizes = {}
+    for name, arr in group.arrays():
+        dims = list(getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS", []))
+        if dim in dims:
+            sizes[name] = arr.shape[dims.index(dim)]
+    ref = sizes.get("intensity", max(sizes.values(), key=list(sizes.values()).count) if sizes else 0)
+    odd = sorted(n for n, v in sizes.items() if v != ref)
+    return (odd[0] if odd else dim), (sizes[odd[0]] if odd else "?"), ref
 
 
 def open_dataset(path, check_values: bool = True) -> xr.Dataset:
