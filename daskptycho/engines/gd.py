@@ -23,7 +23,7 @@ def context_for(problem: Problem, tiling, corners=None, tiles=None):
     rel = {k: problem.corners[pos] - np.array([ext[0], ext[2]]) for k, (pos, ext) in tiles.items()}
     return tt.TileContext(
         kernel=problem.kernel, mask=problem.mask, window=problem.window, corners=rel, cost=o.cost,
-        chunk=problem.chunk, step=o.step, probe_step=o.probe_step, regularization=o.regularization,
+        working_set=(o.working_set_mib, o.working_set_fraction), step=o.step, probe_step=o.probe_step, regularization=o.regularization,
         eps_per_position=problem.eps_object(1), device=o.device, local_batch=o.batch_size or 16,
         hve_minibatch=o.engine == "hve" and o.batch_size is not None,
     )

@@ -44,7 +44,8 @@ class ReconstructOptions:
     slices: int = 1
     slice_thickness_m: float | None = None
     probe_modes: int | None = None                # None: as many as the store's probe guess has
-    working_set_mib: float = _cfg("working_set_mib")  # transient memory of one vectorised gradient call
+    working_set_mib: float = _cfg("working_set_mib")  # most transient memory of one vectorised gradient call
+    working_set_fraction: float = _cfg("working_set_fraction")  # ... and at most this fraction of a tile's state
     device: str = "cpu"
     # gradient decomposition and friends (used by the distributed engines)
     tiles: tuple = _cfg("tiles")
@@ -93,6 +94,8 @@ class ReconstructOptions:
             raise OptionsError("pad_px", f"got {self.pad_px}; expected >= 0")
         if not self.working_set_mib > 0:
             raise OptionsError("working_set_mib", f"got {self.working_set_mib}; expected a positive size in MiB")
+        if not self.working_set_fraction > 0:
+            raise OptionsError("working_set_fraction", f"got {self.working_set_fraction}; expected a positive fraction")
         if self.device not in ("cpu", "gpu"):
             raise OptionsError("device", f"got {self.device!r}; expected 'cpu' or 'gpu'")
         try:
@@ -141,10 +144,14 @@ class Problem:
 
     @property
     def chunk(self):
-        """Positions per vectorised gradient call: as many as fit in ``working_set_mib``."""
-        from .updates import positions_per_chunk
+        """Positions per vectorised gradient call of the single-task engine: as many as
+        fit in its working-set budget (see :func:`~daskptycho.engines.updates.working_set_budget`)."""
+        from .updates import positions_per_chunk, working_set_budget
 
-        return positions_per_chunk(self.window, self.options.slices, self.probe.shape[0], self.options.working_set_mib)
+        o = self.options
+        state = self.n_positions * self.window[0] * self.window[1] * 4 + o.slices * self.grid.shape[0] * self.grid.shape[1] * 8
+        return positions_per_chunk(self.window, o.slices, self.probe.shape[0],
+                                   working_set_budget(state, o.working_set_mib, o.working_set_fraction))
 
     def initial_object(self, xp=np):
         s = self.options.slices

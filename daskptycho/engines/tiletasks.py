@@ -12,7 +12,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from .problem import array_module
-from .updates import gradient_sum, object_step, probe_step
+from .updates import gradient_sum, object_step, positions_per_chunk, probe_step, working_set_budget
 
 
 @dataclass
@@ -33,7 +33,7 @@ class TileContext:
     window: tuple
     corners: dict
     cost: str
-    chunk: int
+    working_set: tuple  # (cap in MiB, fraction of the tile's state)
     step: float
     probe_step: float
     regularization: float
@@ -80,9 +80,11 @@ def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_prob
     probe = xp.asarray(probe)
     corners = ctx.corners[tile]
     local = np.asarray(local, dtype=np.int64)
+    budget = working_set_budget(state.nbytes + data.nbytes, *ctx.working_set)
+    chunk = positions_per_chunk(ctx.window, state.shape[0], probe.shape[0], budget)
 
     def gsum(obj, sel):
-        return gradient_sum(obj, probe, corners, ctx.window, kernel, data, sel, mask, ctx.cost, ctx.chunk, refine_probe)
+        return gradient_sum(obj, probe, corners, ctx.window, kernel, data, sel, mask, ctx.cost, chunk, refine_probe)
 
     if not local_updates:
         return gsum(state, local)

@@ -12,6 +12,13 @@ from .. import physics
 from ..backend import get_array_module
 
 
+def working_set_budget(state_bytes, cap_mib, fraction):
+    """Transient budget (MiB) of a gradient call for a tile holding ``state_bytes``:
+    at most ``cap_mib`` and at most ``fraction`` of the state, so a worker's memory
+    stays proportional to the tile it owns."""
+    return min(cap_mib, fraction * state_bytes / 2**20)
+
+
 def positions_per_chunk(window, slices, modes, budget_mib):
     """How many positions one vectorised gradient call may take within ``budget_mib``.
 

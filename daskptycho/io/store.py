@@ -66,7 +66,7 @@ def _atomic_write(ds: xr.Dataset, path, overwrite: bool, encoding=None):
     return path
 
 
-def _scan_chunk(n_scan, pattern_bytes, target_bytes=16 * 2**20):
+def _scan_chunk(n_scan, pattern_bytes, target_bytes=4 * 2**20):
     return int(max(1, min(n_scan, target_bytes // max(pattern_bytes, 1))))
 
 
@@ -82,7 +82,8 @@ def write_dataset(ds: xr.Dataset, path, overwrite: bool = False, scan_chunk: int
     overwrite : bool
         Replace an existing store.
     scan_chunk : int, optional
-        Patterns per chunk along ``scan`` (default: about 16 MiB per chunk).
+        Patterns per chunk along ``scan`` (default: about 4 MiB per chunk, so a
+        worker reading its tile's patterns never holds much more than them).
     """
     validate_dataset(ds, check_values=True)
     ds = ds.copy()
