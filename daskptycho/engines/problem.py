@@ -165,6 +165,16 @@ class Problem:
         return self.options.regularization * n_positions * power / (self.grid.shape[0] * self.grid.shape[1])
 
 
+def fast_axis_step(positions_m, pixel_size_m):
+    """The fast scan axis (0 = y, 1 = x) and its step in pixels, from consecutive
+    positions in acquisition order (medians, so line flybacks don't count)."""
+    if len(positions_m) < 2:
+        return 1, 0.0
+    d = np.abs(np.diff(np.asarray(positions_m), axis=0)) / pixel_size_m
+    axis = int(np.argmax(np.median(d, axis=0)))
+    return axis, float(np.median(d[:, axis]))
+
+
 def _initial_probe(ds, opts, window, dx, lam, mean_counts):
     if "probe" in ds:
         probe = np.asarray(ds["probe"].values, dtype=np.complex64)
@@ -179,8 +189,14 @@ def _initial_probe(ds, opts, window, dx, lam, mean_counts):
                                        central_stop=float(ds.attrs.get("probe_central_stop", 0.0)))[None]
     k = opts.probe_modes if isinstance(opts.probe_modes, (int, np.integer)) else probe.shape[0]
     if k > probe.shape[0]:
-        if opts.engine == "dm":  # modes that differ in blur, as the multi-mode DM paper suggests
-            probe = physics.probe.blurred_modes(probe[0], k)
+        if opts.engine == "dm":
+            # modes that differ in blur, as the multi-mode DM paper suggests for fly
+            # scans: the blur of a probe moving over one step along the fast axis
+            axis, step = fast_axis_step(ds["position"].values, dx)
+            if step > 0:
+                probe = physics.probe.motion_modes(probe[0], k, step, axis=-1 if axis == 1 else -2)
+            else:
+                probe = physics.probe.blurred_modes(probe[0], k)
         else:
             probe = physics.probe_modes(probe[0], k, seed=opts.seed)
     elif k < probe.shape[0]:

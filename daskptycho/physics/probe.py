@@ -15,7 +15,8 @@ import numpy as np
 from ..backend import get_array_module, ifft2
 from .propagation import spatial_frequencies
 
-__all__ = ["aperture_probe", "electron_probe", "xray_probe", "probe_modes", "blurred_modes", "orthogonalize_modes"]
+__all__ = ["aperture_probe", "electron_probe", "xray_probe", "probe_modes", "blurred_modes", "motion_modes",
+           "orthogonalize_modes"]
 
 
 def aperture_probe(shape, pixel_size_m, wavelength_m, semiangle_rad, defocus_m=0.0, cs_m=0.0,
@@ -184,3 +185,36 @@ def blurred_modes(probe, n_modes, first_fraction=0.8, decay=0.5):
     fractions = np.concatenate([[first_fraction], (1 - first_fraction) * rest / rest.sum()])
     flat *= np.sqrt(fractions * total)[:, None]
     return xp.asarray(flat.reshape((n_modes,) + p.shape).astype(probe.dtype))
+
+
+def motion_modes(probe, n_modes, length_px, axis=-1, samples=None):
+    """Modes of a probe that moves uniformly over ``length_px`` pixels along ``axis``
+    during each exposure (a fly scan): the principal components of the motion-blurred,
+    partially coherent beam, i.e. modes that differ in blur along the motion.
+
+    The beam is the incoherent mean of the probe shifted (in Fourier space, so
+    sub-pixel lengths work) to ``samples`` points across the motion; its leading
+    ``n_modes`` eigenmodes carry their natural power fractions, rescaled to the
+    probe's total power.
+
+    Returns
+    -------
+    array (n_modes, py, px)
+    """
+    from ..backend import to_numpy
+
+    xp = get_array_module(probe)
+    p = to_numpy(probe).reshape(probe.shape[-2:]).astype(np.complex128)
+    total = float(np.sum(np.abs(p) ** 2))
+    if n_modes == 1 or length_px <= 0:
+        return probe_modes(xp.asarray(p.astype(probe.dtype)), n_modes)
+    samples = samples or max(2 * n_modes + 1, int(np.ceil(length_px)) + 1)
+    offsets = np.linspace(-length_px / 2, length_px / 2, samples)
+    freq = np.fft.fftfreq(p.shape[axis])
+    freq = freq[None, :] if axis in (-1, 1) else freq[:, None]
+    spectrum = np.fft.fft2(p)
+    shifted = np.stack([np.fft.ifft2(spectrum * np.exp(-2j * np.pi * freq * o)) for o in offsets]) / np.sqrt(samples)
+    modes, _ = orthogonalize_modes(shifted)
+    modes = modes[:n_modes]
+    modes *= np.sqrt(total / np.sum(np.abs(modes) ** 2))
+    return xp.asarray(modes.astype(probe.dtype))
