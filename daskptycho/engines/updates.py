@@ -49,25 +49,17 @@ def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, 
     """
     xp = get_array_module(obj)
     select = np.asarray(select)
-    total = None
+    # accumulators allocated once: each chunk scatters straight into them
+    total = {"object": xp.zeros_like(obj), "illumination": xp.zeros(obj.shape, dtype=obj.real.dtype)}
+    if probe_gradient:
+        total["probe"] = xp.zeros_like(probe)
+        total["probe_illumination"] = xp.zeros(probe.shape[-2:], dtype=probe.real.dtype)
+    cost_sum = 0.0
     for start in range(0, select.size, chunk):
         sel = select[start:start + chunk]
         index = physics.window_index(corners[sel], window, obj.shape[-2:], xp)
-        g = physics.gradients(obj, probe, index, kernel, data[xp.asarray(sel)], mask, cost, probe_gradient)
-        if total is None:
-            total = g
-        else:
-            for k, v in g.items():
-                total[k] = total[k] + v
-    if total is None:  # a tile with no positions contributes nothing
-        total = {
-            "cost": 0.0,
-            "object": xp.zeros_like(obj),
-            "illumination": xp.zeros(obj.shape, dtype=obj.real.dtype),
-        }
-        if probe_gradient:
-            total["probe"] = xp.zeros_like(probe)
-            total["probe_illumination"] = xp.zeros(probe.shape[-2:], dtype=probe.real.dtype)
+        cost_sum += physics.gradients(obj, probe, index, kernel, data[xp.asarray(sel)], mask, cost, probe_gradient, out=total)["cost"]
+    total["cost"] = cost_sum
     return total
 
 

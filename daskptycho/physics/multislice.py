@@ -92,7 +92,7 @@ def far_field_intensity(obj, probe, index, kernel):
     return xp.fft.fftshift(inten, axes=(-2, -1))
 
 
-def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True):
+def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=None):
     """Adjoint of the multislice model, applied to a far-field gradient.
 
     Given ``g = 2 dL/dPsi*`` for the far-field waves Psi of :func:`forward`,
@@ -106,20 +106,29 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True):
     index : int array (J, N, N)
     obj_shape : (S, H, W)
     kernel : complex array (N, N) or None
+    out : dict, optional
+        Accumulators to add into (``object``, ``illumination`` of shape (S, H, W)
+        and, with ``probe_gradient``, ``probe``, ``probe_illumination``), so a sum
+        over many batches allocates the object-sized arrays once.
 
     Returns
     -------
     dict with ``object`` (S, H, W), ``illumination`` (S, H, W) real (``sum_j sum_k
     |incident wave|^2``), and if ``probe_gradient``: ``probe`` (K, N, N) and
-    ``probe_illumination`` (N, N) real (``sum_j |O_0 patch|^2``).
+    ``probe_illumination`` (N, N) real (``sum_j |O_0 patch|^2``). With ``out``,
+    these are ``out``'s arrays, added into.
     """
     incident, patches = cache
     xp = get_array_module(g_far)
     g = ifft2(g_far, xp)  # adjoint of the orthonormal FFT
     n_slices = obj_shape[0]
     flat = index.reshape(-1)
-    g_obj = xp.zeros((n_slices, obj_shape[1] * obj_shape[2]), dtype=g_far.dtype)
-    illum = xp.zeros(g_obj.shape, dtype=g_far.real.dtype)
+    if out is None:
+        g_obj = xp.zeros((n_slices, obj_shape[1] * obj_shape[2]), dtype=g_far.dtype)
+        illum = xp.zeros(g_obj.shape, dtype=g_far.real.dtype)
+    else:
+        g_obj = out["object"].reshape(n_slices, -1)
+        illum = out["illumination"].reshape(n_slices, -1)
     for s in range(n_slices - 1, -1, -1):
         psi = incident[s]
         go = xp.sum(psi.conj() * g, axis=1)  # (J, N, N): sum over modes
@@ -129,15 +138,21 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True):
         g = patches[s].conj() * g  # gradient w.r.t. the incident wave
         if s > 0:
             g = ifft2(fft2(g, xp) * kernel.conj(), xp)
-    out = {"object": g_obj.reshape(obj_shape), "illumination": illum.reshape(obj_shape)}
+    result = {"object": g_obj.reshape(obj_shape), "illumination": illum.reshape(obj_shape)}
     if probe_gradient:
-        out["probe"] = xp.sum(g, axis=0)
         p0 = patches[0][:, 0]
-        out["probe_illumination"] = xp.sum(p0.real**2 + p0.imag**2, axis=0)
-    return out
+        gp = xp.sum(g, axis=0)
+        pil = xp.sum(p0.real**2 + p0.imag**2, axis=0)
+        if out is not None:
+            out["probe"] += gp
+            out["probe_illumination"] += pil
+            gp, pil = out["probe"], out["probe_illumination"]
+        result["probe"] = gp
+        result["probe_illumination"] = pil
+    return result
 
 
-def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude", probe_gradient=True):
+def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude", probe_gradient=True, out=None):
     """Cost, gradients and illumination for one batch of positions.
 
     Parameters
@@ -149,6 +164,7 @@ def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude",
     intensity : real array (J, N, N), measured, **FFT order** (ifftshifted)
     mask : bool array (N, N) or None, FFT order
     cost : "amplitude" or "poisson"
+    out : dict, optional: accumulators (see :func:`backward`)
 
     Returns
     -------
@@ -156,6 +172,6 @@ def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude",
     """
     far, cache = forward(obj, probe, index, kernel, keep=True)
     value, g = cost_and_far_field_gradient(far, intensity, mask, cost)
-    out = backward(g, cache, index, obj.shape, kernel, probe_gradient)
-    out["cost"] = value
-    return out
+    result = backward(g, cache, index, obj.shape, kernel, probe_gradient, out)
+    result["cost"] = value
+    return result
