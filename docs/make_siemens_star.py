@@ -1,7 +1,7 @@
 """Reconstruct the real Siemens-star data with the multi-mode difference map and
 draw docs/siemens-star.png.
 
-    .venv/bin/python docs/make_siemens_star.py [--iterations 60] [--probe-modes 3] [--workers 2]
+    .venv/bin/python docs/make_siemens_star.py [--iterations 40] [--probe-modes 3] [--workers 2]
 
 Imports ../shared/data/siemens-star-small.npz.bz2 (Tike test data measured at the APS
 Velociprobe; BSD-3-style licence, see LICENSE-tike.txt beside it), reconstructs it
@@ -23,9 +23,10 @@ DATA = os.path.join(HERE, "..", "..", "shared", "data", "siemens-star-small.npz.
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--iterations", type=int, default=60)
+    p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--probe-modes", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--probe-refine-start", type=int, default=0, help="first iteration that updates the probe")
     p.add_argument("--data", default=DATA)
     p.add_argument("--out", default=os.path.join(HERE, "siemens-star.png"))
     a = p.parse_args(argv)
@@ -48,12 +49,12 @@ def main(argv=None):
             print(f"iteration {it + 1:3d}  Fourier error {cost:.6g}", flush=True)
 
         res = dp.reconstruct(ds, engine="dm", iterations=a.iterations, probe_modes=a.probe_modes,
-                             workers=a.workers, progress=show)
+                             workers=a.workers, probe_refine_start=a.probe_refine_start, progress=show)
+        pos = ds.position.values  # read before the temporary store goes away
     err = res.cost.values
     print(f"Fourier error fell from {err[0]:.6g} to {err[-1]:.6g} ({err[-1] / err[0]:.3g} of the first)")
     obj = res.object.values[0]
-    pos = ds.position.values
-    dx = ds.attrs["pixel_size_m"]
+    dx = res.attrs["pixel_size_m"]
     y0, x0 = res.y.values[0], res.x.values[0]
     r0, c0 = ((pos.min(0) - [y0, x0]) / dx).astype(int)
     r1, c1 = ((pos.max(0) - [y0, x0]) / dx).astype(int)

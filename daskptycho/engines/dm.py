@@ -79,7 +79,8 @@ def run_dm(drv, problem: Problem, source, progress=None):
     costs, updates = [], []
     for it in range(o.iterations):
         with drv.span("iteration"):
-            g = dm_iteration(parts, it, views, data, probe, crops, mixing, obj, ctx_f, problem.grid.shape, regions, o.device)
+            g = dm_iteration(parts, it, views, data, probe, crops, mixing, obj, ctx_f, problem.grid.shape, regions, o.device,
+                             update_probe=it >= o.probe_refine_start)
             out = g.outputs
             wanted = [*out["states"].values(), *out["crops"].values(), out["probe"], out["mixing"], out["object"],
                       out["object_update"], out["probe_update"], *out["costs"]]

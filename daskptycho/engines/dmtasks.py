@@ -109,6 +109,13 @@ def object_update(total, obj, ctx: DMContext):
     return {"object": new, "object_change": float(dm.relative_change(new, obj))}
 
 
+def probe_kept(probe):
+    """The probe unchanged (iterations before probe refinement starts)."""
+    probe = np.asarray(to_numpy(probe))
+    fractions = orthogonalize_modes_with_mixing(probe)[1] if probe.shape[0] > 1 else np.ones(1)
+    return {"probe": probe, "mixing": None, "probe_change": np.zeros(probe.shape[0]), "fractions": fractions}
+
+
 def probe_update(total, probe, ctx: DMContext):
     """Eq. 5 from the summed partials, eq. 7 per mode, then orthogonal modes.
 

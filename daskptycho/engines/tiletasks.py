@@ -142,9 +142,10 @@ def probe_update(probe, total, ctx: TileContext):
     return probe_step(xp.asarray(probe), total["probe"], total["probe_illumination"], ctx.probe_step, ctx.regularization)
 
 
-def tile_update(state, grad, buf, ctx: TileContext, n_positions):
-    """Step the tile with its accumulated buffer (Alg. 1, lines 15-17)."""
-    base = grad.get("local_object", state)
+def tile_update(state, local_object, buf, ctx: TileContext, n_positions):
+    """Step the tile with its accumulated buffer (Alg. 1, lines 15-17); with local
+    updates, from the locally stepped tile ``local_object``."""
+    base = state if local_object is None else local_object
     return object_step(base, buf["object"], buf["illumination"], ctx.step, ctx.eps_per_position * n_positions)
 
 

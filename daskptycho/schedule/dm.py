@@ -26,7 +26,8 @@ from .graph import IterationGraph
 from .passes import _tree_sum
 
 
-def dm_iteration(parts, it, views, data, probe, crops, mixing, obj, context, grid_shape, regions, device="cpu"):
+def dm_iteration(parts, it, views, data, probe, crops, mixing, obj, context, grid_shape, regions, device="cpu",
+                 update_probe=True):
     """The graph of one DM iteration.
 
     Parameters
@@ -37,6 +38,9 @@ def dm_iteration(parts, it, views, data, probe, crops, mixing, obj, context, gri
     context : key/future/value of a :class:`~daskptycho.engines.dmtasks.DMContext`
     grid_shape : (H, W)
     regions : dict ``{part: (y0, y1, x0, x1)}``, what each part's windows touch
+    update_probe : bool
+        Also update the probe (eq. 5); off for the first iterations, while the
+        object takes shape.
 
     Returns
     -------
@@ -54,9 +58,12 @@ def dm_iteration(parts, it, views, data, probe, crops, mixing, obj, context, gri
     oupd = g.add(("dm-object-update", it), (dt.object_update, total, obj, context))
     new_obj = g.add(("dm-object", it), (operator.getitem, oupd, "object"))
     new_crops = {p: g.add(("dm-crop", it, *p), (dt.crop_object, new_obj, regions[p], device)) for p in parts}
-    pparts = [g.add(("dm-probe-partial", it, *p), (dt.probe_partial, states[p], new_crops[p], context, p), p) for p in parts]
-    ptotal = _tree_sum(g, "dm-probe-sum", it, pparts, dt.add_probe_partials)
-    pupd = g.add(("dm-probe-update", it), (dt.probe_update, ptotal, probe, context))
+    if update_probe:
+        pparts = [g.add(("dm-probe-partial", it, *p), (dt.probe_partial, states[p], new_crops[p], context, p), p) for p in parts]
+        ptotal = _tree_sum(g, "dm-probe-sum", it, pparts, dt.add_probe_partials)
+        pupd = g.add(("dm-probe-update", it), (dt.probe_update, ptotal, probe, context))
+    else:
+        pupd = g.add(("dm-probe-update", it), (dt.probe_kept, probe))
     new_probe = g.add(("dm-probe", it), (operator.getitem, pupd, "probe"))
     new_mixing = g.add(("dm-mixing", it), (operator.getitem, pupd, "mixing"))
     g.outputs.update(states=states, crops=new_crops, probe=new_probe, mixing=new_mixing, object=new_obj,

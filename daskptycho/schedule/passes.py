@@ -134,8 +134,11 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
             total = _tree_sum(g, "probe-sum", s, parts, tt.add_parts)
             new_probe = g.add(("probe", s), (tt.probe_update, probe, total, context))
         for t in tiling:
+            # the update needs the gradient task's own result only for its locally
+            # stepped tile; otherwise depending on it would keep a whole buffer alive
+            local = (operator.getitem, grads[t.key], "local_object") if local_updates else None
             states[t.key] = g.add(("update", s, *t.key), (
-                tt.tile_update, states[t.key], grads[t.key], final[t.key], context, n_round), t.key)
+                tt.tile_update, states[t.key], local, final[t.key], context, n_round), t.key)
         probe = new_probe
     g.outputs.update(states=states, probe=probe, costs=costs)
     return g
