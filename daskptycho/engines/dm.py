@@ -61,7 +61,8 @@ def run_dm(drv, problem: Problem, source, progress=None):
     regions = {p: _region(problem.corners[idx], problem.window) for p, idx in zip(parts, parts_idx)}
     corners = {p: problem.corners[idx] - np.array([regions[p][0], regions[p][2]]) for p, idx in zip(parts, parts_idx)}
     ctx = dt.DMContext(mask=problem.mask, window=problem.window, corners=corners, regions=regions,
-                       grid_shape=problem.grid.shape, beta=o.beta, device=o.device)
+                       grid_shape=problem.grid.shape, beta=o.beta, device=o.device,
+                       working_set=(o.working_set_mib, o.working_set_fraction))
     ctx_f = c.scatter(ctx, broadcast=True, hash=False)
     h, w = problem.grid.shape
     obj0 = np.ones((o.object_modes, h, w), np.complex64)

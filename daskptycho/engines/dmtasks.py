@@ -30,6 +30,7 @@ class DMContext:
     beta: float = 0.8
     regularization: float = 1e-3
     device: str = "cpu"
+    working_set: tuple = (32, 0.25)  # (cap in MiB, fraction of the part's state) per vectorised call
 
 
 def _index(ctx, part, shape, xp):
@@ -39,7 +40,14 @@ def _index(ctx, part, shape, xp):
 def init_views(probe, crop, ctx: DMContext, part):
     """Starting views ``P O`` of a part: (J_p, K, L, N, N)."""
     xp = get_array_module(crop)
-    return dm.exit_waves(xp.asarray(probe), crop, _index(ctx, part, crop.shape[-2:], xp))
+    probe = xp.asarray(probe)
+    corners = ctx.corners[part]
+    views = xp.empty((len(corners), probe.shape[0], crop.shape[0]) + tuple(ctx.window), dtype=crop.dtype)
+    chunk = max(1, int(32 * 2**20 // max(views[0].nbytes * 2, 1)))
+    for start in range(0, len(corners), chunk):  # filled in chunks: no view-sized temporaries
+        sl = slice(start, start + chunk)
+        views[sl] = dm.exit_waves(probe, crop, window_index(corners[sl], ctx.window, crop.shape[-2:], xp))
+    return views
 
 
 def crop_object(obj_or_update, region, device="cpu"):
@@ -58,24 +66,51 @@ def part_step(views, data, probe, crop, mixing, ctx: DMContext, part):
     Returns a dict: ``views`` (stays on the worker), ``partial`` (travels to the
     reduction: object sums on the part's region), ``error``.
     """
+    from .updates import working_set_budget
+
     xp = get_array_module(views)
     probe = xp.asarray(probe)
     if mixing is not None:  # the probe modes were re-orthogonalised: mix the views alike
         views = xp.einsum("mk,jml...->jkl...", xp.asarray(mixing).astype(views.dtype), views)
     mask = None if ctx.mask is None else xp.asarray(ctx.mask)
-    index = _index(ctx, part, crop.shape[-2:], xp)
-    error = dm.fourier_error(probe, crop, index, data, mask)
-    views = dm.dm_update_views(views, probe, crop, index, data, mask, ctx.beta)
-    partial = {k: to_numpy(v) for k, v in dm.dm_object_sums(views, probe, index, crop.shape).items()}
+    corners = ctx.corners[part]
+    # chunks of positions within a working-set budget; the views are updated in
+    # place (the part's largest array: the paper's ~3x-the-raw-data footprint needs
+    # that). Safe here: the graph orders every reader of the old views first.
+    per_view = views[0].nbytes * 10  # po, 2po - psi, far field, products: ~10 view-sized temporaries
+    budget = working_set_budget(views.nbytes + data.nbytes, *ctx.working_set) * 2**20
+    chunk = max(1, int(budget // per_view))
+    sums = {"object_num": xp.zeros(crop.shape, dtype=crop.dtype), "object_den": xp.zeros(crop.shape[1:], dtype=crop.real.dtype)}
+    error = 0.0
+    for start in range(0, views.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        index = window_index(corners[sl], ctx.window, crop.shape[-2:], xp)
+        error += dm.fourier_error(probe, crop, index, data[sl], mask)
+        views[sl] = dm.dm_update_views(views[sl], probe, crop, index, data[sl], mask, ctx.beta)
+        part_sums = dm.dm_object_sums(views[sl], probe, index, crop.shape)
+        sums["object_num"] += part_sums["object_num"]
+        sums["object_den"] += part_sums["object_den"]
+    partial = {k: to_numpy(v) for k, v in sums.items()}
     partial["regions"] = [ctx.regions[part]]
     return {"views": views, "partial": partial, "error": error}
 
 
 def probe_partial(views, crop, ctx: DMContext, part):
-    """The part's sums of eq. 5 (probe) with the new object crop (small: K x N x N)."""
+    """The part's sums of eq. 5 (probe) with the new object crop (small: K x N x N),
+    over chunks of positions."""
+    from .updates import working_set_budget
+
     xp = get_array_module(views)
-    index = _index(ctx, part, crop.shape[-2:], xp)
-    return {k: to_numpy(v) for k, v in dm.dm_probe_sums(views, crop, index).items()}
+    per_view = views[0].nbytes * 3
+    budget = working_set_budget(views.nbytes, *ctx.working_set) * 2**20
+    chunk = max(1, int(budget // per_view))
+    total = None
+    for start in range(0, views.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        index = window_index(ctx.corners[part][sl], ctx.window, crop.shape[-2:], xp)
+        s = dm.dm_probe_sums(views[sl], crop, index)
+        total = s if total is None else {k: total[k] + v for k, v in s.items()}
+    return {k: to_numpy(v) for k, v in total.items()}
 
 
 def add_partials(a, b, grid_shape):
