@@ -31,7 +31,7 @@ def main(argv=None):
         ds = dp.open_dataset(store)
         raw = ds["intensity"].nbytes
         for modes in (1, 3, 5):
-            with local_cluster(1, memory_limit=0, dashboard=False) as cl, Client(cl) as c:
+            with local_cluster(1, memory_limit=0) as cl, Client(cl) as c:
                 res = dp.reconstruct(ds, engine="dm", iterations=3, probe_modes=modes, partitions=1, client=c,
                                      pad_px=int(ds.attrs["recommended_pad_px"]))
             mem = json.loads(res.attrs["memory"])

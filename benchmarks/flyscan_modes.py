@@ -43,7 +43,7 @@ def main(argv=None):
         shifted = np.stack([np.roll(probe, o, axis=1) for o in ds.attrs["flyscan_offsets_px"]])
         true_fractions = orthogonalize_modes(shifted)[1]
         rows = []
-        with local_cluster(2, dashboard=False) as cl, Client(cl) as c:
+        with local_cluster(2) as cl, Client(cl) as c:
             for m in (1, 4):
                 res = dp.reconstruct(ds, engine="dm", iterations=a.iterations, probe_modes=m, pad_px=pad, partitions=2, client=c)
                 r, _ = phase_correlation(res.object, ds.truth_object, ds.position.values)

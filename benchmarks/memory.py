@@ -28,7 +28,7 @@ def _run(ds, engine, tiles, iterations, slices):
     from daskptycho.cluster import local_cluster
 
     n = tiles[0] * tiles[1]
-    with local_cluster(n, memory_limit=0, dashboard=False) as cl, Client(cl) as c:
+    with local_cluster(n, memory_limit=0) as cl, Client(cl) as c:
         res = dp.reconstruct(ds, engine=engine, tiles=tiles, iterations=iterations, slices=slices, client=c)
     mem = json.loads(res.attrs["memory"])
     state = [sum(v.values()) for v in mem["tile_bytes"].values()]

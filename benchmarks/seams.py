@@ -40,7 +40,7 @@ def main(argv=None):
         dp.write_dataset(dp.simulate(kind="pbtio3", scan=(24, 24), detector=64, slices=2, dose=2e5, seed=1), store)
         ds = dp.open_dataset(store)
         rows = []
-        with local_cluster(2, dashboard=False) as cl, Client(cl) as c:
+        with local_cluster(2) as cl, Client(cl) as c:
             for engine, label, kw in CASES:
                 res = dp.reconstruct(ds, engine=engine, tiles=(3, 3), iterations=a.iterations, slices=2, client=c, **kw)
                 r, rms = phase_correlation(res.object, ds.truth_object, ds.position.values)

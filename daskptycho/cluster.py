@@ -15,12 +15,13 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def local_cluster(n_workers=None, memory_limit="auto", processes=True, dashboard=True):  # noqa: ARG001
+def local_cluster(n_workers=None, memory_limit="auto", processes=True):
     """An embedded :class:`distributed.LocalCluster`: one thread per worker, loopback only.
 
     One thread per worker because each tile's task already uses every core it is
     given through the FFT library's threads; several threads per worker would
-    oversubscribe the cores.
+    oversubscribe the cores. The dashboard is served on a free loopback port
+    (``client.dashboard_link``).
     """
     from distributed import LocalCluster
 

@@ -56,7 +56,7 @@ def _timeline(out, ds, tiles, workers, iterations):
     from .engines import reconstruct
 
     r, c = tiles
-    with local_cluster(workers, dashboard=False) as cluster, Client(cluster) as client:
+    with local_cluster(workers) as cluster, Client(cluster) as client:
         with get_task_stream(client) as ts:
             res = reconstruct(ds, engine="gd", tiles=tiles, iterations=iterations, client=client)
     tile_workers = {tuple(int(v) for v in k.split(",")): w for k, w in json.loads(res.attrs["memory"])["tile_workers"].items()}

@@ -45,5 +45,5 @@ def client():
 
     from daskptycho.cluster import local_cluster
 
-    with local_cluster(2, memory_limit="2GiB", dashboard=False) as cluster, Client(cluster) as c:
+    with local_cluster(2, memory_limit="2GiB") as cluster, Client(cluster) as c:
         yield c

@@ -107,7 +107,6 @@ def _reconstruct_dm(ds, problem, opts, client, report, progress, t0):
     import dataclasses
 
     import numpy as np
-    import xarray as xr
 
     from .dm import run_dm
     from .driver import TileDriver
@@ -149,7 +148,6 @@ def _reconstruct_dm(ds, problem, opts, client, report, progress, t0):
     }
     out = result_dataset(problem, obj[:1], probe, costs, ds, extra, extra_vars)
     out["cost"].attrs["long_name"] = "Fourier error sum (sqrt(I_model) - sqrt(I))^2 of the model entering each iteration"
-    del xr
     return out
 
 

@@ -155,12 +155,6 @@ def core_of(state, region):
     return state[..., sy, sx].copy()
 
 
-def tile_nbytes(state, data, buf_factor=1.5):
-    """Bytes a tile holds: object patch, gradient buffer (complex + real), patterns."""
-    obj = state.nbytes
-    return {"object": int(obj), "buffer": int(obj * buf_factor), "patterns": int(data.nbytes)}
-
-
 def hve_local_step(state, data, probe, ctx: TileContext, tile, n_total):
     """One independent iteration of a Halo Voxel Exchange tile on its extended region."""
     local = np.arange(data.shape[0])
