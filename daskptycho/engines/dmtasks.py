@@ -80,16 +80,14 @@ def part_step(views, data, probe, crop, mixing, ctx: DMContext, part):
     per_view = views[0].nbytes * 10  # po, 2po - psi, far field, products: ~10 view-sized temporaries
     budget = working_set_budget(views.nbytes + data.nbytes, *ctx.working_set) * 2**20
     chunk = max(1, int(budget // per_view))
-    sums = {"object_num": xp.zeros(crop.shape, dtype=crop.dtype), "object_den": xp.zeros(crop.shape[1:], dtype=crop.real.dtype)}
+    sums = {"object_num": xp.zeros(crop.shape, dtype=xp.complex128), "object_den": xp.zeros(crop.shape[1:], dtype=xp.float64)}
     error = 0.0
     for start in range(0, views.shape[0], chunk):
         sl = slice(start, start + chunk)
         index = window_index(corners[sl], ctx.window, crop.shape[-2:], xp)
         error += dm.fourier_error(probe, crop, index, data[sl], mask)
         views[sl] = dm.dm_update_views(views[sl], probe, crop, index, data[sl], mask, ctx.beta)
-        part_sums = dm.dm_object_sums(views[sl], probe, index, crop.shape)
-        sums["object_num"] += part_sums["object_num"]
-        sums["object_den"] += part_sums["object_den"]
+        dm.dm_object_sums(views[sl], probe, index, crop.shape, out=sums)
     partial = {k: to_numpy(v) for k, v in sums.items()}
     partial["regions"] = [ctx.regions[part]]
     return {"views": views, "partial": partial, "error": error}

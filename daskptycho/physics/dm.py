@@ -55,24 +55,31 @@ def dm_probe_sums(psi, obj, index):
     """
     xp = get_array_module(psi)
     patches = obj.reshape(obj.shape[0], -1)[:, index].transpose(1, 0, 2, 3)  # (J, L, N, N)
-    return {"probe_num": xp.sum(patches.conj()[:, None] * psi, axis=(0, 2)),
-            "probe_den": xp.sum(patches.real**2 + patches.imag**2, axis=(0, 1))}
+    # float64 sums: the result must not depend on how positions are split into parts
+    return {"probe_num": xp.sum(patches.conj()[:, None] * psi, axis=(0, 2), dtype=xp.complex128),
+            "probe_den": xp.sum(patches.real**2 + patches.imag**2, axis=(0, 1), dtype=xp.float64)}
 
 
-def dm_object_sums(psi, probe, index, obj_shape):
+def dm_object_sums(psi, probe, index, obj_shape, out=None):
     """This part's numerator (L, H, W) and denominator (H, W) of eq. 6 (object),
-    on an object array of shape ``obj_shape`` (L, H, W)."""
+    on an object array of shape ``obj_shape`` (L, H, W), in float64 (so the sums do
+    not depend on how the positions are split into parts or chunks); with ``out``,
+    added into its ``object_num`` and ``object_den``."""
     xp = get_array_module(psi)
     n_obj = obj_shape[0]
-    obj = xp.zeros(obj_shape, dtype=psi.dtype)
     flat = index.reshape(-1)
-    obj_num = xp.zeros((n_obj, obj.shape[1] * obj.shape[2]), dtype=obj.dtype)
+    h, w = obj_shape[1], obj_shape[2]
+    if out is not None:
+        obj_num = out["object_num"].reshape(n_obj, -1)
+        obj_den = out["object_den"].reshape(1, -1)
+    else:
+        obj_num = xp.zeros((n_obj, h * w), dtype=xp.complex128)
+        obj_den = xp.zeros((1, h * w), dtype=xp.float64)
     contrib = xp.sum(probe.conj()[None, :, None] * psi, axis=1)  # (J, L, N, N)
     scatter_add(obj_num, flat, contrib.transpose(1, 0, 2, 3).reshape(n_obj, -1))
-    obj_den = xp.zeros((1, obj.shape[1] * obj.shape[2]), dtype=obj.real.dtype)
     p2 = xp.sum(probe.real**2 + probe.imag**2, axis=0)  # (N, N)
     scatter_add(obj_den, flat, xp.broadcast_to(p2, index.shape).reshape(1, -1))
-    return {"object_num": obj_num.reshape(obj.shape), "object_den": obj_den.reshape(obj.shape[1:])}
+    return {"object_num": obj_num.reshape(obj_shape), "object_den": obj_den.reshape(obj_shape[1:])}
 
 
 def dm_partial_sums(psi, probe, obj, index):
