@@ -171,8 +171,6 @@ def _cmd_simulate(a):
 
 
 def _describe(path):
-    import numpy as np
-
     from .io.store import RESULT_FORMAT_NAME, _open_zarr, open_dataset
 
     raw = _open_zarr(path)
@@ -208,7 +206,6 @@ def _describe(path):
     lines.append(f"  also: {', '.join(extras) if extras else 'nothing else'}")
     mean = float(ds["intensity"].sum(("ky", "kx")).mean().compute())
     lines.append(f"  mean counts per pattern: {mean:.6g}")
-    del np
     return "\n".join(lines)
 
 

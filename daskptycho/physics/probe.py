@@ -144,16 +144,23 @@ def probe_modes(probe, n_modes, first_fraction=0.7, decay=0.5, seed=0):
             f = xp.asarray(rng.standard_normal((py, px)))
         modes.append(p * f)
     modes = xp.stack(modes)
-    # Gram-Schmidt keeps mode 0 equal to the probe itself
-    flat = modes.reshape(n_modes, -1).astype(np.complex128)
-    for i in range(n_modes):
+    return _orthonormal_with_fractions(modes, total, first_fraction, decay).astype(probe.dtype)
+
+
+def _orthonormal_with_fractions(modes, total, first_fraction, decay):
+    """Gram-Schmidt the modes (K, py, px) in order (mode 0 keeps its shape), then give
+    them powers ``first_fraction`` and a geometric series of ratio ``decay`` of ``total``."""
+    xp = get_array_module(modes)
+    k = modes.shape[0]
+    flat = modes.reshape(k, -1).astype(np.complex128)
+    for i in range(k):
         for j in range(i):
             flat[i] -= (flat[j].conj() @ flat[i]) * flat[j]
         flat[i] /= xp.sqrt(xp.sum(xp.abs(flat[i]) ** 2))
-    rest = decay ** np.arange(n_modes - 1)
+    rest = decay ** np.arange(k - 1)
     fractions = np.concatenate([[first_fraction], (1 - first_fraction) * rest / rest.sum()])
     flat *= xp.asarray(np.sqrt(fractions * total))[:, None]
-    return flat.reshape(n_modes, py, px).astype(probe.dtype)
+    return flat.reshape(modes.shape)
 
 
 def blurred_modes(probe, n_modes, first_fraction=0.8, decay=0.5):
@@ -176,15 +183,7 @@ def blurred_modes(probe, n_modes, first_fraction=0.8, decay=0.5):
     if n_modes == 1:
         return xp.asarray(p[None].astype(probe.dtype))
     modes = [p] + [ndimage.gaussian_filter(p.real, k) + 1j * ndimage.gaussian_filter(p.imag, k) for k in range(1, n_modes)]
-    flat = np.stack(modes).reshape(n_modes, -1)
-    for i in range(n_modes):  # Gram-Schmidt keeps mode 0 equal to the probe
-        for j in range(i):
-            flat[i] -= (flat[j].conj() @ flat[i]) * flat[j]
-        flat[i] /= np.sqrt(np.sum(np.abs(flat[i]) ** 2))
-    rest = decay ** np.arange(n_modes - 1)
-    fractions = np.concatenate([[first_fraction], (1 - first_fraction) * rest / rest.sum()])
-    flat *= np.sqrt(fractions * total)[:, None]
-    return xp.asarray(flat.reshape((n_modes,) + p.shape).astype(probe.dtype))
+    return xp.asarray(_orthonormal_with_fractions(np.stack(modes), total, first_fraction, decay).astype(probe.dtype))
 
 
 def motion_modes(probe, n_modes, length_px, axis=-1, samples=None):
