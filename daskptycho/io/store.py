@@ -8,8 +8,11 @@ one atomically (to a temporary sibling, then renamed).
 
 from __future__ import annotations
 
+import errno
+import json
 import math
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -44,22 +47,68 @@ SCHEMA = {
 
 # --------------------------------------------------------------------------- writing
 
+# renameat2(2) flags: refuse to replace / swap two paths atomically (Linux >= 3.15)
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_TMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{8}(\.old)?$")
+
+
+def _renameat2(src, dst, flags):
+    """``renameat2(src, dst, flags)``; False where the call does not exist (not Linux,
+    old glibc, a filesystem without the flag), so the caller falls back to plain renames."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), dst)
+
+
 def _atomic_write(ds: xr.Dataset, path, overwrite: bool, encoding=None):
+    """Write ``ds`` to a temporary sibling of ``path`` and move it into place.
+
+    Readers never see a partial store at ``path``: a killed write leaves only the
+    temporary sibling (``.NAME.tmp-XXXXXXXX``, refused by :func:`open_dataset` and
+    :func:`open_result`). With ``overwrite`` the old store is swapped out in one
+    ``renameat2(RENAME_EXCHANGE)`` where Linux has it, so ``path`` always holds
+    either the old complete store or the new one.
+    """
     path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
+    if os.path.lexists(path) and not overwrite:
         raise OutputExistsError(f"{path} exists: pass overwrite=True (CLI: --overwrite) to replace it")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        ds.to_zarr(tmp, mode="w-", consolidated=False, encoding=encoding or {}, zarr_format=3)
-        if os.path.exists(path):
+        # every chunk is written, even one equal to the fill value: open_dataset
+        # takes a missing chunk file for damage (Zarr would read it as fill values)
+        ds.to_zarr(tmp, mode="w-", consolidated=False, encoding=encoding or {}, zarr_format=3, write_empty_chunks=True)
+        if not os.path.lexists(path):
+            try:
+                if not _renameat2(tmp, path, _RENAME_NOREPLACE):
+                    os.rename(tmp, path)
+            except FileExistsError:
+                raise OutputExistsError(f"{path} appeared while it was being written: pass overwrite=True (CLI: --overwrite) to replace it") from None
+        elif not overwrite:
+            raise OutputExistsError(f"{path} appeared while it was being written: pass overwrite=True (CLI: --overwrite) to replace it")
+        elif os.path.isdir(path) and not os.path.islink(path) and _renameat2(tmp, path, _RENAME_EXCHANGE):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old store
+        else:
             old = tmp + ".old"
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.remove(old)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -114,49 +163,191 @@ def write_result(ds: xr.Dataset, path, overwrite: bool = False):
 
 # --------------------------------------------------------------------------- reading
 
-def _open_zarr(path):
+def _fail(e):
+    """One line naming an exception (its type and first line)."""
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _read_meta(path, name):
+    """The parsed ``zarr.json`` of the group (``name=""``) or array ``name``; a
+    :class:`DatasetError` naming the metadata if it is not a JSON object."""
+    where = os.path.join(name, "zarr.json") if name else "zarr.json"
+    try:
+        with open(os.path.join(path, where), "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DatasetError("metadata", f"{where} of the store cannot be read ({_fail(e)}); re-create the store") from None
+    if not isinstance(meta, dict):
+        raise DatasetError("metadata", f"{where} holds a JSON {type(meta).__name__}, not an object; re-create the store")
+    return meta
+
+
+def _is_int_list(v, n=None, minimum=0):
+    return (isinstance(v, list) and (n is None or len(v) == n)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= minimum for x in v))
+
+
+def _check_layout(path):
+    """Check the Zarr v3 metadata of every node from its JSON alone, before xarray
+    touches the store. Returns ``{array name: metadata}``.
+
+    Catches what xarray and Zarr report obscurely or not at all: unreadable or
+    malformed metadata, a file where an array directory belongs, and variables that
+    disagree on a dimension's length (the variable at fault is named: the one whose
+    dims differ from the format, else the one in the minority).
+    """
+    root = _read_meta(path, "")
+    if root.get("zarr_format") != 3 or root.get("node_type") != "group":
+        raise DatasetError("metadata", f"zarr.json has zarr_format={root.get('zarr_format')!r}, node_type={root.get('node_type')!r}; "
+                           "expected a Zarr v3 group (re-create the store)")
+    if not isinstance(root.get("attributes", {}), dict):
+        raise DatasetError("metadata", "zarr.json 'attributes' is not a JSON object; re-create the store")
+    arrays = {}
+    with os.scandir(path) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        name = entry.name
+        if name == "zarr.json" or name.startswith("."):
+            continue
+        if not entry.is_dir():
+            if name in SCHEMA:
+                raise DatasetError(name, f"{os.path.join(path, name)} is a file where a Zarr array directory belongs; re-create the store")
+            continue
+        if not os.path.isfile(os.path.join(path, name, "zarr.json")):
+            if os.path.lexists(os.path.join(path, name, "zarr.json")) or name in SCHEMA:
+                raise DatasetError(name, f"{name}/ holds no zarr.json file (Zarr array metadata); re-create the store")
+            continue  # not a Zarr node: xarray ignores it too
+        meta = _read_meta(path, name)
+        if meta.get("node_type") != "array":
+            continue
+        shape = meta.get("shape")
+        dims = meta.get("dimension_names")
+        grid = meta.get("chunk_grid")
+        chunk_shape = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) and isinstance(grid.get("configuration"), dict) else None
+        problem = None
+        if not _is_int_list(shape):
+            problem = f"shape {shape!r} is not a list of non-negative integers"
+        elif dims is not None and not (isinstance(dims, list) and len(dims) == len(shape) and all(isinstance(d, str) for d in dims)):
+            problem = f"dimension_names {dims!r} do not name each of the {len(shape)} axes"
+        elif not isinstance(meta.get("data_type"), (str, dict)):
+            problem = f"data_type {meta.get('data_type')!r} is not a Zarr data type"
+        elif not (isinstance(grid, dict) and grid.get("name") == "regular" and _is_int_list(chunk_shape, len(shape), 1)):
+            problem = f"chunk_grid {grid!r} is not a regular grid with one positive chunk length per axis"
+        if problem:
+            raise DatasetError("metadata", f"{name}/zarr.json: {problem}; re-create the store")
+        arrays[name] = meta
+    _check_dimension_sizes(arrays)
+    return arrays
+
+
+def _check_dimension_sizes(arrays):
+    """Every variable must give each dimension the same length (xarray refuses to
+    open the store otherwise, without saying which variable is wrong)."""
+    for name, (dims, _dtype, _req) in SCHEMA.items():
+        meta = arrays.get(name)
+        if meta is not None and meta.get("dimension_names") is not None and tuple(meta["dimension_names"]) != dims:
+            sizes = {}
+            for m in arrays.values():
+                for d, n in zip(m.get("dimension_names") or (), m["shape"]):
+                    sizes.setdefault(d, set()).add(n)
+            if any(len(v) > 1 for v in sizes.values()):
+                raise DatasetError(name, f"has dims {tuple(meta['dimension_names'])}; expected {dims}")
+    lengths = {}
+    for name, meta in arrays.items():
+        for d, n in zip(meta.get("dimension_names") or (), meta["shape"]):
+            lengths.setdefault(d, {})[name] = n
+    for dim, per in lengths.items():
+        values = list(per.values())
+        if len(set(values)) < 2:
+            continue
+        votes = {v: values.count(v) for v in set(values)}
+        # the majority length is right; on a tie, the intensity's
+        ref = max(votes, key=lambda v: (votes[v], per.get("intensity") == v))
+        odd = sorted(n for n, v in per.items() if v != ref)
+        culprit = next((n for n in odd if n in SCHEMA), odd[0])
+        raise DatasetError(culprit, f"has {per[culprit]} entries along '{dim}' but {'intensity' if per.get('intensity') == ref else 'the other variables'} "
+                           f"{'has' if per.get('intensity') == ref else 'have'} {ref}; expected one entry per {dim} point in every variable")
+
+
+def _chunk_key(meta, coords):
+    """The file name (relative to the array directory) of the chunk at ``coords``."""
+    enc = meta.get("chunk_key_encoding") or {"name": "default"}
+    name = enc.get("name", "default") if isinstance(enc, dict) else "default"
+    sep = (enc.get("configuration") or {}).get("separator", "/" if name == "default" else ".") if isinstance(enc, dict) else "/"
+    if name == "v2":
+        return sep.join(map(str, coords)) if coords else "0"
+    return sep.join(("c", *map(str, coords)))
+
+
+def _missing_chunk(path, name, meta):
+    """The key of the first chunk of array ``name`` that has no file, or None.
+
+    Zarr reads a missing chunk as the fill value without a word; the stores
+    daskptycho writes hold every chunk, so a missing one is damage. A listing of the
+    array's directory, no data read.
+    """
+    shape, chunk_shape = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+    if 0 in shape:
+        return None
+    base = os.path.join(path, name)
+    present = set()
+    for root, _dirs, files in os.walk(base):
+        rel = os.path.relpath(root, base)
+        present.update(f if rel == "." else os.path.join(rel, f).replace(os.sep, "/") for f in files)
+    for coords in np.ndindex(*(math.ceil(n / c) for n, c in zip(shape, chunk_shape))):
+        key = _chunk_key(meta, coords)
+        if key not in present:
+            return key
+    return None
+
+
+def _diagnose_read(path, arrays):
+    """After xarray failed to open the store: the first coordinate array (xarray reads
+    those eagerly) whose stored data cannot be decoded, as a DatasetError, or None."""
+    import zarr
+
+    for name, meta in arrays.items():
+        dims = meta.get("dimension_names") or ()
+        if name in SCHEMA or len(dims) != 1 or dims[0] != name:
+            continue
+        try:
+            zarr.open_array(os.path.join(path, name), mode="r")[...]
+        except Exception as e:  # noqa: BLE001 - any decoding failure of stored bytes is damage to report
+            return DatasetError(name, f"stored data cannot be read ({_fail(e)}); a chunk is corrupt: re-create or re-import the store")
+    return None
+
+
+def _open_zarr(path, required=()):
+    """Open a store lazily after checking its layout; ``required``: arrays whose every
+    chunk file must exist."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise DatasetError("store", f"{path} does not exist: give the path of a daskptycho Zarr store")
+    if _TMP_RE.match(os.path.basename(os.path.normpath(path))):
+        raise DatasetError("store", f"{path} is the temporary store of an interrupted write (a complete store is renamed into place); "
+                           "delete it and run the command again")
     if not os.path.isdir(path) or not (
         os.path.exists(os.path.join(path, "zarr.json")) or os.path.exists(os.path.join(path, ".zgroup"))
     ):
         raise DatasetError("store", f"{path} is not a Zarr store (no zarr.json): write one with daskptycho.write_dataset or import it with 'daskptycho import'")
+    arrays = _check_layout(path) if os.path.exists(os.path.join(path, "zarr.json")) else {}
+    for name in required:
+        if name in arrays:
+            key = _missing_chunk(path, name, arrays[name])
+            if key is not None:
+                raise DatasetError(name, f"chunk file {name}/{key} is missing (Zarr would read it as fill values); re-create or re-import the store")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return xr.open_zarr(path, consolidated=False, chunks={}, mask_and_scale=False)
     except DatasetError:
         raise
-    except ValueError as e:
-        import re
-
-        m = re.search(r"conflicting sizes for dimension '(\w+)'", str(e))
-        if m:
-            dim = m.group(1)
-            field, n, ref = _odd_one_out(path, dim)
-            raise DatasetError(field, f"has {n} entries along '{dim}' but intensity has {ref}; expected one entry per {dim} point in every variable") from None
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DatasetError("metadata", f"the store's Zarr metadata cannot be read (ValueError: {msg}); re-create the store") from None
-    except Exception as e:  # garbage or inconsistent metadata
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DatasetError("metadata", f"the store's Zarr metadata cannot be read ({type(e).__name__}: {msg}); re-create the store") from None
-
-
-def _odd_one_out(path, dim):
-    """The variable whose length along ``dim`` differs from ``intensity``'s (from the
-    Zarr metadata alone), with its length and the reference length."""
-    import zarr
-
-    group = zarr.open_group(os.fspath(path), mode="r")
-    sizes = {}
-    for name, arr in group.arrays():
-        dims = list(getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS", []))
-        if dim in dims:
-            sizes[name] = arr.shape[dims.index(dim)]
-    ref = sizes.get("intensity", max(sizes.values(), key=list(sizes.values()).count) if sizes else 0)
-    odd = sorted(n for n, v in sizes.items() if v != ref)
-    return (odd[0] if odd else dim), (sizes[odd[0]] if odd else "?"), ref
+    except Exception as e:  # noqa: BLE001 - the reading boundary: whatever zarr/xarray raise on a damaged store becomes one DatasetError
+        err = _diagnose_read(path, arrays)
+        if err is not None:
+            raise err from None
+        raise DatasetError("metadata", f"the store's Zarr metadata cannot be read ({_fail(e)}); re-create the store") from None
 
 
 def open_dataset(path, check_values: bool = True) -> xr.Dataset:
@@ -180,15 +371,16 @@ def open_dataset(path, check_values: bool = True) -> xr.Dataset:
     DatasetError
         Naming the field at fault and what is expected.
     """
-    ds = _open_zarr(path)
+    ds = _open_zarr(path, required=tuple(SCHEMA))
     ds.attrs["source"] = os.path.abspath(os.fspath(path))
     validate_dataset(ds, check_values=check_values)
     return ds
 
 
 def open_result(path) -> xr.Dataset:
-    """Open a reconstruction result store (lazily)."""
-    ds = _open_zarr(path)
+    """Open a reconstruction result store (lazily); refuses a temporary store left by
+    an interrupted write, and one with a missing chunk."""
+    ds = _open_zarr(path, required=("object", "probe", "cost"))
     if ds.attrs.get("format") != RESULT_FORMAT_NAME or "object" not in ds:
         raise DatasetError("format", f"{path} is not a daskptycho result store (attribute format={RESULT_FORMAT_NAME!r} and variable 'object' expected)")
     return ds
@@ -232,23 +424,34 @@ def validate_dataset(ds: xr.Dataset, check_values: bool = True) -> None:
     if isinstance(fv, bool) or not isinstance(fv, (int, np.integer)) or fv > FORMAT_VERSION or fv < 1:
         raise DatasetError("attrs.format_version", f"got {fv!r}; this daskptycho reads format version {FORMAT_VERSION}")
 
-    if "yx" not in ds.coords or [str(v) for v in ds["yx"].values] != ["y", "x"]:
+    if "yx" not in ds.coords or [str(v) for v in _values(ds, "yx")] != ["y", "x"]:
         raise DatasetError("yx", "coordinate missing or wrong; expected yx = ['y', 'x'] (y is the row axis)")
     n_scan = ds.sizes["scan"]
-    if "scan" in ds.coords and ds["scan"].size != n_scan:
-        raise DatasetError("scan", "coordinate length does not match the intensity's scan axis")
+    if "scan" in ds.coords:
+        scan = _values(ds, "scan")
+        if scan.size != n_scan:
+            raise DatasetError("scan", "coordinate length does not match the intensity's scan axis")
+        if scan.dtype.kind not in "iu" or np.unique(scan).size != scan.size:
+            raise DatasetError("scan", f"coordinate has dtype {scan.dtype} with {scan.size - np.unique(scan).size} repeated values; "
+                               "expected distinct integers, one per pattern (0 .. J-1)")
+    for name in ("ky", "kx", "y", "x"):
+        if name in ds.coords:
+            v = _values(ds, name)
+            if v.dtype.kind not in "fiu" or not np.isfinite(v).all():
+                raise DatasetError(name, f"coordinate has dtype {v.dtype} or non-finite values; expected finite numbers ({ds[name].attrs.get('units', '')})")
     ny, nx = ds.sizes["ky"], ds.sizes["kx"]
     for name in ("probe", "truth_probe"):
         if name in ds and tuple(ds[name].shape[-2:]) != (ny, nx):
             raise DatasetError(name, f"window {ds[name].shape[-2]}x{ds[name].shape[-1]} differs from the detector {ny}x{nx}; expected the same shape")
-    if "mask" in ds and not bool(np.asarray(ds["mask"].values).any()):
+    if "mask" in ds and not bool(_values(ds, "mask").any()):
         raise DatasetError("mask", "marks no detector pixel as valid; expected True for the pixels to use")
 
-    pos = np.asarray(ds["position"].values)
+    pos = _values(ds, "position")
     if pos.shape != (n_scan, 2):
         raise DatasetError("position", f"shape {pos.shape}; expected ({n_scan}, 2), one (y, x) per scan point")
     if not np.isfinite(pos).all():
         raise DatasetError("position", "contains NaN or inf; expected finite positions in metres")
+    _check_field(ds, pos, (ny, nx))
 
     if check_values:
         inten = ds["intensity"].data
@@ -259,12 +462,49 @@ def validate_dataset(ds: xr.Dataset, check_values: bool = True) -> None:
                 bad_finite, vmin = da.compute(~da.isfinite(inten).all(), da.nanmin(inten))
             else:
                 bad_finite, vmin = not np.isfinite(inten).all(), np.nanmin(inten)
-        except Exception as e:  # truncated or deleted chunks surface here
-            raise DatasetError("intensity", f"data cannot be read ({type(e).__name__}); a chunk is missing or corrupt: re-create or re-import the store") from None
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt chunks surface here: the reading boundary
+            raise DatasetError("intensity", f"data cannot be read ({_fail(e)}); a chunk is missing or corrupt: re-create or re-import the store") from None
         if bad_finite:
             raise DatasetError("intensity", "contains NaN or inf; expected finite measured intensities")
         if vmin < 0:
             raise DatasetError("intensity", f"contains negative values (min {float(vmin):.4g}); expected intensities >= 0 (subtract the background and clip)")
+        for name in ("probe", "truth_probe", "truth_object"):
+            if name in ds and not np.isfinite(_values(ds, name)).all():
+                raise DatasetError(name, "contains NaN or inf; expected finite complex values")
+
+
+#: most object pixels per axis the positions may span (beyond it a single slice
+#: needs more than 32 GiB): a position this far out is a unit error or an outlier
+MAX_FIELD_PX = 65536
+
+
+def _check_field(ds, pos, window):
+    """Positions must span a field an object grid can hold, and lie on the truth's grid."""
+    dx = float(ds.attrs["pixel_size_m"])
+    span = (pos.max(axis=0) - pos.min(axis=0)) / dx + np.asarray(window)
+    if (span > MAX_FIELD_PX).any():
+        axis = int(np.argmax(span))
+        far = int(np.argmax(np.abs(pos[:, axis] - np.median(pos[:, axis]))))
+        raise DatasetError("position", f"the positions span {span[0]:.4g} x {span[1]:.4g} pixels of {dx:.4g} m, more than {MAX_FIELD_PX} per axis "
+                           f"(the farthest from the median is scan point {far} at {pos[far, axis]:.4g} m along {'yx'[axis]}); "
+                           "expected positions in metres in the sample plane")
+    if "truth_object" in ds and "y" in ds.coords and "x" in ds.coords:
+        for axis, name in enumerate(("y", "x")):
+            c = _values(ds, name)
+            lo, hi = float(c.min()) - dx, float(c.max()) + dx
+            out = np.flatnonzero((pos[:, axis] < lo) | (pos[:, axis] > hi))
+            if out.size:
+                raise DatasetError("position", f"scan point {int(out[0])} at {name} = {pos[out[0], axis]:.4g} m lies outside the truth object's field "
+                                   f"[{lo + dx:.4g}, {hi - dx:.4g}] m ({out.size} such points); expected positions on the object")
+
+
+def _values(ds, name):
+    """The values of ``ds[name]`` as a NumPy array; stored bytes that cannot be decoded
+    become a DatasetError naming ``name`` (the reading boundary)."""
+    try:
+        return np.asarray(ds[name].values)
+    except Exception as e:  # noqa: BLE001 - any decoding failure of stored bytes is damage to the store
+        raise DatasetError(name, f"stored data cannot be read ({_fail(e)}); a chunk is missing or corrupt: re-create or re-import the store") from None
 
 
 # --------------------------------------------------------------------------- construction
