@@ -1,0 +1,110 @@
+"""The live state behind ``/daskptycho``: preview images, the scheduler-side store, the page."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import dask
+import numpy as np
+import pytest
+
+import daskptycho as dp
+from daskptycho import dashboard
+
+
+def test_tile_previews_fit_together_into_the_subsampled_phase():
+    rng = np.random.default_rng(1)
+    obj = np.exp(1j * rng.uniform(-1, 1, (2, 37, 50))).astype(np.complex64)
+    truth = np.angle(obj).sum(axis=0)
+    stride = 3
+    # uneven cores with halos around them, as the tiles hold them
+    ys, xs = [0, 11, 25, 37], [0, 17, 50]
+    pieces = {}
+    for r in range(3):
+        for c in range(2):
+            y0, y1, x0, x1 = ys[r], ys[r + 1], xs[c], xs[c + 1]
+            ey0, ex0 = max(0, y0 - 4), max(0, x0 - 5)
+            state = obj[:, ey0:min(37, y1 + 4), ex0:min(50, x1 + 5)]
+            region = (slice(y0 - ey0, y1 - ey0), slice(x0 - ex0, x1 - ex0))
+            pieces[(r, c)] = dashboard.phase_preview(state, region, (y0, x0), stride)
+    out = dashboard.stitch_preview(pieces, stride, (37, 50))
+    assert out["stride"] == 3 and out["image"].dtype == np.float32
+    np.testing.assert_allclose(out["image"], truth[::3, ::3], atol=1e-5)
+
+
+def test_whole_object_preview_chooses_its_stride_and_picks_modes():
+    obj = np.ones((2, 100, 60), np.complex64)
+    obj[0] *= np.exp(0.5j)
+    obj[1] *= np.exp(-2.0j)  # a weak mode's phase must not leak into the picture of mode 0
+    piece = dashboard.phase_preview(obj, (slice(0, 1), slice(None), slice(None)), size=32)
+    out = dashboard.stitch_preview({(0, 0): piece}, None, None)
+    assert out["stride"] == 4 and out["image"].shape == (25, 15)
+    np.testing.assert_allclose(out["image"], 0.5, atol=1e-6)
+    ml_state = {"object": obj, "probe": None}
+    both = dashboard.phase_preview(ml_state, (slice(None), slice(None)), size=200)
+    np.testing.assert_allclose(both[1], -1.5, atol=1e-6)  # slices: phases add
+
+
+def test_live_state_counts_a_tile_done_after_its_last_round():
+    live = dashboard.LiveState()
+    live.reset("gd", 5, (2, 2), rounds=2)
+    v = live.version
+    live.transition(("update", 0, 0, 1), "processing", "memory", stimulus_id="x")  # round 0 of iteration 0
+    assert live.tile_done == {}
+    live.transition(("update", 1, 0, 1), "processing", "memory", stimulus_id="x")  # round 1: iteration 0 done
+    live.transition(("update", 3, 1, 1, "r1"), "processing", "memory", stimulus_id="x")  # after a recovery
+    live.transition(("update", 5, 1, 0), "processing", "erred", stimulus_id="x")
+    live.transition(("grad", 5, 1, 0), "processing", "memory", stimulus_id="x")
+    live.transition("ml-iteration-4", "processing", "memory", stimulus_id="x")
+    assert live.tile_done == {(0, 1): 0, (1, 1): 1, (0, 0): 4}
+    assert live.version > v
+    live.update({"engine": "gd", "iteration": 0, "cost": 2.5, "image": np.zeros((3, 4)), "stride": 2})
+    assert live.costs == [(0, 2.5)] and live.image.shape == (3, 4) and live.stride == 2
+
+
+@pytest.fixture(scope="module")
+def gd_run(client, small_pbtio3):
+    with dask.config.set({"daskptycho.dashboard.preview_px": 16}):
+        res = dp.reconstruct(str(small_pbtio3), engine="gd", tiles=(2, 2), iterations=3, slices=2, client=client)
+    return res
+
+
+def _live(dask_scheduler):
+    p = dask_scheduler.plugins[dashboard.PLUGIN_NAME]
+    return {"engine": p.engine, "iteration": p.iteration, "iterations": p.iterations, "costs": p.costs, "image": p.image,
+            "stride": p.stride, "tiles": p.tiles, "tile_done": p.tile_done}
+
+
+def test_a_run_publishes_its_costs_tiles_and_a_small_phase_image(client, gd_run):
+    live = client.run_on_scheduler(_live)
+    assert live["engine"] == "gd" and live["iteration"] == 2 and live["iterations"] == 3
+    np.testing.assert_allclose([c for _, c in live["costs"]], gd_run.cost.values, rtol=1e-12)
+    assert [i for i, _ in live["costs"]] == [0, 1, 2]
+    assert live["tiles"] == (2, 2) and live["tile_done"] == {(r, c): 2 for r in range(2) for c in range(2)}
+    obj = gd_run.object.values
+    stride = live["stride"]
+    assert stride == -(-max(obj.shape[1:]) // 16)
+    # the last image is the phase of the final object (the same tile states) on the stride grid
+    truth = np.angle(obj).sum(axis=0)[::stride, ::stride]
+    assert live["image"].shape == truth.shape and max(truth.shape) <= 16
+    np.testing.assert_allclose(live["image"], truth, atol=1e-4)
+
+
+def test_the_dashboard_serves_the_page_and_its_document_reads_the_store(client, gd_run):
+    from bokeh.document import Document
+
+    url = client.dashboard_link.replace("/status", "/daskptycho")
+    with urllib.request.urlopen(url, timeout=30) as r:
+        assert r.status == 200
+        html = r.read().decode()
+    assert "bokeh" in html.lower()
+    # the app's document, built against the real scheduler (in this process), holds the run
+    doc = Document()
+    dashboard.daskptycho_doc(client.cluster.scheduler, {}, doc)
+    costs = doc.get_model_by_name("cost-source").data["cost"]
+    np.testing.assert_allclose(costs, gd_run.cost.values, rtol=1e-12)
+    image = doc.get_model_by_name("phase-source").data["image"][0]
+    assert image.ndim == 2 and np.isfinite(image).all()
+    tiles = doc.get_model_by_name("tile-source").data
+    assert sorted(tiles["done"]) == [2, 2, 2, 2]
+    assert "engine <b>gd</b>, iteration 3 of 3" in doc.get_model_by_name("title").text
