@@ -1,16 +1,37 @@
-"""Array-module dispatch: NumPy on the CPU, CuPy on the GPU.
+"""Array-module dispatch: NumPy on the CPU, CuPy on the GPU; the FFTs of the hot path.
 
 Physics functions look the array module up from their inputs with
 :func:`get_array_module`, so the same code runs on either. CuPy is never imported at
 module import time.
+
+FFTs (:func:`fft2`, :func:`ifft2`) go to the fastest library available, chosen by the
+configuration key ``daskptycho.fft.backend``:
+
+``auto`` (default)
+    pyFFTW (optional extra ``fast``) when it imports, else ``scipy.fft``.
+``pyfftw``, ``scipy``, ``numpy``
+    That library (``pyfftw`` falls back to ``scipy`` with a warning when it is missing).
+
+CuPy arrays always use ``cupy.fft`` (its own plan cache). With pyFFTW, one FFTW plan
+per (shape, dtype, direction, in-place, threads) is made once per thread (planned with
+``FFTW_MEASURE`` on scratch buffers, so the caller's data is never overwritten) and
+re-executed on the caller's arrays, which are SIMD-aligned when this module allocates
+them.
 """
 
 from __future__ import annotations
+
+import collections
+import os
+import threading
+import warnings
 
 import numpy as np
 import scipy.fft
 
 from . import config
+
+FFT_BACKENDS = ("auto", "pyfftw", "scipy", "numpy")
 
 
 def get_array_module(*arrays):
@@ -27,20 +48,187 @@ def is_gpu(xp) -> bool:
     return xp.__name__ == "cupy"
 
 
-def fft2(a, xp=None):
-    """Orthonormal 2-D FFT over the last two axes (scipy.fft threads on the CPU)."""
-    xp = xp or get_array_module(a)
-    if is_gpu(xp):
-        return xp.fft.fft2(a, norm="ortho")
-    return scipy.fft.fft2(a, norm="ortho", workers=config.get("fft.workers", -1), overwrite_x=False)
+_pyfftw = None  # the module once imported; False when it is missing
 
 
-def ifft2(a, xp=None):
-    """Orthonormal inverse 2-D FFT over the last two axes; the adjoint of :func:`fft2`."""
+def _import_pyfftw():
+    global _pyfftw
+    if _pyfftw is None:
+        try:
+            import pyfftw
+
+            _pyfftw = pyfftw
+        except ImportError:
+            _pyfftw = False
+    return _pyfftw
+
+
+def fft_backend() -> str:
+    """The CPU FFT library in use: ``"pyfftw"``, ``"scipy"`` or ``"numpy"``.
+
+    Raises
+    ------
+    OptionsError
+        ``daskptycho.fft.backend`` is not one of ``auto|pyfftw|scipy|numpy``.
+    """
+    name = config.get("fft.backend", "auto") or "auto"
+    if name not in FFT_BACKENDS:
+        from .errors import OptionsError
+
+        raise OptionsError("fft.backend", f"is {name!r}; use one of {', '.join(FFT_BACKENDS)} (daskptycho.yaml or DASK_DASKPTYCHO__FFT__BACKEND)")
+    if name in ("auto", "pyfftw"):
+        if _import_pyfftw():
+            return "pyfftw"
+        if name == "pyfftw":
+            warnings.warn("daskptycho.fft.backend is 'pyfftw' but pyFFTW is not installed "
+                          "(pip install 'daskptycho[fast]'); using scipy.fft", RuntimeWarning, stacklevel=3)
+        return "scipy"
+    return name
+
+
+_in_worker = threading.local()
+
+
+def _inside_dask_worker() -> bool:
+    flag = getattr(_in_worker, "flag", None)
+    if flag is None:  # a thread stays a worker thread or not: look it up once
+        try:
+            from distributed import get_worker
+
+            get_worker()
+            flag = True
+        except (ImportError, ValueError):
+            flag = False
+        _in_worker.flag = flag
+    return flag
+
+
+def fft_threads() -> int:
+    """Threads of one CPU FFT: ``daskptycho.fft.workers`` when it is positive; with
+    ``-1`` (default) 1 inside a Dask worker task (each worker thread runs one task and
+    the cluster already has a thread per core) and every core of this process elsewhere."""
+    n = int(config.get("fft.workers", -1) or -1)
+    if n > 0:
+        return n
+    if _inside_dask_worker():
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_MAX_PLANS = 16  # per thread; engines use a few shapes (full and last chunk, both directions)
+_local = threading.local()  # FFTW plans are not safe to execute from two threads at once
+
+
+def _plan(shape, dtype, forward, inplace, threads):
+    pyfftw = _pyfftw
+    plans = getattr(_local, "plans", None)
+    if plans is None:
+        plans = _local.plans = collections.OrderedDict()
+    key = (shape, dtype.str, forward, inplace, threads)
+    plan = plans.get(key)
+    if plan is not None:
+        plans.move_to_end(key)
+        return plan
+    a = pyfftw.empty_aligned(shape, dtype=dtype)
+    b = a if inplace else pyfftw.empty_aligned(shape, dtype=dtype)
+    plan = pyfftw.FFTW(a, b, axes=(-2, -1), direction="FFTW_FORWARD" if forward else "FFTW_BACKWARD",
+                       threads=threads, flags=("FFTW_MEASURE",))
+    plans[key] = plan
+    if len(plans) > _MAX_PLANS:
+        plans.popitem(last=False)
+    return plan
+
+
+def _aligned(a):
+    return a.ctypes.data % _pyfftw.simd_alignment == 0
+
+
+def empty(shape, dtype=np.complex64, xp=np):
+    """An uninitialised array, SIMD-aligned on the CPU when pyFFTW is used (so FFTs of it need no copy)."""
+    if xp is np and _import_pyfftw():
+        return _pyfftw.empty_aligned(shape, dtype=dtype)
+    return xp.empty(shape, dtype=dtype)
+
+
+def _fftw(a, forward, out, ortho):
+    if out is not None and out is not a and not (_aligned(out) and out.flags.c_contiguous):
+        out[...] = _fftw(a, forward, None, ortho)
+        return out
+    if out is a and not _aligned(a):
+        a[...] = _fftw(a.copy(), forward, None, ortho)
+        return a
+    plan = _plan(a.shape, a.dtype, forward, out is a, fft_threads())
+    if out is None:
+        out = _pyfftw.empty_aligned(a.shape, dtype=a.dtype)
+    if not _aligned(a):
+        a = _pyfftw.byte_align(a)
+    plan.update_arrays(a, out)
+    plan.execute()
+    if ortho:  # both directions scaled by 1/sqrt(ny nx)
+        out *= out.real.dtype.type(1.0 / np.sqrt(a.shape[-1] * a.shape[-2]))
+    return out
+
+
+# scipy/numpy ``norm`` giving no scaling in each direction
+_UNSCALED = {True: "backward", False: "forward"}
+
+
+def _transform(a, forward, xp, out, norm):
+    if norm not in ("ortho", "none"):
+        raise ValueError(f"norm must be 'ortho' or 'none', got {norm!r}")
     xp = xp or get_array_module(a)
+    np_norm = "ortho" if norm == "ortho" else _UNSCALED[forward]
     if is_gpu(xp):
-        return xp.fft.ifft2(a, norm="ortho")
-    return scipy.fft.ifft2(a, norm="ortho", workers=config.get("fft.workers", -1), overwrite_x=False)
+        f = xp.fft.fft2 if forward else xp.fft.ifft2
+        res = f(a, norm=np_norm)
+        if out is None:
+            return res
+        out[...] = res
+        return out
+    backend = fft_backend()
+    if backend == "pyfftw" and a.ndim >= 2 and a.dtype in (np.complex64, np.complex128) and a.flags.c_contiguous \
+            and a.shape[-1] > 1 and a.shape[-2] > 1:
+        return _fftw(a, forward, out, norm == "ortho")
+    if backend == "numpy":
+        res = (np.fft.fft2 if forward else np.fft.ifft2)(a, norm=np_norm)
+    else:
+        f = scipy.fft.fft2 if forward else scipy.fft.ifft2
+        res = f(a, norm=np_norm, workers=fft_threads(), overwrite_x=out is a)
+    if np.iscomplexobj(a) and res.dtype != a.dtype:
+        res = res.astype(a.dtype)  # numpy.fft computes in complex128
+    if out is None:
+        return res
+    out[...] = res
+    return out
+
+
+def fft2(a, xp=None, out=None, norm="ortho"):
+    """Orthonormal 2-D FFT over the last two axes.
+
+    Parameters
+    ----------
+    a : complex array (..., ny, nx)
+        complex64 in, complex64 out (no promotion).
+    xp : array module, optional
+    out : array like ``a``, optional
+        Where to write the result; ``out=a`` transforms in place (no new array).
+    norm : {"ortho", "none"}
+        ``"none"``: no scaling in either direction (``ifft2(fft2(a))`` is ``ny nx a``),
+        for callers that fold the factor into a multiplication they do anyway.
+
+    Returns
+    -------
+    array like ``a``, FFT order.
+    """
+    return _transform(a, True, xp, out, norm)
+
+
+def ifft2(a, xp=None, out=None, norm="ortho"):
+    """Orthonormal inverse 2-D FFT over the last two axes; the adjoint of :func:`fft2` (same parameters)."""
+    return _transform(a, False, xp, out, norm)
 
 
 def scatter_add(target, flat_index, values):

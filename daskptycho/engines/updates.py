@@ -57,8 +57,9 @@ def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, 
     cost_sum = 0.0
     for start in range(0, select.size, chunk):
         sel = select[start:start + chunk]
-        index = physics.window_index(corners[sel], window, obj.shape[-2:], xp)
-        cost_sum += physics.gradients(obj, probe, index, kernel, data[xp.asarray(sel)], mask, cost, probe_gradient, out=total)["cost"]
+        # window corners, not flat indices: on the CPU patches are cut and added as slices
+        win = physics.windows(corners[sel], window, obj.shape[-2:])
+        cost_sum += physics.gradients(obj, probe, win, kernel, data[xp.asarray(sel)], mask, cost, probe_gradient, out=total)["cost"]
     total["cost"] = cost_sum
     return total
 

@@ -6,14 +6,14 @@ up from the inputs) and has no side effects.
 
 from .constants import electron_wavelength, interaction_constant, wavelength, xray_wavelength
 from .cost import amplitude_cost, cost_and_far_field_gradient, poisson_cost
-from .multislice import backward, far_field_intensity, forward, gradients, window_index
+from .multislice import Windows, backward, far_field_intensity, forward, gradients, window_index, windows
 from .probe import aperture_probe, electron_probe, orthogonalize_modes, probe_modes, xray_probe
 from .propagation import fresnel_kernel, propagate
 
 __all__ = [
     "electron_wavelength", "interaction_constant", "xray_wavelength", "wavelength",
     "amplitude_cost", "poisson_cost", "cost_and_far_field_gradient",
-    "forward", "backward", "gradients", "window_index", "far_field_intensity",
+    "forward", "backward", "gradients", "window_index", "windows", "Windows", "far_field_intensity",
     "aperture_probe", "electron_probe", "xray_probe", "probe_modes", "orthogonalize_modes",
     "fresnel_kernel", "propagate",
 ]

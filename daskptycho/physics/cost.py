@@ -55,8 +55,10 @@ def poisson_cost(far, intensity, mask=None):
     return float(xp.sum(r, dtype=xp.float64))
 
 
-def cost_and_far_field_gradient(far, intensity, mask=None, kind="amplitude"):
+def cost_and_far_field_gradient(far, intensity, mask=None, kind="amplitude", overwrite=False):
     """Cost and its gradient with respect to the far-field waves.
+
+    ``overwrite=True`` lets the gradient be written into ``far`` (no new array).
 
     Returns
     -------
@@ -82,4 +84,8 @@ def cost_and_far_field_gradient(far, intensity, mask=None, kind="amplitude"):
         cost_map = cost_map * mask
         w = w * mask
     cost = float(xp.sum(cost_map, dtype=xp.float64))
-    return cost, far * w[:, None].astype(far.real.dtype)
+    w = w.astype(far.real.dtype, copy=False)[:, None]
+    if overwrite:
+        far *= w
+        return cost, far
+    return cost, far * w

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import fft2, get_array_module, ifft2, scatter_add
+from ..backend import empty, fft2, get_array_module, ifft2, is_gpu, scatter_add
 from .cost import cost_and_far_field_gradient
 
-__all__ = ["window_index", "forward", "backward", "far_field_intensity", "gradients"]
+__all__ = ["window_index", "windows", "Windows", "forward", "backward", "far_field_intensity", "gradients"]
 
 
 def window_index(corners, window, object_shape, xp=np):
@@ -44,10 +44,116 @@ def window_index(corners, window, object_shape, xp=np):
     return xp.asarray((rows * w + cols).astype(np.int64))
 
 
-def _views(obj, index):
-    """Object patches under each window: (S, J, N, N)."""
-    s = obj.shape[0]
-    return obj.reshape(s, -1)[:, index]
+class Windows:
+    """Rectangular probe windows on an object slice, given by their top-left corners.
+
+    What :func:`window_index` flattens, kept compact: the CPU paths cut and add
+    windows as slices of the object (``N_y`` contiguous rows each) instead of
+    gathering and scattering ``J N_y N_x`` flat indices.
+
+    Parameters
+    ----------
+    corners : int array (J, 2)
+        Top-left pixel (row, col) of each window.
+    window : (int, int)
+        Window shape (N_y, N_x).
+    object_shape : (int, int)
+        (H, W) of one object slice.
+    """
+
+    def __init__(self, corners, window, object_shape):
+        corners = np.asarray(corners, dtype=np.int64).reshape(-1, 2)
+        h, w = object_shape
+        ny, nx = window
+        if corners.size and (corners.min() < 0 or (corners[:, 0] + ny).max() > h or (corners[:, 1] + nx).max() > w):
+            raise ValueError("a probe window falls outside the object array")
+        self.corners = corners
+        self.window = (int(ny), int(nx))
+        self.object_shape = (int(h), int(w))
+
+    @property
+    def shape(self):
+        """(J, N_y, N_x), the shape of the equivalent :func:`window_index` array."""
+        return (self.corners.shape[0],) + self.window
+
+    def flat(self, xp=np):
+        """The flat indices (J, N_y, N_x) of :func:`window_index`."""
+        return window_index(self.corners, self.window, self.object_shape, xp)
+
+
+def windows(corners, window, object_shape):
+    """:class:`Windows` of ``corners``: accepted by :func:`forward`, :func:`backward` and
+    :func:`gradients` wherever a :func:`window_index` array is."""
+    return Windows(corners, window, object_shape)
+
+
+def _as_windows(index, object_shape):
+    """``index`` as :class:`Windows` when it is one or a rectangular :func:`window_index`
+    array on this grid, else ``None`` (arbitrary index arrays take the flat path)."""
+    if isinstance(index, Windows):
+        return index
+    if type(index).__module__.startswith("cupy") or index.ndim != 3 or index.shape[0] == 0:
+        return None
+    _, ny, nx = index.shape
+    h, w = object_shape[-2:]
+    first = np.asarray(index[:, 0, 0])
+    corners = np.stack([first // w, first % w], axis=1)
+    if corners[:, 1].max() + nx > w or not (np.array_equal(index[:, -1, -1], first + (ny - 1) * w + nx - 1)
+                                           and np.array_equal(index[:, 0, -1], first + nx - 1)):
+        return None
+    if corners[:, 0].max() + ny > h:
+        return None
+    return Windows(corners, (ny, nx), (h, w))
+
+
+def _gather(obj, index):
+    """Object patches under each window: (S, J, N_y, N_x), a new array."""
+    win = _as_windows(index, obj.shape)
+    if win is None or is_gpu(get_array_module(obj)):
+        flat = index.flat(get_array_module(obj)) if isinstance(index, Windows) else index
+        return obj.reshape(obj.shape[0], -1)[:, flat]
+    view = np.lib.stride_tricks.sliding_window_view(obj, win.window, axis=(-2, -1))
+    return view[:, win.corners[:, 0], win.corners[:, 1]]
+
+
+def _scatter(target, index, values):
+    """``target[s] += values[s, j]`` on each window ``j``; overlaps accumulate.
+
+    target : (S, H, W), modified in place; values : (S, J, N_y, N_x).
+    """
+    xp = get_array_module(target)
+    win = _as_windows(index, target.shape)
+    if win is None or is_gpu(xp):
+        flat = index.flat(xp) if isinstance(index, Windows) else index
+        s = target.shape[0]
+        scatter_add(target.reshape(s, -1), flat.reshape(-1), values.reshape(s, -1))
+        return target
+    ny, nx = win.window
+    # one strided add per window (N_y rows of N_x contiguous values): cheaper than a
+    # bincount over J N_y N_x indices, which also goes through float64
+    for j, (y, x) in enumerate(win.corners.tolist()):
+        target[:, y:y + ny, x:x + nx] += values[:, j]
+    return target
+
+
+def _abs2(a, xp):
+    """|a|^2 in a's real precision."""
+    out = a.real ** 2
+    out += a.imag ** 2
+    return out
+
+
+def _propagate_inplace(wave, kernel_scaled):
+    """``ifft2(fft2(wave) * kernel)`` in place; ``kernel_scaled`` includes 1/(N_y N_x)."""
+    fft2(wave, out=wave, norm="none")
+    wave *= kernel_scaled
+    ifft2(wave, out=wave, norm="none")
+    return wave
+
+
+def _scaled_kernel(kernel, dtype):
+    n = kernel.shape[-1] * kernel.shape[-2]
+    return (kernel * (1.0 / n)).astype(dtype, copy=False)
 
 
 def forward(obj, probe, index, kernel, keep=False):
@@ -57,7 +163,7 @@ def forward(obj, probe, index, kernel, keep=False):
     ----------
     obj : complex array (S, H, W)
     probe : complex array (K, N, N)
-    index : int array (J, N, N), from :func:`window_index`
+    index : int array (J, N, N) from :func:`window_index`, or :class:`Windows`
     kernel : complex array (N, N) or None
         Fresnel transfer function between consecutive slices (FFT order).
     keep : bool
@@ -68,16 +174,19 @@ def forward(obj, probe, index, kernel, keep=False):
     far : complex array (J, K, N, N), FFT order (zero frequency at [0, 0])
     """
     xp = get_array_module(obj, probe)
-    patches = _views(obj, index)[:, :, None]  # (S, J, 1, N, N)
-    psi = xp.broadcast_to(probe[None], (index.shape[0],) + probe.shape)
+    patches = _gather(obj, index)  # (S, J, N, N)
+    dtype = np.result_type(obj.dtype, probe.dtype)
+    psi = xp.broadcast_to(probe[None], (patches.shape[1],) + probe.shape)
     incident = []
     n_slices = obj.shape[0]
+    k_scaled = _scaled_kernel(kernel, dtype) if n_slices > 1 else None
     for s in range(n_slices):  # loop over slices, vectorised over positions and modes
         incident.append(psi)
-        phi = psi * patches[s]
+        # a new (SIMD-aligned) array each slice: transformed in place below, kept as the next incident wave
+        phi = xp.multiply(psi, patches[s][:, None], out=empty(psi.shape, dtype, xp))
         if s < n_slices - 1:
-            psi = ifft2(fft2(phi, xp) * kernel, xp)
-    far = fft2(phi, xp)
+            psi = _propagate_inplace(phi, k_scaled)
+    far = fft2(phi, xp, out=phi)
     if keep:
         return far, (incident, patches)
     return far
@@ -88,11 +197,11 @@ def far_field_intensity(obj, probe, index, kernel):
     (zero frequency at ``(N // 2, N // 2)``), as stored in a dataset."""
     xp = get_array_module(obj, probe)
     far = forward(obj, probe, index, kernel)
-    inten = xp.sum(far.real**2 + far.imag**2, axis=1)
+    inten = xp.sum(_abs2(far, xp), axis=1)
     return xp.fft.fftshift(inten, axes=(-2, -1))
 
 
-def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=None):
+def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=None, overwrite=False):
     """Adjoint of the multislice model, applied to a far-field gradient.
 
     Given ``g = 2 dL/dPsi*`` for the far-field waves Psi of :func:`forward`,
@@ -103,13 +212,15 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
     ----------
     g_far : complex array (J, K, N, N), FFT order
     cache : the second output of ``forward(..., keep=True)``
-    index : int array (J, N, N)
+    index : int array (J, N, N) from :func:`window_index`, or :class:`Windows`
     obj_shape : (S, H, W)
     kernel : complex array (N, N) or None
     out : dict, optional
         Accumulators to add into (``object``, ``illumination`` of shape (S, H, W)
         and, with ``probe_gradient``, ``probe``, ``probe_illumination``), so a sum
         over many batches allocates the object-sized arrays once.
+    overwrite : bool
+        ``g_far`` may be used as work space (it is transformed in place).
 
     Returns
     -------
@@ -120,29 +231,37 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
     """
     incident, patches = cache
     xp = get_array_module(g_far)
-    g = ifft2(g_far, xp)  # adjoint of the orthonormal FFT
+    g = ifft2(g_far, xp, out=g_far if overwrite else None)  # adjoint of the orthonormal FFT
     n_slices = obj_shape[0]
-    flat = index.reshape(-1)
     if out is None:
-        g_obj = xp.zeros((n_slices, obj_shape[1] * obj_shape[2]), dtype=g_far.dtype)
-        illum = xp.zeros(g_obj.shape, dtype=g_far.real.dtype)
+        g_obj = xp.zeros(obj_shape, dtype=g_far.dtype)
+        illum = xp.zeros(obj_shape, dtype=g_far.real.dtype)
     else:
-        g_obj = out["object"].reshape(n_slices, -1)
-        illum = out["illumination"].reshape(n_slices, -1)
+        g_obj = out["object"]
+        illum = out["illumination"]
+    k_conj = _scaled_kernel(kernel.conj(), g.dtype) if n_slices > 1 else None
+    work = xp.empty_like(g)  # conj(incident) * g, reused for every slice
+    conj_patch = xp.empty(patches.shape[1:], dtype=patches.dtype)
     for s in range(n_slices - 1, -1, -1):
         psi = incident[s]
-        go = xp.sum(psi.conj() * g, axis=1)  # (J, N, N): sum over modes
-        il = xp.sum(psi.real**2 + psi.imag**2, axis=1)
-        scatter_add(g_obj[s:s + 1], flat, go.reshape(1, -1))
-        scatter_add(illum[s:s + 1], flat, il.reshape(1, -1))
-        g = patches[s].conj() * g  # gradient w.r.t. the incident wave
+        xp.conjugate(psi, out=work)
+        work *= g
+        go = work[:, 0] if work.shape[1] == 1 else work.sum(axis=1)  # (J, N, N): sum over modes
+        if s == 0:  # the probe itself, the same for every position
+            il = xp.broadcast_to(_abs2(psi[0], xp).sum(axis=0), go.shape)
+        else:
+            il = _abs2(psi[:, 0], xp) if psi.shape[1] == 1 else _abs2(psi, xp).sum(axis=1)
+        _scatter(g_obj[s:s + 1], index, go[None])
+        _scatter(illum[s:s + 1], index, il[None])
+        xp.conjugate(patches[s], out=conj_patch)
+        g *= conj_patch[:, None]  # gradient w.r.t. the incident wave
         if s > 0:
-            g = ifft2(fft2(g, xp) * kernel.conj(), xp)
-    result = {"object": g_obj.reshape(obj_shape), "illumination": illum.reshape(obj_shape)}
+            _propagate_inplace(g, k_conj)
+    result = {"object": g_obj, "illumination": illum}
     if probe_gradient:
-        p0 = patches[0][:, 0]
+        p0 = patches[0]
         gp = xp.sum(g, axis=0)
-        pil = xp.sum(p0.real**2 + p0.imag**2, axis=0)
+        pil = xp.sum(_abs2(p0, xp), axis=0)
         if out is not None:
             out["probe"] += gp
             out["probe_illumination"] += pil
@@ -159,7 +278,7 @@ def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude",
     ----------
     obj : complex array (S, H, W)
     probe : complex array (K, N, N)
-    index : int array (J, N, N)
+    index : int array (J, N, N) from :func:`window_index`, or :class:`Windows`
     kernel : complex array (N, N) or None
     intensity : real array (J, N, N), measured, **FFT order** (ifftshifted)
     mask : bool array (N, N) or None, FFT order
@@ -171,7 +290,7 @@ def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude",
     dict: ``cost`` (float) and the entries of :func:`backward`.
     """
     far, cache = forward(obj, probe, index, kernel, keep=True)
-    value, g = cost_and_far_field_gradient(far, intensity, mask, cost)
-    result = backward(g, cache, index, obj.shape, kernel, probe_gradient, out)
+    value, g = cost_and_far_field_gradient(far, intensity, mask, cost, overwrite=True)
+    result = backward(g, cache, index, obj.shape, kernel, probe_gradient, out, overwrite=True)
     result["cost"] = value
     return result
