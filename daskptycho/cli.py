@@ -104,14 +104,24 @@ def _parser():
 
     m = sub.add_parser("import", help="convert measured data into a daskptycho store",
                        description="Convert measured data into a daskptycho dataset store. Formats: the Tike Siemens-star "
-                                   "test file (.npz.bz2: data, scan, probe) and generic .npz/.npy files (see docs/format.md).")
+                                   "test file (.npz.bz2: data, scan, probe), generic .npz/.npy files and CXI 1.6 (.cxi/.h5; see docs/format.md).")
     m.add_argument("input", help="input file")
     m.add_argument("out", help="output store (directory)")
-    m.add_argument("--format", choices=["auto", "siemens-star", "npz"], default="auto")
+    m.add_argument("--format", choices=["auto", "siemens-star", "npz", "cxi"], default="auto")
+    m.add_argument("--geometry", choices=["auto", "far-field", "near-field"], default="auto", help="cxi: the diffraction regime (default: decided from the file)")
+    m.add_argument("--source-distance", type=float, help="cxi: focus(source)-to-sample distance in metres of a cone beam (Fresnel scaling)")
     m.add_argument("--pixel-size", type=float, help="real-space pixel size in metres (nominal when the file has none)")
     m.add_argument("--energy", type=float, help="photon energy in eV (nominal when the file has none)")
     m.add_argument("--radiation", choices=["xray", "electron"], help="npz: the radiation, if the file does not say")
     m.add_argument("--overwrite", action="store_true", help="replace an existing store")
+
+    x = sub.add_parser("export", help="export a result or dataset as CXI or a TIFF stack",
+                       description="Export a result store as CXI 1.6 (OUT ending in .cxi: object, probe, cost, positions, geometry) "
+                                   "or as an ImageJ TIFF stack of phase images (OUT ending in .tif/.tiff); a dataset store as CXI.")
+    x.add_argument("store", help="result (or dataset) store")
+    x.add_argument("out", help="output file: .cxi, .tif or .tiff")
+    x.add_argument("--amplitude", action="store_true", help="tiff: also write the amplitude stack (OUT_amplitude.tif)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
     v = sub.add_parser("view", help="write PNGs of a result", description="Write PNGs: phase and amplitude per slice, probe modes, cost curve.")
     v.add_argument("result", help="result store")
@@ -190,11 +200,24 @@ def _describe(path):
     n, ny, nx = ds["intensity"].shape
     pos = ds["position"].values
     lines.append(f"{path}: daskptycho dataset, format version {at['format_version']}")
-    lines.append(f"  radiation: {at['radiation']}, energy {at['energy_eV']:.6g} eV, wavelength {at['wavelength_m']:.6g} m")
-    lines.append(f"  geometry: {at.get('geometry', 'far-field')}")
-    for key, label in (("detector_distance_m", "detector distance"), ("detector_pixel_size_m", "detector pixel")):
+    kev = f" ({at['energy_eV'] / 1e3:.4g} keV)" if at["radiation"] == "xray" else ""
+    lines.append(f"  radiation: {at['radiation']}, energy {at['energy_eV']:.6g} eV{kev}, wavelength {at['wavelength_m']:.6g} m")
+    geometry = at.get("geometry", "far-field")
+    fresnel = f" (Fresnel number {at['fresnel_number']:.3g})" if "fresnel_number" in at else ""
+    lines.append(f"  geometry: {geometry}{fresnel}")
+    if "geometry_reason" in at:
+        lines.append(f"  geometry decided: {at['geometry_reason']}")
+    if geometry == "near-field":
+        lines.append("  note: the engines here model far-field diffraction; 'reconstruct' refuses near-field data")
+    for key, label in (("detector_distance_m", "detector distance"), ("detector_pixel_size_m", "detector pixel"),
+                       ("source_distance_m", "source-sample distance"), ("effective_distance_m", "effective distance")):
         if key in at:
-            lines.append(f"  {label}: {at[key]:.6g} m")
+            um = f" ({at[key] * 1e6:.4g} um)" if key == "detector_pixel_size_m" else ""
+            lines.append(f"  {label}: {at[key]:.6g} m{um}")
+    if "magnification" in at:
+        lines.append(f"  magnification: {at['magnification']:.6g}")
+    if "geometry_note" in at:
+        lines.append(f"  geometry note: {at['geometry_note']}")
     lines.append(f"  patterns: {n} of {ny} x {nx} px, chunks along scan {ds['intensity'].data.chunksize[0]}")
     lines.append(f"  real-space pixel: {at['pixel_size_m']:.6g} m")
     ext = pos.max(0) - pos.min(0)
@@ -281,14 +304,19 @@ def _cmd_import(a):
         raise DatasetError("input", f"{a.input} does not exist")
     if fmt == "auto":
         fmt = "siemens-star" if a.input.endswith(".npz.bz2") else "npz" if a.input.endswith((".npz", ".npy")) else None
+        fmt = "cxi" if a.input.lower().endswith((".cxi", ".h5", ".hdf5")) else fmt
         if fmt is None:
-            raise OptionsError("--format", f"cannot tell the format of {a.input}; give --format siemens-star or npz")
+            raise OptionsError("--format", f"cannot tell the format of {a.input}; give --format siemens-star, npz or cxi")
     kw = {}
     if a.pixel_size is not None:
         kw["pixel_size_m"] = a.pixel_size
     if a.energy is not None:
         kw["energy_eV"] = a.energy
-    if fmt == "siemens-star":
+    if fmt == "cxi":
+        from .io.cxi import read_cxi
+
+        ds = read_cxi(a.input, geometry=a.geometry, source_distance_m=a.source_distance, radiation=a.radiation)
+    elif fmt == "siemens-star":
         ds = importers.import_siemens_star(a.input, **kw)
     else:
         if a.radiation is not None:
@@ -296,6 +324,26 @@ def _cmd_import(a):
         ds = importers.import_npz(a.input, **kw)
     write_dataset(ds, a.out, overwrite=a.overwrite)
     print(f"wrote {a.out}: {ds.sizes['scan']} patterns of {ds.sizes['ky']}x{ds.sizes['kx']} from {a.input} ({fmt})")
+    if ds.attrs.get("geometry") == "near-field":
+        print(f"near-field data (Fresnel number {ds.attrs['fresnel_number']:.3g}): kept for exchange; the engines here model far-field diffraction")
+
+
+def _cmd_export(a):
+    from .errors import OptionsError
+
+    out = a.out.lower()
+    if out.endswith(".cxi"):
+        from .io.cxi import write_cxi
+
+        print(f"wrote {write_cxi(a.store, a.out, overwrite=a.overwrite)}: CXI 1.6")
+    elif out.endswith((".tif", ".tiff")):
+        from . import open_result
+        from .io.tiff import write_tiff
+
+        for path, what in write_tiff(open_result(a.store), a.out, amplitude=a.amplitude, overwrite=a.overwrite):
+            print(f"wrote {path}: {what}")
+    else:
+        raise OptionsError("OUT", f"{a.out}: expected a name ending in .cxi (CXI 1.6) or .tif/.tiff (phase TIFF stack)")
 
 
 def _cmd_graph(a):
@@ -311,7 +359,7 @@ def main(argv=None):  # noqa: D103
     args = _parser().parse_args(argv)
     try:
         {"simulate": _cmd_simulate, "info": _cmd_info, "reconstruct": _cmd_reconstruct, "view": _cmd_view,
-         "graph": _cmd_graph, "import": _cmd_import}[args.command](args)
+         "graph": _cmd_graph, "import": _cmd_import, "export": _cmd_export}[args.command](args)
     except DaskptychoError as e:
         print(f"daskptycho: error: {e}", file=sys.stderr)
         return 2

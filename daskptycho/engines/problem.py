@@ -209,6 +209,10 @@ def _initial_probe(ds, opts, window, dx, lam, mean_counts):
 def prepare(ds, options) -> Problem:
     """Validate options against the dataset and compute the fixed geometry."""
     opts = options
+    if ds.attrs.get("geometry") == "near-field":
+        raise DatasetError("geometry", "is 'near-field' (Fresnel number {:.3g}): the engines here model far-field diffraction "
+                           "(exit wave to detector by a Fourier transform) and would need a Fresnel propagator to the detector; "
+                           "reconstruct far-field data only".format(float(ds.attrs.get("fresnel_number", float("nan")))))
     dx = float(ds.attrs["pixel_size_m"])
     lam = float(ds.attrs["wavelength_m"])
     n_scan, ny, nx = ds["intensity"].shape
