@@ -224,7 +224,7 @@ def daskptycho_doc(scheduler, extra, doc):
 
     fig_tiles = figure(title="tiles: last iteration whose update finished", width=460, height=440, name="tile-figure",
                        tools="", toolbar_location=None, match_aspect=True)
-    tile_cmap = linear_cmap("done", Viridis256, low=-1, high=1, nan_color="#dddddd")
+    tile_cmap = linear_cmap("done", Viridis256, low=-1, high=1, nan_color="#dddddd", low_color="#440154")
     fig_tiles.rect("x", "y", width=0.95, height=0.95, source=tile_src, fill_color=tile_cmap, line_color="black",
                    name="tile-rects")
     fig_tiles.text("x", "y", text="label", source=tile_src, text_align="center", text_baseline="middle",
@@ -264,11 +264,13 @@ def daskptycho_doc(scheduler, extra, doc):
                 ys.append(r)
                 done.append(d)
                 label.append(f"({r},{c}): {d + 1}")
-        tile_cmap["transform"].update(low=-1, high=max(1, live.iterations - 1))
+        # colours span the last three iterations: a tile that lags shows darker
+        front = max(done, default=0)
+        tile_cmap["transform"].update(low=front - 2.5, high=max(front, 0) + 0.5)
         tile_src.data = {"x": xs, "y": ys, "done": done, "label": label}
         last = f", cost {live.costs[-1][1]:.4g}" if live.costs else ""
         title.text = (f"<h2>daskptycho: engine <b>{live.engine}</b>, iteration {live.iteration + 1} of "
-                      f"{live.iterations}{last}</h2>")
+                      f"{live.iterations} done{last}</h2>")
 
     update()
     doc.add_periodic_callback(update, 500)

@@ -107,4 +107,4 @@ def test_the_dashboard_serves_the_page_and_its_document_reads_the_store(client, 
     assert image.ndim == 2 and np.isfinite(image).all()
     tiles = doc.get_model_by_name("tile-source").data
     assert sorted(tiles["done"]) == [2, 2, 2, 2]
-    assert "engine <b>gd</b>, iteration 3 of 3" in doc.get_model_by_name("title").text
+    assert "engine <b>gd</b>, iteration 3 of 3 done" in doc.get_model_by_name("title").text
