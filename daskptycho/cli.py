@@ -86,7 +86,13 @@ def _parser():
     r.add_argument("--tiles", type=_pair, help="tile grid for gd/hve, e.g. 3x3")
     r.add_argument("--pad-px", type=int, help="object grid margin in pixels (a fly-scan store recommends one: recommended_pad_px)")
     r.add_argument("--workers", type=_positive_int, help="workers of the embedded LocalCluster")
-    r.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    r.add_argument("--device", choices=["cpu", "gpu"], help="where arrays live (default cpu; gpu with --cluster cuda)")
+    r.add_argument("--cluster", metavar="SPEC", help="local (default from config) | cuda | ucx | slurm | lsf | pbs | a profile of "
+                   "cluster/jobqueue.yaml | a scheduler address tcp://HOST:PORT, ucx://..., tls://...")
+    r.add_argument("--jobs", type=_positive_int, help="batch jobs to submit with --cluster slurm/lsf/pbs (default 1)")
+    r.add_argument("--scheduler-file", help="attach to the scheduler that wrote this file (dask scheduler --scheduler-file)")
+    r.add_argument("--tls", action="store_true", default=None, help="TLS between client, scheduler and workers "
+                   "(certificates from config daskptycho.cluster.tls-*, else temporary ones for an embedded cluster)")
     r.add_argument("--report", help="write a Dask performance report (HTML) of the run")
     r.add_argument("--timing", help="write per-iteration wall times (JSON)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing result")
@@ -256,7 +262,8 @@ def _cmd_reconstruct(a):
         kw["refine_probe"] = True
     iterations = kw.get("iterations", config.get("reconstruct.iterations"))
     bar = _Progress(iterations, a.quiet)
-    res = reconstruct(ds, engine=a.engine, progress=bar, report=a.report, **kw)
+    cluster_options = {k: v for k, v in (("jobs", a.jobs), ("scheduler_file", a.scheduler_file), ("tls", a.tls)) if v is not None}
+    res = reconstruct(ds, engine=a.engine, progress=bar, report=a.report, cluster=a.cluster, cluster_options=cluster_options, **kw)
     write_result(res, a.out, overwrite=a.overwrite)
     times = bar.iteration_times()
     if a.timing:

@@ -1,33 +1,84 @@
-"""Starting or connecting to a Dask cluster.
+"""Starting or connecting to a Dask cluster: :func:`connect` and ``--cluster SPEC``.
 
-Safe by default: the embedded cluster's scheduler, workers and dashboard listen on
-127.0.0.1 only.
+Specs
+-----
+``local``
+    An embedded :class:`distributed.LocalCluster` (the default).
+``cuda``
+    An embedded ``dask_cuda.LocalCUDACluster``: one worker per GPU, UCX when
+    ``distributed-ucxx`` is installed.
+``ucx``
+    An embedded LocalCluster whose workers talk UCX (over loopback TCP unless
+    ``UCX_TLS`` says otherwise).
+``slurm``, ``lsf``, ``pbs`` (or any profile of ``cluster/jobqueue.yaml``)
+    A dask-jobqueue cluster that submits ``jobs`` batch jobs of workers.
+``tcp://host:port``, ``ucx://...``, ``tls://...``
+    A running scheduler, attached to and never closed.
+
+Safe by default: every embedded cluster's scheduler, workers and dashboard listen
+on 127.0.0.1 only; with ``tls`` they also authenticate and encrypt every
+connection (:class:`distributed.security.Security`).
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
 import os
 
-from .errors import OptionsError
+from . import config
+from .errors import DaskptychoError, DeviceError, OptionsError
+
+logger = logging.getLogger(__name__)
+
+#: The specs that start an embedded cluster; batch systems come from ``cluster/jobqueue.yaml``.
+EMBEDDED = ("local", "cuda", "ucx")
+BATCH_SYSTEMS = {"slurm": "SLURMCluster", "lsf": "LSFCluster", "pbs": "PBSCluster"}
+_ADDRESS_PREFIXES = ("tcp://", "ucx://", "tls://", "inproc://")
+_told = set()  # messages already logged once per process
+
+
+class ClusterError(DaskptychoError, RuntimeError):
+    """A cluster could not be started or reached (no workers arrived, scheduler unreachable)."""
 
 
 def default_workers() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def local_cluster(n_workers=None, memory_limit="auto", processes=True):
+def local_cluster(n_workers=None, memory_limit="auto", processes=True, *, protocol=None, security=None):
     """An embedded :class:`distributed.LocalCluster`: one thread per worker, loopback only.
 
     One thread per worker because each tile's task already uses every core it is
     given through the FFT library's threads; several threads per worker would
     oversubscribe the cores. The dashboard is served on a free loopback port
     (``client.dashboard_link``).
+
+    Parameters
+    ----------
+    n_workers : int, optional
+        Worker processes (default: :func:`default_workers`).
+    memory_limit : str or int
+        Per worker, as for LocalCluster (``"auto"``: the machine's memory shared out).
+    processes : bool
+        Worker processes (True) or threads of this process.
+    protocol : str, optional
+        ``"tcp://"`` (default), ``"ucx://"``, or ``"tls://"`` (set by ``security``).
+    security : distributed.security.Security, optional
+        TLS certificates; every connection is then ``tls://`` and encrypted.
     """
     from distributed import LocalCluster
 
     n = n_workers or default_workers()
     if n < 1:
         raise OptionsError("workers", f"got {n}; expected >= 1")
+    extra = {}
+    if security is not None:
+        extra = {"protocol": "tls://", "security": security}
+    elif protocol is not None:
+        extra = {"protocol": protocol}
     return LocalCluster(
         n_workers=n,
         threads_per_worker=1,
@@ -38,4 +89,399 @@ def local_cluster(n_workers=None, memory_limit="auto", processes=True):
         dashboard_address="127.0.0.1:0",
         memory_limit=memory_limit,
         silence_logs=40,  # logging.ERROR: keep the user's terminal readable
+        **extra,
     )
+
+
+class Connection:
+    """A :class:`distributed.Client` and, when :func:`connect` started one, its cluster.
+
+    A context manager: on exit the client is closed, and the cluster too if this
+    connection started it (a scheduler given by address or scheduler file is left
+    running).
+
+    Attributes
+    ----------
+    client : distributed.Client
+    cluster : distributed.deploy.Cluster or None
+        The cluster this connection started (None when attached to a running one).
+    spec : str
+        What was asked for (``"local"``, ``"slurm"``, an address, ``"scheduler-file"``).
+    device : {"cpu", "gpu"}
+        Where the engines should keep arrays (``"gpu"`` on a ``cuda`` cluster).
+    security : distributed.security.Security or None
+        The TLS settings in use.
+    """
+
+    def __init__(self, client, cluster=None, *, spec, device="cpu", security=None):
+        self.client = client
+        self.cluster = cluster
+        self.spec = spec
+        self.device = device
+        self.security = security
+
+    @property
+    def scheduler_address(self) -> str:
+        return self.client.scheduler.address
+
+    @property
+    def dashboard_link(self) -> str:
+        return self.client.dashboard_link
+
+    @property
+    def job_ids(self) -> list[str]:
+        """Batch-system ids of the jobs a dask-jobqueue cluster submitted (empty otherwise)."""
+        workers = getattr(self.cluster, "workers", {}) or {}
+        return sorted(str(j.job_id) for j in workers.values() if getattr(j, "job_id", None))
+
+    def close(self):
+        try:
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+                self.cluster = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<daskptycho Connection {self.spec!r} scheduler={self.scheduler_address} dashboard={self.dashboard_link}>"
+
+
+def security(tls=None, *, embedded=True):
+    """The TLS settings to use, or None.
+
+    Parameters
+    ----------
+    tls : bool, optional
+        Use TLS (default: config ``daskptycho.cluster.tls``).
+    embedded : bool
+        The cluster is started here: without certificate files in the config a
+        :meth:`Security.temporary` pair (in memory, this process only) is made.
+        Attaching to a remote ``tls://`` scheduler needs the files.
+
+    Returns
+    -------
+    distributed.security.Security or None
+    """
+    from distributed.security import Security
+
+    if tls is None:
+        tls = bool(config.get("cluster.tls", False))
+    if not tls:
+        return None
+    files = {k: config.get(f"cluster.{k}") for k in ("tls-ca-file", "tls-cert", "tls-key")}
+    given = {k: v for k, v in files.items() if v}
+    if given:
+        for k in files:
+            if not files[k]:
+                raise OptionsError(f"daskptycho.cluster.{k}", "TLS certificates need all of tls-ca-file, tls-cert and tls-key; "
+                                   f"{k} is not set")
+            if not os.path.isfile(files[k]):
+                raise OptionsError(f"daskptycho.cluster.{k}", f"{files[k]} is not a file")
+        ca, cert, key = files["tls-ca-file"], files["tls-cert"], files["tls-key"]
+        return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, tls_scheduler_cert=cert, tls_scheduler_key=key,
+                        tls_worker_cert=cert, tls_worker_key=key, require_encryption=True)
+    if not embedded:
+        raise OptionsError("--tls", "a remote TLS scheduler needs certificate files: set daskptycho.cluster.tls-ca-file, "
+                           "tls-cert and tls-key (e.g. DASK_DASKPTYCHO__CLUSTER__TLS_CERT=...)")
+    try:
+        return Security.temporary()
+    except ImportError:
+        raise OptionsError("--tls", "temporary TLS certificates need the 'cryptography' package: pip install cryptography, "
+                           "or give certificate files in daskptycho.cluster.tls-*") from None
+
+
+def connect(spec="local", *, workers=None, jobs=None, scheduler_file=None, tls=None, memory_limit="auto", device=None):
+    """Start or attach to a Dask cluster and return a :class:`Connection` (a context manager).
+
+    Parameters
+    ----------
+    spec : str, optional
+        ``"local"``, ``"cuda"``, ``"ucx"``, ``"slurm"``, ``"lsf"``, ``"pbs"`` (or another
+        profile of ``cluster/jobqueue.yaml``), or a scheduler address
+        (``tcp://host:port``, ``ucx://...``, ``tls://...``). None: config
+        ``daskptycho.cluster.spec``.
+    workers : int, optional
+        Workers of an embedded cluster (``local``, ``ucx``: default the core count;
+        ``cuda``: default one per GPU).
+    jobs : int, optional
+        Batch jobs to submit for ``slurm``/``lsf``/``pbs`` (default: config
+        ``daskptycho.cluster.jobs``); each job brings the profile's ``processes`` workers.
+    scheduler_file : str, optional
+        Attach to the scheduler that wrote this file (``dask scheduler --scheduler-file``);
+        overrides ``spec``.
+    tls : bool, optional
+        Authenticate and encrypt every connection (default: config
+        ``daskptycho.cluster.tls``). Certificates come from the config's
+        ``tls-ca-file``/``tls-cert``/``tls-key``, or for an embedded cluster from
+        :meth:`distributed.security.Security.temporary`.
+    memory_limit : str or int
+        Per worker, for the embedded clusters.
+    device : {"cpu", "gpu"}, optional
+        Where the engines will keep arrays; ``cuda`` implies (and requires) ``"gpu"``.
+
+    Returns
+    -------
+    Connection
+
+    Raises
+    ------
+    OptionsError
+        Unknown spec or bad TLS settings.
+    DeviceError
+        ``cuda`` without a usable GPU or dask-cuda; ``ucx`` without distributed-ucxx.
+    ClusterError
+        A batch system's workers did not arrive in time, or a scheduler is unreachable.
+    """
+    if spec is None:
+        spec = config.get("cluster.spec", "local")
+    if device not in (None, "cpu", "gpu"):
+        raise OptionsError("--device", f"got {device!r}; expected 'cpu' or 'gpu'")
+    if workers is not None and workers < 1:
+        raise OptionsError("--workers", f"got {workers}; expected >= 1")
+    if scheduler_file is not None:
+        return _attach(None, scheduler_file, tls, device)
+    spec = str(spec)
+    if spec.startswith(_ADDRESS_PREFIXES):
+        return _attach(spec, None, tls, device)
+    if spec == "local":
+        sec = security(tls)
+        cluster = local_cluster(workers, memory_limit, security=sec)
+        return _client(cluster, spec, device or "cpu", sec)
+    if spec == "ucx":
+        return _ucx(workers, memory_limit, tls, device)
+    if spec == "cuda":
+        return _cuda(workers, memory_limit, tls, device)
+    profiles = jobqueue_profiles()
+    if spec in profiles or spec in BATCH_SYSTEMS:
+        return _jobqueue(spec, jobs, tls, device)
+    choices = list(EMBEDDED) + sorted(set(BATCH_SYSTEMS) | set(profiles)) + ["tcp://HOST:PORT", "ucx://HOST:PORT", "tls://HOST:PORT"]
+    raise OptionsError("--cluster", f"unknown cluster {spec!r}; expected one of {', '.join(choices)} (or --scheduler-file PATH)")
+
+
+def _client(cluster, spec, device, sec):
+    """A Client of a cluster started here; the cluster is closed if the client fails."""
+    from distributed import Client
+
+    try:
+        client = Client(cluster, security=sec)
+    except BaseException:
+        cluster.close()
+        raise
+    return Connection(client, cluster, spec=spec, device=device, security=sec)
+
+
+def _attach(address, scheduler_file, tls, device):
+    """Attach to a running scheduler, by address or scheduler file; never closes it."""
+    from distributed import Client
+
+    what = address
+    if scheduler_file is not None:
+        if not os.path.isfile(scheduler_file):
+            raise OptionsError("--scheduler-file", f"{scheduler_file} does not exist (the scheduler writes it once it is up)")
+        try:
+            with open(scheduler_file) as f:
+                what = json.load(f)["address"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise OptionsError("--scheduler-file", f"{scheduler_file} is not a Dask scheduler file (JSON with an 'address')") from None
+    use_tls = what.startswith("tls://") or bool(tls)
+    sec = security(True, embedded=False) if use_tls else None
+    timeout = config.get("cluster.connect-timeout", 30)
+    try:
+        if scheduler_file is not None:
+            client = Client(scheduler_file=scheduler_file, security=sec, timeout=timeout)
+        else:
+            client = Client(address, security=sec, timeout=timeout)
+    except (OSError, TimeoutError) as e:
+        flag = "--scheduler-file" if scheduler_file is not None else "--cluster"
+        raise ClusterError(f"{flag}: cannot reach the scheduler at {what} within {timeout} s ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else 'no reply'})") from None
+    return Connection(client, None, spec=address or "scheduler-file", device=device or "cpu", security=sec)
+
+
+def _ucxx_available():
+    import importlib
+
+    try:
+        importlib.import_module("distributed_ucxx")
+    except Exception:  # ImportError, or a native library that fails to load
+        return False
+    return True
+
+
+def _ucx(workers, memory_limit, tls, device):
+    if tls or (tls is None and config.get("cluster.tls", False)):
+        raise OptionsError("--tls", "UCX has no TLS; use --cluster local --tls (TCP with TLS) or drop --tls")
+    if not _ucxx_available():
+        raise DeviceError("--cluster ucx needs distributed-ucxx: pip install distributed-ucxx-cu12 (or use --cluster local)")
+    # loopback TCP through UCX unless the user chose transports; quiet UCX's warning
+    # about the DASK_/UCX_ variables it does not know
+    os.environ.setdefault("UCX_TLS", "tcp")
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    cluster = local_cluster(workers, memory_limit, protocol="ucx")
+    return _client(cluster, "ucx", device or "cpu", None)
+
+
+def _cuda(workers, memory_limit, tls, device):
+    if device == "cpu":
+        raise OptionsError("--device", "--cluster cuda runs the engines on GPUs; drop --device cpu or use --cluster local")
+    try:
+        import cupy
+
+        has_gpu = bool(cupy.is_available())
+    except Exception:  # not installed, or no CUDA driver/runtime
+        has_gpu = False
+    if not has_gpu:
+        raise DeviceError("--cluster cuda: there is no usable GPU on this machine (CuPy is missing or cupy.is_available() "
+                          "is False); use --cluster local")
+    try:
+        from dask_cuda import LocalCUDACluster
+    except Exception as e:
+        raise DeviceError(f"--cluster cuda needs dask-cuda ({type(e).__name__}: {e}): pip install 'dask-cuda[cu12]', "
+                          "or use --cluster local") from None
+    sec = security(tls)
+    if sec is not None:
+        protocol = "tls://"
+    elif _ucxx_available():
+        protocol = "ucx"
+    else:
+        protocol = "tcp"
+        _once("distributed-ucxx is not installed: the cuda cluster's workers talk TCP "
+              "(pip install distributed-ucxx-cu12 for UCX/NVLink)")
+    kw = {"n_workers": workers} if workers else {}
+    try:
+        cluster = LocalCUDACluster(protocol=protocol, security=sec, threads_per_worker=1, host="127.0.0.1",
+                                   dashboard_address="127.0.0.1:0", memory_limit=memory_limit, silence_logs=40, **kw)
+    except Exception as e:  # pynvml and CUDA errors surface here on a machine without a usable GPU
+        raise DeviceError(f"--cluster cuda: dask-cuda could not start GPU workers ({type(e).__name__}: {e}); "
+                          "use --cluster local") from None
+    return _client(cluster, "cuda", "gpu", sec)
+
+
+def _once(message):
+    if message not in _told:
+        _told.add(message)
+        logger.warning(message)
+
+
+# ----------------------------------------------------------------------------- batch systems
+
+
+def jobqueue_file():
+    """The profiles file: config ``daskptycho.cluster.jobqueue-file``, else ``cluster/jobqueue.yaml``
+    of the source tree (None when neither exists, e.g. an installed wheel)."""
+    path = config.get("cluster.jobqueue-file")
+    if path:
+        if not os.path.isfile(path):
+            raise OptionsError("daskptycho.cluster.jobqueue-file", f"{path} is not a file")
+        return path
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cluster", "jobqueue.yaml")
+    return here if os.path.isfile(here) else None
+
+
+def jobqueue_profiles(path=None):
+    """The dask-jobqueue profiles of ``cluster/jobqueue.yaml``: ``{name: {key: value}}``.
+
+    Each profile holds dask-jobqueue keys (as in dask-jobqueue's own
+    ``jobqueue.yaml``) and optionally ``system`` (slurm, lsf or pbs; default: the
+    profile's name).
+    """
+    import yaml
+
+    path = path or jobqueue_file()
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise OptionsError("daskptycho.cluster.jobqueue-file", f"cannot read {path}: {e}") from None
+    profiles = doc.get("jobqueue", {}) if isinstance(doc, dict) else {}
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
+        raise OptionsError("daskptycho.cluster.jobqueue-file", f"{path}: expected 'jobqueue:' mapping profile names to settings")
+    return copy.deepcopy(profiles)
+
+
+def jobqueue_cluster(profile, *, security=None, path=None, **overrides):
+    """A dask-jobqueue cluster (not yet scaled) from a profile of ``cluster/jobqueue.yaml``.
+
+    Keys the profile leaves out fall back to dask-jobqueue's configuration for its
+    batch system (``jobqueue.<system>`` in dask.config, e.g. a site's
+    ``~/.config/dask/jobqueue.yaml``). The scheduler's dashboard listens on
+    127.0.0.1 (a free port) unless the profile's ``scheduler-options`` say otherwise.
+
+    Parameters
+    ----------
+    profile : str
+        A profile name (``slurm``, ``lsf``, ``pbs``, ``slurm-gpu`` ...).
+    security : distributed.security.Security, optional
+    path : str, optional
+        Profiles file (default :func:`jobqueue_file`).
+    **overrides
+        dask-jobqueue keyword arguments that win over the profile.
+
+    Returns
+    -------
+    dask_jobqueue.JobQueueCluster
+        Call ``.job_script()`` to see what would be submitted, ``.scale(jobs=N)`` to submit.
+    """
+    profiles = jobqueue_profiles(path)
+    settings = profiles.get(profile, {})
+    system = settings.pop("system", profile)
+    if system not in BATCH_SYSTEMS:
+        raise OptionsError("--cluster", f"profile {profile!r} names batch system {system!r}; expected one of {', '.join(BATCH_SYSTEMS)}")
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise OptionsError("--cluster", f"--cluster {profile} needs dask-jobqueue: pip install dask-jobqueue") from None
+    kwargs = {}
+    for key, value in settings.items():
+        key = key.replace("-", "_")
+        kwargs["job_name" if key == "name" else key] = value
+    kwargs.update(overrides)
+    sched = dict(kwargs.pop("scheduler_options", None) or {})
+    if not any(k in sched for k in ("dashboard_address", "dashboard-address")):
+        sched["dashboard_address"] = "127.0.0.1:0"
+    cls = getattr(dask_jobqueue, BATCH_SYSTEMS[system])
+    try:
+        return cls(scheduler_options=sched, security=security, config_name=system, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise OptionsError("--cluster", f"profile {profile!r} of {path or jobqueue_file()}: {e}") from None
+
+
+def _jobqueue(profile, jobs, tls, device):
+    from distributed import Client
+
+    if jobs is None:
+        jobs = int(config.get("cluster.jobs", 1))
+    if jobs < 1:
+        raise OptionsError("--jobs", f"got {jobs}; expected >= 1")
+    sec = security(tls)
+    cluster = jobqueue_cluster(profile, security=sec)
+    system = (jobqueue_profiles().get(profile, {}).get("system") or profile).upper()
+    timeout = float(config.get("cluster.worker-timeout", 300))
+    try:
+        cluster.scale(jobs=jobs)
+        per_job = int(getattr(cluster._dummy_job, "worker_processes", 1) or 1)
+        client = Client(cluster, security=sec)
+        try:
+            client.wait_for_workers(jobs * per_job, timeout=timeout)
+        except TimeoutError:
+            got = len(client.scheduler_info(n_workers=-1)["workers"])
+            ids = ", ".join(str(j.job_id) for j in cluster.workers.values() if getattr(j, "job_id", None)) or "none"
+            client.close()
+            raise ClusterError(f"--cluster {profile}: {got} of {jobs * per_job} {system} workers joined within {timeout:g} s "
+                               f"(job ids: {ids}); the jobs may still be queued or failed to start: see the batch system's "
+                               "queue and job logs, or raise daskptycho.cluster.worker-timeout") from None
+    except BaseException:
+        cluster.close()
+        raise
+    conn = Connection(client, cluster, spec=profile, device=device or "cpu", security=sec)
+    logger.info("%s: %d job(s) %s, scheduler %s, dashboard %s", system, jobs, " ".join(conn.job_ids), conn.scheduler_address,
+                conn.dashboard_link)
+    return conn

@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+from .. import config as _config
 from ..io.store import validate_dataset
 from ..options import check_options
 from .problem import ENGINES, ReconstructOptions, prepare, result_dataset
@@ -13,7 +14,7 @@ from .problem import ENGINES, ReconstructOptions, prepare, result_dataset
 __all__ = ["reconstruct", "ReconstructOptions", "ENGINES"]
 
 
-def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, report=None, **kwargs):
+def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, report=None, cluster=None, cluster_options=None, **kwargs):
     """Reconstruct an object (and probe) from a dataset.
 
     Parameters
@@ -26,7 +27,15 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
         workers; ``ml``: the single-task reference (maximum-likelihood gradient
         descent); ``hve``: the Halo Voxel Exchange baseline.
     client : distributed.Client, optional
-        For the distributed engines; without one an embedded LocalCluster is started.
+        For the distributed engines; without one a cluster is started (or attached
+        to) by :func:`daskptycho.connect` from ``cluster``.
+    cluster : str, optional
+        Without a client: the :func:`daskptycho.connect` spec (``local``, ``cuda``,
+        ``ucx``, ``slurm``, ``lsf``, ``pbs``, a scheduler address; default config
+        ``daskptycho.cluster.spec``). ``cuda`` implies ``device="gpu"``.
+    cluster_options : dict, optional
+        More :func:`daskptycho.connect` keywords: ``jobs``, ``scheduler_file``, ``tls``,
+        ``memory_limit``.
     progress : callable(iteration, cost), optional
         Called after every iteration.
     report : str, optional
@@ -52,7 +61,10 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
         validate_dataset(ds, check_values=False)
     if engine is not None:
         kwargs["engine"] = engine
+    if client is None and (cluster or _config.get("cluster.spec")) == "cuda" and "device" not in kwargs and options is None:
+        kwargs["device"] = "gpu"  # a cuda cluster's workers hold CuPy arrays
     opts = check_options(ReconstructOptions, options, kwargs)
+    conn = {"cluster": cluster, "device": opts.device, **(cluster_options or {})}
     problem = prepare(ds, opts)
     t0 = time.perf_counter()
     if opts.engine == "ml":
@@ -66,7 +78,7 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
             load = partial(load_patterns_from_store, source)  # the worker reads the store itself
         else:
             load = partial(_identity, load_patterns(ds))
-        with Driver(client, workers=opts.workers or 1, report=report) as drv:
+        with Driver(client, workers=opts.workers or 1, report=report, **conn) as drv:
             state, costs, memory = drv.run_sequential(
                 load, partial(_ml_step, problem=problem), partial(ml_init, problem), opts.iterations, progress
             )
@@ -76,7 +88,7 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
         from .driver import TileDriver
 
         source = ds.attrs.get("source")
-        with TileDriver(client, workers=opts.workers, report=report) as drv:
+        with TileDriver(client, workers=opts.workers, report=report, **conn) as drv:
             if not (source and os.path.isdir(source)):
                 from .ml import load_patterns
 
@@ -95,12 +107,12 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
             "memory": json.dumps(info["memory"]),
         }
     else:  # dm
-        return _reconstruct_dm(ds, problem, opts, client, report, progress, t0)
+        return _reconstruct_dm(ds, problem, opts, client, report, progress, t0, conn)
     extra["wall_time_s"] = time.perf_counter() - t0
     return result_dataset(problem, obj, probe, costs, ds, extra)
 
 
-def _reconstruct_dm(ds, problem, opts, client, report, progress, t0):
+def _reconstruct_dm(ds, problem, opts, client, report, progress, t0, conn=None):
     """The dm engine, with ``probe_modes='auto'`` growing the modes until the weakest
     carries under 1% of the power (the paper's recipe); the last run whose modes all
     carry at least 1% is kept."""
@@ -113,7 +125,7 @@ def _reconstruct_dm(ds, problem, opts, client, report, progress, t0):
 
     auto = opts.probe_modes == "auto"
     tried = []
-    with TileDriver(client, workers=opts.workers, report=report) as drv:
+    with TileDriver(client, workers=opts.workers, report=report, **(conn or {})) as drv:
         source = ds.attrs.get("source")
         if not (source and os.path.isdir(source)):
             from .ml import load_patterns

@@ -10,35 +10,45 @@ from __future__ import annotations
 import contextlib
 import operator
 
-from ..cluster import local_cluster
+from ..cluster import connect
 
 
 class Driver:
-    """Context manager giving a client: the caller's, or an embedded LocalCluster's.
+    """Context manager giving a client: the caller's, or one from :func:`daskptycho.cluster.connect`.
 
     Parameters
     ----------
     client : distributed.Client, optional
         Used as is (never closed by the driver).
     workers : int, optional
-        Workers of the embedded cluster (default: the core count).
+        Workers of an embedded cluster (default: the core count).
     report : str, optional
         Path of a Dask performance report (HTML) covering the whole run.
+    cluster : str, optional
+        Without a client: the cluster spec for :func:`~daskptycho.cluster.connect`
+        (``local``, ``cuda``, ``ucx``, ``slurm`` ..., a scheduler address; default
+        config ``daskptycho.cluster.spec``).
+    **connect_options
+        More :func:`~daskptycho.cluster.connect` keywords: ``jobs``,
+        ``scheduler_file``, ``tls``, ``memory_limit``, ``device``.
     """
 
-    def __init__(self, client=None, workers=None, report=None):
+    def __init__(self, client=None, workers=None, report=None, cluster=None, **connect_options):
         self._given = client
         self.n_workers = workers
         self.report = report
+        self.cluster_spec = cluster
+        self.connect_options = connect_options
         self._stack = contextlib.ExitStack()
         self.client = None
+        self.connection = None  # the Connection when the driver started or attached to the cluster itself
 
     def __enter__(self):
-        from distributed import Client, performance_report
+        from distributed import performance_report
 
         if self._given is None:
-            cluster = self._stack.enter_context(local_cluster(self.n_workers))
-            self.client = self._stack.enter_context(Client(cluster))
+            self.connection = self._stack.enter_context(connect(self.cluster_spec, workers=self.n_workers, **self.connect_options))
+            self.client = self.connection.client
         else:
             self.client = self._given
         # import the engine code on every worker first, so the memory baseline

@@ -1,0 +1,123 @@
+"""daskptycho.connect: a loopback-only embedded cluster, attaching by address and by
+scheduler file (never closing what it did not start), and the errors of bad specs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from urllib.parse import urlparse
+
+import dask.config
+import psutil
+import pytest
+
+import daskptycho as dp
+from daskptycho.cli import main
+from daskptycho.cluster import ClusterError
+from daskptycho.errors import DeviceError, OptionsError
+
+
+def _listening(pids):
+    """{port: ip} of the TCP sockets the processes ``pids`` listen on."""
+    out = {}
+    for pid in pids:
+        for c in psutil.Process(pid).net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN:
+                out[c.laddr.port] = c.laddr.ip
+    return out
+
+
+def test_local_cluster_listens_on_loopback_only_and_others_attach_without_closing_it(tmp_path):
+    with dp.connect("local", workers=2) as conn:
+        client = conn.client
+        assert conn.cluster is not None and conn.spec == "local" and conn.device == "cpu"
+        sched = urlparse(conn.scheduler_address)
+        dash = urlparse(conn.dashboard_link)
+        assert sched.scheme == "tcp" and sched.hostname == "127.0.0.1"
+        assert dash.hostname == "127.0.0.1"
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        assert len(workers) == 2
+        assert all(urlparse(w).hostname == "127.0.0.1" for w in workers)
+        assert all(info["nthreads"] == 1 for info in workers.values())
+        # what the operating system says: the scheduler, dashboard, nannies and
+        # workers accept connections on 127.0.0.1 only, never on 0.0.0.0
+        me = psutil.Process()
+        ports = _listening([me.pid] + [p.pid for p in me.children(recursive=True)])
+        assert ports[sched.port] == "127.0.0.1" and ports[dash.port] == "127.0.0.1"
+        for w in workers:
+            assert ports[urlparse(w).port] == "127.0.0.1"
+        worker_pids = set(client.run(os.getpid).values())
+        nanny_pids = {psutil.Process(p).ppid() for p in worker_pids}
+        listening = _listening(worker_pids | nanny_pids)
+        assert len(listening) >= 4 and set(listening.values()) == {"127.0.0.1"}, listening
+
+        # attach by address: a second client, no cluster of its own; closing it leaves the cluster running
+        with dp.connect(conn.scheduler_address) as other:
+            assert other.cluster is None
+            assert other.client.submit(sum, [1, 2, 3], pure=False).result() == 6
+        assert client.submit(sum, [4, 5], pure=False).result() == 9
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+
+        # attach by scheduler file, as written by the scheduler's own format
+        sf = tmp_path / "scheduler.json"
+        client.write_scheduler_file(str(sf))
+        with dp.connect(scheduler_file=str(sf)) as other:
+            assert other.cluster is None and other.scheduler_address == conn.scheduler_address
+            assert sorted(other.client.scheduler_info(n_workers=-1)["workers"]) == sorted(workers)
+        assert client.submit(sum, [1, 1], pure=False).result() == 2
+
+
+def test_bad_specs_give_one_clear_error(tmp_path):
+    with pytest.raises(OptionsError) as e:
+        dp.connect("nonsense")
+    msg = str(e.value)
+    assert "--cluster" in msg and "'nonsense'" in msg
+    for choice in ("local", "cuda", "ucx", "slurm", "lsf", "pbs", "tcp://"):
+        assert choice in msg
+    with pytest.raises(OptionsError, match="--scheduler-file"):
+        dp.connect(scheduler_file=str(tmp_path / "missing.json"))
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("not json")
+    with pytest.raises(OptionsError, match="not a Dask scheduler file"):
+        dp.connect(scheduler_file=str(garbage))
+    with pytest.raises(OptionsError, match="--jobs"):
+        dp.connect("slurm", jobs=0)
+    # nobody listens on port 1 of loopback: a quick, clear error
+    with dask.config.set({"daskptycho.cluster.connect-timeout": 2}), pytest.raises(ClusterError, match="cannot reach the scheduler"):
+        dp.connect("tcp://127.0.0.1:1")
+
+
+def _gpu_present():
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+
+        return bool(cupy.is_available())
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(_gpu_present(), reason="a GPU is present: the no-GPU error cannot be seen here")
+def test_cuda_without_gpu_says_so_and_suggests_local():
+    with pytest.raises(DeviceError) as e:
+        dp.connect("cuda")
+    msg = str(e.value)
+    assert "no usable GPU" in msg and "--cluster local" in msg
+    with pytest.raises(OptionsError, match="--device"):
+        dp.connect("cuda", device="cpu")
+
+
+@pytest.mark.parametrize("spec, words", [("nonsense", ["--cluster", "'nonsense'", "local"]),
+                                         ("cuda", ["GPU", "--cluster local"] if not _gpu_present() else None)])
+def test_cli_bad_cluster_exits_2_with_one_line(small_pbtio3, tmp_path, capsys, spec, words):
+    if words is None:
+        pytest.skip("a GPU is present")
+    out = tmp_path / "r.zarr"
+    rc = main(["reconstruct", str(small_pbtio3), "--out", str(out), "--iterations", "1", "--cluster", spec, "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("daskptycho: error:"), err
+    for w in words:
+        assert w in err[0]
+    assert not out.exists()
