@@ -69,39 +69,118 @@ def draw_graph(graph, tiling, path):
     return path
 
 
-def draw_timeline(stream, tile_workers, path, title="task stream"):
-    """Draw a task stream (``Client.get_task_stream`` records) as one lane per
-    worker thread, coloured by phase, like the paper's Fig. 5."""
+#: Phases of the timeline (the paper's Fig. 5), their colours and legend names.
+TIMELINE_PHASES = {
+    "grad": ("#2ca02c", "gradient (grad)"),
+    "vfwd": ("#ff7f0e", "vertical forward pass (vfwd)"),
+    "vbwd": ("#d62728", "vertical backward pass (vbwd)"),
+    "hfwd": ("#9467bd", "horizontal forward pass (hfwd)"),
+    "hbwd": ("#8c564b", "horizontal backward pass (hbwd)"),
+    "update": ("#1f77b4", "tile update (update)"),
+    "other": ("#c7c7c7", "other (load, cost, preview)"),
+}
+
+
+#: Narrowest bar drawn, as a fraction of the time axis: a strip pass takes well under a
+#: millisecond next to gradients of tens of milliseconds, and would not show at all.
+MIN_WIDTH = 0.004
+
+
+def timeline_phase(key):
+    """Phase of a task-stream key for the timeline: ``("vbwd-strip", ...)`` -> ``"vbwd"``."""
+    name = key[0] if isinstance(key, tuple) and key else str(key)
+    base = str(name).split("-")[0]
+    return base if base in TIMELINE_PHASES else "other"
+
+
+def _tile_and_round(key):
+    """``(round, (r, c))`` of a per-tile task key ``(name, s, r, c, ...)``, else None."""
+    if isinstance(key, tuple) and len(key) >= 4 and all(isinstance(v, int) for v in key[1:4]):
+        return key[1], (key[2], key[3])
+    return None
+
+
+def draw_timeline(stream, tile_workers, path, title="task stream", zoom_round=None):
+    """Draw a task stream (``Client.get_task_stream`` records) like the paper's Fig. 5.
+
+    Two panels: the whole run, one lane per worker (what each worker's thread did,
+    coloured by phase); and one pass round zoomed in, one lane per tile (the tile's
+    worker ran the task: a pass task sits in the lane of the tile it works on),
+    with the cross-direction pipelining marked: the bottom row's first horizontal
+    pass task starting before the last vertical backward pass task ends.
+
+    Parameters
+    ----------
+    stream : list of task-stream records (``key``, ``worker``, ``startstops``)
+    tile_workers : dict ``{(r, c): worker address}``
+    path : str, written atomically (SVG or PNG by extension)
+    zoom_round : int, optional: the round to zoom into (default: the middle one)
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-
-    recs = [r for r in stream if any(s["action"] == "compute" for s in r["startstops"])]
-    t0 = min(s["start"] for r in recs for s in r["startstops"])
-    workers = sorted({r["worker"] for r in recs})
-    lane = {w: i for i, w in enumerate(workers)}
-    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.8 * len(workers)))
-    seen = set()
-    for r in recs:
-        key = _key(r["key"])
-        kind = kind_of(key)
-        for s in r["startstops"]:
-            if s["action"] != "compute":
-                continue
-            label = kind if kind not in seen else None
-            seen.add(kind)
-            ax.barh(lane[r["worker"]], s["stop"] - s["start"], left=s["start"] - t0, height=0.7,
-                    color=KIND_COLOURS.get(kind, "#cccccc"), edgecolor="k", linewidth=0.2, label=label)
-            if kind in ("hfwd", "vbwd") and isinstance(key, tuple) and len(key) >= 4:
-                ax.text(s["start"] - t0, lane[r["worker"]] + 0.45, f"{key[-2]}", fontsize=5)
+    recs = []
+    for r in stream:
+        comp = [s for s in r["startstops"] if s["action"] == "compute"]
+        if comp:
+            recs.append((_key(r["key"]), r["worker"], comp))
+    t0 = min(s["start"] for _, _, comp in recs for s in comp)
+    workers = sorted({w for _, w, _ in recs})
+    tiles = sorted(tile_workers)
+    rounds = sorted({tr[0] for k, _, _ in recs if (tr := _tile_and_round(k))})
+    if zoom_round is None and rounds:
+        zoom_round = rounds[len(rounds) // 2]
+    fig, (ax, az) = plt.subplots(2, 1, figsize=(12, 2.2 + 0.75 * len(workers) + 0.38 * len(tiles)),
+                                 gridspec_kw={"height_ratios": [len(workers) + 1, len(tiles) * 0.55 + 1]})
+    # "other" first, so the phases are drawn over it
+    recs.sort(key=lambda rec: timeline_phase(rec[0]) != "other")
+    span = max(s["stop"] for _, _, comp in recs for s in comp) - t0
+    min_w = MIN_WIDTH * span
+    for key, w, comp in recs:
+        colour = TIMELINE_PHASES[timeline_phase(key)][0]
+        ax.broken_barh([(s["start"] - t0, max(min_w, s["stop"] - s["start"])) for s in comp], (workers.index(w) - 0.35, 0.7),
+                       facecolors=colour, edgecolors="none")
     ax.set_yticks(range(len(workers)))
-    ax.set_yticklabels([f"worker {i}\n" + ", ".join(f"({r},{c})" for (r, c), w in tile_workers.items() if w == wk)
+    ax.set_yticklabels([f"worker {i}: tiles " + " ".join(f"({r},{c})" for (r, c), tw in tile_workers.items() if tw == wk)
                         for i, wk in enumerate(workers)], fontsize=7)
-    ax.set_xlabel("seconds")
-    ax.set_title(title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"seconds since the first task (tasks shorter than {min_w * 1e3:.0f} ms drawn that wide)")
+    ax.set_title(title, fontsize=10)
+    # the zoomed round: one lane per tile
+    lane = {t: i for i, t in enumerate(tiles)}
+    zs = [(k, comp) for k, _, comp in recs if (tr := _tile_and_round(k)) and tr[0] == zoom_round and tr[1] in lane]
+    if zs:
+        z0 = min(s["start"] for _, comp in zs for s in comp)
+        zmin = MIN_WIDTH * 1e3 * (max(s["stop"] for _, comp in zs for s in comp) - z0)
+        for key, comp in zs:
+            colour = TIMELINE_PHASES[timeline_phase(key)][0]
+            az.broken_barh([(1e3 * (s["start"] - z0), max(zmin, 1e3 * (s["stop"] - s["start"]))) for s in comp],
+                           (lane[_tile_and_round(key)[1]] - 0.38, 0.76), facecolors=colour, edgecolors="none")
+        rows = 1 + max(r for r, _ in tiles)
+        pipe = pipelining([{"key": k, "startstops": comp} for k, comp in zs], rows).get(zoom_round)
+        if pipe is not None:
+            h, v = 1e3 * (pipe["bottom_h_start"] - z0), 1e3 * (pipe["last_vbwd_end"] - z0)
+            for x, txt, col in ((h, "bottom row: first horizontal pass task", "#9467bd"), (v, "last vertical backward pass task ends", "#d62728")):
+                az.axvline(x, color=col, lw=1.0, ls="--")
+                az.annotate(txt, (x, -0.9), fontsize=7, color=col, ha="right" if x == min(h, v) else "left",
+                            xytext=(-3 if x == min(h, v) else 3, 0), textcoords="offset points", annotation_clip=False)
+            if pipe["pipelined"]:
+                az.annotate("", xy=(h, -0.6), xytext=(v, -0.6), annotation_clip=False,
+                            arrowprops=dict(arrowstyle="<->", color="#d62728", lw=1.2))
+        az.set_yticks(range(len(tiles)))
+        az.set_yticklabels([f"tile ({r},{c}), worker {workers.index(tile_workers[(r, c)]) if tile_workers[(r, c)] in workers else '?'}"
+                            for r, c in tiles], fontsize=7)
+        az.set_ylim(len(tiles) - 0.5, -1.3)
+        az.set_xlabel(f"milliseconds since round {zoom_round}'s first task (one lane per tile: the tile's worker ran it; "
+                      f"tasks shorter than {zmin:.0f} ms drawn that wide)")
+        az.set_title(f"round {zoom_round} zoomed in: gradients, the four passes, updates", fontsize=9)
+    else:
+        az.set_visible(False)
+    handles = [Patch(facecolor=c, edgecolor="k", linewidth=0.3, label=name) for c, name in TIMELINE_PHASES.values()]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     fig.tight_layout()
     _savefig(fig, path)
     plt.close(fig)
