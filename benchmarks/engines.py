@@ -1,0 +1,217 @@
+"""Time per iteration, peak memory per worker and Dask overhead of every engine, on one dataset.
+
+    python -m benchmarks engines [--scan 32 --detector 128 --slices 4 --iterations 6]
+
+The dataset of :mod:`benchmarks.fft_floor` (simulated PbTiO3, 32x32 positions,
+128 px patterns, 4 slices; ``dm`` gets the single-slice dataset of the same size),
+written to a Zarr store that the workers read themselves. Each case runs on a fresh
+process LocalCluster (one thread per worker, 2 workers unless said), so each worker's
+peak memory belongs to that run:
+
+* ``ml`` (one task holds everything), ``gd`` with 1, 4, 9 and 16 tiles, ``hve`` with
+  4 tiles, ``dm`` (2 parts) on 2 workers, and ``gd`` with 4 tiles on 1 worker;
+* time per iteration: median over the iterations after the first (from the progress
+  callback, which fires when an iteration's cost has reached the client);
+* peak resident memory above the worker's baseline (the result's ``memory`` attribute);
+* from the task stream (:func:`distributed.get_task_stream`), after the first iteration: the seconds workers spent
+  computing and transferring, and the rest of ``workers x wall`` (scheduler latency,
+  waiting on dependencies, the client's own work between iterations);
+* the FFT floor of one iteration (FFTs counted on this dataset x the best measured time
+  per FFT from ``benchmarks/results/fft_floor.json``) divided by the measured time.
+
+Targets (issue 6): ``ml`` at least 40% of the floor; ``gd`` 1 tile at most 15% slower
+than ``ml``; ``gd`` 4 tiles at least 1.6x faster on 2 workers than on 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+from .common import RESULTS, write
+
+CASES = [
+    # (label, engine, tiles, workers, multislice)
+    ("ml", "ml", (1, 1), 2, True),
+    ("gd 1 tile", "gd", (1, 1), 2, True),
+    ("gd 4 tiles", "gd", (2, 2), 2, True),
+    ("gd 9 tiles", "gd", (3, 3), 2, True),
+    ("gd 16 tiles", "gd", (4, 4), 2, True),
+    ("hve 4 tiles", "hve", (2, 2), 2, True),
+    ("dm (single slice)", "dm", (1, 1), 2, False),
+    ("gd 4 tiles on 1 worker", "gd", (2, 2), 1, True),
+]
+
+
+def _task_stream_summary(records, n_workers, t_begin, t_end):
+    """Seconds of compute, transfer and other actions in the task stream between
+    ``t_begin`` and ``t_end`` (wall clock, seconds since the epoch; parts of actions
+    outside the window are cut off)."""
+    sums = {}
+    n = 0
+    for r in records:
+        counted = False
+        for ss in r.get("startstops", ()):
+            d = min(ss["stop"], t_end) - max(ss["start"], t_begin)
+            if d > 0:
+                sums[ss["action"]] = sums.get(ss["action"], 0.0) + d
+                counted = True
+        n += counted
+    wall = t_end - t_begin
+    compute = sums.get("compute", 0.0)
+    transfer = sums.get("transfer", 0.0)
+    return {
+        "tasks": n,
+        "compute_s": compute,
+        "transfer_s": transfer,
+        "other_actions_s": {k: v for k, v in sums.items() if k not in ("compute", "transfer")},
+        "wall_s": wall,
+        "worker_seconds": n_workers * wall,
+        "idle_s": max(0.0, n_workers * wall - compute - transfer),
+        "compute_fraction_of_worker_seconds": compute / (n_workers * wall) if wall else None,
+    }
+
+
+def run_case(store, engine, tiles, workers, iterations, slices, extra=None):
+    """One reconstruction on a fresh LocalCluster; returns timings, memory and the task stream summary."""
+    from distributed import Client, get_task_stream
+
+    import daskptycho as dp
+    from daskptycho.cluster import local_cluster
+
+    stamps, epoch = [], []
+
+    def progress(it, cost):
+        stamps.append(time.perf_counter())
+        epoch.append(time.time())
+
+    kw = dict(iterations=iterations, slices=slices, **(extra or {}))
+    if engine in ("gd", "hve"):
+        kw["tiles"] = tiles
+    with local_cluster(workers, memory_limit=0) as cl, Client(cl) as c:
+        c.wait_for_workers(workers)
+        t0 = time.perf_counter()
+        with get_task_stream(client=c) as ts:
+            res = dp.reconstruct(store, engine=engine, client=c, progress=progress, **kw)
+        wall = time.perf_counter() - t0
+        records = ts.data
+    edges = [t0] + stamps
+    per_it = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    mem = json.loads(res.attrs["memory"])
+    peaks = list(mem.get("worker_peak_above_baseline_bytes", {}).values())
+    return {
+        "iteration_s": per_it,
+        "iteration_s_median": statistics.median(per_it[1:] or per_it),
+        "wall_s": wall,
+        "peak_above_baseline_bytes_max": int(max(peaks)) if peaks else None,
+        "final_cost": float(res.cost.values[-1]),
+        # steady state: from the end of the first iteration to the end of the last
+        "task_stream": _task_stream_summary(records, workers, epoch[0], epoch[-1]),
+    }
+
+
+def dataset_ffts(ds, slices, engine="ml"):
+    """FFTs of one iteration on ``ds`` (counted by instrumenting the FFT calls in this process)."""
+    from .fft_floor import count_ffts, iteration_fft_count
+
+    if engine != "dm":
+        return iteration_fft_count(ds, slices)
+    # dm: one iteration is the Fourier error and the Fourier projection of every view
+    # (the object/probe sums have no FFT); counted on the same physics calls
+    import numpy as np
+
+    from daskptycho import physics
+    from daskptycho.engines.ml import load_patterns
+    from daskptycho.engines.problem import ReconstructOptions, prepare
+    from daskptycho.options import check_options
+    from daskptycho.physics import dm
+
+    p = prepare(ds, check_options(ReconstructOptions, None, dict(engine="dm", slices=1, iterations=1)))
+    data = load_patterns(ds)
+    obj = p.initial_object(np)[:1]
+    probe = p.probe
+    with count_ffts() as tally:
+        for s in range(0, p.n_positions, 64):
+            idx = physics.window_index(p.corners[s:s + 64], p.window, obj.shape[-2:])
+            views = dm.exit_waves(probe, obj, idx)
+            dm.fourier_error(probe, obj, idx, data[s:s + 64])
+            dm.dm_update_views(views, probe, obj, idx, data[s:s + 64])
+    tally["positions"] = int(p.n_positions)
+    return tally
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks engines")
+    p.add_argument("--scan", type=int, default=32)
+    p.add_argument("--detector", type=int, default=128)
+    p.add_argument("--slices", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=6)
+    p.add_argument("--cases", default="", help="labels to run, separated by semicolons (default: all)")
+    a = p.parse_args(argv)
+
+    import daskptycho as dp
+
+    load0 = os.getloadavg()
+    floor_path = os.path.join(RESULTS, "fft_floor.json")
+    best_us = None
+    if os.path.exists(floor_path):
+        with open(floor_path) as f:
+            best_us = json.load(f)["best_us_per_fft_cpu"].get(str(a.detector))
+    wanted = [c.strip() for c in a.cases.split(";") if c.strip()]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = {}
+        for multi in (True, False):
+            cfg = dict(kind="pbtio3", scan=(a.scan, a.scan), detector=a.detector, slices=a.slices if multi else 1)
+            ds = dp.simulate(**cfg)
+            path = os.path.join(tmp, f"pbtio3_{'multi' if multi else 'single'}.zarr")
+            dp.write_dataset(ds, path)
+            stores[multi] = (path, cfg, ds)
+        ffts = {"ml": dataset_ffts(stores[True][2], a.slices), "dm": dataset_ffts(stores[False][2], 1, "dm")}
+        for label, engine, tiles, workers, multi in CASES:
+            if wanted and label not in wanted:
+                continue
+            path, cfg, _ = stores[multi]
+            r = run_case(path, engine, tiles, workers, a.iterations, cfg["slices"])
+            count = ffts["dm" if engine == "dm" else "ml"]["ffts"]
+            floor = count * best_us * 1e-6 if best_us else None
+            r.update({"label": label, "engine": engine, "tiles": tiles[0] * tiles[1], "workers": workers,
+                      "slices": cfg["slices"], "ffts_per_iteration": count, "floor_s": floor,
+                      "floor_fraction": floor / r["iteration_s_median"] if floor else None,
+                      "loadavg_after": os.getloadavg()})
+            rows.append(r)
+            ts = r["task_stream"]
+            print(f"{label:22s} {r['iteration_s_median']:7.3f} s/it  floor/measured {r['floor_fraction'] or float('nan'):.2f}  "
+                  f"peak {r['peak_above_baseline_bytes_max'] / 2**20 if r['peak_above_baseline_bytes_max'] else float('nan'):7.1f} MiB  "
+                  f"compute {ts['compute_s']:.1f} s transfer {ts['transfer_s']:.2f} s idle {ts['idle_s']:.1f} s of {ts['worker_seconds']:.1f}",
+                  flush=True)
+    by = {r["label"]: r for r in rows}
+    targets = {}
+    if "ml" in by:
+        targets["ml_floor_fraction"] = {"value": by["ml"]["floor_fraction"], "target": ">= 0.40",
+                                        "met": bool(by["ml"]["floor_fraction"] and by["ml"]["floor_fraction"] >= 0.40)}
+    if "ml" in by and "gd 1 tile" in by:
+        v = by["gd 1 tile"]["iteration_s_median"] / by["ml"]["iteration_s_median"] - 1
+        targets["gd1_over_ml"] = {"value": v, "target": "<= 0.15", "met": v <= 0.15}
+    if "gd 4 tiles" in by and "gd 4 tiles on 1 worker" in by:
+        v = by["gd 4 tiles on 1 worker"]["iteration_s_median"] / by["gd 4 tiles"]["iteration_s_median"]
+        targets["gd4_speedup_2_vs_1_worker"] = {"value": v, "target": ">= 1.6", "met": v >= 1.6}
+    for k, t in targets.items():
+        print(f"target {k}: {t['value']:.3f} ({t['target']}): {'met' if t['met'] else 'MISSED'}")
+    out = write("engines", {
+        "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+        "dataset": f"pbtio3 {a.scan}x{a.scan} positions, {a.detector} px patterns, {a.slices} slices (dm: 1 slice)",
+        "iterations": a.iterations, "best_us_per_fft": best_us,
+        "fft_count": {k: {kk: vv for kk, vv in v.items() if kk != "by_size"} for k, v in ffts.items()},
+        "rows": rows, "targets": targets,
+        "command": "python -m benchmarks engines " + " ".join(argv or []),
+    })
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

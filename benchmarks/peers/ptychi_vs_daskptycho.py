@@ -1,0 +1,192 @@
+"""Pty-Chi's LSQML engine against daskptycho's ``ml`` and ``gd`` on the same simulated data.
+
+    bash benchmarks/peers/setup.sh                      # once: benchmarks/peers/.venv
+    benchmarks/peers/.venv/bin/python benchmarks/peers/ptychi_vs_daskptycho.py [--scan 24 --iterations 10]
+
+One dataset per variant, simulated by daskptycho (PbTiO3 along [001], 200 keV electrons,
+128 px patterns): ``single`` (1 slice) and ``multislice`` (4 slices). Both codes start from
+the same object (ones on the same grid), the same probe (daskptycho's initial probe, kept
+fixed by both), the same positions and run the same number of iterations (epochs).
+
+Conventions matched (read from Pty-Chi's source in the peer venv):
+
+* data: Pty-Chi takes intensities centred (it FFT-shifts them itself, ``fft_shift=True``)
+  and its far-field propagator is the *unnormalised* FFT, daskptycho's the orthonormal
+  one: the intensities given to Pty-Chi are multiplied by ``N_y N_x`` so the same probe
+  fits both;
+* positions: Pty-Chi cuts the patch whose top-left pixel is ``position + origin -
+  (N - 1) / 2``; with the origin given as ``(N - 1) / 2`` the positions are
+  daskptycho's window corners (integers: no sub-pixel interpolation);
+* slices: Pty-Chi's angular-spectrum kernel (exact, not paraxial) with the same spacing;
+  the difference from daskptycho's Fresnel kernel at 25 mrad is a constant phase and a
+  correction of order ``(lambda k)^4``.
+
+Timing: median seconds per iteration with the first excluded; Pty-Chi runs one epoch per
+``task.run(1)`` call in this process; daskptycho's per-iteration times come from its
+progress callback. Threads: ``torch.set_num_threads(1)`` against ``ml`` (one worker, one
+thread) and ``2`` against ``gd`` (2 workers x 1 thread). Error: daskptycho's
+:func:`~daskptycho.metrics.phase_correlation` (Pearson r and RMS of the projected phase
+after removing the mean offset) over the scanned field, for both codes.
+
+Writes benchmarks/results/peers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root: benchmarks.common
+
+
+def import_torchvision():
+    """Import torchvision with CPU-only PyTorch.
+
+    The torchvision wheels on PyPI link the CUDA build of PyTorch, so with the CPU build
+    their compiled operators (``_C.so``: nms, roi_align, ...) cannot load, and
+    ``import torchvision`` fails while registering those operators' fake kernels.
+    Pty-Chi uses only torchvision's pure-Python transforms (``GaussianBlur``), so the
+    registrations are skipped for the import; no operator of ``_C.so`` is ever called.
+    """
+    import torch.library
+
+    register_fake = torch.library.register_fake
+    torch.library.register_fake = lambda *a, **k: (lambda f: f)
+    try:
+        import torchvision
+    finally:
+        torch.library.register_fake = register_fake
+    return torchvision
+
+
+def run_ptychi(ds, problem, iterations, threads, batch_size, slices):
+    import torch
+
+    import_torchvision()
+    import ptychi.api as api
+    from ptychi.api.task import PtychographyTask
+
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(torch.float32)
+    n = problem.window[0]
+    inten = ds["intensity"].values.astype(np.float32) * float(problem.window[0] * problem.window[1])
+    o = api.LSQMLOptions()
+    o.data_options.wavelength_m = float(problem.wavelength_m)
+    o.data_options.fft_shift = True
+    obj0 = problem.initial_object(np).astype(np.complex64)
+    o.object_options.pixel_size_m = float(problem.grid.pixel_size_m)
+    if slices > 1:
+        o.object_options.slice_spacings_m = np.full(slices - 1, float(problem.slice_thickness_m))
+    o.object_options.optimizable = True
+    o.object_options.determine_position_origin_coords_by = api.enums.ObjectPosOriginCoordsMethods.SPECIFIED
+    o.object_options.position_origin_coords = np.array([(n - 1) / 2, (n - 1) / 2])
+    o.probe_options.optimizable = False
+    corners = problem.corners.astype(np.float32)
+    o.probe_position_options.optimizable = False
+    o.reconstructor_options.batch_size = batch_size
+    o.reconstructor_options.num_epochs = iterations
+    o.reconstructor_options.default_device = api.Devices.CPU
+    o.reconstructor_options.random_seed = 0
+    task = PtychographyTask(o, diffraction_data=inten, object_data=torch.as_tensor(obj0),
+                            probe_data=torch.as_tensor(problem.probe[None].astype(np.complex64)),
+                            probe_position_y_px=corners[:, 0], probe_position_x_px=corners[:, 1])
+    times = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        task.run(1)
+        times.append(time.perf_counter() - t0)
+    obj = task.get_data_to_cpu("object", as_numpy=True)
+    return obj, times
+
+
+def run_daskptycho(store, engine, iterations, slices, workers, tiles=None):
+    from distributed import Client
+
+    import daskptycho as dp
+    from daskptycho.cluster import local_cluster
+
+    stamps = []
+    kw = dict(iterations=iterations, slices=slices)
+    if tiles:
+        kw["tiles"] = tiles
+    with local_cluster(workers, memory_limit=0) as cl, Client(cl) as c:
+        t0 = time.perf_counter()
+        res = dp.reconstruct(store, engine=engine, client=c, progress=lambda it, cost: stamps.append(time.perf_counter()), **kw)
+    edges = [t0] + stamps
+    return res, [b - a for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _score(obj_values, template, truth, position):
+    from daskptycho.metrics import phase_correlation
+
+    da = template.copy(data=obj_values.astype(np.complex64))
+    r, rms = phase_correlation(da, truth, position)
+    return float(r), float(rms)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="ptychi_vs_daskptycho")
+    p.add_argument("--scan", type=int, default=24)
+    p.add_argument("--detector", type=int, default=128)
+    p.add_argument("--slices", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=96, help="Pty-Chi LSQML minibatch (its default is 100)")
+    a = p.parse_args(argv)
+
+    import tempfile
+
+    import torch
+
+    import daskptycho as dp
+    from benchmarks.common import write
+    from daskptycho.engines.problem import ReconstructOptions, prepare
+    from daskptycho.options import check_options
+
+    load0 = os.getloadavg()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant, slices in (("single", 1), ("multislice", a.slices)):
+            ds = dp.simulate(kind="pbtio3", scan=(a.scan, a.scan), detector=a.detector, slices=slices)
+            store = os.path.join(tmp, f"{variant}.zarr")
+            dp.write_dataset(ds, store)
+            ds = dp.open_dataset(store)
+            problem = prepare(ds, check_options(ReconstructOptions, None, dict(engine="ml", slices=slices, iterations=a.iterations)))
+            truth = ds["truth_object"]
+            position = ds["position"].values
+            ours = {}
+            for label, engine, workers, tiles in (("daskptycho ml", "ml", 1, None), ("daskptycho gd 2x2", "gd", 2, (2, 2))):
+                res, times = run_daskptycho(store, engine, a.iterations, slices, workers, tiles)
+                r, rms = _score(res["object"].values, res["object"], truth, position)
+                ours[engine] = res
+                rows.append({"variant": variant, "slices": slices, "code": label, "threads": workers,
+                             "iteration_s": times, "iteration_s_median": statistics.median(times[1:]),
+                             "phase_r": r, "phase_rms_rad": rms})
+                print(rows[-1]["code"], variant, f"{rows[-1]['iteration_s_median']:.3f} s/it r={r:.4f} rms={rms:.4f}", flush=True)
+            for threads in (1, 2):
+                obj, times = run_ptychi(ds, problem, a.iterations, threads, a.batch_size, slices)
+                r, rms = _score(obj, ours["ml"]["object"], truth, position)
+                rows.append({"variant": variant, "slices": slices, "code": "Pty-Chi LSQML", "threads": threads,
+                             "batch_size": a.batch_size, "iteration_s": times,
+                             "iteration_s_median": statistics.median(times[1:]), "phase_r": r, "phase_rms_rad": rms})
+                print(f"Pty-Chi LSQML {variant} threads={threads}: {rows[-1]['iteration_s_median']:.3f} s/it r={r:.4f} rms={rms:.4f}", flush=True)
+    import ptychi
+
+    path = write("peers", {
+        "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+        "dataset": f"pbtio3 {a.scan}x{a.scan} positions, {a.detector} px patterns; single slice and {a.slices} slices",
+        "iterations": a.iterations,
+        "peer_versions": {"torch": torch.__version__, "ptychi": getattr(ptychi, "__version__", "2.2.0")},
+        "rows": rows,
+        "command": "benchmarks/peers/.venv/bin/python benchmarks/peers/ptychi_vs_daskptycho.py " + " ".join(argv or sys.argv[1:]),
+    })
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
