@@ -93,6 +93,8 @@ def test_a_run_publishes_its_costs_tiles_and_a_small_phase_image(client, gd_run)
 def test_the_dashboard_serves_the_page_and_its_document_reads_the_store(client, gd_run):
     from bokeh.document import Document
 
+    from daskptycho.engines.driver import Driver
+
     url = client.dashboard_link.replace("/status", "/daskptycho")
     with urllib.request.urlopen(url, timeout=30) as r:
         assert r.status == 200
@@ -108,3 +110,16 @@ def test_the_dashboard_serves_the_page_and_its_document_reads_the_store(client, 
     tiles = doc.get_model_by_name("tile-source").data
     assert sorted(tiles["done"]) == [2, 2, 2, 2]
     assert "engine <b>gd</b>, iteration 3 of 3 done" in doc.get_model_by_name("title").text
+    # what a run says its page is (this resets the store: last)
+    with Driver(client) as drv:
+        assert drv.live_begin("gd", 3, (2, 2)) == url == drv.dashboard_page
+    assert client.run_on_scheduler(_live)["costs"] == []
+
+
+def test_live_publishing_can_be_switched_off(client, small_pbtio3):
+    before = client.run_on_scheduler(_live)
+    with dask.config.set({"daskptycho.dashboard.live": False}):
+        res = dp.reconstruct(str(small_pbtio3), engine="ml", iterations=1, slices=2, client=client)
+    assert res.cost.size == 1
+    after = client.run_on_scheduler(_live)
+    assert after["costs"] == before["costs"] and after["engine"] == before["engine"]
