@@ -160,9 +160,10 @@ def security(tls=None, *, embedded=True):
     tls : bool, optional
         Use TLS (default: config ``daskptycho.cluster.tls``).
     embedded : bool
-        The cluster is started here: without certificate files in the config a
-        :meth:`Security.temporary` pair (in memory, this process only) is made.
-        Attaching to a remote ``tls://`` scheduler needs the files.
+        The cluster and its workers are started here: without certificate files
+        in the config a :meth:`Security.temporary` pair (in memory, this process
+        and its children only) is made. A remote ``tls://`` scheduler and batch-job
+        workers need the files.
 
     Returns
     -------
@@ -187,8 +188,8 @@ def security(tls=None, *, embedded=True):
         return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, tls_scheduler_cert=cert, tls_scheduler_key=key,
                         tls_worker_cert=cert, tls_worker_key=key, require_encryption=True)
     if not embedded:
-        raise OptionsError("--tls", "a remote TLS scheduler needs certificate files: set daskptycho.cluster.tls-ca-file, "
-                           "tls-cert and tls-key (e.g. DASK_DASKPTYCHO__CLUSTER__TLS_CERT=...)")
+        raise OptionsError("--tls", "TLS with a remote scheduler or batch-job workers needs certificate files: set "
+                           "daskptycho.cluster.tls-ca-file, tls-cert and tls-key (e.g. DASK_DASKPTYCHO__CLUSTER__TLS_CERT=...)")
     try:
         return Security.temporary()
     except ImportError:
@@ -461,7 +462,8 @@ def _jobqueue(profile, jobs, tls, device):
         jobs = int(config.get("cluster.jobs", 1))
     if jobs < 1:
         raise OptionsError("--jobs", f"got {jobs}; expected >= 1")
-    sec = security(tls)
+    # workers on other nodes must be given the certificate: files, not in-memory temporary ones
+    sec = security(tls, embedded=False)
     cluster = jobqueue_cluster(profile, security=sec)
     system = (jobqueue_profiles().get(profile, {}).get("system") or profile).upper()
     timeout = float(config.get("cluster.worker-timeout", 300))

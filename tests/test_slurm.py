@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask.config
 import numpy as np
 import pytest
 
@@ -98,6 +99,25 @@ def test_reconstruct_with_slurm_jobs_matches_a_local_run(slurm, small_pbtio3, tm
     a, b = remote.object.values, local.object.values
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
     np.testing.assert_allclose(remote.cost.values, local.cost.values, rtol=1e-5)
+
+
+def test_slurm_workers_with_tls_certificates(slurm, tmp_path):
+    """Batch-job workers are given the certificate files on their command line and join over tls://."""
+    from test_tls import _write_certificates  # tests/ is on sys.path (pytest's rootdir-relative import)
+
+    with dask.config.set(_write_certificates(tmp_path)):
+        with pytest.raises(dp.OptionsError, match="certificate files"), dask.config.set({"daskptycho.cluster.tls-cert": None,
+                                                                                        "daskptycho.cluster.tls-ca-file": None,
+                                                                                        "daskptycho.cluster.tls-key": None}):
+            dp.connect("slurm", jobs=1, tls=True)
+        with dp.connect("slurm", jobs=1, tls=True) as conn:
+            assert conn.scheduler_address.startswith("tls://127.0.0.1:")
+            (worker,) = conn.client.scheduler_info(n_workers=-1)["workers"]
+            assert worker.startswith("tls://127.0.0.1:")
+            assert len(conn.job_ids) == 1
+            script = conn.cluster.job_script()
+            assert f"--tls-cert {tmp_path / 'cert.pem'}" in script and "--protocol tls://" in script
+            assert conn.client.submit(sum, [2, 3], pure=False).result() == 5
 
 
 # ----------------------------------------------------------------------------- job scripts, not submitted
