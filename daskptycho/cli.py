@@ -361,14 +361,31 @@ def _cmd_graph(a):
 
 
 def main(argv=None):  # noqa: D103
+    import contextlib
+    import io
+
     from .errors import DaskptychoError
 
-    args = _parser().parse_args(argv)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = _parser().parse_args(argv)
+    except SystemExit as e:
+        text = err.getvalue().strip()
+        if e.code == 2 and ": error: " in text:  # argparse's refusal: its last line, without the usage block
+            prog, _, msg = text.splitlines()[-1].partition(": error: ")
+            print(f"daskptycho: error: {msg} (see '{prog} --help')", file=sys.stderr)
+            return 2
+        sys.stderr.write(err.getvalue())
+        raise
     try:
         {"simulate": _cmd_simulate, "info": _cmd_info, "reconstruct": _cmd_reconstruct, "view": _cmd_view,
          "graph": _cmd_graph, "import": _cmd_import, "export": _cmd_export}[args.command](args)
     except DaskptychoError as e:
-        print(f"daskptycho: error: {e}", file=sys.stderr)
+        print("daskptycho: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
+        return 2
+    except OSError as e:  # the file system refused (permission, disk full, read-only): one line, not a traceback
+        print("daskptycho: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("daskptycho: interrupted", file=sys.stderr)

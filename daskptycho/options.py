@@ -24,8 +24,8 @@ def check_options(cls, options=None, overrides=None):
         raise OptionsError("options", f"expected a dict or {cls.__name__}, got {type(options).__name__}")
     base.update({k: v for k, v in (overrides or {}).items()})
     for key in base:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
+        if not isinstance(key, str) or key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {', '.join(sorted(known))}"
-            raise OptionsError(key, f"unknown option{hint}")
+            raise OptionsError(str(key), f"unknown option{hint}")
     return cls(**base)

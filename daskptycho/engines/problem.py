@@ -8,6 +8,8 @@ the ones it owns.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +64,7 @@ class ReconstructOptions:
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise OptionsError("engine", f"got {self.engine!r}; expected one of {', '.join(ENGINES)}")
+        _check_types(self)
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, (int, np.integer)) or self.iterations < 1:
             raise OptionsError("iterations", f"got {self.iterations!r}; expected an integer >= 1")
         if self.batch_size is not None and (not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1):
@@ -107,6 +110,36 @@ class ReconstructOptions:
         self.tiles = t
         if self.passes_per_iteration < 1:
             raise OptionsError("passes_per_iteration", f"got {self.passes_per_iteration}; expected >= 1")
+
+
+# option -> (integer?, lower bound, bound allowed?, None allowed?): checked before the
+# range checks of ReconstructOptions, so a string never reaches a comparison (a bare
+# TypeError) and a bool, NaN or inf never passes as a number
+_NUMERIC = {
+    "iterations": (True, 1, True, False), "batch_size": (True, 1, True, True), "step": (False, 0, False, False),
+    "probe_step": (False, 0, False, False), "probe_refine_start": (True, 0, True, False), "regularization": (False, 0, True, False),
+    "seed": (True, 0, True, False), "pad_px": (True, 0, True, False), "slices": (True, 1, True, False),
+    "slice_thickness_m": (False, 0, False, True), "working_set_mib": (False, 0, False, False), "working_set_fraction": (False, 0, False, False),
+    "passes_per_iteration": (True, 1, True, False), "halo_m": (False, 0, False, True), "workers": (True, 1, True, True),
+    "beta": (False, 0, False, False), "object_modes": (True, 1, True, False), "partitions": (True, 1, True, True),
+}
+
+
+def _check_types(opts):
+    """Types of the numeric and boolean options (see ``_NUMERIC``)."""
+    for name, (integer, lo, closed, none_ok) in _NUMERIC.items():
+        v = getattr(opts, name, None)
+        if v is None and none_ok:
+            continue
+        ok = not isinstance(v, (bool, np.bool_)) and isinstance(v, numbers.Integral if integer else numbers.Real)
+        ok = ok and math.isfinite(float(v)) and (v >= lo if closed else v > lo)
+        if not ok:
+            what = "an integer" if integer else "a finite number"
+            bound = f"{'>=' if closed else '>'} {lo}"
+            raise OptionsError(name, f"got {v!r}; expected {what} {bound}{' or None' if none_ok else ''}")
+    for name in ("refine_probe", "local_updates"):
+        if not isinstance(getattr(opts, name), (bool, np.bool_)):
+            raise OptionsError(name, f"got {getattr(opts, name)!r}; expected True or False")
 
 
 def array_module(device):
@@ -226,6 +259,13 @@ def prepare(ds, options) -> Problem:
     positions = np.asarray(ds["position"].values, dtype=np.float64)
     grid = object_grid(positions, window, dx, opts.pad_px)
     corners = grid.window_corners(positions, window)
+    # options that depend on the scan are checked here, before any cluster starts
+    if opts.engine in ("gd", "hve"):
+        from ..tiling import halo_from_metres, make_tiling
+
+        make_tiling(grid, corners, window, opts.tiles, halo_from_metres(opts.halo_m, dx))
+    if opts.engine == "dm" and opts.partitions is not None and opts.partitions > n_scan:
+        raise OptionsError("partitions", f"got {opts.partitions}; expected at most the number of positions ({n_scan})")
     mask = None
     if "mask" in ds:
         mask = np.fft.ifftshift(np.asarray(ds["mask"].values, dtype=bool))

@@ -219,7 +219,14 @@ def _check_layout(path):
                 raise DatasetError(name, f"{name}/ holds no zarr.json file (Zarr array metadata); re-create the store")
             continue  # not a Zarr node: xarray ignores it too
         meta = _read_meta(path, name)
-        if meta.get("node_type") != "array":
+        node = meta.get("node_type")
+        if meta.get("zarr_format") != 3 or node not in ("array", "group") or (node == "group" and name in SCHEMA):
+            raise DatasetError("metadata", f"{name}/zarr.json has zarr_format={meta.get('zarr_format')!r}, node_type={node!r}; "
+                               f"expected a Zarr v3 {'array' if name in SCHEMA else 'node'} (re-create the store)")
+        if node == "group":
+            extra = set(meta) - {"attributes", "zarr_format", "node_type", "consolidated_metadata"}
+            if extra:
+                raise DatasetError("metadata", f"{name}/zarr.json is a group's metadata with array keys {sorted(extra)}; re-create the store")
             continue
         shape = meta.get("shape")
         dims = meta.get("dimension_names")
@@ -262,8 +269,9 @@ def _check_dimension_sizes(arrays):
         if len(set(values)) < 2:
             continue
         votes = {v: values.count(v) for v in set(values)}
-        # the majority length is right; on a tie, the intensity's
-        ref = max(votes, key=lambda v: (votes[v], per.get("intensity") == v))
+        # the majority length is right; on a tie, the intensity's, else the longer
+        # (damage truncates more often than it extends)
+        ref = max(votes, key=lambda v: (votes[v], per.get("intensity") == v, v))
         odd = sorted(n for n, v in per.items() if v != ref)
         culprit = next((n for n in odd if n in SCHEMA), odd[0])
         raise DatasetError(culprit, f"has {per[culprit]} entries along '{dim}' but {'intensity' if per.get('intensity') == ref else 'the other variables'} "
@@ -303,18 +311,34 @@ def _missing_chunk(path, name, meta):
 
 
 def _diagnose_read(path, arrays):
-    """After xarray failed to open the store: the first coordinate array (xarray reads
-    those eagerly) whose stored data cannot be decoded, as a DatasetError, or None."""
+    """After xarray failed to open the store: the first array that fails on its own,
+    as a DatasetError naming it, or None.
+
+    Each array's metadata is opened by xarray alone, in a scratch group holding only
+    the root's and that array's ``zarr.json`` (xarray parses every member of a group
+    even with ``drop_variables``); then the data of the coordinates, which xarray
+    reads eagerly, is decoded."""
+    import tempfile
+
     import zarr
 
-    for name, meta in arrays.items():
-        dims = meta.get("dimension_names") or ()
-        if name in SCHEMA or len(dims) != 1 or dims[0] != name:
-            continue
-        try:
-            zarr.open_array(os.path.join(path, name), mode="r")[...]
-        except Exception as e:  # noqa: BLE001 - any decoding failure of stored bytes is damage to report
-            return DatasetError(name, f"stored data cannot be read ({_fail(e)}); a chunk is corrupt: re-create or re-import the store")
+    names = sorted(arrays, key=lambda n: (n not in SCHEMA, n))
+    with tempfile.TemporaryDirectory(prefix="daskptycho-diagnose-") as scratch:
+        shutil.copyfile(os.path.join(path, "zarr.json"), os.path.join(scratch, "zarr.json"))
+        for name in names:
+            os.mkdir(os.path.join(scratch, name))
+            shutil.copyfile(os.path.join(path, name, "zarr.json"), os.path.join(scratch, name, "zarr.json"))
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    xr.open_zarr(scratch, consolidated=False, chunks={}, mask_and_scale=False).close()
+                dims = arrays[name].get("dimension_names") or ()
+                if len(dims) == 1 and dims[0] == name:
+                    zarr.open_array(os.path.join(path, name), mode="r")[...]
+            except Exception as e:  # noqa: BLE001 - whatever fails here is damage to this array's metadata or data
+                return DatasetError(name, f"cannot be opened ({_fail(e)}): its metadata or stored data is damaged; re-create or re-import the store")
+            finally:
+                shutil.rmtree(os.path.join(scratch, name))
     return None
 
 
@@ -474,8 +498,8 @@ def validate_dataset(ds: xr.Dataset, check_values: bool = True) -> None:
 
 
 #: most object pixels per axis the positions may span (beyond it a single slice
-#: needs more than 32 GiB): a position this far out is a unit error or an outlier
-MAX_FIELD_PX = 65536
+#: needs more than 128 GiB): a position this far out is a unit error or an outlier
+MAX_FIELD_PX = 2**17
 
 
 def _check_field(ds, pos, window):
@@ -502,7 +526,10 @@ def _values(ds, name):
     """The values of ``ds[name]`` as a NumPy array; stored bytes that cannot be decoded
     become a DatasetError naming ``name`` (the reading boundary)."""
     try:
-        return np.asarray(ds[name].values)
+        data = ds[name].data
+        # small variables: read in this thread (no scheduler round trip, and never
+        # shipped to a distributed client that happens to be the default)
+        return np.asarray(data.compute(scheduler="synchronous") if hasattr(data, "dask") else data)
     except Exception as e:  # noqa: BLE001 - any decoding failure of stored bytes is damage to the store
         raise DatasetError(name, f"stored data cannot be read ({_fail(e)}); a chunk is missing or corrupt: re-create or re-import the store") from None
 
