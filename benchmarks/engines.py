@@ -76,7 +76,7 @@ def _task_stream_summary(records, n_workers, t_begin, t_end):
     }
 
 
-def run_case(store, engine, tiles, workers, iterations, slices, extra=None):
+def run_case(store, engine, tiles, workers, iterations, slices, extra=None, device="cpu"):
     """One reconstruction on a fresh LocalCluster; returns timings, memory and the task stream summary."""
     from distributed import Client, get_task_stream
 
@@ -89,7 +89,7 @@ def run_case(store, engine, tiles, workers, iterations, slices, extra=None):
         stamps.append(time.perf_counter())
         epoch.append(time.time())
 
-    kw = dict(iterations=iterations, slices=slices, **(extra or {}))
+    kw = dict(iterations=iterations, slices=slices, device=device, **(extra or {}))
     if engine in ("gd", "hve"):
         kw["tiles"] = tiles
     with local_cluster(workers, memory_limit=0) as cl, Client(cl) as c:
@@ -150,6 +150,8 @@ def main(argv=None):
     p.add_argument("--detector", type=int, default=128)
     p.add_argument("--slices", type=int, default=4)
     p.add_argument("--iterations", type=int, default=6)
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    p.add_argument("--out", default="engines", help="result name: benchmarks/results/NAME.json")
     p.add_argument("--cases", default="", help="labels to run, separated by semicolons (default: all)")
     a = p.parse_args(argv)
 
@@ -176,7 +178,7 @@ def main(argv=None):
             if wanted and label not in wanted:
                 continue
             path, cfg, _ = stores[multi]
-            r = run_case(path, engine, tiles, workers, a.iterations, cfg["slices"])
+            r = run_case(path, engine, tiles, workers, a.iterations, cfg["slices"], device=a.device)
             count = ffts["dm" if engine == "dm" else "ml"]["ffts"]
             floor = count * best_us * 1e-6 if best_us else None
             r.update({"label": label, "engine": engine, "tiles": tiles[0] * tiles[1], "workers": workers,
@@ -202,9 +204,11 @@ def main(argv=None):
         targets["gd4_speedup_2_vs_1_worker"] = {"value": v, "target": ">= 1.6", "met": v >= 1.6}
     for k, t in targets.items():
         print(f"target {k}: {t['value']:.3f} ({t['target']}): {'met' if t['met'] else 'MISSED'}")
-    out = write("engines", {
+    out = write(a.out, {
+        "device": a.device,
         "loadavg_start": load0, "loadavg_end": os.getloadavg(),
         "dataset": f"pbtio3 {a.scan}x{a.scan} positions, {a.detector} px patterns, {a.slices} slices (dm: 1 slice)",
+        "scan": a.scan, "detector": a.detector, "slices": a.slices,
         "iterations": a.iterations, "best_us_per_fft": best_us,
         "fft_count": {k: {kk: vv for kk, vv in v.items() if kk != "by_size"} for k, v in ffts.items()},
         "rows": rows, "targets": targets,

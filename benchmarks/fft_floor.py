@@ -56,8 +56,8 @@ def fft_rates(sizes, batches, repeats):
             shape = (b, n, n)
             a = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
             libs = {
-                "numpy.fft": lambda: np.fft.fft2(a),
-                "scipy.fft": lambda: scipy.fft.fft2(a, workers=1),
+                "numpy.fft": lambda a=a: np.fft.fft2(a),
+                "scipy.fft": lambda a=a: scipy.fft.fft2(a, workers=1),
             }
             if pyfftw is not None:
                 src = pyfftw.empty_aligned(shape, dtype=np.complex64)
@@ -74,7 +74,7 @@ def fft_rates(sizes, batches, repeats):
             if gpu is not None:
                 ga = gpu.asarray(a)
 
-                def run_gpu(ga=ga):
+                def run_gpu(ga=ga, gpu=gpu):
                     gpu.fft.fft2(ga)
                     gpu.cuda.Device().synchronize()
                 libs["cupy.fft"] = run_gpu
@@ -166,6 +166,7 @@ def main(argv=None):
     p.add_argument("--batches", default="1,9,18,64")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--scan", type=int, default=DATASET["scan"][0])
+    p.add_argument("--out", default="fft_floor", help="result name: benchmarks/results/NAME.json")
     a = p.parse_args(argv)
 
     import daskptycho as dp
@@ -195,7 +196,7 @@ def main(argv=None):
     print(f"one iteration on {cfg}: {tally['ffts']} FFTs of {n} px ({tally['ffts_per_position_per_slice']:.2f} per position "
           f"per slice), {tally['bytes'] / 2**30:.2f} GiB through the FFTs; floor {floor_fft:.3f} s "
           f"(best {best:.1f} us per FFT); the same bytes at stream bandwidth {floor_fft_bytes:.3f} s", flush=True)
-    path = write("fft_floor", {
+    path = write(a.out, {
         "loadavg_start": load, "loadavg_end": os.getloadavg(),
         "fft_backend_in_use": fft_backend(),
         "repeats": a.repeats, "fft_rates": rows,

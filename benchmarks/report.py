@@ -1,0 +1,203 @@
+"""Regenerate docs/performance.md from benchmarks/results/*.json.
+
+    python -m benchmarks report
+
+Every figure comes from a JSON written by a benchmark; each table names the command
+that reproduces it, the machine, the versions and the load average during the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .common import HERE, RESULTS
+
+DOC = os.path.join(os.path.dirname(HERE), "docs", "performance.md")
+
+
+def _load(name):
+    path = os.path.join(RESULTS, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _mib(b):
+    return "n/a" if b is None else f"{b / 2**20:.0f}"
+
+
+def _f(v, fmt=".2f"):
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _load_line(d):
+    a, b = d.get("loadavg_start"), d.get("loadavg_end")
+    if not a:
+        return ""
+    s = f"1-minute load average {a[0]:.2f} at the start"
+    if b:
+        s += f", {b[0]:.2f} at the end"
+    return s + (" (quiet: < 1.0)" if a[0] < 1.0 else " (**contended**: other processes shared the 2 cores)")
+
+
+def _machine(d):
+    m = d["machine"]
+    v = ", ".join(f"{k} {x}" for k, x in m["versions"].items())
+    return f"{m.get('cpu_model') or m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}; {v}; {m['date']}"
+
+
+def section_floor(d, lines):
+    lines += ["## 1. The limit: FFT rate and the FFT floor of one iteration", "",
+              f"Command: `{d['command'].strip()}` (median of {d['repeats']} runs, one thread). Machine: {_machine(d)}. {_load_line(d)}.", "",
+              "| library | N | batch | us per 2-D FFT | GFLOP/s (5 N^2 log2 N^2) |", "|---|---|---|---|---|"]
+    for r in d["fft_rates"]:
+        lines.append(f"| {r['library']} | {r['n']} | {r['batch']} | {r['us_per_fft']:.1f} | {r['gflops']:.2f} |")
+    it = d["iteration"]
+    best = d["best_us_per_fft_by_library"]
+    n = d["dataset"]["detector"]
+    ratio = ""
+    if "pyfftw (reused plan)" in best and "scipy.fft" in best:
+        ratio = (f" At N = {n}: pyFFTW {best['scipy.fft'] / best['pyfftw (reused plan)']:.1f}x faster than scipy.fft, "
+                 f"scipy.fft {best['numpy.fft'] / best['scipy.fft']:.1f}x faster than numpy.fft.")
+    lines += ["", f"FFT library on the hot path: **{d['fft_backend_in_use']}** (`daskptycho.fft.backend: auto`).{ratio}",
+              f"Streaming bandwidth (`a = b + c`, float32, 256 MiB arrays): {d['stream_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s.", "",
+              f"One iteration (forward + gradient) of the multislice model on the engines dataset "
+              f"({d['dataset']['scan'][0]}x{d['dataset']['scan'][1]} positions, {n} px, {d['dataset']['slices']} slices), "
+              f"counted by instrumenting `backend.fft2/ifft2` during a real `ml` step: **{it['ffts']} FFTs** "
+              f"({it['ffts_per_position_per_slice']:.2f} per position per slice: the far field and its adjoint once per position, "
+              f"two propagation FFTs per slice boundary each way), {it['bytes'] / 2**30:.2f} GiB through the FFTs. "
+              f"Floor = FFT count x best time per FFT = **{d['floor_s_per_iteration']:.3f} s per iteration** "
+              f"(those bytes at the streaming bandwidth alone: {d['fft_bytes_at_stream_bandwidth_s']:.3f} s).", ""]
+
+
+def section_engines(d, floor, lines):
+    lines += ["## 2. Engines: time per iteration, memory, Dask overhead", "",
+              f"Command: `{d['command'].strip()}`; dataset {d['dataset']}; {d['iterations']} iterations, median of all but the first; "
+              f"fresh process LocalCluster per row, 1 thread per worker. Machine: {_machine(d)}. {_load_line(d)}.", "",
+              "| engine | tiles | workers | s / iteration | floor / measured | peak MiB per worker (above baseline) | "
+              "compute s | transfer s | idle s | worker-s | final cost |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        ts = r["task_stream"]
+        lines.append(f"| {r['label']} | {r['tiles']} | {r['workers']} | {r['iteration_s_median']:.3f} | {_f(r['floor_fraction'])} | "
+                     f"{_mib(r['peak_above_baseline_bytes_max'])} | {ts['compute_s']:.1f} | {ts['transfer_s']:.2f} | {ts['idle_s']:.1f} | "
+                     f"{ts['worker_seconds']:.1f} | {r['final_cost']:.4g} |")
+    lines += ["", "Task-stream columns cover the steady state (end of the first iteration to the end of the last): "
+              "compute and transfer summed over workers; idle = workers x wall - compute - transfer "
+              "(scheduler latency, waiting on a neighbour's strip, the client's work between iterations). "
+              "The floor is the ml FFT count (dm: its own, 3 FFTs per position: Fourier error, projection and back) "
+              "x the best measured time per FFT.", "", "### Targets", "", "| target | value | required | met |", "|---|---|---|---|"]
+    names = {"ml_floor_fraction": "ml: floor / measured", "gd1_over_ml": "gd 1 tile: extra time over ml",
+             "gd4_speedup_2_vs_1_worker": "gd 4 tiles: speedup 2 workers vs 1"}
+    for k, t in d["targets"].items():
+        lines.append(f"| {names.get(k, k)} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
+    lines.append("")
+
+
+def section_peers(d, lines):
+    lines += ["## 3. A peer: Pty-Chi LSQML on the same data", "",
+              f"Command: `{d['command'].strip()}` (its own venv: `bash benchmarks/peers/setup.sh`; not part of `make bench`). "
+              f"Dataset {d['dataset']}; {d['iterations']} iterations each; peer versions {d['peer_versions']}. "
+              f"Machine: {_machine(d)}. {_load_line(d)}.", "",
+              "| variant | code | threads | s / iteration (median, first excluded) | phase r vs truth | phase RMS (rad) |",
+              "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        code = r["code"] + (f" (batch {r['batch_size']})" if r.get("batch_size") else "")
+        lines.append(f"| {r['variant']} | {code} | {r['threads']} | {r['iteration_s_median']:.3f} | {r['phase_r']:.4f} | {r['phase_rms_rad']:.4f} |")
+    lines += ["", "Same object grid and start (ones), same fixed probe, same integer positions, same iterations; "
+              "error by `daskptycho.metrics.phase_correlation` over the scanned field for both. "
+              "daskptycho's `ml` is full-batch gradient descent with a diagonal preconditioner; Pty-Chi's LSQML "
+              "uses minibatches with solved step sizes.", ""]
+
+
+def section_scaling(d, lines):
+    c = d["calibration"]
+    lp = d["loopback"]
+    lines += ["## 4. Scaling model against the paper (Tables II and III)", "",
+              f"Command: `{d['command'].strip()}` (reads engines.json and fft_floor.json). {_load_line(d)}.", "",
+              f"Calibration: {c['c_pos_slice_s_at_bench'] * 1e3:.3f} ms per position per slice at N = {c['bench_N']} on one core here "
+              f"(ml row); x N^2 log N^2 to N = 1024: {c['c_pos_slice_s_cpu_1024'] * 1e3:.1f} ms on one core. "
+              f"V100 (assumed): {c['ffts_per_position_per_slice']:.2f} FFTs per position per slice x {c['v100_fft_1024_s_assumed'] * 1e6:.0f} us "
+              f"(1024^2 complex64 FFT, two read+write passes at 900 GB/s) / the ml floor fraction measured here ({_f(c['ml_floor_fraction'])}) = "
+              f"{c['c_pos_slice_s_v100_1024_assumed'] * 1e3:.2f} ms. Loopback between two worker processes (measured): "
+              f"latency {lp['alpha_s'] * 1e3:.2f} ms, {lp['beta_bytes_per_s'] / 1e9:.2f} GB/s. Summit (assumed): "
+              f"{d['summit_assumed']['alpha_s'] * 1e6:.0f} us, {d['summit_assumed']['beta_bytes_per_s'] / 1e9:.1f} GB/s per GPU "
+              "(EDR InfiniBand 12.5 GB/s per node shared by 6 GPUs).", "",
+              "### Validation here", "", "| run | measured s/it | predicted s/it | compute | transfer | measured / predicted |", "|---|---|---|---|---|---|"]
+    for v in d["validation"]:
+        lines.append(f"| {v['label']} | {v['measured_s']:.3f} | {v['predicted_s']:.3f} | {v['predicted_compute_s']:.3f} | "
+                     f"{v['predicted_comm_s']:.3f} | {v['ratio_measured_over_predicted']:.2f} |")
+    lines += ["", "### Predictions for the paper's datasets (100 iterations, V100 assumption)", "",
+              "| dataset | engine | workers | tiles | predicted min | (compute + comm) | paper min | predicted GB/worker | paper GB/GPU | max positions per tile | extended tile px |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in d["predictions"]:
+        if "error" in p:
+            lines.append(f"| {p['dataset']} | {p['engine']} | {p['workers']} | | {p['error']} | | | | | | |")
+            continue
+        lines.append(f"| {p['dataset']} | {p['engine']} | {p['workers']} | {p['tiles'][0]}x{p['tiles'][1]} | {p['predicted_minutes_100_it_v100']:.1f} | "
+                     f"{p['predicted_compute_minutes']:.1f} + {p['predicted_comm_minutes']:.1f} | {_f(p['paper_minutes'], '.1f')} | "
+                     f"{p['predicted_memory_gb']:.2f} | {_f(p['paper_memory_gb'])} | {p['max_positions_per_tile']} | {p['extended_px_max']} |")
+    lines += ["", WHY_DIFFERENT, ""]
+
+
+WHY_DIFFERENT = """**Where and why the model differs from the paper.** (1) *Halo width.* daskptycho's
+tiling gives every tile a halo of N/2 = 512 px so that each position's whole 1024 px window
+lies in its tile's extended region; the paper uses 60 px (gd) and 89 px (hve) halos, so its
+windows must effectively be cropped to the probe's support (about 120 px at 10 pm). With
+512 px halos, a 48 px tile core (4158 tiles on 3072 px) has a ~1070 px extended region: the
+memory per worker stops falling at ~4 GB (the extended region's 100 slices plus one
+position's adjoint working set of 100 slices x 1024^2 complex64 incident waves, 1.7 GB),
+against the paper's 0.18 GB, and the gd pass strips are ~1000 px wide, so communication
+grows with the number of tiles and the predicted runtime has a minimum near 100-500
+workers instead of falling to 2.2 min. (2) *Super-linear scaling.* The paper's 6-GPU
+runtimes (360 and 5543 min) are 2-5x above a linear model because a GPU holding 1/6 of
+the problem runs out of cache and memory bandwidth headroom (the paper's own explanation
+for efficiencies of 336-518%); the model is linear in positions per tile, so it predicts
+less than the paper at 6 workers for the large set and more at high counts. (3) *The GPU
+per-position cost* is an assumption (FFT-bound at HBM bandwidth, at the efficiency
+measured here on a CPU), not a measurement: the GPU script (section 5) exists to replace
+it. (4) *hve* in the model computes two extra rows of positions per tile and exchanges
+halos once per iteration; its falling memory at high counts and the paper's 'NA' beyond 54
+GPUs (small set) come from the tile-size constraint the paper describes (a tile must cover
+its neighbours' halos), which the model does not enforce."""
+
+
+def main(argv=None):
+    lines = ["# Performance", "",
+             "Generated by `make bench` (`python -m benchmarks report` rebuilds this page from "
+             "`benchmarks/results/*.json`; do not edit by hand). Every timing is a median over repeated runs "
+             "with the first (warm-up) excluded; no timing is asserted in a test.", ""]
+    floor = _load("fft_floor")
+    eng = _load("engines")
+    peers = _load("peers")
+    scaling = _load("scaling")
+    if floor:
+        section_floor(floor, lines)
+    if eng:
+        section_engines(eng, floor, lines)
+    if peers:
+        section_peers(peers, lines)
+    else:
+        lines += ["## 3. A peer: Pty-Chi", "", "Not run yet: `bash benchmarks/peers/setup.sh && "
+                  "benchmarks/peers/.venv/bin/python benchmarks/peers/ptychi_vs_daskptycho.py`.", ""]
+    if scaling:
+        section_scaling(scaling, lines)
+    gpu = _load("engines_gpu")
+    lines += ["## 5. GPU", ""]
+    if gpu:
+        lines += [f"From `benchmarks/gpu.sh` on {gpu['machine']['cpu']}:", "", "| engine | s / iteration |", "|---|---|"]
+        lines += [f"| {r['label']} | {r['iteration_s_median']:.3f} |" for r in gpu["rows"]] + [""]
+    else:
+        lines += ["**Not yet run.** `benchmarks/gpu.sh` (FFT rates with cupy.fft, every engine with `device=gpu`) is ready "
+                  "for a lent GPU machine (see its header for carrying the wheels); the task that wrote it had no GPU lent.", ""]
+    tmp = DOC + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, DOC)
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()

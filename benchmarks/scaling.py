@@ -1,0 +1,251 @@
+"""A cost model of ``gd`` and ``hve``, calibrated here, predicting the paper's runs (Tables II/III).
+
+    python -m benchmarks scaling [--engines benchmarks/results/engines.json]
+
+Model of one iteration on P workers, one tile each (tile (r, c) of an R x C grid):
+
+* compute: ``max over tiles of (positions of the tile) x S x c(N)``, with ``c(N)`` the
+  measured seconds per position per slice of the single-task engine (``ml`` row of
+  ``engines.json``), scaled from the benchmark's pattern size to ``N`` by the FFT's
+  ``N^2 log N^2``;
+* gd passes: the forward and backward passes along rows then columns hand an overlap
+  strip (object gradient complex64 + illumination float32 = 12 B per voxel) from tile to
+  tile; a chain of ``R - 1`` (rows) and ``C - 1`` (columns) hops, each ``alpha + bytes /
+  beta``, forward and backward: ``2 ((R-1) h_row + (C-1) h_col)`` with the strips of the
+  real tiling (:func:`daskptycho.tiling.make_tiling`);
+* hve exchange: each tile sends its neighbours the core voxels in their halos (complex64),
+  all tiles at once: ``alpha + bytes / beta`` once per iteration; hve tiles also compute
+  the extra positions whose windows reach into their extended region;
+* memory per worker: object patch + gradient buffer + illumination of the extended
+  region (8 + 8 + 4 B per voxel), the tile's patterns (4 B per pixel) and the gradient's
+  working set (at least one position: ``(S (K + 1) + 6 K) N^2`` complex64, the stored
+  incident waves of the adjoint).
+
+``alpha`` and ``beta`` are measured here on loopback between two LocalCluster worker
+processes; for the paper's machine (Summit: 6 V100 per node, EDR InfiniBand 100 Gb/s per
+node, NVLink 50 GB/s per link) we assume ``alpha = 20 us`` and ``beta = 2 GB/s`` per GPU
+(the node's 12.5 GB/s shared by 6 GPUs, protocol overhead included). The V100's compute
+per position per slice is assumed ``c_cpu(N) x f_gpu``: FFT-bound at HBM2 bandwidth
+(900 GB/s; a 1024^2 complex64 FFT reads and writes 8 MiB twice: ~37 us) divided by the
+floor fraction measured here for ``ml``.
+
+Validation: the same model, with the tiling of the engines benchmark's dataset and
+two tiles' compute serialised per worker when tiles outnumber workers, against the
+measured ``gd`` (1, 4, 9, 16 tiles) and ``hve`` (4 tiles) rows of ``engines.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from .common import RESULTS, write
+
+# The paper's Tables II and III (runtime: minutes for 100 iterations; memory: GB per GPU)
+PAPER = {
+    "small": {"positions": 4158, "scan": (63, 66), "object_px": 1536, "slices": 100, "N": 1024,
+              "gd": {6: (2.53, 360.0), 24: (1.20, 73.0), 54: (0.58, 20.6), 126: (0.39, 11.5), 198: (0.31, 5.5), 462: (0.23, 3.0)},
+              "hve": {6: (2.80, 463.3), 24: (1.20, 95.3), 54: (0.78, 43.7)}},
+    "large": {"positions": 16632, "scan": (126, 132), "object_px": 3072, "slices": 100, "N": 1024,
+              "gd": {6: (9.14, 5543.0), 54: (1.54, 183.0), 198: (0.66, 37.5), 462: (0.42, 14.2), 924: (0.32, 7.0), 4158: (0.18, 2.2)},
+              "hve": {6: (9.47, 7213.3), 54: (1.8, 271.7), 198: (0.78, 59.2), 462: (0.48, 189.5)}},
+}
+WORKERS = (6, 24, 54, 126, 198, 462, 924, 4158)
+SUMMIT = {"alpha_s": 20e-6, "beta_bytes_per_s": 2e9}
+V100_FFT_1024_S = 4 * 8 * 1024 * 1024 / 900e9  # two read+write passes of 8 MiB at 900 GB/s
+
+
+def grid_shape(p):
+    """R x C with R * C = p, as square as possible."""
+    r = int(math.isqrt(p))
+    while p % r:
+        r -= 1
+    return r, p // r
+
+
+def measure_loopback(sizes_mib=(1, 8, 64), repeats=3):
+    """alpha (s) and beta (B/s) of a worker-to-worker transfer on this machine (least squares)."""
+    from distributed import Client, get_task_stream
+
+    from daskptycho.cluster import local_cluster
+
+    xs, ts = [], []
+    with local_cluster(2, memory_limit=0) as cl, Client(cl) as c:
+        a, b = sorted(c.scheduler_info()["workers"])
+        for mib in sizes_mib:
+            for k in range(repeats):
+                src = c.submit(np.ones, mib * 2**20, dtype=np.uint8, key=f"src-{mib}-{k}", workers=[a], pure=False)
+                src.result()
+                with get_task_stream(client=c) as stream:
+                    c.submit(len, src, key=f"dst-{mib}-{k}", workers=[b], pure=False).result()
+                tr = [ss["stop"] - ss["start"] for r in stream.data for ss in r["startstops"] if ss["action"] == "transfer"]
+                if tr:
+                    xs.append(mib * 2**20)
+                    ts.append(sum(tr))
+    A = np.stack([np.ones(len(xs)), np.asarray(xs, float)], axis=1)
+    (alpha, inv_beta), *_ = np.linalg.lstsq(A, np.asarray(ts), rcond=None)
+    return {"alpha_s": max(float(alpha), 0.0), "beta_bytes_per_s": 1.0 / max(float(inv_beta), 1e-15),
+            "samples": [{"bytes": x, "s": t} for x, t in zip(xs, ts)]}
+
+
+def tiling_of(corners, window, object_shape, tiles, halo_px=None):
+    from daskptycho.geometry import ObjectGrid
+    from daskptycho.tiling import make_tiling
+
+    grid = ObjectGrid((0.0, 0.0), tuple(object_shape), 1.0)
+    return make_tiling(grid, corners, window, tiles, halo_px)
+
+
+def _area(reg):
+    return (reg[1] - reg[0]) * (reg[3] - reg[2])
+
+
+def _overlap(a, b):
+    y0, y1 = max(a[0], b[0]), min(a[1], b[1])
+    x0, x1 = max(a[2], b[2]), min(a[3], b[3])
+    return max(0, y1 - y0) * max(0, x1 - x0)
+
+
+def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta, workers=None, modes=1, engine="gd", hve_extra_rows=2):
+    """Predicted seconds per iteration and bytes per worker for one tiling."""
+    t = tiling_of(corners, window, object_shape, tiles)
+    r, c = tiles
+    workers = workers or r * c
+    n2 = window[0] * window[1]
+    centre = np.asarray(corners) + np.asarray(window) // 2
+    per_tile = {}
+    step = np.median(np.diff(np.unique(centre[:, 0]))) if len(np.unique(centre[:, 0])) > 1 else 1
+    for tile in t:
+        y0, y1, x0, x1 = tile.core
+        if engine == "hve":  # extra rows of positions around the core
+            g = hve_extra_rows * step
+            y0, y1, x0, x1 = y0 - g, y1 + g, x0 - g, x1 + g
+        inside = (centre[:, 0] >= y0) & (centre[:, 0] < y1) & (centre[:, 1] >= x0) & (centre[:, 1] < x1)
+        per_tile[(tile.row, tile.col)] = (int(inside.sum()), tile)
+    # tiles are placed in contiguous blocks on the workers: a worker computes its tiles in turn
+    per_worker = max(1, math.ceil(r * c / workers))
+    compute = max(n for n, _ in per_tile.values()) * slices * c_pos_slice * per_worker
+    tiles_list = {k: v[1] for k, v in per_tile.items()}
+    if engine == "gd":
+        def hop(a, b):
+            return alpha + _overlap(tiles_list[a].extended, tiles_list[b].extended) * slices * 12 / beta
+        row_hops = max((sum(hop((i, j), (i, j + 1)) for j in range(c - 1)) for i in range(r)), default=0.0)
+        col_hops = max((sum(hop((i, j), (i + 1, j)) for i in range(r - 1)) for j in range(c)), default=0.0)
+        comm = 2 * (row_hops + col_hops) if workers > 1 else 0.0
+    else:
+        sent = max(sum(_overlap(tiles_list[k].core, tiles_list[o].extended) for o in tiles_list if o != k) for k in tiles_list)
+        comm = (alpha + sent * slices * 8 / beta) if workers > 1 else 0.0
+    ext = max(_area(tile.extended) for tile in t)
+    n_max = max(n for n, _ in per_tile.values())
+    working = (slices * (modes + 1) + 6 * modes) * n2 * 8
+    mem = (ext * slices * 20 + n_max * n2 * 4) * per_worker + working
+    return {"compute_s": compute, "comm_s": comm, "iteration_s": compute + comm, "memory_bytes": mem,
+            "max_positions_per_tile": n_max, "extended_px_max": ext, "halo_px": list(t.halo)}
+
+
+def paper_corners(case):
+    """Window corners of the paper's raster: ``scan`` positions spread evenly so the
+    object is ``object_px`` wide with ``N``-pixel windows."""
+    ny, nx = case["scan"]
+    n = case["N"]
+    span = case["object_px"] - n
+    ys = np.rint(np.linspace(0, span, ny)).astype(int)
+    xs = np.rint(np.linspace(0, span, nx)).astype(int)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([yy.ravel(), xx.ravel()], axis=1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks scaling")
+    p.add_argument("--engines", default=os.path.join(RESULTS, "engines.json"))
+    p.add_argument("--floor", default=os.path.join(RESULTS, "fft_floor.json"))
+    a = p.parse_args(argv)
+
+    import daskptycho as dp
+    from daskptycho.engines.problem import ReconstructOptions, prepare
+    from daskptycho.options import check_options
+
+    load0 = os.getloadavg()
+    with open(a.engines) as f:
+        eng = json.load(f)
+    with open(a.floor) as f:
+        floor = json.load(f)
+    rows = {r["label"]: r for r in eng["rows"]}
+    ml = rows["ml"]
+    cnt = eng["fft_count"]["ml"]
+    n_bench = int(eng["detector"])
+    slices_bench = ml["slices"]
+    c_bench = ml["iteration_s_median"] / (cnt["positions"] * slices_bench)
+    floor_fraction = ml["floor_fraction"]
+    t0 = time.perf_counter()
+    loop = measure_loopback()
+    print(f"loopback: alpha {loop['alpha_s'] * 1e3:.2f} ms, beta {loop['beta_bytes_per_s'] / 1e9:.2f} GB/s "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    # validation on the engines benchmark's dataset
+    scan = int(eng["scan"])
+    ds = dp.simulate(kind="pbtio3", scan=(scan, scan), detector=n_bench, slices=slices_bench)
+    prob = prepare(ds, check_options(ReconstructOptions, None, dict(engine="gd", slices=slices_bench, iterations=1)))
+    validation = []
+    for label, r in rows.items():
+        if r["engine"] not in ("gd", "hve"):
+            continue
+        side = int(round(math.sqrt(r["tiles"])))
+        m = model(prob.corners, prob.window, prob.grid.shape, (side, side), slices_bench, c_bench,
+                  loop["alpha_s"], loop["beta_bytes_per_s"], workers=r["workers"], engine=r["engine"])
+        validation.append({"label": label, "measured_s": r["iteration_s_median"], "predicted_s": m["iteration_s"],
+                           "predicted_compute_s": m["compute_s"], "predicted_comm_s": m["comm_s"],
+                           "ratio_measured_over_predicted": r["iteration_s_median"] / m["iteration_s"],
+                           "measured_peak_bytes": r["peak_above_baseline_bytes_max"], "predicted_memory_bytes": m["memory_bytes"]})
+        print(f"validate {label:24s} measured {r['iteration_s_median']:.2f} s  predicted {m['iteration_s']:.2f} s "
+              f"(compute {m['compute_s']:.2f}, comm {m['comm_s']:.3f})", flush=True)
+
+    # the paper's datasets
+    n = 1024
+    scale = (n * n * math.log2(n * n)) / (n_bench * n_bench * math.log2(n_bench * n_bench))
+    c_cpu = c_bench * scale
+    ffts_per_pos_slice = cnt["ffts"] / (cnt["positions"] * slices_bench)
+    c_gpu = ffts_per_pos_slice * V100_FFT_1024_S / max(floor_fraction or 1.0, 1e-3)
+    predictions = []
+    for name, case in PAPER.items():
+        corners = paper_corners(case)
+        shape = (case["object_px"], case["object_px"])
+        for engine in ("gd", "hve"):
+            for w in WORKERS:
+                tiles = grid_shape(w)
+                try:
+                    m = model(corners, (n, n), shape, tiles, case["slices"], c_gpu, SUMMIT["alpha_s"], SUMMIT["beta_bytes_per_s"], engine=engine)
+                except Exception as e:  # noqa: BLE001 - a tiling that cannot be made is a result, not a crash
+                    predictions.append({"dataset": name, "engine": engine, "workers": w, "error": str(e)})
+                    continue
+                paper = case[engine].get(w)
+                row = {"dataset": name, "engine": engine, "workers": w, "tiles": list(tiles),
+                       "predicted_minutes_100_it_v100": m["iteration_s"] * 100 / 60,
+                       "predicted_compute_minutes": m["compute_s"] * 100 / 60, "predicted_comm_minutes": m["comm_s"] * 100 / 60,
+                       "predicted_minutes_100_it_cpu_core": (m["iteration_s"] - m["compute_s"] + m["compute_s"] * c_cpu / c_gpu) * 100 / 60,
+                       "predicted_memory_gb": m["memory_bytes"] / 1e9,
+                       "paper_memory_gb": paper[0] if paper else None, "paper_minutes": paper[1] if paper else None,
+                       "halo_px": m["halo_px"], "extended_px_max": m["extended_px_max"], "max_positions_per_tile": m["max_positions_per_tile"]}
+                predictions.append(row)
+                print(f"{name:5s} {engine:3s} {w:5d} workers: {row['predicted_minutes_100_it_v100']:9.1f} min "
+                      f"(paper {row['paper_minutes']}), {row['predicted_memory_gb']:.2f} GB (paper {row['paper_memory_gb']})", flush=True)
+    path = write("scaling", {
+        "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+        "calibration": {"c_pos_slice_s_at_bench": c_bench, "bench_N": n_bench, "c_pos_slice_s_cpu_1024": c_cpu,
+                        "c_pos_slice_s_v100_1024_assumed": c_gpu, "v100_fft_1024_s_assumed": V100_FFT_1024_S,
+                        "ml_floor_fraction": floor_fraction, "ffts_per_position_per_slice": ffts_per_pos_slice,
+                        "best_us_per_fft_bench": floor["best_us_per_fft_cpu"].get(str(n_bench))},
+        "loopback": loop, "summit_assumed": SUMMIT,
+        "validation": validation, "predictions": predictions,
+        "command": "python -m benchmarks scaling " + " ".join(argv or []),
+    })
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
