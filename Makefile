@@ -10,10 +10,15 @@ DEMO ?= demo-output
 graphs: install
 	$(VENV)/bin/daskptycho graph --tiles 3x3 --out graphs --timeline
 
-# Benchmarks (not tests): JSON into benchmarks/results/
+# Benchmarks (not tests): JSON into benchmarks/results/, then docs/performance.md from them.
+# The Pty-Chi comparison has its own venv and is not run here (benchmarks/peers/).
 bench: install
 	$(PY) -m benchmarks seams
 	$(PY) -m benchmarks memory
+	$(PY) -m benchmarks fft_floor
+	$(PY) -m benchmarks engines
+	$(PY) -m benchmarks scaling
+	$(PY) -m benchmarks report
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
