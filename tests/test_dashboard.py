@@ -123,3 +123,24 @@ def test_live_publishing_can_be_switched_off(client, small_pbtio3):
     assert res.cost.size == 1
     after = client.run_on_scheduler(_live)
     assert after["costs"] == before["costs"] and after["engine"] == before["engine"]
+
+
+def test_a_scheduler_started_before_the_import_gets_the_page_when_a_run_begins():
+    import urllib.error
+
+    from distributed import Client, LocalCluster
+    from distributed.dashboard.scheduler import applications
+
+    doc = applications.pop(dashboard.ROUTE)  # as if daskptycho had not been imported yet
+    try:
+        with LocalCluster(n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1", dashboard_address="127.0.0.1:0") as cl, \
+                Client(cl) as c:
+            url = c.dashboard_link.replace("/status", "/daskptycho")
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(url, timeout=30)
+            assert c.run_on_scheduler(dashboard.begin_run, engine="gd", iterations=1, tiles=[1, 1])
+            with urllib.request.urlopen(url, timeout=30) as r:
+                assert r.status == 200 and "bokeh" in r.read().decode().lower()
+            assert c.run_on_scheduler(dashboard.begin_run, engine="gd", iterations=1, tiles=[1, 1])  # once only
+    finally:
+        applications[dashboard.ROUTE] = doc
