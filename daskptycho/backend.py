@@ -63,6 +63,18 @@ def _import_pyfftw():
     return _pyfftw
 
 
+def _fft_setting(key, default):
+    """``daskptycho.fft.<key>``: read straight from dask's config dict (called per FFT,
+    where ``dask.config.get`` would cost more than a small transform), falling back to
+    :func:`config.get` for anything unusual."""
+    import dask.config
+
+    try:
+        return dask.config.config["daskptycho"]["fft"][key]
+    except (KeyError, TypeError):
+        return config.get(f"fft.{key}", default)
+
+
 def fft_backend() -> str:
     """The CPU FFT library in use: ``"pyfftw"``, ``"scipy"`` or ``"numpy"``.
 
@@ -71,7 +83,7 @@ def fft_backend() -> str:
     OptionsError
         ``daskptycho.fft.backend`` is not one of ``auto|pyfftw|scipy|numpy``.
     """
-    name = config.get("fft.backend", "auto") or "auto"
+    name = _fft_setting("backend", "auto") or "auto"
     if name not in FFT_BACKENDS:
         from .errors import OptionsError
 
@@ -103,14 +115,20 @@ def _inside_dask_worker() -> bool:
     return flag
 
 
-def fft_threads() -> int:
-    """Threads of one CPU FFT: ``daskptycho.fft.workers`` when it is positive; with
-    ``-1`` (default) 1 inside a Dask worker task (each worker thread runs one task and
-    the cluster already has a thread per core) and every core of this process elsewhere."""
-    n = int(config.get("fft.workers", -1) or -1)
+_THREADED_ELEMENTS = 2**20  # outside a worker, transforms of fewer elements run on one thread
+
+
+def fft_threads(size=None) -> int:
+    """Threads of one CPU FFT of ``size`` elements: ``daskptycho.fft.workers`` when it
+    is positive; with ``-1`` (default) 1 inside a Dask worker task (each worker thread
+    runs one task and the cluster already has a thread per core), and elsewhere every
+    core of this process for transforms of at least 2^20 elements, one thread for
+    smaller ones (thread start-up and sharing the cores with other processes cost more
+    than they save there: measured 5-10x slower on a busy 2-core machine)."""
+    n = int(_fft_setting("workers", -1) or -1)
     if n > 0:
         return n
-    if _inside_dask_worker():
+    if _inside_dask_worker() or (size is not None and size < _THREADED_ELEMENTS):
         return 1
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -160,7 +178,7 @@ def _fftw(a, forward, out, ortho):
     if out is a and not _aligned(a):
         a[...] = _fftw(a.copy(), forward, None, ortho)
         return a
-    plan = _plan(a.shape, a.dtype, forward, out is a, fft_threads())
+    plan = _plan(a.shape, a.dtype, forward, out is a, fft_threads(a.size))
     if out is None:
         out = _pyfftw.empty_aligned(a.shape, dtype=a.dtype)
     if not _aligned(a):
@@ -196,7 +214,7 @@ def _transform(a, forward, xp, out, norm):
         res = (np.fft.fft2 if forward else np.fft.ifft2)(a, norm=np_norm)
     else:
         f = scipy.fft.fft2 if forward else scipy.fft.ifft2
-        res = f(a, norm=np_norm, workers=fft_threads(), overwrite_x=out is a)
+        res = f(a, norm=np_norm, workers=fft_threads(a.size), overwrite_x=out is a)
     if np.iscomplexobj(a) and res.dtype != a.dtype:
         res = res.astype(a.dtype)  # numpy.fft computes in complex128
     if out is None:

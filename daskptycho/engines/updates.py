@@ -12,11 +12,17 @@ from .. import physics
 from ..backend import get_array_module
 
 
+# Below this a vectorised call shrinks to one or two positions on a small tile and the
+# per-call overhead (Python, one FFT call per slice) outweighs the arithmetic.
+MIN_WORKING_SET_MIB = 8
+
+
 def working_set_budget(state_bytes, cap_mib, fraction):
     """Transient budget (MiB) of a gradient call for a tile holding ``state_bytes``:
-    at most ``cap_mib`` and at most ``fraction`` of the state, so a worker's memory
-    stays proportional to the tile it owns."""
-    return min(cap_mib, fraction * state_bytes / 2**20)
+    at most ``cap_mib`` and at most ``fraction`` of the state (but not below
+    ``MIN_WORKING_SET_MIB`` unless ``cap_mib`` is), so a worker's memory stays
+    proportional to the tile it owns."""
+    return min(cap_mib, max(fraction * state_bytes / 2**20, MIN_WORKING_SET_MIB))
 
 
 def positions_per_chunk(window, slices, modes, budget_mib):

@@ -116,24 +116,30 @@ def _gather(obj, index):
     return view[:, win.corners[:, 0], win.corners[:, 1]]
 
 
-def _scatter(target, index, values):
-    """``target[s] += values[s, j]`` on each window ``j``; overlaps accumulate.
+def _scatter(targets, index, values):
+    """``target[s] += value[s, j]`` on each window ``j`` for each (target, value) pair;
+    overlaps accumulate.
 
-    target : (S, H, W), modified in place; values : (S, J, N_y, N_x).
+    targets : (S, H, W) array or tuple of them, modified in place;
+    values : (S, J, N_y, N_x) array or tuple of them (same length as ``targets``).
     """
-    xp = get_array_module(target)
-    win = _as_windows(index, target.shape)
+    if not isinstance(targets, tuple):
+        targets, values = (targets,), (values,)
+    xp = get_array_module(targets[0])
+    win = _as_windows(index, targets[0].shape)
     if win is None or is_gpu(xp):
         flat = index.flat(xp) if isinstance(index, Windows) else index
-        s = target.shape[0]
-        scatter_add(target.reshape(s, -1), flat.reshape(-1), values.reshape(s, -1))
-        return target
+        for target, value in zip(targets, values):
+            s = target.shape[0]
+            scatter_add(target.reshape(s, -1), flat.reshape(-1), value.reshape(s, -1))
+        return targets
     ny, nx = win.window
     # one strided add per window (N_y rows of N_x contiguous values): cheaper than a
     # bincount over J N_y N_x indices, which also goes through float64
     for j, (y, x) in enumerate(win.corners.tolist()):
-        target[:, y:y + ny, x:x + nx] += values[:, j]
-    return target
+        for target, value in zip(targets, values):
+            target[:, y:y + ny, x:x + nx] += value[:, j]
+    return targets
 
 
 def _abs2(a, xp):
@@ -251,8 +257,7 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
             il = xp.broadcast_to(_abs2(psi[0], xp).sum(axis=0), go.shape)
         else:
             il = _abs2(psi[:, 0], xp) if psi.shape[1] == 1 else _abs2(psi, xp).sum(axis=1)
-        _scatter(g_obj[s:s + 1], index, go[None])
-        _scatter(illum[s:s + 1], index, il[None])
+        _scatter((g_obj[s:s + 1], illum[s:s + 1]), index, (go[None], il[None]))
         xp.conjugate(patches[s], out=conj_patch)
         g *= conj_patch[:, None]  # gradient w.r.t. the incident wave
         if s > 0:
