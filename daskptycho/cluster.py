@@ -456,18 +456,26 @@ def jobqueue_cluster(profile, *, security=None, path=None, **overrides):
 
 
 def _jobqueue(profile, jobs, tls, device):
+    import shutil
+
     from distributed import Client
 
     if jobs is None:
         jobs = int(config.get("cluster.jobs", 1))
     if jobs < 1:
         raise OptionsError("--jobs", f"got {jobs}; expected >= 1")
+    system = str(jobqueue_profiles().get(profile, {}).get("system") or profile)
+    submit = {"slurm": "sbatch", "lsf": "bsub", "pbs": "qsub"}[system] if system in BATCH_SYSTEMS else None
+    if submit and not shutil.which(submit):
+        raise ClusterError(f"--cluster {profile}: {submit} is not on PATH: run on a {system.upper()} login node (or start "
+                           "one: cluster/ci/slurm-up.sh), or use --cluster local")
     # workers on other nodes must be given the certificate: files, not in-memory temporary ones
     sec = security(tls, embedded=False)
     cluster = jobqueue_cluster(profile, security=sec)
-    system = (jobqueue_profiles().get(profile, {}).get("system") or profile).upper()
     timeout = float(config.get("cluster.worker-timeout", 300))
     try:
+        if system == "slurm":
+            _slurm_test_only(cluster, profile)
         cluster.scale(jobs=jobs)
         per_job = int(getattr(cluster._dummy_job, "worker_processes", 1) or 1)
         client = Client(cluster, security=sec)
@@ -477,13 +485,37 @@ def _jobqueue(profile, jobs, tls, device):
             got = len(client.scheduler_info(n_workers=-1)["workers"])
             ids = ", ".join(str(j.job_id) for j in cluster.workers.values() if getattr(j, "job_id", None)) or "none"
             client.close()
-            raise ClusterError(f"--cluster {profile}: {got} of {jobs * per_job} {system} workers joined within {timeout:g} s "
+            raise ClusterError(f"--cluster {profile}: {got} of {jobs * per_job} {system.upper()} workers joined within {timeout:g} s "
                                f"(job ids: {ids}); the jobs may still be queued or failed to start: see the batch system's "
                                "queue and job logs, or raise daskptycho.cluster.worker-timeout") from None
     except BaseException:
-        cluster.close()
+        _close_quietly(cluster)
         raise
     conn = Connection(client, cluster, spec=profile, device=device or "cpu", security=sec)
-    logger.info("%s: %d job(s) %s, scheduler %s, dashboard %s", system, jobs, " ".join(conn.job_ids), conn.scheduler_address,
+    logger.info("%s: %d job(s) %s, scheduler %s, dashboard %s", system.upper(), jobs, " ".join(conn.job_ids), conn.scheduler_address,
                 conn.dashboard_link)
     return conn
+
+
+def _slurm_test_only(cluster, profile):
+    """Ask SLURM whether it would run the worker job (``sbatch --test-only``): a request no
+    node can satisfy fails here, with SLURM's reason, instead of as a timeout."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="daskptycho-job-") as f:
+        f.write(cluster.job_script())
+        f.flush()
+        r = subprocess.run(["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        reason = " ".join(ln.removeprefix("sbatch: error: ") for ln in r.stderr.strip().splitlines()[-2:]) or f"exit status {r.returncode}"
+        raise ClusterError(f"--cluster {profile}: SLURM refuses the worker job ({reason}); edit profile {profile!r} in "
+                           f"{jobqueue_file()} (cores, memory, queue, account)")
+
+
+def _close_quietly(cluster):
+    """Close a cluster that failed to start; its own errors must not hide the reason it failed."""
+    try:
+        cluster.close()
+    except Exception as e:  # e.g. jobs that were never submitted
+        logger.debug("closing the failed cluster: %s", e)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import daskptycho as dp
-from daskptycho.cluster import jobqueue_cluster, jobqueue_profiles
+from daskptycho.cluster import ClusterError, jobqueue_cluster, jobqueue_profiles
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_UP = ROOT / "cluster" / "ci" / "slurm-up.sh"
@@ -118,6 +118,29 @@ def test_slurm_workers_with_tls_certificates(slurm, tmp_path):
             script = conn.cluster.job_script()
             assert f"--tls-cert {tmp_path / 'cert.pem'}" in script and "--protocol tls://" in script
             assert conn.client.submit(sum, [2, 3], pure=False).result() == 5
+
+
+def test_slurm_errors_name_the_batch_system(slurm, tmp_path):
+    """A job no node can run is refused up front; a job that does not start in time gives a
+    timeout naming SLURM and the job, which is then cancelled (nothing left queued)."""
+    profiles = tmp_path / "jobqueue.yaml"
+    profiles.write_text(
+        "jobqueue:\n"
+        "  slurm:\n    name: daskptycho-too-big\n    cores: 1\n    memory: 100TiB\n    interface: lo\n"
+        "  slurm-later:\n    system: slurm\n    name: daskptycho-later\n    cores: 1\n    memory: 1GiB\n    interface: lo\n"
+        "    job-extra-directives: ['--begin=now+3600', '--output=/dev/null']\n")
+    with dask.config.set({"daskptycho.cluster.jobqueue-file": str(profiles), "daskptycho.cluster.worker-timeout": 3}):
+        with pytest.raises(ClusterError, match=r"--cluster slurm: SLURM refuses the worker job .*edit profile 'slurm'"):
+            dp.connect("slurm", jobs=1)
+        with pytest.raises(ClusterError, match=r"0 of 1 SLURM workers joined within 3 s \(job ids: \d+\)") as e:
+            dp.connect("slurm-later", jobs=1)
+    job = re.search(r"job ids: (\d+)", str(e.value)).group(1)
+    for _ in range(40):
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        if state in ("", "CANCELLED"):
+            break
+        time.sleep(0.25)
+    assert state in ("", "CANCELLED"), state
 
 
 # ----------------------------------------------------------------------------- job scripts, not submitted
