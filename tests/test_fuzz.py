@@ -548,11 +548,12 @@ def test_real_command_line_on_a_corrupted_store(pristine, tmp_path, kind):
     shutil.copytree(pristine, path)
     field = SUBPROCESS_CASES[kind](path)
     before = tree_hash(path)
-    for argv in (["info", path], ["reconstruct", path, "--out", tmp_path / "r.zarr", "--iterations", "1", "--quiet"]):
-        p = subprocess.run([sys.executable, "-m", "daskptycho", *map(str, argv)], capture_output=True, text=True, timeout=120)
-        lines = p.stderr.splitlines()
-        assert p.returncode == 2, p.stderr
-        assert len(lines) == 1 and "Traceback" not in p.stderr and field in lines[0], p.stderr
+    # one command per kind (a process spends seconds importing): info, reconstruct, info, ...
+    argv = (["info", path], ["reconstruct", path, "--out", tmp_path / "r.zarr", "--iterations", "1", "--quiet"])[sorted(SUBPROCESS_CASES).index(kind) % 2]
+    p = subprocess.run([sys.executable, "-m", "daskptycho", *map(str, argv)], capture_output=True, text=True, timeout=120)
+    lines = p.stderr.splitlines()
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1 and "Traceback" not in p.stderr and field in lines[0], p.stderr
     assert not (tmp_path / "r.zarr").exists()
     assert tree_hash(path) == before
 
@@ -561,6 +562,8 @@ def test_counts_cover_every_kind():
     """Every corruption kind was drawn at least once by the fuzz test above (it runs
     first in this module) and every example passed."""
     kinds = {k for k in COUNTS if not k.startswith("option")}
+    if not kinds:
+        pytest.skip("the fuzz test did not run in this session (deselected)")
     if STORE_EXAMPLES >= 100:
         assert kinds == set(CORRUPTIONS), set(CORRUPTIONS) - kinds
     assert all(v["tried"] == v["passed"] for v in COUNTS.values())
