@@ -263,6 +263,13 @@ def _cmd_reconstruct(a):
     iterations = kw.get("iterations", config.get("reconstruct.iterations"))
     bar = _Progress(iterations, a.quiet)
     cluster_options = {k: v for k, v in (("jobs", a.jobs), ("scheduler_file", a.scheduler_file), ("tls", a.tls)) if v is not None}
+    if not a.quiet:  # a batch cluster says which jobs it submitted and where its dashboard is
+        import logging
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("daskptycho: %(message)s"))
+        logging.getLogger("daskptycho.cluster").addHandler(handler)
+        logging.getLogger("daskptycho.cluster").setLevel(logging.INFO)
     res = reconstruct(ds, engine=a.engine, progress=bar, report=a.report, cluster=a.cluster, cluster_options=cluster_options, **kw)
     write_result(res, a.out, overwrite=a.overwrite)
     times = bar.iteration_times()

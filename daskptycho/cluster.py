@@ -492,8 +492,8 @@ def _jobqueue(profile, jobs, tls, device):
         _close_quietly(cluster)
         raise
     conn = Connection(client, cluster, spec=profile, device=device or "cpu", security=sec)
-    logger.info("%s: %d job(s) %s, scheduler %s, dashboard %s", system.upper(), jobs, " ".join(conn.job_ids), conn.scheduler_address,
-                conn.dashboard_link)
+    logger.info("%s job(s) %s: %d worker(s), scheduler %s, dashboard %s", system.upper(), " ".join(conn.job_ids), jobs * per_job,
+                conn.scheduler_address, conn.dashboard_link)
     return conn
 
 
