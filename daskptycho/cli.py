@@ -266,10 +266,12 @@ def _cmd_reconstruct(a):
     if not a.quiet:  # a batch cluster says which jobs it submitted and where its dashboard is
         import logging
 
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("daskptycho: %(message)s"))
-        logging.getLogger("daskptycho.cluster").addHandler(handler)
-        logging.getLogger("daskptycho.cluster").setLevel(logging.INFO)
+        log = logging.getLogger("daskptycho.cluster")
+        if not log.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("daskptycho: %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
     res = reconstruct(ds, engine=a.engine, progress=bar, report=a.report, cluster=a.cluster, cluster_options=cluster_options, **kw)
     write_result(res, a.out, overwrite=a.overwrite)
     times = bar.iteration_times()
