@@ -264,14 +264,9 @@ def _cmd_reconstruct(a):
     bar = _Progress(iterations, a.quiet)
     cluster_options = {k: v for k, v in (("jobs", a.jobs), ("scheduler_file", a.scheduler_file), ("tls", a.tls)) if v is not None}
     if not a.quiet:  # a batch cluster says which jobs it submitted and where its dashboard is
-        import logging
+        from .cluster import log_to_stderr
 
-        log = logging.getLogger("daskptycho.cluster")
-        if not log.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("daskptycho: %(message)s"))
-            log.addHandler(handler)
-            log.setLevel(logging.INFO)
+        log_to_stderr()
     res = reconstruct(ds, engine=a.engine, progress=bar, report=a.report, cluster=a.cluster, cluster_options=cluster_options, **kw)
     write_result(res, a.out, overwrite=a.overwrite)
     times = bar.iteration_times()

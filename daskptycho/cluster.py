@@ -39,6 +39,31 @@ _ADDRESS_PREFIXES = ("tcp://", "ucx://", "tls://", "inproc://")
 _told = set()  # messages already logged once per process
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (it may be replaced after setup)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("daskptycho: %(message)s"))
+
+    @property
+    def stream(self):
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def log_to_stderr():
+    """Show this module's INFO messages (a batch cluster's job ids and dashboard) on stderr; idempotent."""
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+        logger.setLevel(logging.INFO)
+
+
 class ClusterError(DaskptychoError, RuntimeError):
     """A cluster could not be started or reached (no workers arrived, scheduler unreachable)."""
 
