@@ -89,11 +89,18 @@ def test_real_file_cone_beam_fresnel_scaling():
 
 
 @needs_real
-def test_real_file_refused_by_reconstruct():
+def test_real_file_refused_by_reconstruct(tmp_path):
     ds = read_cxi(REAL)
     with pytest.raises(DatasetError) as e:
         dp.reconstruct(ds, engine="ml", iterations=1)
     assert e.value.field == "geometry" and "far-field" in str(e.value)
+    # a near-field store exported to CXI comes back the same
+    back = read_cxi(write_cxi(ds, tmp_path / "nf.cxi"))
+    assert back.attrs["geometry"] == "near-field" and back.attrs["pixel_size_m"] == ds.attrs["pixel_size_m"]
+    assert back.attrs["detector_distance_m"] == 1.12 and back.attrs["fresnel_number"] == pytest.approx(ds.attrs["fresnel_number"])
+    np.testing.assert_array_equal(back["intensity"].values, ds["intensity"].values)
+    np.testing.assert_array_equal(back["position"].values, ds["position"].values)
+    np.testing.assert_array_equal(back["mask"].values, ds["mask"].values)
     # asking for far field explicitly gives the far-field pixel lambda z / (N p)
     ff = read_cxi(REAL, geometry="far-field")
     assert ff.attrs["geometry"] == "far-field"

@@ -351,7 +351,11 @@ def read_cxi(path, *, geometry: str = "auto", source_distance_m: float | None = 
     p = float(px)
     far_window = lam * distance / p
     step = _median_step(position)
-    geom, why = _decide_geometry(geometry, far_window, step, z1)
+    recorded = extra_attrs.get("geometry")
+    if geometry == "auto" and recorded in ("far-field", "near-field"):
+        geom, why = recorded, "recorded by daskptycho when it wrote the file"
+    else:
+        geom, why = _decide_geometry(geometry, far_window, step, z1)
     attrs = {
         "geometry": geom,
         "geometry_reason": why,
