@@ -114,12 +114,15 @@ def count_ffts():
 
     Wraps ``daskptycho.backend._transform`` (behind ``fft2`` and ``ifft2``): yields a
     dict filled with ``calls``, ``ffts`` (2-D transforms: batch sizes summed),
-    ``by_size`` ({N: count}) and ``bytes`` (each transform's array read and written once).
+    ``by_size`` ({N: count}), ``bytes`` (each transform's array read and written once) and
+    ``seconds`` (time inside the FFT calls).
     """
     from daskptycho import backend
 
     orig = backend._transform
     tally = {"calls": 0, "ffts": 0, "by_size": {}, "bytes": 0}
+
+    tally["seconds"] = 0.0
 
     def counting(a, forward, xp, out, norm):
         batch = int(np.prod(a.shape[:-2])) if a.ndim > 2 else 1
@@ -128,7 +131,10 @@ def count_ffts():
         tally["ffts"] += batch
         tally["by_size"][n] = tally["by_size"].get(n, 0) + batch
         tally["bytes"] += 2 * a.nbytes
-        return orig(a, forward, xp, out, norm)
+        t0 = time.perf_counter()
+        res = orig(a, forward, xp, out, norm)
+        tally["seconds"] += time.perf_counter() - t0
+        return res
 
     backend._transform = counting
     try:
@@ -147,8 +153,15 @@ def iteration_fft_count(ds, slices):
     opts = check_options(ReconstructOptions, None, dict(engine="ml", slices=slices, iterations=1))
     problem = prepare(ds, opts)
     data = load_patterns(ds)
+    state = ml_step(ml_init(problem), data, 0, problem)  # warm-up: plans, first-touch pages
     with count_ffts() as tally:
-        ml_step(ml_init(problem), data, 0, problem)
+        t0 = time.perf_counter()
+        ml_step(state, data, 1, problem)
+        tally["step_seconds"] = time.perf_counter() - t0
+    # where an in-process iteration's time goes: inside the FFT calls and the rest
+    # (elementwise products, window cut/add, cost), at this moment's machine load
+    tally["fft_share_of_step"] = tally["seconds"] / tally["step_seconds"]
+    tally["us_per_fft_in_step"] = tally["seconds"] / tally["ffts"] * 1e6
     tally["positions"] = int(problem.n_positions)
     tally["ffts_per_position_per_slice"] = tally["ffts"] / problem.n_positions / slices
     return tally
@@ -193,6 +206,8 @@ def main(argv=None):
         vals = [r["us_per_fft"] for r in rows if r["library"] == lib and r["n"] == n]
         if vals:
             speedups[lib] = min(vals)
+    print(f"in-process ml step: {tally['step_seconds']:.3f} s, {tally['fft_share_of_step']:.0%} inside FFT calls "
+          f"({tally['us_per_fft_in_step']:.1f} us per FFT there)", flush=True)
     print(f"one iteration on {cfg}: {tally['ffts']} FFTs of {n} px ({tally['ffts_per_position_per_slice']:.2f} per position "
           f"per slice), {tally['bytes'] / 2**30:.2f} GiB through the FFTs; floor {floor_fft:.3f} s "
           f"(best {best:.1f} us per FFT); the same bytes at stream bandwidth {floor_fft_bytes:.3f} s", flush=True)

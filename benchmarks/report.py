@@ -70,6 +70,12 @@ def section_floor(d, lines):
               f"two propagation FFTs per slice boundary each way), {it['bytes'] / 2**30:.2f} GiB through the FFTs. "
               f"Floor = FFT count x best time per FFT = **{d['floor_s_per_iteration']:.3f} s per iteration** "
               f"(those bytes at the streaming bandwidth alone: {d['fft_bytes_at_stream_bandwidth_s']:.3f} s).", ""]
+    if "step_seconds" in it:
+        lines += [f"The same `ml` step timed in this process (one thread, warm): {it['step_seconds']:.3f} s, of which "
+                  f"{it['fft_share_of_step']:.0%} inside the FFT calls at {it['us_per_fft_in_step']:.1f} us per FFT "
+                  f"(best isolated: {d['best_us_per_fft_cpu'][str(n)]:.1f} us); the rest is the elementwise work "
+                  "(products with patches, kernels and conjugates, |psi|^2, the cost), cutting windows out of the object and "
+                  "adding gradients back.", ""]
 
 
 def section_engines(d, floor, lines):

@@ -55,10 +55,15 @@ def poisson_cost(far, intensity, mask=None):
     return float(xp.sum(r, dtype=xp.float64))
 
 
-def cost_and_far_field_gradient(far, intensity, mask=None, kind="amplitude", overwrite=False):
+def cost_and_far_field_gradient(far, intensity, mask=None, kind="amplitude", overwrite=False, far_scale=1.0):
     """Cost and its gradient with respect to the far-field waves.
 
     ``overwrite=True`` lets the gradient be written into ``far`` (no new array).
+
+    ``far_scale`` (s): the waves are ``Psi = s * far`` (``far`` from an unnormalised FFT,
+    ``s = 1 / sqrt(N_y N_x)``); the gradient returned is then ``s * 2 dL/dPsi*``, which an
+    *unnormalised* inverse FFT takes to the orthonormal adjoint's result. The scale is
+    applied to the (J, N, N) intensities and weights, never to the waves themselves.
 
     Returns
     -------
@@ -68,6 +73,8 @@ def cost_and_far_field_gradient(far, intensity, mask=None, kind="amplitude", ove
     """
     xp = get_array_module(far)
     model = _model_intensity(far)
+    if far_scale != 1.0:
+        model *= far.real.dtype.type(far_scale * far_scale)
     if kind == "amplitude":
         amp = xp.sqrt(model)
         meas = xp.sqrt(intensity)
@@ -84,6 +91,8 @@ def cost_and_far_field_gradient(far, intensity, mask=None, kind="amplitude", ove
         cost_map = cost_map * mask
         w = w * mask
     cost = float(xp.sum(cost_map, dtype=xp.float64))
+    if far_scale != 1.0:
+        w = w * (far_scale * far_scale)
     w = w.astype(far.real.dtype, copy=False)[:, None]
     if overwrite:
         far *= w

@@ -162,7 +162,7 @@ def _scaled_kernel(kernel, dtype):
     return (kernel * (1.0 / n)).astype(dtype, copy=False)
 
 
-def forward(obj, probe, index, kernel, keep=False):
+def forward(obj, probe, index, kernel, keep=False, _ortho=True):
     """Far-field waves of every position and probe mode.
 
     Parameters
@@ -192,7 +192,8 @@ def forward(obj, probe, index, kernel, keep=False):
         phi = xp.multiply(psi, patches[s][:, None], out=empty(psi.shape, dtype, xp))
         if s < n_slices - 1:
             psi = _propagate_inplace(phi, k_scaled)
-    far = fft2(phi, xp, out=phi)
+    # _ortho=False (for gradients): unnormalised, the scale goes into the cost's (J, N, N) terms
+    far = fft2(phi, xp, out=phi, norm="ortho" if _ortho else "none")
     if keep:
         return far, (incident, patches)
     return far
@@ -207,7 +208,7 @@ def far_field_intensity(obj, probe, index, kernel):
     return xp.fft.fftshift(inten, axes=(-2, -1))
 
 
-def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=None, overwrite=False):
+def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=None, overwrite=False, _ortho=True):
     """Adjoint of the multislice model, applied to a far-field gradient.
 
     Given ``g = 2 dL/dPsi*`` for the far-field waves Psi of :func:`forward`,
@@ -237,7 +238,8 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
     """
     incident, patches = cache
     xp = get_array_module(g_far)
-    g = ifft2(g_far, xp, out=g_far if overwrite else None)  # adjoint of the orthonormal FFT
+    # adjoint of the orthonormal FFT (_ortho=False: g_far already carries the scale)
+    g = ifft2(g_far, xp, out=g_far if overwrite else None, norm="ortho" if _ortho else "none")
     n_slices = obj_shape[0]
     if out is None:
         g_obj = xp.zeros(obj_shape, dtype=g_far.dtype)
@@ -294,8 +296,11 @@ def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude",
     -------
     dict: ``cost`` (float) and the entries of :func:`backward`.
     """
-    far, cache = forward(obj, probe, index, kernel, keep=True)
-    value, g = cost_and_far_field_gradient(far, intensity, mask, cost, overwrite=True)
-    result = backward(g, cache, index, obj.shape, kernel, probe_gradient, out, overwrite=True)
+    # unnormalised far field: the 1/sqrt(N_y N_x) of both far-field FFTs is applied to
+    # the cost's (J, N, N) intensities and weights instead of two passes over the waves
+    far, cache = forward(obj, probe, index, kernel, keep=True, _ortho=False)
+    scale = 1.0 / np.sqrt(far.shape[-1] * far.shape[-2])
+    value, g = cost_and_far_field_gradient(far, intensity, mask, cost, overwrite=True, far_scale=scale)
+    result = backward(g, cache, index, obj.shape, kernel, probe_gradient, out, overwrite=True, _ortho=False)
     result["cost"] = value
     return result
