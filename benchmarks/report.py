@@ -100,6 +100,42 @@ def section_engines(d, floor, lines):
     for k, t in d["targets"].items():
         lines.append(f"| {names.get(k, k)} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
     lines.append("")
+    reasons = _reasons(d, floor)
+    if reasons:
+        lines += ["Why a target is missed (from the measurements above):", ""] + [f"- {r}" for r in reasons] + [""]
+
+
+def _reasons(d, floor):
+    """One sentence per missed target, built from the figures (not written by hand)."""
+    by = {r["label"]: r for r in d["rows"]}
+    out = []
+    t = d["targets"]
+    busy = d.get("loadavg_start", [0])[0] >= 1.0
+    if "ml_floor_fraction" in t and not t["ml_floor_fraction"]["met"] and floor and "step_seconds" in floor["iteration"]:
+        it = floor["iteration"]
+        best = floor["best_us_per_fft_cpu"][str(d["detector"])]
+        out.append(f"ml at {t['ml_floor_fraction']['value']:.2f} of the floor: in a warm in-process step "
+                   f"{it['fft_share_of_step']:.0%} of the time is inside the FFT calls, at {it['us_per_fft_in_step']:.1f} us per FFT "
+                   f"against {best:.1f} us isolated (the arrays come from memory, not a hot cache); the remaining "
+                   f"{1 - it['fft_share_of_step']:.0%} is elementwise NumPy passes (patch products, conjugate products, "
+                   "|psi|^2, the cost, window cut and add) that NumPy cannot fuse, each a full pass over the chunk's waves."
+                   + (" The machine was shared with other processes during the run." if busy else ""))
+    if "gd1_over_ml" in t and not t["gd1_over_ml"]["met"]:
+        g, m = by["gd 1 tile"], by["ml"]
+        out.append(f"gd 1 tile {t['gd1_over_ml']['value']:.0%} over ml: its steady-state task stream has "
+                   f"{g['task_stream']['compute_s']:.1f} s of compute against ml's {m['task_stream']['compute_s']:.1f} s "
+                   f"and {g['task_stream']['idle_s']:.1f} s idle worker time (ml {m['task_stream']['idle_s']:.1f} s): "
+                   "the graph machinery (per-iteration graph submission, buffer copies of the pass tasks, gathering costs) "
+                   "shows as idle time between tasks." + (" Contended machine: timings are noisy." if busy else ""))
+    if "gd4_speedup_2_vs_1_worker" in t and not t["gd4_speedup_2_vs_1_worker"]["met"]:
+        g2, g1 = by["gd 4 tiles"], by["gd 4 tiles on 1 worker"]
+        out.append(f"gd 4 tiles: {t['gd4_speedup_2_vs_1_worker']['value']:.2f}x from 1 to 2 workers: compute "
+                   f"{g1['task_stream']['compute_s']:.1f} s (1 worker) vs {g2['task_stream']['compute_s']:.1f} s (2 workers), "
+                   f"transfer {g2['task_stream']['transfer_s']:.2f} s, idle {g2['task_stream']['idle_s']:.1f} of "
+                   f"{g2['task_stream']['worker_seconds']:.1f} worker-seconds: the two workers share 2 cores with the "
+                   "scheduler and client processes, and the passes serialise neighbouring tiles."
+                   + (f" Load average {d['loadavg_start'][0]:.1f} at the start: other processes held the cores." if busy else ""))
+    return out
 
 
 def section_peers(d, lines):

@@ -161,7 +161,8 @@ def _plan(shape, dtype, forward, inplace, threads):
 
 
 def _aligned(a):
-    return a.ctypes.data % _pyfftw.simd_alignment == 0
+    # __array_interface__ rather than .ctypes: no ctypes object per FFT call
+    return a.__array_interface__["data"][0] % _pyfftw.simd_alignment == 0
 
 
 def empty(shape, dtype=np.complex64, xp=np):
