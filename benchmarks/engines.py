@@ -164,7 +164,7 @@ def main(argv=None):
         with open(floor_path) as f:
             best_us = json.load(f)["best_us_per_fft_cpu"].get(str(a.detector))
     wanted = [c.strip() for c in a.cases.split(";") if c.strip()]
-    rows = []
+    rows, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         stores = {}
         for multi in (True, False):
@@ -178,7 +178,12 @@ def main(argv=None):
             if wanted and label not in wanted:
                 continue
             path, cfg, _ = stores[multi]
-            r = run_case(path, engine, tiles, workers, a.iterations, cfg["slices"], device=a.device)
+            try:
+                r = run_case(path, engine, tiles, workers, a.iterations, cfg["slices"], device=a.device)
+            except Exception as e:  # noqa: BLE001 - one failing engine must not lose the other rows
+                print(f"{label}: FAILED {type(e).__name__}: {e}", flush=True)
+                failed.append({"label": label, "error": f"{type(e).__name__}: {e}"})
+                continue
             count = ffts["dm" if engine == "dm" else "ml"]["ffts"]
             floor = count * best_us * 1e-6 if best_us else None
             r.update({"label": label, "engine": engine, "tiles": tiles[0] * tiles[1], "workers": workers,
@@ -211,7 +216,7 @@ def main(argv=None):
         "scan": a.scan, "detector": a.detector, "slices": a.slices,
         "iterations": a.iterations, "best_us_per_fft": best_us,
         "fft_count": {k: {kk: vv for kk, vv in v.items() if kk != "by_size"} for k, v in ffts.items()},
-        "rows": rows, "targets": targets,
+        "rows": rows, "failed": failed, "targets": targets,
         "command": "python -m benchmarks engines " + " ".join(argv or []),
     })
     print(f"wrote {out}")

@@ -90,6 +90,8 @@ def section_engines(d, floor, lines):
         lines.append(f"| {r['label']} | {r['tiles']} | {r['workers']} | {r['iteration_s_median']:.3f} | {_f(r['floor_fraction'])} | "
                      f"{_mib(r['peak_above_baseline_bytes_max'])} | {ts['compute_s']:.1f} | {ts['transfer_s']:.2f} | {ts['idle_s']:.1f} | "
                      f"{ts['worker_seconds']:.1f} | {r['final_cost']:.4g} |")
+    for f in d.get("failed", []):
+        lines.append(f"| {f['label']} | failed: {f['error'][:120]} | | | | | | | | | |")
     lines += ["", "Task-stream columns cover the steady state (end of the first iteration to the end of the last): "
               "compute and transfer summed over workers; idle = workers x wall - compute - transfer "
               "(scheduler latency, waiting on a neighbour's strip, the client's work between iterations). "
