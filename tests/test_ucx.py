@@ -28,7 +28,7 @@ def test_gd_over_ucx_equals_tcp(small_pbtio3, monkeypatch):
     # connect('ucx') sets these only when unset; keep the test from leaking them
     for var in ("UCX_TLS", "UCX_WARN_UNUSED_ENV_VARS"):
         monkeypatch.delenv(var, raising=False)
-    kw = dict(engine="gd", tiles=(2, 2), iterations=3, slices=2, workers=2)
+    kw = dict(engine="gd", tiles=(2, 2), iterations=2, slices=2, workers=2)
     with dp.connect("ucx", workers=2) as conn:
         assert conn.scheduler_address.startswith("ucx://127.0.0.1:")
         workers = conn.client.scheduler_info(n_workers=-1)["workers"]
