@@ -25,9 +25,11 @@ pytestmark = pytest.mark.skipif(_ucxx_reason() is not None, reason=_ucxx_reason(
 
 
 def test_gd_over_ucx_equals_tcp(small_pbtio3, monkeypatch):
-    # connect('ucx') sets these only when unset; keep the test from leaking them
+    # connect('ucx') sets these only when unset; setenv first so that monkeypatch
+    # restores them (unset) after the test instead of leaking connect's values
     for var in ("UCX_TLS", "UCX_WARN_UNUSED_ENV_VARS"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     kw = dict(engine="gd", tiles=(2, 2), iterations=2, slices=2, workers=2)
     with dp.connect("ucx", workers=2) as conn:
         assert conn.scheduler_address.startswith("ucx://127.0.0.1:")
