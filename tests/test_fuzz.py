@@ -567,3 +567,81 @@ def test_counts_cover_every_kind():
     if STORE_EXAMPLES >= 100:
         assert kinds == set(CORRUPTIONS), set(CORRUPTIONS) - kinds
     assert all(v["tried"] == v["passed"] for v in COUNTS.values())
+
+
+# --------------------------------------------------------------------------- nothing executes data
+
+
+def test_a_store_of_pickled_objects_is_refused_unread(tmp_path):
+    """A Zarr v2 store may hold pickled object arrays; opening one must not unpickle
+    (which would run the code the file names)."""
+    import numcodecs
+
+    marker = tmp_path / "executed"
+    store = tmp_path / "evil.zarr"
+    (store / "evil").mkdir(parents=True)
+    (store / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    (store / ".zattrs").write_text(json.dumps({"format": "daskptycho-dataset"}))
+    trap = np.empty(1, dtype=object)
+    trap[0] = _Trap(str(marker))
+    (store / "evil" / "0").write_bytes(numcodecs.Pickle().encode(trap))
+    (store / "evil" / ".zarray").write_text(json.dumps({
+        "zarr_format": 2, "shape": [1], "chunks": [1], "dtype": "|O", "compressor": None, "fill_value": None,
+        "filters": [{"id": "pickle", "protocol": 5}], "order": "C"}))
+    (store / "evil" / ".zattrs").write_text(json.dumps({"_ARRAY_DIMENSIONS": ["evil"]}))
+    with pytest.raises(DatasetError) as e:
+        dp.open_dataset(store)
+    assert e.value.field == "evil" and "never unpickles" in e.value.problem
+    code, lines = run_cli(["info", store])
+    assert_one_line(code, lines, "evil")
+    assert not marker.exists()
+    # the chunk is a live trap (numcodecs and Zarr 3 refuse it too; the store check
+    # comes first and does not depend on them): unpickled, it runs
+    import pickle
+
+    pickle.loads((store / "evil" / "0").read_bytes())
+    assert marker.exists()
+
+
+class _Trap:
+    """Unpickling this creates a directory: proof that code from the data ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_the_package_never_loads_code_from_data():
+    """No pickle/marshal/shelve loads, no eval/exec, no unsafe YAML, and every
+    ``np.load`` passes ``allow_pickle=False`` (an AST scan of the package source)."""
+    import ast
+
+    root = os.path.dirname(dp.__file__)
+    bad = []
+    for dirpath, _, files in os.walk(root):
+        for fname in files:
+            if not fname.endswith(".py"):
+                continue
+            full = os.path.join(dirpath, fname)
+            with open(full) as f:
+                tree = ast.parse(f.read(), full)
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Call):
+                    continue
+                fn = node.func
+                name = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else ""
+                owner = fn.value.id if isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name) else ""
+                where = f"{os.path.relpath(full, root)}:{node.lineno}"
+                if isinstance(fn, ast.Name) and name in ("eval", "exec", "__import__"):
+                    bad.append(f"{where} {name}()")
+                if owner in ("pickle", "cPickle", "cloudpickle", "dill", "marshal", "joblib") and name.startswith("load"):
+                    bad.append(f"{where} {owner}.{name}()")
+                if owner == "shelve" or (owner == "yaml" and name in ("load", "load_all", "unsafe_load", "full_load")):
+                    bad.append(f"{where} {owner}.{name}()")
+                if owner in ("np", "numpy") and name == "load":
+                    kw = {k.arg: k.value for k in node.keywords}
+                    if not (isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False):
+                        bad.append(f"{where} np.load without allow_pickle=False")
+    assert bad == []

@@ -243,9 +243,36 @@ def _check_layout(path):
             problem = f"chunk_grid {grid!r} is not a regular grid with one positive chunk length per axis"
         if problem:
             raise DatasetError("metadata", f"{name}/zarr.json: {problem}; re-create the store")
+        if _pickled(meta):
+            raise DatasetError(name, "holds Python objects (a pickle codec); daskptycho never unpickles store data: store numeric arrays")
         arrays[name] = meta
     _check_dimension_sizes(arrays)
     return arrays
+
+
+def _pickled(meta):
+    """Does this array's metadata ask for Python objects (object dtype or a pickle codec)?"""
+    text = json.dumps([meta.get("dtype"), meta.get("data_type"), meta.get("codecs"), meta.get("filters"), meta.get("compressor")])
+    return "pickle" in text.lower() or meta.get("dtype") in ("|O", "O", "object")
+
+
+def _check_layout_v2(path):
+    """A Zarr v2 store: refuse arrays of Python objects before Zarr decodes anything
+    (v2 allows pickled object arrays; unpickling runs code from the file)."""
+    with os.scandir(path) as it:
+        names = sorted(e.name for e in it if e.is_dir() and os.path.exists(os.path.join(e.path, ".zarray")))
+    for name in names:
+        try:
+            with open(os.path.join(path, name, ".zarray"), "rb") as f:
+                meta = json.loads(f.read().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise DatasetError("metadata", f"{name}/.zarray of the store cannot be read ({_fail(e)}); re-create the store") from None
+        if not isinstance(meta, dict):
+            raise DatasetError("metadata", f"{name}/.zarray is not a JSON object; re-create the store")
+        if _pickled(meta):
+            raise DatasetError(name, "holds Python objects (object dtype or a pickle codec); daskptycho never unpickles store data: "
+                               "store numeric arrays")
+    return {}
 
 
 def _check_dimension_sizes(arrays):
@@ -322,6 +349,8 @@ def _diagnose_read(path, arrays):
 
     import zarr
 
+    if not os.path.exists(os.path.join(path, "zarr.json")):
+        return None  # a Zarr v2 store: no per-array diagnosis
     names = sorted(arrays, key=lambda n: (n not in SCHEMA, n))
     with tempfile.TemporaryDirectory(prefix="daskptycho-diagnose-") as scratch:
         shutil.copyfile(os.path.join(path, "zarr.json"), os.path.join(scratch, "zarr.json"))
@@ -355,7 +384,7 @@ def _open_zarr(path, required=()):
         os.path.exists(os.path.join(path, "zarr.json")) or os.path.exists(os.path.join(path, ".zgroup"))
     ):
         raise DatasetError("store", f"{path} is not a Zarr store (no zarr.json): write one with daskptycho.write_dataset or import it with 'daskptycho import'")
-    arrays = _check_layout(path) if os.path.exists(os.path.join(path, "zarr.json")) else {}
+    arrays = _check_layout(path) if os.path.exists(os.path.join(path, "zarr.json")) else _check_layout_v2(path)
     for name in required:
         if name in arrays:
             key = _missing_chunk(path, name, arrays[name])
