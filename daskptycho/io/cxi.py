@@ -65,7 +65,7 @@ def fresnel_number(field_m: float, wavelength_m: float, distance_m: float) -> fl
     Returns
     -------
     float
-        Dimensionless; far >> 1 means near-field (Fresnel) diffraction, << 1 far field.
+        Dimensionless: >> 1 means near-field (Fresnel) diffraction, << 1 far field.
     """
     return float(field_m) ** 2 / (float(wavelength_m) * float(distance_m))
 
