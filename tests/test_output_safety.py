@@ -204,3 +204,24 @@ def test_a_store_renamed_from_an_incomplete_write_is_refused(tmp_path):
     with pytest.raises(DatasetError) as e:
         dp.open_result(path)
     assert e.value.field == "object" and "missing" in e.value.problem
+
+
+def _intrude(block, path):
+    """Runs while the store is being written: another writer finishes first."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.join(path, "theirs"))
+    return block
+
+
+def test_a_result_that_appears_during_the_write_is_not_replaced(tmp_path):
+    """Two runs racing for one output: the one that finishes second is refused (its
+    rename is never a replace), the first result stays, no temporary is left behind."""
+    import dask.array as da
+
+    path = tmp_path / "race.zarr"
+    ds = small_result(1.0)
+    ds["object"] = (("slice", "y", "x"), da.from_array(ds["object"].values, chunks=(1, 4, 4)).map_blocks(_intrude, str(path)), {"units": "1"})
+    with pytest.raises(OutputExistsError):
+        dp.write_result(ds, path)
+    assert os.listdir(path) == ["theirs"]
+    assert os.listdir(tmp_path) == ["race.zarr"]
