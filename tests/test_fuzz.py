@@ -425,58 +425,71 @@ def test_corrupted_store_is_refused_by_name(pristine, data):
 
 # --------------------------------------------------------------------------- options
 
-BAD_OPTIONS = {
-    "engine": st.sampled_from(["nope", "GD", "", "ml ", 3]),
-    "iterations": st.sampled_from([0, -1, -(2**40), 1.5, "3", True, None, float("nan")]),
-    "batch_size": st.sampled_from([0, -2, 2.5, True, "x", float("inf")]),
-    "slices": st.sampled_from([0, -1, 1.5, "2", False]),
-    "tiles": st.sampled_from([(0, 2), (2, -1), (50, 50), (2, 40), (1,), "abc", None, (2, 2, 2)]),
-    "step": st.sampled_from([0, -1.0, float("nan"), float("inf"), "1", True]),
-    "probe_step": st.sampled_from([0, -0.5, float("nan")]),
-    "regularization": st.sampled_from([-1e-3, float("nan"), "x"]),
-    "beta": st.sampled_from([0, 1.5, -0.2, float("nan"), "0.8"]),
-    "cost": st.sampled_from(["foo", "Poisson", "", 1]),
-    "device": st.sampled_from(["tpu", "GPU", "", None]),
-    "partitions": st.sampled_from([0, -3, 1.5, 10_000]),
-    "pad_px": st.sampled_from([-1, 1.5, "4", float("nan")]),
-    "probe_modes": st.sampled_from([0, -1, 1.5, "auto", "two"]),
-    "working_set_mib": st.sampled_from([0, -32, float("nan"), "32"]),
-    "working_set_fraction": st.sampled_from([0, -0.1, float("inf")]),
-    "object_modes": st.sampled_from([0, -1, 2.5]),
-    "seed": st.sampled_from([-1, 1.5, "a", None]),
-    "halo_m": st.sampled_from([0, -1e-9, float("nan"), "1e-9"]),
-    "passes_per_iteration": st.sampled_from([0, -1, 1.5]),
-    "workers": st.sampled_from([0, -1, 2.5, "2"]),
-    "refine_probe": st.sampled_from(["yes", 1, None]),
-    "probe_refine_start": st.sampled_from([-1, 1.5, "5"]),
-    "slice_thickness_m": st.sampled_from([0, -1e-10, float("nan"), "1e-10"]),
+BAD_OPTION_VALUES = {
+    "engine": ["nope", "GD", "", "ml ", 3],
+    "iterations": [0, -1, -(2**40), 1.5, "3", True, None, float("nan")],
+    "batch_size": [0, -2, 2.5, True, "x", float("inf")],
+    "slices": [0, -1, 1.5, "2", False],
+    "tiles": [(0, 2), (2, -1), (50, 50), (2, 40), (1,), "abc", None, (2, 2, 2)],
+    "step": [0, -1.0, float("nan"), float("inf"), "1", True],
+    "probe_step": [0, -0.5, float("nan")],
+    "regularization": [-1e-3, float("nan"), "x"],
+    "beta": [0, 1.5, -0.2, float("nan"), "0.8"],
+    "cost": ["foo", "Poisson", "", 1],
+    "device": ["tpu", "GPU", "", None],
+    "partitions": [0, -3, 1.5, 10_000],
+    "pad_px": [-1, 1.5, "4", float("nan")],
+    "probe_modes": [0, -1, 1.5, "auto", "two"],
+    "working_set_mib": [0, -32, float("nan"), "32"],
+    "working_set_fraction": [0, -0.1, float("inf")],
+    "object_modes": [0, -1, 2.5],
+    "seed": [-1, 1.5, "a", None],
+    "halo_m": [0, -1e-9, float("nan"), "1e-9"],
+    "passes_per_iteration": [0, -1, 1.5],
+    "workers": [0, -1, 2.5, "2"],
+    "refine_probe": ["yes", 1, None],
+    "probe_refine_start": [-1, 1.5, "5"],
+    "slice_thickness_m": [0, -1e-10, float("nan"), "1e-10"],
 }
+BAD_OPTIONS = {k: st.sampled_from(v) for k, v in BAD_OPTION_VALUES.items()}
 # the engine an option needs to be checked against (tiles: gd; partitions, 'auto' modes: dm vs gd)
 ENGINE_FOR = {"partitions": "dm", "probe_modes": "gd", "object_modes": "dm", "beta": "dm"}
 
 
-@settings(max_examples=OPTION_EXAMPLES, **FUZZ)
-@given(data=st.data())
-def test_bad_option_is_refused_by_name(valid, pristine, data):
-    kind = data.draw(st.sampled_from(["unknown key", *sorted(BAD_OPTIONS)]), label="option")
+def _check_bad_option(valid, kind, value):
     if kind == "unknown key":
-        key = data.draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).filter(
-            lambda k: k not in dp.ReconstructOptions.__dataclass_fields__), label="key")
-        kwargs, name = {key: 1}, key
+        kwargs, name = {value: 1}, value
     else:
-        value = data.draw(BAD_OPTIONS[kind], label="value")
         kwargs, name = {kind: value}, kind
-        if kind == "probe_modes" and value == "auto":
-            kwargs["engine"] = "gd"
     kwargs.setdefault("engine", ENGINE_FOR.get(kind, "gd"))
-    if kind == "engine":
-        kwargs["engine"] = value
-    COUNTS[f"option {'unknown key' if kind == 'unknown key' else kind}"]["tried"] += 1
+    if kind == "probe_modes" and value == "auto":
+        kwargs["engine"] = "gd"
+    label = f"option {kind}"
+    COUNTS[label]["tried"] += 1
     with pytest.raises(OptionsError) as e:
         dp.reconstruct(valid, **kwargs)
     assert e.value.option == name, str(e.value)
     assert "\n" not in str(e.value)
-    COUNTS[f"option {'unknown key' if kind == 'unknown key' else kind}"]["passed"] += 1
+    COUNTS[label]["passed"] += 1
+
+
+@settings(max_examples=OPTION_EXAMPLES, **FUZZ)
+@given(data=st.data())
+def test_bad_option_is_refused_by_name(valid, data):
+    kind = data.draw(st.sampled_from(["unknown key", *sorted(BAD_OPTIONS)]), label="option")
+    if kind == "unknown key":
+        value = data.draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).filter(
+            lambda k: k not in dp.ReconstructOptions.__dataclass_fields__), label="key")
+    else:
+        value = data.draw(BAD_OPTIONS[kind], label="value")
+    _check_bad_option(valid, kind, value)
+
+
+def test_every_listed_bad_option_value_is_refused(valid):
+    """Every value of the table above, not only those hypothesis happened to draw."""
+    for kind, values in BAD_OPTION_VALUES.items():
+        for value in values:
+            _check_bad_option(valid, kind, value)
 
 
 CLI_OPTIONS = [

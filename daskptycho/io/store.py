@@ -50,7 +50,9 @@ SCHEMA = {
 # renameat2(2) flags: refuse to replace / swap two paths atomically (Linux >= 3.15)
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
-_TMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{8}(\.old)?$")
+# temporary siblings of an atomic write (this module's ``.tmp-``, the checkpoint
+# writer's ``.result-``), and the ``.old`` store a swap is about to delete
+_TMP_RE = re.compile(r"^\..+\.(tmp|result)-[0-9a-f]{8}(\.old)?$")
 
 
 def _renameat2(src, dst, flags):
