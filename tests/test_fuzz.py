@@ -9,8 +9,9 @@ randomly drawn corruption, and checks that
     exactly one line to stderr, no traceback, and no output store,
 (c) the input store is byte-for-byte unchanged (every file hashed before and after).
 
-Bad options go through :func:`daskptycho.reconstruct` and the command line the same
-way and must raise :class:`OptionsError` naming the option, before any cluster starts.
+Bad options go through :func:`daskptycho.reconstruct` (drawn by hypothesis, and every
+listed value once) and the command line, and must raise :class:`OptionsError` naming
+the option, before any cluster starts.
 
 ``DASKPTYCHO_FUZZ_EXAMPLES=N`` runs N examples per test (default 150 stores, 60 option
 sets; with the variable set the examples are drawn at random rather than from the
@@ -46,7 +47,7 @@ _ENV_EXAMPLES = os.environ.get("DASKPTYCHO_FUZZ_EXAMPLES")
 STORE_EXAMPLES = int(_ENV_EXAMPLES or 150)
 OPTION_EXAMPLES = int(_ENV_EXAMPLES or 60)
 FUZZ = dict(deadline=None, database=None, derandomize=_ENV_EXAMPLES is None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 COUNTS = collections.defaultdict(lambda: {"tried": 0, "passed": 0})
 J, N, CHUNK = 20, 16, 6   # 4x5 scan, 16 px patterns, 6 patterns per chunk (4 chunks, the last short)
