@@ -96,6 +96,8 @@ def _parser():
     r.add_argument("--report", help="write a Dask performance report (HTML) of the run")
     r.add_argument("--timing", help="write per-iteration wall times (JSON)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing result")
+    r.add_argument("--checkpoint-every", type=int, metavar="K", help="write the full state into the --out store every K iterations (0: never)")
+    r.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out up to --iterations in total")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = sub.add_parser("graph", help="draw one iteration's task graph (and a real run's timeline)",
@@ -246,8 +248,8 @@ def _cmd_reconstruct(a):
     from . import config, open_dataset, reconstruct, write_result
     from .errors import OutputExistsError
 
-    if os.path.exists(a.out) and not a.overwrite:
-        raise OutputExistsError(f"{a.out} exists: pass --overwrite to replace it")
+    if os.path.exists(a.out) and not (a.overwrite or a.resume):
+        raise OutputExistsError(f"{a.out} exists: pass --overwrite to replace it (or --resume to continue its checkpoint)")
     ds = open_dataset(a.store)
     kw = {}
     if a.pad_px is None and "recommended_pad_px" in ds.attrs:
@@ -260,6 +262,10 @@ def _cmd_reconstruct(a):
             kw[key] = getattr(a, opt)
     if a.refine_probe:
         kw["refine_probe"] = True
+    if a.checkpoint_every is not None or a.resume:  # the checkpoints live in the result store
+        kw.update(checkpoint=a.out, resume=a.resume)
+        if a.checkpoint_every is not None:
+            kw["checkpoint_every"] = a.checkpoint_every
     iterations = kw.get("iterations", config.get("reconstruct.iterations"))
     bar = _Progress(iterations, a.quiet)
     cluster_options = {k: v for k, v in (("jobs", a.jobs), ("scheduler_file", a.scheduler_file), ("tls", a.tls)) if v is not None}
@@ -268,7 +274,12 @@ def _cmd_reconstruct(a):
 
         log_to_stderr()
     res = reconstruct(ds, engine=a.engine, progress=bar, report=a.report, cluster=a.cluster, cluster_options=cluster_options, **kw)
-    write_result(res, a.out, overwrite=a.overwrite)
+    if "checkpoint" in kw:
+        from .io.checkpoint import write_result_keeping_checkpoint
+
+        write_result_keeping_checkpoint(res, a.out)
+    else:
+        write_result(res, a.out, overwrite=a.overwrite)
     times = bar.iteration_times()
     if a.timing:
         import statistics

@@ -66,6 +66,7 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
     opts = check_options(ReconstructOptions, options, kwargs)
     conn = {"cluster": cluster, "device": opts.device, **(cluster_options or {})}
     problem = prepare(ds, opts)
+    meta = _checkpoint_start(opts)
     t0 = time.perf_counter()
     if opts.engine == "ml":
         from functools import partial
@@ -79,8 +80,12 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
         else:
             load = partial(_identity, load_patterns(ds))
         with Driver(client, workers=opts.workers or 1, report=report, **conn) as drv:
+            from .ml import ml_checkpoints
+
+            init, start, done, after = ml_checkpoints(drv, problem, meta)
             state, costs, memory = drv.run_sequential(
-                load, partial(_ml_step, problem=problem), partial(ml_init, problem), opts.iterations, progress
+                load, partial(_ml_step, problem=problem), init or partial(ml_init, problem), opts.iterations, progress,
+                start=start, costs=done, after=after,
             )
         obj, probe = state["object"], state["probe"]
         extra = {"memory": json.dumps(memory)}
@@ -105,11 +110,35 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
             "tile_cores": json.dumps({f"{x.row},{x.col}": list(map(int, x.core)) for x in t}),
             "tile_extended": json.dumps({f"{x.row},{x.col}": list(map(int, x.extended)) for x in t}),
             "memory": json.dumps(info["memory"]),
+            "recoveries": json.dumps(info["recoveries"]),
         }
     else:  # dm
         return _reconstruct_dm(ds, problem, opts, client, report, progress, t0, conn)
     extra["wall_time_s"] = time.perf_counter() - t0
+    if meta is not None:
+        extra["resumed_from_iteration"] = int(meta["completed"])
     return result_dataset(problem, obj, probe, costs, ds, extra)
+
+
+def _checkpoint_start(opts):
+    """Before a run with checkpoints: a fresh run drops older checkpoints of its store;
+    a resumed one gets the latest checkpoint, checked against its options."""
+    import dataclasses
+
+    if not opts.checkpoint:
+        return None
+    from ..io.checkpoint import Checkpoint, check_resume
+
+    ck = Checkpoint(opts.checkpoint)
+    if not opts.resume:
+        ck.clear()
+        return None
+    meta = ck.latest()
+    check_resume(meta, dataclasses.asdict(opts), opts.engine, opts.checkpoint)
+    if not opts.checkpoint_every:  # go on checkpointing as the interrupted run did
+        opts.checkpoint_every = int(meta["options"].get("checkpoint_every") or 0)
+    ck.prune()
+    return meta
 
 
 def _reconstruct_dm(ds, problem, opts, client, report, progress, t0, conn=None):
@@ -156,8 +185,11 @@ def _reconstruct_dm(ds, problem, opts, client, report, progress, t0, conn=None):
         "partitions": len(info["partitions"]),
         "fourier_error_relative_final": float(costs[-1] / max(problem.mean_counts * problem.n_positions, 1e-30)),
         "probe_modes_tried": json.dumps(tried),
+        "recoveries": json.dumps(info["recoveries"]),
         "wall_time_s": time.perf_counter() - t0,
     }
+    if info["resumed_from"] is not None:
+        extra["resumed_from_iteration"] = info["resumed_from"]
     out = result_dataset(problem, obj[:1], probe, costs, ds, extra, extra_vars)
     out["cost"].attrs["long_name"] = "Fourier error sum (sqrt(I_model) - sqrt(I))^2 of the model entering each iteration"
     return out

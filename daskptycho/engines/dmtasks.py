@@ -50,6 +50,21 @@ def init_views(probe, crop, ctx: DMContext, part):
     return views
 
 
+def initial_object(shape):
+    """The starting object (L, H, W): ones, and weak (0.1) extra modes so they can grow."""
+    obj = np.ones(shape, np.complex64)
+    obj[1:] *= 0.1
+    return obj
+
+
+def initial_crop(shape, region, device="cpu"):
+    """A part's crop of :func:`initial_object` (L, h, w), made on its worker from the shape alone."""
+    from ..engines.problem import array_module
+
+    y0, y1, x0, x1 = region
+    return array_module(device).asarray(initial_object((shape[0], y1 - y0, x1 - x0)))
+
+
 def crop_object(obj_or_update, region, device="cpu"):
     """The part of the object a part's windows touch (a copy)."""
     from ..engines.problem import array_module

@@ -9,8 +9,51 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import uuid
 
+from .. import dashboard as _dashboard  # noqa: F401  (adds /daskptycho to the dashboards of schedulers started from here on)
 from ..cluster import connect
+from ..errors import DaskptychoError
+
+#: The phases every task of a run is filed under (distributed spans ``("daskptycho", phase)``).
+PHASES = ("load", "grad", "passes", "update")
+
+#: Task-key prefix -> phase. gd: gradients, then the strip passes, then the tile
+#: updates; hve: the independent tile step is ``grad``, the core-to-halo exchange is
+#: ``passes``; dm: the exit waves and Fourier constraint (and the partial sums taken
+#: from them) are ``grad``, the tree reductions ``passes``, forming the object and probe
+#: and handing out the new crops ``update``; ml: its one task per iteration is ``grad``.
+#: Scalar reductions (``cost``) count as ``passes``; the live previews, checkpoint
+#: writes and the final core cut-outs as ``update``; restoring from a checkpoint as ``load``.
+PHASE_OF_PREFIX = {
+    "load": "load", "init": "load", "crop-init": "load", "views-init": "load", "load-patterns": "load", "init-state": "load",
+    "restore": "load", "crop-restore": "load", "views-restore": "load", "dm-object-init": "load", "dm-object-restore": "load",
+    "grad": "grad", "tile-cost": "grad", "hve-step": "grad", "ml-iteration": "grad",
+    "dm-views": "grad", "dm-partial": "grad", "dm-error": "grad", "dm-state": "grad", "dm-probe-partial": "grad",
+    "vfwd": "passes", "vfwd-strip": "passes", "vbwd": "passes", "vbwd-strip": "passes",
+    "hfwd": "passes", "hfwd-strip": "passes", "hbwd": "passes", "hbwd-strip": "passes",
+    "hve-core": "passes", "hve-paste": "passes", "tile-probe": "passes", "probe-sum": "passes",
+    "dm-sum": "passes", "dm-probe-sum": "passes", "cost": "passes",
+    "update": "update", "probe": "update", "dm-object-update": "update", "dm-object": "update", "dm-crop": "update",
+    "dm-probe-update": "update", "dm-probe": "update", "dm-mixing": "update", "preview": "update", "core": "update",
+    "nbytes": "update", "checkpoint": "update", "checkpoint-object": "update", "checkpoint-probe": "update",
+}
+
+
+def phase_of(key):
+    """The phase (one of :data:`PHASES`) of a task key, or None for keys of no phase.
+
+    ``("vfwd-strip", 3, 0, 1)`` -> ``"passes"``; string keys use their prefix
+    before a trailing ``-<number>`` (``"ml-iteration-7"`` -> ``"grad"``).
+    """
+    if isinstance(key, tuple):
+        name = key[0] if key and isinstance(key[0], str) else ""
+    else:
+        name = str(key)
+        head, _, tail = name.rpartition("-")
+        if head and tail.isdigit():
+            name = head
+    return PHASE_OF_PREFIX.get(name)
 
 
 class Driver:
@@ -81,36 +124,179 @@ class Driver:
         return sorted(self.client.scheduler_info(n_workers=-1)["workers"])
 
     def span(self, *names):
-        """A named span (phase) the dashboard groups tasks under."""
+        """A named span the dashboard groups tasks under.
+
+        A phase name (``load``, ``grad``, ``passes``, ``update``) gives that phase's
+        span of this run, ``("daskptycho", phase)``, with the same ids every time,
+        so every iteration's tasks of a phase land in one span. Any other name
+        opens a new ``distributed.span("daskptycho", *names)``.
+        """
+        import dask
         from distributed import span
 
+        if len(names) == 1 and names[0] in PHASES:
+            return dask.annotate(span=self.span_annotation(names[0]))
         return span("daskptycho", *names)
 
+    def span_annotation(self, phase):
+        """The ``"span"`` annotation of ``phase`` in this run, as ``distributed.span``
+        writes it: ``{"name": ("daskptycho", phase), "ids": (root id, phase id)}``.
+
+        The scheduler's ``SpansSchedulerExtension`` files each task under the span
+        named by its annotation (the last id identifies it; the earlier ones its
+        parents), so fixed ids per run give one ``daskptycho`` span with one child
+        per phase.
+        """
+        ids = self.__dict__.get("_span_ids")
+        if ids is None:
+            import uuid
+
+            ids = self.__dict__["_span_ids"] = {p: str(uuid.uuid4()) for p in ("daskptycho", *PHASES)}
+        return {"name": ("daskptycho", phase), "ids": (ids["daskptycho"], ids[phase])}
+
+    # ------------------------------------------------------------------ live state (dashboard)
+    def live_begin(self, engine, iterations, tiles=(1, 1), rounds=1):
+        """Tell the scheduler's live state (the ``/daskptycho`` dashboard page) a run starts.
+
+        Parameters
+        ----------
+        engine : str
+        iterations : int
+        tiles : (rows, cols), the tile (or part) grid whose progress the page draws
+        rounds : int, pass rounds per iteration (``update`` tasks per tile per iteration)
+
+        Returns
+        -------
+        str or None: the page's address (also ``self.dashboard_page``, and logged at INFO
+        on the ``daskptycho`` logger).
+        """
+        import logging
+
+        from .. import config, dashboard
+
+        self.__dict__["dashboard_page"] = None
+        if not config.get("dashboard.live", True):
+            self.__dict__["_live"] = None
+            return None
+        self.__dict__["_live"] = {"engine": engine}
+        try:
+            served = self.client.run_on_scheduler(dashboard.begin_run, engine=engine, iterations=int(iterations),
+                                                  tiles=[int(tiles[0]), int(tiles[1])], rounds=int(rounds))
+        except Exception as e:  # a scheduler that cannot import daskptycho: run on, without the page
+            self.__dict__["_live"] = None
+            import warnings
+
+            warnings.warn(f"daskptycho: no live dashboard state on this scheduler ({type(e).__name__}: {e})", RuntimeWarning,
+                          stacklevel=2)
+            return None
+        try:
+            link = self.client.dashboard_link
+        except Exception:  # a scheduler without an HTTP dashboard
+            link = None
+        #: the live page's address (None without a dashboard), for the CLI or a notebook to show
+        self.__dict__["dashboard_page"] = link.rsplit("/", 1)[0] + dashboard.ROUTE if served and link else None
+        if self.dashboard_page:
+            logging.getLogger("daskptycho").info("live reconstruction: %s", self.dashboard_page)
+        return self.dashboard_page
+
+    def preview(self, it, states, regions=None, workers=None, origins=None, modes=None):
+        """Submit the tiny tasks that cut a downsampled phase image of the current
+        object out of each tile's core (never the whole tile moves).
+
+        Parameters
+        ----------
+        it : int, the iteration
+        states : dict ``{tile: future}``: object (S, h, w), or a dict with ``"object"``
+        regions : dict ``{tile: (slice y, slice x)}``: each tile's core inside its state
+            (with ``origins``); None: ``states`` holds one whole object
+        workers : dict ``{tile: address}``, optional (pins each task to its tile's worker)
+        origins : dict ``{tile: (y0, x0)}``: the core's first pixel in the whole object
+        modes : slice, optional: the entries of the first axis to draw (dm: ``slice(0, 1)``,
+            the dominant object mode); default: every slice, phases summed
+
+        The image's longest side is ``daskptycho.dashboard.preview_px`` (256) pixels.
+
+        Returns
+        -------
+        dict: what :meth:`publish` takes as ``image`` (``None`` without a live page).
+        """
+        if not self.__dict__.get("_live"):
+            return None
+        from .. import dashboard
+
+        size = dashboard.preview_px()
+        if regions is None:
+            stride = full = None
+            regions = {k: (modes, slice(None), slice(None)) if modes else (slice(None), slice(None)) for k in states}
+            origins = {k: (0, 0) for k in states}
+        else:
+            full = (max(origins[k][0] + r[0].stop - r[0].start for k, r in regions.items()),
+                    max(origins[k][1] + r[1].stop - r[1].start for k, r in regions.items()))
+            stride = max(1, -(-max(full) // size))
+        futs = {}
+        for k, st in states.items():
+            pin = dict(workers=[workers[k]], allow_other_workers=False) if workers else {}
+            with self.span("update"):
+                futs[k] = self.client.submit(dashboard.phase_preview, st, regions[k], origins[k], stride, size,
+                                             key=("preview", it, *k, uuid.uuid4().hex[:8]), pure=False, **pin)
+        return {"futures": futs, "stride": stride, "shape": full}
+
+    def publish(self, it, cost, image=None):
+        """Send one iteration's live state to the scheduler: iteration, cost and the
+        small phase image from :meth:`preview` (gathered here: a few KiB per tile).
+
+        Per-tile progress needs no message: the scheduler-side state watches the
+        tiles' ``update`` tasks finish.
+        """
+        live = self.__dict__.get("_live")
+        if not live:
+            return
+        from .. import dashboard
+
+        msg = {"engine": live["engine"], "iteration": int(it), "cost": float(cost)}
+        if image is not None:
+            pieces = self.client.gather(image["futures"])
+            msg.update(dashboard.stitch_preview(pieces, image["stride"], image["shape"]))
+        self.client.run_on_scheduler(dashboard.receive, msg=msg)
+        # the small figures also go to the scheduler's event log (the /events page)
+        self.client.log_event("daskptycho", {k: msg[k] for k in ("engine", "iteration", "cost")})
+
     # ------------------------------------------------------------------ single-task engines
-    def run_sequential(self, load, step, init, iterations, progress=None, worker=None):
+    def run_sequential(self, load, step, init, iterations, progress=None, worker=None, start=0, costs=None, after=None):
         """Run ``state = step(state, data, it)`` for each iteration on one pinned worker.
 
         ``load()`` runs on that worker and its result (the patterns) never leaves it;
-        only each iteration's scalar cost travels back, for progress.
+        only each iteration's scalar cost travels back, for progress. A resumed run
+        starts at iteration ``start`` with the ``costs`` so far (``init`` then reads the
+        checkpoint); ``after(it, state, costs, worker)`` runs after each iteration (it
+        writes checkpoints).
 
         Returns the final state (gathered) and the list of costs.
         """
         c = self.client
         w = worker or self.worker_addresses[0]
         pin = dict(workers=[w], allow_other_workers=False, pure=False)
+        self.live_begin("ml", iterations)
+        tag = uuid.uuid4().hex[:8]  # keys unique to this run: another run's may linger on the workers
         with self.span("load"):
-            data = c.submit(load, key="load-patterns", **pin)
-        state = c.submit(init, key="init-state", **pin)
-        costs = []
-        for it in range(iterations):
-            with self.span("iteration"):
-                state = c.submit(step, state, data, it, key=f"ml-iteration-{it}", **pin)
-            cost = c.submit(operator.getitem, state, "cost", key=f"cost-{it}", **pin).result()
+            data = c.submit(load, key=("load-patterns", tag), **pin)
+            state = c.submit(init, key=("init-state", tag), **pin)
+        costs = list(costs or [])
+        for it in range(start, iterations):
+            with self.span("grad"):
+                state = c.submit(step, state, data, it, key=("ml-iteration", it, tag), **pin)
+            image = self.preview(it, {(0, 0): state}, workers={(0, 0): w})
+            with self.span("passes"):
+                cost = c.submit(operator.getitem, state, "cost", key=("cost", it, tag), **pin).result()
             costs.append(float(cost))
+            self.publish(it, float(cost), image)
             if progress is not None:
                 progress(it, float(cost))
+            if after is not None:
+                after(it, state, costs, w)
         final = state.result()
-        nbytes = c.submit(_state_bytes, state, data, key="nbytes", **pin).result()
+        with self.span("update"):
+            nbytes = c.submit(_state_bytes, state, data, key=("nbytes", tag), **pin).result()
         del data, state
         return final, costs, self.memory_report({(0, 0): nbytes}, {(0, 0): w})
 
@@ -134,19 +320,23 @@ class TileDriver(Driver):
 
     def submit_graph(self, graph, tile_workers, keys):
         """Submit an :class:`~daskptycho.schedule.IterationGraph` with each task
-        pinned to its tile's worker; returns ``{key: Future}`` for ``keys`` (the
-        other tasks' results are released as soon as their dependents have run)."""
+        pinned to its tile's worker and filed under its phase's span (one layer per
+        worker and phase: annotations are per layer); returns ``{key: Future}`` for
+        ``keys`` (the other tasks' results are released as soon as their dependents
+        have run)."""
         from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-        by_worker = {}
+        groups = {}
         for key, task in graph.tasks.items():
             tile = graph.placement.get(key)
             w = tile_workers[tile] if tile is not None else None
-            by_worker.setdefault(w, {})[key] = task
+            groups.setdefault((w, phase_of(key)), {})[key] = task
         layers, deps = {}, {}
-        for i, (w, tasks) in enumerate(by_worker.items()):
-            ann = {"workers": [w], "allow_other_workers": False} if w is not None else None
-            layers[f"daskptycho-{i}"] = MaterializedLayer(tasks, annotations=ann)
+        for i, ((w, phase), tasks) in enumerate(groups.items()):
+            ann = {"workers": [w], "allow_other_workers": False} if w is not None else {}
+            if phase is not None:
+                ann["span"] = self.span_annotation(phase)
+            layers[f"daskptycho-{i}"] = MaterializedLayer(tasks, annotations=ann or None)
             deps[f"daskptycho-{i}"] = set()
         hlg = HighLevelGraph(layers, deps)
         keys = list(keys)
@@ -154,8 +344,94 @@ class TileDriver(Driver):
         return dict(zip(keys, futures))
 
     def submit_pinned(self, func, *args, worker, key):
-        return self.client.submit(func, *args, key=key, workers=[worker], allow_other_workers=False, pure=False)
+        """Submit one task on ``worker`` only, under the span of its key's phase."""
+        phase = phase_of(key)
+        with self.span(phase) if phase else contextlib.nullcontext():
+            return self.client.submit(func, *args, key=key, workers=[worker], allow_other_workers=False, pure=False)
 
+    # ------------------------------------------------------------------ lost workers
+    def lost_workers(self, placement):
+        """The workers of ``placement`` (``{tile: address}``) that have left the cluster."""
+        alive = set(self.client.nthreads())
+        return sorted(set(placement.values()) - alive)
+
+    def wait_alive(self, futures, placement, poll=None):
+        """Wait for ``futures`` while checking that the workers holding tiles live.
+
+        Parameters
+        ----------
+        futures : list of Future (None entries are skipped)
+        placement : dict ``{tile: address}``
+        poll : float, optional
+            Seconds between checks (``daskptycho.recovery.poll_s``).
+
+        Raises
+        ------
+        WorkerLost
+            A worker of ``placement`` left (its pinned tasks would wait for ever), or a
+            future erred with ``KilledWorker`` or was cancelled.
+        """
+        from distributed import wait
+        from distributed.client import CancelledError
+        from distributed.scheduler import KilledWorker
+
+        from .. import config
+
+        poll = poll or float(config.get("recovery.poll_s", 0.5))
+        futures = [f for f in futures if f is not None]
+        with self.client.as_current():
+            while True:
+                try:
+                    wait(futures, timeout=poll)
+                    break
+                except TimeoutError:
+                    lost = self.lost_workers(placement)
+                    if lost:
+                        raise WorkerLost(lost) from None
+                except CancelledError as e:  # the scheduler forgot keys whose worker died
+                    raise WorkerLost(self.lost_workers(placement), " ".join(str(e).split())[:400]) from None
+        for f in futures:
+            if f.status == "cancelled":
+                raise WorkerLost(self.lost_workers(placement), f"task {f.key} was cancelled")
+            if f.status == "error":
+                exc = f.exception()
+                if isinstance(exc, KilledWorker):
+                    raise WorkerLost(self.lost_workers(placement), f"task {f.key}: {exc}")
+                f.result()  # a real error: raise it as it is
+
+    def replace_tiles(self, placement, expected_workers=None, wait_s=None):
+        """Move the tiles of lost workers to the live ones (surviving or restarted).
+
+        Tiles whose worker lives stay where they are; each lost tile goes to the live
+        worker holding the fewest tiles. Waits up to ``wait_s``
+        (``daskptycho.recovery.wait_for_workers_s``) for ``expected_workers`` workers
+        (a nanny restarts a killed one), then uses whatever lives.
+
+        Returns
+        -------
+        dict ``{tile: address}``, and the list of tiles that moved.
+        """
+        from .. import config
+
+        wait_s = float(config.get("recovery.wait_for_workers_s", 20) if wait_s is None else wait_s)
+        if expected_workers:
+            try:
+                self.client.wait_for_workers(expected_workers, timeout=wait_s)
+            except TimeoutError:
+                pass
+        alive = self.worker_addresses
+        if not alive:
+            raise RecoveryError("every worker of the cluster is gone: nothing left to run the tiles on")
+        new = {k: w for k, w in placement.items() if w in alive}
+        load = {w: 0 for w in alive}
+        for w in new.values():
+            load[w] += 1
+        moved = [k for k in placement if k not in new]
+        for k in moved:
+            w = min(alive, key=lambda a: (load[a], a))
+            new[k] = w
+            load[w] += 1
+        return {k: new[k] for k in placement}, moved
 
 
 def _warm_up():
@@ -194,3 +470,20 @@ def _peak_rss():
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class WorkerLost(Exception):
+    """Workers holding tiles left the cluster (internal: the engines catch it and recover).
+
+    Attributes
+    ----------
+    lost : list of str, the addresses gone
+    """
+
+    def __init__(self, lost, detail=""):
+        self.lost = list(lost)
+        super().__init__(f"lost worker(s) {', '.join(self.lost) or '(unknown)'}{': ' + detail if detail else ''}")
+
+
+class RecoveryError(DaskptychoError, RuntimeError):
+    """Workers kept dying: more recoveries than ``daskptycho.recovery.max_recoveries``."""

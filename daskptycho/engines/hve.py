@@ -49,5 +49,5 @@ def run_hve(drv, problem: Problem, source, progress=None):
     def build(it, states, data, probe, ctx, refine):
         return hve_iteration(tiling, extended, it, states, data, probe, ctx, n_total)
 
-    obj, probe, costs, mem = run_tiles(drv, problem, source, tiling, specs, build, progress)
-    return obj, probe, costs, {"tiling": tiling, "memory": mem}
+    obj, probe, costs, mem, recoveries = run_tiles(drv, problem, source, tiling, specs, build, progress)
+    return obj, probe, costs, {"tiling": tiling, "memory": mem, "recoveries": recoveries}

@@ -105,3 +105,49 @@ def run_ml(problem: Problem, data, progress=None, state=None):
         if progress is not None:
             progress(it, state["cost"])
     return state["object"], state["probe"], costs
+
+
+def ml_restore(group, device="cpu"):
+    """The state saved in a checkpoint group (read on the worker that runs the engine)."""
+    from ..io.checkpoint import read_state
+
+    state = read_state(group, ("object", "probe"), device="cpu")
+    return {"object": state["object"], "probe": state["probe"], "cost": float("nan")}
+
+
+def ml_checkpoints(drv, problem: Problem, meta=None):
+    """What :meth:`~daskptycho.engines.driver.Driver.run_sequential` needs to resume
+    from the checkpoint ``meta`` and to write checkpoints every ``checkpoint_every``.
+
+    Returns
+    -------
+    init : callable or None (None: start from :func:`ml_init`), start : int, costs : list,
+    after : callable(it, state, costs, worker) or None
+    """
+    import os
+    import uuid
+    from functools import partial
+
+    from ..io.checkpoint import Checkpoint, write_state
+    from .gd import _checkpoint_attrs
+
+    o = problem.options
+    ck = Checkpoint(o.checkpoint) if o.checkpoint else None
+    init, start, costs = None, 0, []
+    if meta is not None:
+        init, start = partial(ml_restore, meta["group"]), int(meta["completed"])
+        costs = [float(v) for v in ck.read(meta, "cost")]
+    if not o.checkpoint_every:
+        return init, start, costs, None
+
+    def after(it, state, costs, worker):
+        if (it + 1) % o.checkpoint_every and it + 1 != o.iterations:
+            return
+        shape = (o.slices,) + tuple(problem.grid.shape)
+        path = ck.begin(it + 1, {"object": (shape, np.complex64), "probe": (problem.probe.shape, np.complex64)})
+        # the worker holding the state writes it; only the scalar byte count comes back
+        drv.client.submit(write_state, path, state, ("object", "probe"), key=("checkpoint", it, os.path.basename(path), uuid.uuid4().hex[:8]), workers=[worker],
+                          allow_other_workers=False, pure=False).result()
+        ck.commit(path, _checkpoint_attrs(problem, it + 1), small={"cost": np.asarray(costs, dtype=np.float64)})
+
+    return init, start, costs, after

@@ -60,6 +60,10 @@ class ReconstructOptions:
     object_modes: int = 1
     partitions: int | None = None                 # parts of the scan (default: one per worker)
     partition: str = "blocks"                     # "blocks" (spatially contiguous) or "index" (even split by index)
+    # checkpoints (see daskptycho.io.checkpoint): the result store they go into, every how many iterations
+    checkpoint: str | None = None
+    checkpoint_every: int = _cfg("checkpoint_every")  # 0 = never
+    resume: bool = False                          # continue from the checkpoint in ``checkpoint``
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -108,6 +112,14 @@ class ReconstructOptions:
         if len(t) != 2 or min(t) < 1:
             raise OptionsError("tiles", f"got {self.tiles!r}; expected (rows, cols) with both >= 1, e.g. (3, 3)")
         self.tiles = t
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, (int, np.integer)) or self.checkpoint_every < 0:
+            raise OptionsError("checkpoint_every", f"got {self.checkpoint_every!r}; expected an integer >= 0 (0 = no checkpoints)")
+        if (self.checkpoint_every or self.resume) and not self.checkpoint:
+            raise OptionsError("checkpoint", "checkpoint_every and resume need the result store to keep checkpoints in (CLI: --out)")
+        if self.checkpoint is not None:
+            self.checkpoint = str(self.checkpoint)
+        if (self.checkpoint_every or self.resume) and self.engine == "dm" and self.probe_modes == "auto":
+            raise OptionsError("probe_modes", "'auto' runs several reconstructions and cannot be checkpointed; give the number of modes")
         if self.passes_per_iteration < 1:
             raise OptionsError("passes_per_iteration", f"got {self.passes_per_iteration}; expected >= 1")
 

@@ -61,10 +61,12 @@ def load_tile_patterns(source, scan_indices, device="cpu"):
     return array_module(device).asarray(data)
 
 
-def initial_patch(full_object, region, device="cpu"):
-    """The tile's extended region of the starting object (S, h, w)."""
+def initial_patch(slices, region, device="cpu"):
+    """The tile's extended region of the starting object (S, h, w): ones, the
+    :meth:`~daskptycho.engines.problem.Problem.initial_object`, made on the worker from
+    the shape alone (the whole object never travels)."""
     y0, y1, x0, x1 = region
-    return array_module(device).asarray(np.asarray(full_object)[:, y0:y1, x0:x1].copy())
+    return array_module(device).ones((int(slices), y1 - y0, x1 - x0), dtype=np.complex64)
 
 
 def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_probe, local_updates):
