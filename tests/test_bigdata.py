@@ -22,12 +22,12 @@ from daskptycho import physics
 from daskptycho.io.store import build_dataset
 
 N = 128                      # detector pixels per side: 64 KiB per float32 pattern
-# 102x102 = 10404 patterns: 682 MB of intensities (DASKPTYCHO_BIGDATA_SCAN=RxC for a larger run)
-SCAN = tuple(int(v) for v in os.environ.get("DASKPTYCHO_BIGDATA_SCAN", "102x102").split("x"))
+# 117x117 = 13689 patterns: 897 MB of intensities (DASKPTYCHO_BIGDATA_SCAN=RxC for a larger run)
+SCAN = tuple(int(v) for v in os.environ.get("DASKPTYCHO_BIGDATA_SCAN", "117x117").split("x"))
 STEP_PX = 8                  # scan step in object pixels
 WORKERS = 4
 # per worker, below the store's size (DASKPTYCHO_BIGDATA_LIMIT=bytes)
-MEMORY_LIMIT = int(os.environ.get("DASKPTYCHO_BIGDATA_LIMIT", 600 * 10**6))
+MEMORY_LIMIT = int(os.environ.get("DASKPTYCHO_BIGDATA_LIMIT", 750 * 10**6))
 TILES = (2, 2)               # one tile per worker
 
 
