@@ -14,8 +14,9 @@ Model of one iteration on P workers, one tile each (tile (r, c) of an R x C grid
   beta``, forward and backward: ``2 ((R-1) h_row + (C-1) h_col)`` with the strips of the
   real tiling (:func:`daskptycho.tiling.make_tiling`);
 * hve exchange: each tile sends its neighbours the core voxels in their halos (complex64),
-  all tiles at once: ``alpha + bytes / beta`` once per iteration; hve tiles also compute
-  the extra positions whose windows reach into their extended region;
+  all tiles at once: ``alpha + bytes / beta`` once per iteration; an hve tile computes
+  every position whose window reaches into its core (daskptycho's hve, exact in full
+  batch), on the bounding box of those windows;
 * memory per worker: object patch + gradient buffer + illumination of the extended
   region (8 + 8 + 4 B per voxel), the tile's patterns (4 B per pixel) and the gradient's
   working set (at least one position: ``(S (K + 1) + 6 K) N^2`` complex64, the stored
@@ -111,7 +112,7 @@ def _overlap(a, b):
     return max(0, y1 - y0) * max(0, x1 - x0)
 
 
-def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta, workers=None, modes=1, engine="gd", hve_extra_rows=2):
+def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta, workers=None, modes=1, engine="gd"):
     """Predicted seconds per iteration and bytes per worker for one tiling."""
     t = tiling_of(corners, window, object_shape, tiles)
     r, c = tiles
@@ -119,13 +120,19 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
     n2 = window[0] * window[1]
     centre = np.asarray(corners) + np.asarray(window) // 2
     per_tile = {}
-    step = np.median(np.diff(np.unique(centre[:, 0]))) if len(np.unique(centre[:, 0])) > 1 else 1
+    cy, cx = np.asarray(corners)[:, 0], np.asarray(corners)[:, 1]
+    hve_ext = {}
     for tile in t:
         y0, y1, x0, x1 = tile.core
-        if engine == "hve":  # extra rows of positions around the core
-            g = hve_extra_rows * step
-            y0, y1, x0, x1 = y0 - g, y1 + g, x0 - g, x1 + g
-        inside = (centre[:, 0] >= y0) & (centre[:, 0] < y1) & (centre[:, 1] >= x0) & (centre[:, 1] < x1)
+        if engine == "hve":
+            # daskptycho's hve (engines/hve.py): every position whose window reaches into
+            # the core, on the bounding box of those windows
+            inside = (cy < y1) & (cy + window[0] > y0) & (cx < x1) & (cx + window[1] > x0)
+            if inside.any():
+                hve_ext[(tile.row, tile.col)] = (min(y0, int(cy[inside].min())), max(y1, int(cy[inside].max()) + window[0]),
+                                                 min(x0, int(cx[inside].min())), max(x1, int(cx[inside].max()) + window[1]))
+        else:
+            inside = (centre[:, 0] >= y0) & (centre[:, 0] < y1) & (centre[:, 1] >= x0) & (centre[:, 1] < x1)
         per_tile[(tile.row, tile.col)] = (int(inside.sum()), tile)
     # tiles are placed in contiguous blocks on the workers: a worker computes its tiles in turn
     per_worker = max(1, math.ceil(r * c / workers))
@@ -138,9 +145,10 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
         col_hops = max((sum(hop((i, j), (i + 1, j)) for i in range(r - 1)) for j in range(c)), default=0.0)
         comm = 2 * (row_hops + col_hops) if workers > 1 else 0.0
     else:
-        sent = max(sum(_overlap(tiles_list[k].core, tiles_list[o].extended) for o in tiles_list if o != k) for k in tiles_list)
+        exts = {k: hve_ext.get(k, tiles_list[k].extended) for k in tiles_list}
+        sent = max(sum(_overlap(tiles_list[k].core, exts[o]) for o in tiles_list if o != k) for k in tiles_list)
         comm = (alpha + sent * slices * 8 / beta) if workers > 1 else 0.0
-    ext = max(_area(tile.extended) for tile in t)
+    ext = max(_area(tile.extended) for tile in t) if engine == "gd" else max(_area(e) for e in (hve_ext or {0: t.tiles[0].extended}).values())
     n_max = max(n for n, _ in per_tile.values())
     working = (slices * (modes + 1) + 6 * modes) * n2 * 8
     mem = (ext * slices * 20 + n_max * n2 * 4) * per_worker + working
