@@ -143,7 +143,10 @@ class LiveState(SchedulerPlugin):
         # called for every task: stay cheap and never raise
         if finish != "memory":
             return
-        if isinstance(key, tuple):
+        if isinstance(key, tuple) and len(key) >= 2 and key[0] == "ml-iteration":
+            # ("ml-iteration", it, run tag): the single-task engine is one "tile"
+            tile, it = (0, 0), int(key[1])
+        elif isinstance(key, tuple):
             # ("update", s, r, c), with a recovery tag after it on a rolled-back run
             if len(key) < 4 or key[0] not in _UPDATE_PREFIXES:
                 return
@@ -151,8 +154,6 @@ class LiveState(SchedulerPlugin):
             if (s + 1) % self.rounds:
                 return  # not the last pass round of its iteration
             it = s // self.rounds
-        elif isinstance(key, str) and key.startswith("ml-iteration-"):
-            tile, it = (0, 0), int(key.rsplit("-", 1)[1])
         else:
             return
         if it > self.tile_done.get(tile, -1):

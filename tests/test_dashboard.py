@@ -55,7 +55,7 @@ def test_live_state_counts_a_tile_done_after_its_last_round():
     live.transition(("update", 3, 1, 1, "r1"), "processing", "memory", stimulus_id="x")  # after a recovery
     live.transition(("update", 5, 1, 0), "processing", "erred", stimulus_id="x")
     live.transition(("grad", 5, 1, 0), "processing", "memory", stimulus_id="x")
-    live.transition("ml-iteration-4", "processing", "memory", stimulus_id="x")
+    live.transition(("ml-iteration", 4, "run-1"), "processing", "memory", stimulus_id="x")  # the ml engine's key
     assert live.tile_done == {(0, 1): 0, (1, 1): 1, (0, 0): 4}
     assert live.version > v
     live.update({"engine": "gd", "iteration": 0, "cost": 2.5, "image": np.zeros((3, 4)), "stride": 2})
