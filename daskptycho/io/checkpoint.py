@@ -291,7 +291,7 @@ def write_result_keeping_checkpoint(ds, path):
     hard-linked (copied where links are impossible) into it, and the sibling
     replaces ``path``; a run killed before the final rename leaves ``path`` as it was.
     """
-    from .store import write_result
+    from .store import _RENAME_EXCHANGE, _renameat2, write_result
 
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
@@ -301,7 +301,9 @@ def write_result_keeping_checkpoint(ds, path):
         src = os.path.join(path, GROUP)
         if os.path.exists(os.path.join(src, "zarr.json")):
             shutil.copytree(src, os.path.join(tmp, GROUP), copy_function=_link_or_copy)
-        if os.path.exists(path):
+        if os.path.isdir(path) and _renameat2(tmp, path, _RENAME_EXCHANGE):
+            shutil.rmtree(tmp, ignore_errors=True)  # one swap: path is never missing; tmp now holds the old store
+        elif os.path.exists(path):
             old = f"{tmp}.old"
             os.replace(path, old)
             os.replace(tmp, path)
