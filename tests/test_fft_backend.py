@@ -166,3 +166,9 @@ def test_fft_count_of_one_gradient_call(monkeypatch, slices, modes):
     monkeypatch.setattr(backend, "_transform", counting)
     physics.gradients(obj, probe, physics.windows(corners, window, hw), kernel, inten)
     assert count["ffts"] == len(corners) * modes * (2 + 4 * (slices - 1))
+
+
+def test_allocator_is_tuned_once_by_the_first_fft():
+    backend.fft2(np.ones((2, 8, 8), np.complex64))
+    assert backend._allocator_tuned
+    backend.tune_allocator()  # idempotent: a second call changes nothing and does not fail
