@@ -118,8 +118,9 @@ def _reasons(d, floor):
         it = floor["iteration"]
         best = floor["best_us_per_fft_cpu"][str(d["detector"])]
         out.append(f"ml at {t['ml_floor_fraction']['value']:.2f} of the floor in its worker; the same step in a plain process "
-                   f"reaches {floor['floor_s_per_iteration'] / it['step_seconds']:.2f} (the worker's event loop, profiler and "
-                   "heartbeats share the GIL and the 2 cores with it). In that warm in-process step "
+                   f"reached {floor['floor_s_per_iteration'] / it['step_seconds']:.2f} a few minutes earlier (a worker task and a "
+                   "plain process timed back to back run the step equally fast, so the gap is run-to-run variation on the "
+                   "shared machine). In that warm in-process step "
                    f"{it['fft_share_of_step']:.0%} of the time is inside the FFT calls, at {it['us_per_fft_in_step']:.1f} us per FFT "
                    f"against {best:.1f} us isolated (the arrays come from memory, not a hot cache); the remaining "
                    f"{1 - it['fft_share_of_step']:.0%} is elementwise NumPy passes (patch products, conjugate products, "
