@@ -172,3 +172,39 @@ def test_allocator_is_tuned_once_by_the_first_fft():
     backend.fft2(np.ones((2, 8, 8), np.complex64))
     assert backend._allocator_tuned
     backend.tune_allocator()  # idempotent: a second call changes nothing and does not fail
+
+
+_FFT_IN_A_FRESH_PROCESS = """
+import sys, hashlib, numpy as np, dask
+from daskptycho import backend
+rng = np.random.default_rng(0)
+a = backend.empty((8, 96, 96))
+a[...] = (rng.standard_normal(a.shape) + 1j * rng.standard_normal(a.shape)).astype(np.complex64)
+with dask.config.set({"daskptycho.fft.backend": "pyfftw", "daskptycho.fft.planner": "measure",
+                      "daskptycho.fft.wisdom": sys.argv[1]}):
+    out = backend.fft2(a)
+print(hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest())
+"""
+
+
+def test_measured_plans_are_shared_so_fresh_processes_compute_the_same_bits(tmp_path):
+    """A restarted worker or a resumed run plans afresh: with FFTW_MEASURE alone it may
+    pick another algorithm (other rounding). The wisdom file makes every process reuse
+    the first one's plan."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("pyfftw")
+    wisdom = tmp_path / "wisdom.json"
+    def run():
+        return subprocess.run([sys.executable, "-c", _FFT_IN_A_FRESH_PROCESS, str(wisdom)], capture_output=True, text=True, check=True)
+
+    runs = [run()]
+    written = wisdom.stat().st_mtime_ns
+    runs += [run(), run()]
+    digests = {r.stdout.strip() for r in runs}
+    assert len(digests) == 1, digests
+    assert wisdom.stat().st_mtime_ns == written  # the later processes planned from the file, measured nothing
+    text = json.loads(wisdom.read_text())  # data (base64 strings), not a pickle
+    assert text["wisdom"] and all(isinstance(w, str) for w in text["wisdom"])
