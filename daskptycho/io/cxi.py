@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 
 import numpy as np
 from scipy import constants as _C
 
 from .. import physics
-from ..errors import DatasetError, OutputExistsError
+from ..errors import DatasetError
+from .atomic import atomic_file
 
 __all__ = ["read_cxi", "write_cxi", "read_cxi_result", "CXI_VERSION", "fresnel_number"]
 
@@ -412,20 +412,9 @@ def read_cxi(path, *, geometry: str = "auto", source_distance_m: float | None = 
 def _atomic_h5(path, overwrite, fill):
     """Write an HDF5 file with ``fill(h5file)`` under a temporary name, then rename."""
     h5py = _h5py()
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise OutputExistsError(f"{path} exists: pass overwrite=True (CLI: --overwrite) to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            fill(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    with atomic_file(path, overwrite) as tmp, h5py.File(tmp, "w") as f:
+        fill(f)
+    return os.fspath(path)
 
 
 def _put(group, name, value, **attrs):

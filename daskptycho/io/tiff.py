@@ -10,11 +10,11 @@ with its scale. Written atomically (temporary name, then :func:`os.replace`).
 from __future__ import annotations
 
 import os
-import uuid
 
 import numpy as np
 
-from ..errors import DaskptychoError, OutputExistsError
+from ..errors import DaskptychoError
+from .atomic import atomic_file
 
 __all__ = ["write_tiff", "amplitude_path"]
 
@@ -35,23 +35,13 @@ def amplitude_path(path):
 
 
 def _write_stack(tifffile, path, stack, dx_um, dz_um, overwrite, description):
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise OutputExistsError(f"{path} exists: pass overwrite=True (CLI: --overwrite) to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
     metadata = {"axes": "ZYX", "unit": "um", "Info": description}
     if dz_um:
         metadata["spacing"] = dz_um
-    try:
+    with atomic_file(path, overwrite) as tmp:
         # ImageJ reads the resolution as pixels per unit along x and y
         tifffile.imwrite(tmp, stack, imagej=True, resolution=(1.0 / dx_um, 1.0 / dx_um), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return os.fspath(path)
 
 
 def write_tiff(result, path, *, amplitude: bool = False, overwrite: bool = False):
