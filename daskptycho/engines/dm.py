@@ -11,7 +11,7 @@ from ..io.checkpoint import Checkpoint, read_array, write_array
 from ..schedule.dm import dm_iteration
 from . import dmtasks as dt
 from . import tiletasks as tt
-from .driver import RecoveryError, WorkerLost
+from .driver import WorkerLost
 from .gd import _checkpoint_attrs, retag
 from .problem import Problem
 
@@ -212,33 +212,11 @@ class _DMRun:
     def recover(self, err):
         """After a lost worker: drop the futures, move the lost parts, roll every
         part back to the last checkpoint (or the start) and log it."""
-        import json
-        import logging
+        from .recovery import roll_back
 
-        at = len(self.costs)
-        if len(self.recoveries) >= self.max_recoveries:
-            raise RecoveryError(f"workers keep dying: {len(self.recoveries)} recoveries already (daskptycho.recovery.max_recoveries); "
-                                f"last at iteration {at}: {err}")
-        drv = self.drv
-        self.views, self.crops = {}, {}  # released: the scheduler forgets what was pinned to the lost worker
+        self.views, self.crops = {}, {}  # released, not cancelled: see roll_back
         self.probe = self.obj = self.mixing = self.ctx = None
-        self.workers, moved = drv.replace_tiles(self.workers, expected_workers=self.n_workers)
-        for p in list(self.data):
-            if p in moved or self.data[p].status != "finished":
-                del self.data[p]
-        if not isinstance(self.source, str) and getattr(self.source, "status", "finished") != "finished":
-            raise RecoveryError(f"{err}; the patterns were scattered from memory and are lost with it: "
-                                "reconstruct from a store (daskptycho.write_dataset) to survive lost workers")
-        self.meta = self.ck.latest() if self.ck is not None else None
-        frm = int(self.meta["completed"]) if self.meta else 0
-        rec = {"at_iteration": at, "lost_workers": err.lost, "parts_moved": {str(p[1]): self.workers[p] for p in moved},
-               "resumed_from_iteration": frm, "from": "checkpoint" if self.meta else "start"}
-        self.recoveries.append(rec)
-        logging.getLogger("daskptycho").warning(
-            "daskptycho: lost worker %s at iteration %d; dm parts %s moved to %s; resuming from %s",
-            ", ".join(err.lost) or "(unknown)", at, " ".join(rec["parts_moved"]) or "(none)",
-            json.dumps(sorted(set(rec["parts_moved"].values()))),
-            f"the checkpoint after iteration {frm}" if self.meta else "the start (no checkpoint)")
+        roll_back(self, err, units="dm parts", label=lambda p: str(p[1]))
 
 
 def _views_name(part):

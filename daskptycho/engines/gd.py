@@ -187,38 +187,12 @@ class _TileRun:
     def recover(self, err):
         """After a lost worker: drop every pending future, move the lost tiles,
         roll every tile back to the last checkpoint (or the start) and log it."""
-        import json
-        import logging
+        from .recovery import roll_back
 
-        from .driver import RecoveryError
-
-        at = len(self.costs)
-        if len(self.recoveries) >= self.max_recoveries:
-            raise RecoveryError(f"workers keep dying: {len(self.recoveries)} recoveries already (daskptycho.recovery.max_recoveries); "
-                                f"last at iteration {at}: {err}")
-        drv = self.drv
-        # drop every future of the interrupted attempt: released, the scheduler forgets
-        # the tasks pinned to the lost worker (cancelling them trips a scheduler assertion)
+        # released, not cancelled: see roll_back
         self.states, self.pending, self.saving = {}, [], {}
         self.probe = self.ctx = None
-        old = self.workers
-        self.workers, moved = drv.replace_tiles(old, expected_workers=self.n_workers)
-        for k in list(self.data):  # patterns stay where their worker lives; lost tiles reload theirs
-            if k in moved or self.data[k].status != "finished":
-                del self.data[k]
-        if not isinstance(self.source, str) and getattr(self.source, "status", "finished") != "finished":
-            raise RecoveryError(f"{err}; the patterns were scattered from memory and are lost with it: "
-                                "reconstruct from a store (daskptycho.write_dataset) to survive lost workers")
-        self.meta = self.ck.latest() if self.ck is not None else None
-        frm = int(self.meta["completed"]) if self.meta else 0
-        rec = {"at_iteration": at, "lost_workers": err.lost, "tiles_moved": {f"{r},{c}": self.workers[(r, c)] for r, c in moved},
-               "resumed_from_iteration": frm, "from": "checkpoint" if self.meta else "start"}
-        self.recoveries.append(rec)
-        logging.getLogger("daskptycho").warning(
-            "daskptycho: lost worker %s at iteration %d; tiles %s moved to %s; resuming from %s",
-            ", ".join(err.lost) or "(unknown)", at, " ".join(rec["tiles_moved"]) or "(none)",
-            json.dumps(sorted(set(rec["tiles_moved"].values()))),
-            f"the checkpoint after iteration {frm}" if self.meta else "the start (no checkpoint)")
+        roll_back(self, err, units="tiles", label=lambda k: f"{k[0]},{k[1]}")
 
 
 def retag(graph, tag):

@@ -11,7 +11,6 @@ import numpy as np
 from .. import physics
 from ..backend import get_array_module
 
-
 # Below this a vectorised call shrinks to one or two positions on a small tile and the
 # per-call overhead (Python, one FFT call per slice) outweighs the arithmetic.
 MIN_WORKING_SET_MIB = 8
