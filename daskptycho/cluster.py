@@ -58,10 +58,12 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def log_to_stderr():
-    """Show this module's INFO messages (a batch cluster's job ids and dashboard) on stderr; idempotent."""
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        logger.addHandler(_StderrHandler())
-        logger.setLevel(logging.INFO)
+    """Show daskptycho's INFO messages on stderr (a batch cluster's job ids and dashboard,
+    the live page's address, a lost worker's recovery); idempotent."""
+    top = logging.getLogger("daskptycho")
+    if not any(isinstance(h, _StderrHandler) for h in top.handlers):
+        top.addHandler(_StderrHandler())
+        top.setLevel(logging.INFO)
 
 
 class ClusterError(DaskptychoError, RuntimeError):

@@ -196,7 +196,7 @@ class Driver:
         #: the live page's address (None without a dashboard), for the CLI or a notebook to show
         self.__dict__["dashboard_page"] = link.rsplit("/", 1)[0] + dashboard.ROUTE if served and link else None
         if self.dashboard_page:
-            logging.getLogger("daskptycho").info("live reconstruction: %s", self.dashboard_page)
+            logging.getLogger("daskptycho").info("live reconstruction page: %s", self.dashboard_page)
         return self.dashboard_page
 
     def preview(self, it, states, regions=None, workers=None, origins=None, modes=None):

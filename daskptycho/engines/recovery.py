@@ -53,7 +53,7 @@ def roll_back(run, err, *, units, label):
     run.recoveries.append({"at_iteration": at, "lost_workers": err.lost, key: moved_to,
                            "resumed_from_iteration": frm, "from": "checkpoint" if run.meta else "start"})
     logging.getLogger("daskptycho").warning(
-        "daskptycho: lost worker %s at iteration %d; %s %s moved to %s; resuming from %s",
+        "lost worker %s at iteration %d; %s %s moved to %s; resuming from %s",
         ", ".join(err.lost) or "(unknown)", at, units, " ".join(moved_to) or "(none)", json.dumps(sorted(set(moved_to.values()))),
         f"the checkpoint after iteration {frm}" if run.meta else "the start (no checkpoint)")
     return frm
