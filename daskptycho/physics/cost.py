@@ -16,8 +16,13 @@ _TINY = 1e-30
 
 
 def _model_intensity(far):
+    """``sum_k |far[..., k, :, :]|^2`` in far's real precision (a new array)."""
     xp = get_array_module(far)
-    return xp.sum(far.real**2 + far.imag**2, axis=-3)  # sum over probe modes
+    if far.ndim != 4:
+        return xp.sum(far.real**2 + far.imag**2, axis=-3)  # sum over probe modes
+    from .multislice import _abs2_modes
+
+    return _abs2_modes(far, xp)
 
 
 def amplitude_cost(far, intensity, mask=None):
@@ -72,27 +77,45 @@ def cost_and_far_field_gradient(far, intensity, mask=None, kind="amplitude", ove
         ``2 dL/dPsi*`` (see module docstring).
     """
     xp = get_array_module(far)
-    model = _model_intensity(far)
+    real = far.real.dtype.type
+    model = _model_intensity(far)  # a new (J, N, N) array, reused below as work space
     if far_scale != 1.0:
-        model *= far.real.dtype.type(far_scale * far_scale)
+        model *= real(far_scale * far_scale)
+    # in place: a handful of (J, N, N) passes and two temporaries; the scalar factors
+    # (2, far_scale^2) are folded into one multiply (exact: 2 is a power of two)
     if kind == "amplitude":
-        amp = xp.sqrt(model)
-        meas = xp.sqrt(intensity)
-        r = amp - meas
-        cost_map = r * r
+        amp = xp.sqrt(model, out=model)
+        r = xp.sqrt(intensity)
+        r = xp.subtract(amp, r, out=r) if r.dtype == amp.dtype else amp - r
+        cost_map = xp.multiply(r, r)
+        if mask is not None:
+            cost_map *= mask
+        cost = float(xp.sum(cost_map, dtype=xp.float64))
         # d(amp)/dPsi* = Psi / (2 amp); where the model is dark its gradient is zero
-        w = 2 * r / xp.maximum(amp, _TINY) * (amp > 0)
+        keep = amp > 0
+        w = xp.divide(r, xp.maximum(amp, _TINY, out=amp), out=r)
+        w *= keep
+        if mask is not None:
+            w *= mask
     elif kind == "poisson":
-        cost_map = model - intensity * xp.log(model + _TINY)
-        w = 2 * (1 - intensity / (model + _TINY))
+        den = model + _TINY
+        if intensity.dtype == den.dtype:
+            cost_map = xp.log(den)
+            cost_map *= intensity
+            cost_map = xp.subtract(model, cost_map, out=cost_map)
+            w = xp.divide(intensity, den, out=den)
+        else:
+            cost_map = model - intensity * xp.log(den)
+            w = intensity / den
+        if mask is not None:
+            cost_map = cost_map * mask
+        cost = float(xp.sum(cost_map, dtype=xp.float64))
+        w = xp.subtract(1, w, out=w)
+        if mask is not None:
+            w *= mask
     else:
         raise ValueError(f"cost must be 'amplitude' or 'poisson', got {kind!r}")
-    if mask is not None:
-        cost_map = cost_map * mask
-        w = w * mask
-    cost = float(xp.sum(cost_map, dtype=xp.float64))
-    if far_scale != 1.0:
-        w = w * (far_scale * far_scale)
+    w *= 2 * far_scale * far_scale
     w = w.astype(far.real.dtype, copy=False)[:, None]
     if overwrite:
         far *= w
