@@ -168,9 +168,18 @@ class _Progress:
         return [b - a for a, b in zip(edges[:-1], edges[1:])]
 
 
+def _refuse_existing(out, overwrite):
+    """Refuse an existing output before any work is done (the writer checks again at the end)."""
+    from .errors import OutputExistsError
+
+    if os.path.lexists(out) and not overwrite:
+        raise OutputExistsError(f"{out} exists: pass --overwrite to replace it")
+
+
 def _cmd_simulate(a):
     from . import simulate, write_dataset
 
+    _refuse_existing(a.out, a.overwrite)
     kw = {"kind": a.kind, "scan": a.scan, "detector": a.detector, "probe_modes": a.probe_modes, "seed": a.seed}
     if a.noise_free:
         kw["dose"] = None
@@ -321,6 +330,7 @@ def _cmd_import(a):
     from .errors import DatasetError, OptionsError
     from .io import importers
 
+    _refuse_existing(a.out, a.overwrite)
     fmt = a.format
     if not os.path.exists(a.input):
         raise DatasetError("input", f"{a.input} does not exist")

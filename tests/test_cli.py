@@ -94,3 +94,17 @@ def test_cli_does_not_modify_its_input(small_pbtio3, tmp_path):
     assert run("reconstruct", small_pbtio3, "--iterations", "1", "--slices", "2", "--workers", "1", "--out", tmp_path / "o.zarr").returncode == 0
     assert digest(small_pbtio3) == before
     np.testing.assert_equal(dp.open_result(tmp_path / "o.zarr").sizes["slice"], 2)
+
+
+def test_simulate_and_import_refuse_an_existing_output_before_doing_any_work(tmp_path, capsys):
+    from daskptycho.cli import main
+
+    out = tmp_path / "taken.zarr"
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    # the input does not even exist: the refusal must come first, before reading or simulating
+    assert main(["import", str(tmp_path / "missing.npz"), str(out)]) == 2
+    assert main(["simulate", str(out), "--scan", "64x64", "--detector", "256", "--slices", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("exists: pass --overwrite" in line for line in err)
+    assert (out / "keep").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep"]
