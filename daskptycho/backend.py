@@ -44,6 +44,21 @@ def get_array_module(*arrays):
     return np
 
 
+def gpu_available() -> bool:
+    """True when CuPy imports and finds a usable CUDA device (False without CuPy, a
+    driver or a device; never raises)."""
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+
+        return bool(cupy.is_available())
+    except Exception:  # CuPy present but no CUDA driver/runtime
+        return False
+
+
 def is_gpu(xp) -> bool:
     return xp.__name__ == "cupy"
 

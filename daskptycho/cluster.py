@@ -358,13 +358,9 @@ def _ucx(workers, memory_limit, tls, device):
 def _cuda(workers, memory_limit, tls, device):
     if device == "cpu":
         raise OptionsError("--device", "--cluster cuda runs the engines on GPUs; drop --device cpu or use --cluster local")
-    try:
-        import cupy
+    from .backend import gpu_available
 
-        has_gpu = bool(cupy.is_available())
-    except Exception:  # not installed, or no CUDA driver/runtime
-        has_gpu = False
-    if not has_gpu:
+    if not gpu_available():
         raise DeviceError("--cluster cuda: there is no usable GPU on this machine (CuPy is missing or cupy.is_available() "
                           "is False); use --cluster local")
     try:

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 import daskptycho as dp
-
-
-def _gpu_available():
-    if importlib.util.find_spec("cupy") is None:
-        return False
-    try:
-        import cupy
-
-        return bool(cupy.is_available())
-    except Exception:
-        return False
+from daskptycho.backend import gpu_available as _gpu_available
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,7 +3,6 @@ scheduler file (never closing what it did not start), and the errors of bad spec
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from urllib.parse import urlparse
 
@@ -12,6 +11,7 @@ import psutil
 import pytest
 
 import daskptycho as dp
+from daskptycho.backend import gpu_available as _gpu_present
 from daskptycho.cli import main
 from daskptycho.cluster import ClusterError
 from daskptycho.errors import DeviceError, OptionsError
@@ -87,15 +87,6 @@ def test_bad_specs_give_one_clear_error(tmp_path):
         dp.connect("tcp://127.0.0.1:1")
 
 
-def _gpu_present():
-    if importlib.util.find_spec("cupy") is None:
-        return False
-    try:
-        import cupy
-
-        return bool(cupy.is_available())
-    except Exception:
-        return False
 
 
 @pytest.mark.skipif(_gpu_present(), reason="a GPU is present: the no-GPU error cannot be seen here")
