@@ -14,6 +14,23 @@ import uuid
 from ..errors import OutputExistsError
 
 
+def temporary_sibling(path, overwrite=False):
+    """Refuse an existing ``path`` unless ``overwrite``; return ``(path, tmp)`` with
+    ``tmp`` a fresh hidden name in the same directory (so a rename is atomic).
+
+    Raises
+    ------
+    OutputExistsError
+        ``path`` exists and ``overwrite`` is False (nothing has been written).
+    """
+    path = os.fspath(path)
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExistsError(f"{path} exists: pass overwrite=True (CLI: --overwrite) to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    return path, os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+
+
 @contextlib.contextmanager
 def atomic_file(path, overwrite=False):
     """Yield a temporary path beside ``path``; on a clean exit it replaces ``path``.
@@ -26,12 +43,7 @@ def atomic_file(path, overwrite=False):
         Replace an existing ``path``; without it, an existing file raises
         :class:`~daskptycho.errors.OutputExistsError` before anything is written.
     """
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise OutputExistsError(f"{path} exists: pass overwrite=True (CLI: --overwrite) to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    path, tmp = temporary_sibling(path, overwrite)
     try:
         yield tmp
         os.replace(tmp, path)

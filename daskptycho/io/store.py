@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import uuid
 import warnings
 
 import numpy as np
@@ -83,12 +82,9 @@ def _atomic_write(ds: xr.Dataset, path, overwrite: bool, encoding=None):
     ``renameat2(RENAME_EXCHANGE)`` where Linux has it, so ``path`` always holds
     either the old complete store or the new one.
     """
-    path = os.fspath(path)
-    if os.path.lexists(path) and not overwrite:
-        raise OutputExistsError(f"{path} exists: pass overwrite=True (CLI: --overwrite) to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    from .atomic import temporary_sibling
+
+    path, tmp = temporary_sibling(path, overwrite)
     try:
         # every chunk is written, even one equal to the fill value: open_dataset
         # takes a missing chunk file for damage (Zarr would read it as fill values)
