@@ -33,6 +33,7 @@ import tempfile
 import time
 
 from .common import RESULTS, write
+from .fft_floor import us_per_fft_now
 
 CASES = [
     # (label, engine, tiles, workers, multislice)
@@ -178,6 +179,7 @@ def main(argv=None):
             if wanted and label not in wanted:
                 continue
             path, cfg, _ = stores[multi]
+            us_now = us_per_fft_now(a.detector)
             try:
                 r = run_case(path, engine, tiles, workers, a.iterations, cfg["slices"], device=a.device)
             except Exception as e:  # noqa: BLE001 - one failing engine must not lose the other rows
@@ -189,10 +191,14 @@ def main(argv=None):
             r.update({"label": label, "engine": engine, "tiles": tiles[0] * tiles[1], "workers": workers,
                       "slices": cfg["slices"], "ffts_per_iteration": count, "floor_s": floor,
                       "floor_fraction": floor / r["iteration_s_median"] if floor else None,
+                      # the same floor from the FFT time measured just before this case
+                      "us_per_fft_before_case": us_now, "floor_now_s": count * us_now * 1e-6,
+                      "floor_now_fraction": count * us_now * 1e-6 / r["iteration_s_median"],
                       "loadavg_after": os.getloadavg()})
             rows.append(r)
             ts = r["task_stream"]
-            print(f"{label:22s} {r['iteration_s_median']:7.3f} s/it  floor/measured {r['floor_fraction'] or float('nan'):.2f}  "
+            print(f"{label:22s} {r['iteration_s_median']:7.3f} s/it  floor/measured {r['floor_fraction'] or float('nan'):.2f} "
+                  f"(FFT now {us_now:.1f} us: {r['floor_now_fraction']:.2f})  "
                   f"peak {r['peak_above_baseline_bytes_max'] / 2**20 if r['peak_above_baseline_bytes_max'] else float('nan'):7.1f} MiB  "
                   f"compute {ts['compute_s']:.1f} s transfer {ts['transfer_s']:.2f} s idle {ts['idle_s']:.1f} s of {ts['worker_seconds']:.1f}",
                   flush=True)

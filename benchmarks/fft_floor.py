@@ -115,7 +115,8 @@ def count_ffts():
     Wraps ``daskptycho.backend._transform`` (behind ``fft2`` and ``ifft2``): yields a
     dict filled with ``calls``, ``ffts`` (2-D transforms: batch sizes summed),
     ``by_size`` ({N: count}), ``bytes`` (each transform's array read and written once) and
-    ``seconds`` (time inside the FFT calls).
+    ``seconds`` (time inside the FFT calls through the backend), and ``compiled_ffts``
+    (those computed inside the compiled per-position kernels, counted by them).
     """
     from daskptycho import backend
 
@@ -136,35 +137,98 @@ def count_ffts():
         tally["seconds"] += time.perf_counter() - t0
         return res
 
+    from daskptycho.physics import fused
+
+    before = {"calls": fused.FFT_TALLY["calls"], "by_size": dict(fused.FFT_TALLY["by_size"])}
     backend._transform = counting
     try:
         yield tally
     finally:
         backend._transform = orig
+        # FFTs run inside the compiled per-position kernels (not timed separately: "seconds"
+        # covers only the FFTs called through the backend)
+        tally["calls"] += fused.FFT_TALLY["calls"] - before["calls"]
+        tally["compiled_ffts"] = 0
+        for n, c in fused.FFT_TALLY["by_size"].items():
+            c -= before["by_size"].get(n, 0)
+            if c:
+                tally["compiled_ffts"] += c
+                tally["ffts"] += c
+                tally["by_size"][n] = tally["by_size"].get(n, 0) + c
+                tally["bytes"] += 2 * c * n * n * 8  # complex64, read and written once
 
 
-def iteration_fft_count(ds, slices):
+def iteration_fft_count(ds, slices, repeats=3):
     """FFTs of one ``ml`` iteration (forward model and gradient of every position) on ``ds``,
-    counted on a real step in this process."""
+    counted on a real step in this process, and where the step's time goes.
+
+    The step runs on the default CPU path (``daskptycho.kernels: auto``: the compiled
+    per-position model when Numba and pyFFTW are installed, FFTs inside the compiled
+    loop) and on the NumPy reference path (``daskptycho.kernels: numpy``: batched FFTs
+    through the backend, timed call by call, elementwise NumPy passes between them);
+    medians of ``repeats`` warm steps of each, alternated so both see the same machine.
+    """
+    import dask
+
     from daskptycho.engines.ml import load_patterns, ml_init, ml_step
     from daskptycho.engines.problem import ReconstructOptions, prepare
     from daskptycho.options import check_options
+    from daskptycho.physics import fused, multislice
 
     opts = check_options(ReconstructOptions, None, dict(engine="ml", slices=slices, iterations=1))
     problem = prepare(ds, opts)
     data = load_patterns(ds)
-    state = ml_step(ml_init(problem), data, 0, problem)  # warm-up: plans, first-touch pages
-    with count_ffts() as tally:
-        t0 = time.perf_counter()
-        ml_step(state, data, 1, problem)
-        tally["step_seconds"] = time.perf_counter() - t0
-    # where an in-process iteration's time goes: inside the FFT calls and the rest
-    # (elementwise products, window cut/add, cost), at this moment's machine load
-    tally["fft_share_of_step"] = tally["seconds"] / tally["step_seconds"]
-    tally["us_per_fft_in_step"] = tally["seconds"] / tally["ffts"] * 1e6
+    state = ml_step(ml_init(problem), data, 0, problem)  # warm-up: plans, compilation, first-touch pages
+    paths = {"default": {}, "numpy": {"daskptycho.kernels": "numpy"}}
+    times = {k: [] for k in paths}
+    tallies = {}
+    for _ in range(repeats):
+        for name, cfg in paths.items():
+            with dask.config.set(cfg):
+                if name not in tallies:
+                    ml_step(state, data, 1, problem)  # warm this path too
+                with count_ffts() as tally:
+                    t0 = time.perf_counter()
+                    ml_step(state, data, 1, problem)
+                    times[name].append(time.perf_counter() - t0)
+                tallies[name] = tally
+    tally = dict(tallies["default"])
+    with dask.config.set(paths["default"]):
+        tally["path"] = ("compiled per-position model (Numba, FFTW inside the loop)"
+                         if multislice.per_position_path(state["object"], problem.probe)
+                         else "fused per-slice kernels (Numba), batched FFTs" if fused.kernels() is not None else "NumPy")
+    tally["step_seconds"] = statistics.median(times["default"])
+    ref = tallies["numpy"]
+    assert ref["ffts"] == tally["ffts"], (ref["ffts"], tally["ffts"])  # both paths compute the same transforms
+    # where a NumPy-path step's time goes: inside the FFT calls and the rest (elementwise
+    # products, window cut/add, cost), at this moment's machine load
+    step = statistics.median(times["numpy"])
+    tally["numpy_path"] = {"step_seconds": step, "fft_seconds": ref["seconds"], "fft_share_of_step": ref["seconds"] / step,
+                           "us_per_fft_in_step": ref["seconds"] / ref["ffts"] * 1e6}
+    tally["repeats"] = repeats
     tally["positions"] = int(problem.n_positions)
     tally["ffts_per_position_per_slice"] = tally["ffts"] / problem.n_positions / slices
     return tally
+
+
+def us_per_fft_now(n, repeats=300):
+    """This moment's time (us) of one 2-D complex64 FFT of ``n`` x ``n`` with a reused
+    pyFFTW plan (scipy.fft without pyFFTW): median of ``repeats`` executions, a
+    fraction of a second. Benchmarks take it just before a timed run, so a floor from it
+    sees the same machine as the run (the shared machine's speed drifts by tens of per
+    cent over minutes)."""
+    a = np.ones((1, n, n), np.complex64)
+    try:
+        import pyfftw
+    except ImportError:
+        import scipy.fft
+
+        return _median_time(lambda: scipy.fft.fft2(a, workers=1), repeats) * 1e6
+    src = pyfftw.empty_aligned(a.shape, dtype=np.complex64)
+    dst = pyfftw.empty_aligned(a.shape, dtype=np.complex64)
+    plan = pyfftw.FFTW(src, dst, axes=(-2, -1), threads=1, flags=("FFTW_MEASURE",))
+    src[...] = a
+    return _median_time(plan.execute, repeats) * 1e6
 
 
 def best_us_per_fft(rows, n):
@@ -206,8 +270,9 @@ def main(argv=None):
         vals = [r["us_per_fft"] for r in rows if r["library"] == lib and r["n"] == n]
         if vals:
             speedups[lib] = min(vals)
-    print(f"in-process ml step: {tally['step_seconds']:.3f} s, {tally['fft_share_of_step']:.0%} inside FFT calls "
-          f"({tally['us_per_fft_in_step']:.1f} us per FFT there)", flush=True)
+    npath = tally["numpy_path"]
+    print(f"in-process ml step ({tally['path']}): {tally['step_seconds']:.3f} s; NumPy path {npath['step_seconds']:.3f} s, "
+          f"{npath['fft_share_of_step']:.0%} inside FFT calls ({npath['us_per_fft_in_step']:.1f} us per FFT there)", flush=True)
     print(f"one iteration on {cfg}: {tally['ffts']} FFTs of {n} px ({tally['ffts_per_position_per_slice']:.2f} per position "
           f"per slice), {tally['bytes'] / 2**30:.2f} GiB through the FFTs; floor {floor_fft:.3f} s "
           f"(best {best:.1f} us per FFT); the same bytes at stream bandwidth {floor_fft_bytes:.3f} s", flush=True)

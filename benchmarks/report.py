@@ -70,34 +70,40 @@ def section_floor(d, lines):
               f"two propagation FFTs per slice boundary each way), {it['bytes'] / 2**30:.2f} GiB through the FFTs. "
               f"Floor = FFT count x best time per FFT = **{d['floor_s_per_iteration']:.3f} s per iteration** "
               f"(those bytes at the streaming bandwidth alone: {d['fft_bytes_at_stream_bandwidth_s']:.3f} s).", ""]
-    if "step_seconds" in it:
-        lines += [f"The same `ml` step timed in this process (one thread, warm): {it['step_seconds']:.3f} s, of which "
-                  f"{it['fft_share_of_step']:.0%} inside the FFT calls at {it['us_per_fft_in_step']:.1f} us per FFT "
-                  f"(best isolated: {d['best_us_per_fft_cpu'][str(n)]:.1f} us); the rest is the elementwise work "
-                  "(products with patches, kernels and conjugates, |psi|^2, the cost), cutting windows out of the object and "
-                  "adding gradients back.", ""]
+    if "numpy_path" in it:
+        npath = it["numpy_path"]
+        lines += [f"The same `ml` step timed in this process (one thread, warm, median of {it['repeats']}, the two paths "
+                  f"alternated): **{it['step_seconds']:.3f} s** on the default CPU path ({it['path']}), "
+                  f"floor / step = {d['floor_s_per_iteration'] / it['step_seconds']:.2f}; "
+                  f"{npath['step_seconds']:.3f} s on the NumPy reference path (`daskptycho.kernels: numpy`, "
+                  f"{npath['step_seconds'] / it['step_seconds']:.1f}x slower), of which {npath['fft_share_of_step']:.0%} inside "
+                  f"the batched FFT calls at {npath['us_per_fft_in_step']:.1f} us per FFT (best isolated: "
+                  f"{d['best_us_per_fft_cpu'][str(n)]:.1f} us) and the rest elementwise NumPy passes (products with the "
+                  "object windows, kernels and conjugates, |psi|^2, the cost, window cut and add).", ""]
 
 
 def section_engines(d, floor, lines):
     lines += ["## 2. Engines: time per iteration, memory, Dask overhead", "",
               f"Command: `{d['command'].strip()}`; dataset {d['dataset']}; {d['iterations']} iterations, median of all but the first; "
               f"fresh process LocalCluster per row, 1 thread per worker. Machine: {_machine(d)}. {_load_line(d)}.", "",
-              "| engine | tiles | workers | s / iteration | floor / measured | peak MiB per worker (above baseline) | "
+              "| engine | tiles | workers | s / iteration | floor / measured | same, FFT timed before the row | peak MiB per worker (above baseline) | "
               "compute s | transfer s | idle s | worker-s | final cost |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         ts = r["task_stream"]
         lines.append(f"| {r['label']} | {r['tiles']} | {r['workers']} | {r['iteration_s_median']:.3f} | {_f(r['floor_fraction'])} | "
+                     f"{_f(r.get('floor_now_fraction'))} ({_f(r.get('us_per_fft_before_case'), '.1f')} us) | "
                      f"{_mib(r['peak_above_baseline_bytes_max'])} | {ts['compute_s']:.1f} | {ts['transfer_s']:.2f} | {ts['idle_s']:.1f} | "
                      f"{ts['worker_seconds']:.1f} | {r['final_cost']:.4g} |")
     for f in d.get("failed", []):
-        lines.append(f"| {f['label']} | failed: {f['error'][:120]} | | | | | | | | | |")
+        lines.append(f"| {f['label']} | failed: {f['error'][:120]} | | | | | | | | | | |")
     lines += ["", "`ml` and `gd 1 tile` run on one of the two workers, so half their worker-seconds are idle by construction. "
               "Task-stream columns cover the steady state (end of the first iteration to the end of the last): "
               "compute and transfer summed over workers; idle = workers x wall - compute - transfer "
               "(scheduler latency, waiting on a neighbour's strip, the client's work between iterations). "
               "The floor is the ml FFT count (dm: its own, 3 FFTs per position: Fourier error, projection and back) "
-              "x the best measured time per FFT.", "", "### Targets", "", "| target | value | required | met |", "|---|---|---|---|"]
+              "x the best measured time per FFT (section 1); the next column uses instead the time of one FFT measured "
+              "(median of 300) just before that row's run, the machine's speed at that moment.", "", "### Targets", "", "| target | value | required | met |", "|---|---|---|---|"]
     names = {"ml_floor_fraction": "ml: floor / measured", "gd1_over_ml": "gd 1 tile: extra time over ml",
              "gd4_speedup_2_vs_1_worker": "gd 4 tiles: speedup 2 workers vs 1"}
     for k, t in d["targets"].items():
@@ -114,17 +120,13 @@ def _reasons(d, floor):
     out = []
     t = d["targets"]
     busy = d.get("loadavg_start", [0])[0] >= 1.0
-    if "ml_floor_fraction" in t and not t["ml_floor_fraction"]["met"] and floor and "step_seconds" in floor["iteration"]:
+    if "ml_floor_fraction" in t and not t["ml_floor_fraction"]["met"] and floor and "numpy_path" in floor["iteration"]:
         it = floor["iteration"]
-        best = floor["best_us_per_fft_cpu"][str(d["detector"])]
-        out.append(f"ml at {t['ml_floor_fraction']['value']:.2f} of the floor in its worker; the same step in a plain process "
-                   f"reached {floor['floor_s_per_iteration'] / it['step_seconds']:.2f} a few minutes earlier (a worker task and a "
-                   "plain process timed back to back run the step equally fast, so the gap is run-to-run variation on the "
-                   "shared machine). In that warm in-process step "
-                   f"{it['fft_share_of_step']:.0%} of the time is inside the FFT calls, at {it['us_per_fft_in_step']:.1f} us per FFT "
-                   f"against {best:.1f} us isolated (the arrays come from memory, not a hot cache); the remaining "
-                   f"{1 - it['fft_share_of_step']:.0%} is elementwise NumPy passes (patch products, conjugate products, "
-                   "|psi|^2, the cost, window cut and add) that NumPy cannot fuse, each a full pass over the chunk's waves."
+        m = by["ml"]
+        out.append(f"ml at {t['ml_floor_fraction']['value']:.2f} of the floor in its worker (best FFT time of the fft_floor run); "
+                   f"against the FFT time measured just before the case ({m['us_per_fft_before_case']:.1f} us) it is at "
+                   f"{m['floor_now_fraction']:.2f}; the same step in a plain process reached "
+                   f"{floor['floor_s_per_iteration'] / it['step_seconds']:.2f}. Path: {it['path']}."
                    + (" The machine was shared with other processes during the run." if busy else ""))
     if "gd1_over_ml" in t and not t["gd1_over_ml"]["met"]:
         g, m = by["gd 1 tile"], by["ml"]
@@ -227,15 +229,21 @@ def main(argv=None):
              "(each section gives the 1-minute load average): the same `ml` step measured 2-3x apart at different "
              "moments of the same session. Ratios taken within one run (floor fractions, gd vs ml, the peer "
              "comparison) are more trustworthy than absolute seconds; rerun `make bench` on a quiet machine.", "",
-             "What the hot path does (issue 6): pyFFTW with one cached FFTW plan per shape, direction and thread, "
-             "executed on SIMD-aligned arrays allocated once per slice and transformed in place (`daskptycho.fft.backend`: "
-             "auto, pyfftw, scipy, numpy; cupy.fft for CuPy arrays); the propagation pair and the far-field pair "
-             "unnormalised, their scale folded into the kernel and into the cost's (J, N, N) terms; probe windows cut "
-             "from the object and gradients added back as strided slices (no flat index arrays, no float64 bincount); "
-             "glibc's mmap/trim thresholds raised once per process, because Dask's nanny starts workers with "
-             "`MALLOC_TRIM_THRESHOLD_=65536`, which made every chunk-sized temporary a fresh mapping and gradient calls "
-             "2-3x slower in a worker than in a plain process; a working-set floor of 8 MiB so small tiles do not "
-             "fall to one-position gradient calls.", ""]
+             "What the hot path does (issue 6). On the CPU, with the `fast` extra (pyFFTW and Numba), one compiled "
+             "loop runs the whole multislice model and its adjoint one position at a time "
+             "(`daskptycho/physics/_compiled.py: position_gradients`): the probe times each object slice's window "
+             "(read in place), FFTW's new-array execute on in-place plans of the position's K modes (made from the "
+             "same machine-wide wisdom as the backend's plans, so every process computes the same bits), the Fresnel "
+             "kernel, the cost and its gradient, then back through the slices adding the object gradient and "
+             "illumination into the tile's accumulators. A position's waves (128 KiB per mode at 128 px) stay in the "
+             "core's cache through all their FFTs, and no (positions x N x N) array exists. Without Numba the NumPy "
+             "reference path runs (`daskptycho.kernels: numpy`): batched in-place FFTs through one cached FFTW plan per "
+             "shape, direction and thread (`daskptycho.fft.backend`: auto, pyfftw, scipy, numpy; cupy.fft for CuPy "
+             "arrays), elementwise NumPy passes between them. Both: complex64; the propagation and far-field pairs "
+             "unnormalised with their scale folded into the kernel and the cost; glibc's mmap/trim thresholds raised "
+             "once per process, because Dask's nanny starts workers with `MALLOC_TRIM_THRESHOLD_=65536`, which made "
+             "every temporary a fresh mapping and gradient calls 2-3x slower in a worker than in a plain process. "
+             "The GPU path stays batched and vectorised (CuPy).", ""]
     floor = _load("fft_floor")
     eng = _load("engines")
     peers = _load("peers")

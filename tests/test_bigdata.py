@@ -22,12 +22,14 @@ from daskptycho import physics
 from daskptycho.io.store import build_dataset
 
 N = 128                      # detector pixels per side: 64 KiB per float32 pattern
-# 117x117 = 13689 patterns: 897 MB of intensities (DASKPTYCHO_BIGDATA_SCAN=RxC for a larger run)
-SCAN = tuple(int(v) for v in os.environ.get("DASKPTYCHO_BIGDATA_SCAN", "117x117").split("x"))
+# 138x138 = 19044 patterns: 1.25 GB of intensities (DASKPTYCHO_BIGDATA_SCAN=RxC for a larger run)
+SCAN = tuple(int(v) for v in os.environ.get("DASKPTYCHO_BIGDATA_SCAN", "138x138").split("x"))
 STEP_PX = 8                  # scan step in object pixels
 WORKERS = 4
 # per worker, below the store's size (DASKPTYCHO_BIGDATA_LIMIT=bytes)
-MEMORY_LIMIT = int(os.environ.get("DASKPTYCHO_BIGDATA_LIMIT", 750 * 10**6))
+# (a worker's fixed cost is ~400 MB: Python and the libraries ~190 MB, the compiled
+# kernels' LLVM runtime ~135 MB, transients; distributed spills at 70% of the limit)
+MEMORY_LIMIT = int(os.environ.get("DASKPTYCHO_BIGDATA_LIMIT", 1200 * 10**6))
 TILES = (2, 2)               # one tile per worker
 
 

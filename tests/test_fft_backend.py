@@ -146,10 +146,16 @@ def test_gradients_same_with_windows_index_array_and_general_index():
     assert a["cost"] == pytest.approx(c["cost"], rel=1e-5)
 
 
+@pytest.mark.parametrize("kernels", ["numpy", "auto"])
 @pytest.mark.parametrize("slices,modes", [(1, 1), (3, 2)])
-def test_fft_count_of_one_gradient_call(monkeypatch, slices, modes):
+def test_fft_count_of_one_gradient_call(monkeypatch, slices, modes, kernels):
     """Forward and gradient need, per position and mode, the far field and its adjoint
-    and two FFTs per slice boundary each way: K (2 + 4 (S - 1)) 2-D transforms."""
+    and two FFTs per slice boundary each way: K (2 + 4 (S - 1)) 2-D transforms, whether
+    they go through backend.fft2/ifft2 (NumPy path) or run inside the compiled kernels."""
+    import dask
+
+    from daskptycho.physics import fused
+
     corners, window, hw = _windows_problem(seed=6, j=5)
     rng = np.random.default_rng(7)
     obj = np.exp(1j * rng.uniform(-1, 1, (slices,) + hw)).astype(np.complex64)
@@ -164,8 +170,13 @@ def test_fft_count_of_one_gradient_call(monkeypatch, slices, modes):
         return orig(a, *args)
 
     monkeypatch.setattr(backend, "_transform", counting)
-    physics.gradients(obj, probe, physics.windows(corners, window, hw), kernel, inten)
-    assert count["ffts"] == len(corners) * modes * (2 + 4 * (slices - 1))
+    before = fused.FFT_TALLY["ffts"]
+    with dask.config.set({"daskptycho.kernels": kernels}):
+        physics.gradients(obj, probe, physics.windows(corners, window, hw), kernel, inten)
+    compiled = fused.FFT_TALLY["ffts"] - before
+    if kernels == "numpy":
+        assert compiled == 0
+    assert count["ffts"] + compiled == len(corners) * modes * (2 + 4 * (slices - 1))
 
 
 def test_allocator_is_tuned_once_by_the_first_fft():

@@ -60,11 +60,17 @@ def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, 
         total["probe"] = xp.zeros_like(probe)
         total["probe_illumination"] = xp.zeros(probe.shape[-2:], dtype=probe.real.dtype)
     cost_sum = 0.0
+    per_position = physics.multislice.per_position_path(obj, probe)
+    if per_position:  # one position's waves at a time whatever the call's size: no chunks needed
+        chunk = max(select.size, 1)
     for start in range(0, select.size, chunk):
         sel = select[start:start + chunk]
         # window corners, not flat indices: on the CPU patches are cut and added as slices
         win = physics.windows(corners[sel], window, obj.shape[-2:])
-        cost_sum += physics.gradients(obj, probe, win, kernel, data[xp.asarray(sel)], mask, cost, probe_gradient, out=total)["cost"]
+        if per_position:  # patterns read in place by row
+            cost_sum += physics.gradients(obj, probe, win, kernel, data, mask, cost, probe_gradient, out=total, rows=sel)["cost"]
+        else:
+            cost_sum += physics.gradients(obj, probe, win, kernel, data[xp.asarray(sel)], mask, cost, probe_gradient, out=total)["cost"]
     total["cost"] = cost_sum
     return total
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import empty, fft2, get_array_module, ifft2, is_gpu, scatter_add
+from . import fused
 from .cost import cost_and_far_field_gradient
 
 __all__ = ["window_index", "windows", "Windows", "forward", "backward", "far_field_intensity", "gradients"]
@@ -206,6 +207,26 @@ def _scaled_kernel(kernel, dtype):
     return (kernel * (1.0 / n)).astype(dtype, copy=False)
 
 
+def _fused_path(xp, index, obj, probe):
+    """(compiled kernels, :class:`Windows`) when the fused CPU kernels apply, else (None, None):
+    NumPy arrays of one complex dtype, rectangular windows and ``daskptycho.kernels`` not ``numpy``."""
+    if is_gpu(xp) or obj.dtype != probe.dtype or obj.dtype.kind != "c":
+        return None, None
+    compiled = fused.kernels()
+    if compiled is None:
+        return None, None
+    win = _as_windows(index, obj.shape)
+    return (compiled, win) if win is not None else (None, None)
+
+
+class _FusedCache:
+    """What :func:`backward` needs after a fused :func:`forward`: the incident waves (slice
+    0's is the probe, shape (1, K, N, N)), the object they went through and the windows."""
+
+    def __init__(self, incident, obj, win):
+        self.incident, self.obj, self.win = incident, obj, win
+
+
 def forward(obj, probe, index, kernel, keep=False, _ortho=True):
     """Far-field waves of every position and probe mode.
 
@@ -224,11 +245,26 @@ def forward(obj, probe, index, kernel, keep=False, _ortho=True):
     far : complex array (J, K, N, N), FFT order (zero frequency at [0, 0])
     """
     xp = get_array_module(obj, probe)
+    n_slices = obj.shape[0]
+    compiled, win = _fused_path(xp, index, obj, probe)
+    if compiled is not None:
+        # no patches cut: each slice's windows are read in place by the kernel
+        obj = np.ascontiguousarray(obj)
+        psi = np.ascontiguousarray(probe)[None]
+        shape = (win.corners.shape[0],) + probe.shape
+        k_scaled = _scaled_kernel(kernel, obj.dtype) if n_slices > 1 else None
+        incident = []
+        for s in range(n_slices):
+            incident.append(psi)
+            phi = compiled.multiply_windows(psi, obj[s], win.corners, empty(shape, obj.dtype, xp))
+            if s < n_slices - 1:
+                psi = _propagate_inplace(phi, k_scaled)
+        far = fft2(phi, xp, out=phi, norm="ortho" if _ortho else "none")
+        return (far, _FusedCache(incident, obj, win)) if keep else far
     patches = _gather(obj, index)  # (S, J, N, N)
     dtype = np.result_type(obj.dtype, probe.dtype)
     psi = xp.broadcast_to(probe[None], (patches.shape[1],) + probe.shape)
     incident = []
-    n_slices = obj.shape[0]
     k_scaled = _scaled_kernel(kernel, dtype) if n_slices > 1 else None
     for s in range(n_slices):  # loop over slices, vectorised over positions and modes
         incident.append(psi)
@@ -280,7 +316,6 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
     ``probe_illumination`` (N, N) real (``sum_j |O_0 patch|^2``). With ``out``,
     these are ``out``'s arrays, added into.
     """
-    incident, patches = cache
     xp = get_array_module(g_far)
     # adjoint of the orthonormal FFT (_ortho=False: g_far already carries the scale)
     g = ifft2(g_far, xp, out=g_far if overwrite else None, norm="ortho" if _ortho else "none")
@@ -292,6 +327,9 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
         g_obj = out["object"]
         illum = out["illumination"]
     k_conj = _scaled_kernel(kernel.conj(), g.dtype) if n_slices > 1 else None
+    if isinstance(cache, _FusedCache):
+        return _backward_fused(g, cache, g_obj, illum, k_conj, probe_gradient, out)
+    incident, patches = cache
     work = xp.empty_like(g)  # conj(incident) * g, reused for every slice
     conj_patch = xp.empty(patches.shape[1:], dtype=patches.dtype)
     il_buf = xp.empty(patches.shape[1:], dtype=g.real.dtype)  # |incident|^2, reused
@@ -323,7 +361,108 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
     return result
 
 
-def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude", probe_gradient=True, out=None):
+def _backward_fused(g, cache, g_obj, illum, k_conj, probe_gradient, out):
+    """:func:`backward` after a fused :func:`forward`: one kernel call per slice."""
+    compiled = fused.kernels()
+    k_modes, ny, nx = cache.incident[0].shape[1:]
+    real = illum.dtype
+    if probe_gradient:
+        gp = out["probe"] if out is not None and "probe" in out else np.zeros((k_modes, ny, nx), dtype=g.dtype)
+        pil = out["probe_illumination"] if out is not None and "probe_illumination" in out else np.zeros((ny, nx), dtype=real)
+    else:  # not written; the kernel's arguments keep their types
+        gp, pil = np.zeros((1, 1, 1), dtype=g.dtype), np.zeros((1, 1), dtype=real)
+    if not (g.flags.c_contiguous and g_obj.flags.c_contiguous and illum.flags.c_contiguous
+            and gp.flags.c_contiguous and pil.flags.c_contiguous):
+        raise ValueError("the fused adjoint needs C-contiguous gradient and accumulator arrays")
+    corners = cache.win.corners
+    for s in range(g_obj.shape[0] - 1, -1, -1):
+        compiled.adjoint_slice(g, cache.incident[s], cache.obj[s], corners, g_obj[s], illum[s], gp, pil,
+                               bool(probe_gradient and s == 0))
+        if s > 0:
+            _propagate_inplace(g, k_conj)
+    result = {"object": g_obj, "illumination": illum}
+    if probe_gradient:
+        result["probe"] = gp
+        result["probe_illumination"] = pil
+    return result
+
+
+def per_position_path(obj, probe):
+    """True when :func:`gradients` on these arrays runs the compiled per-position model
+    (:func:`daskptycho.physics.fused.fftw_plans`): its memory does not grow with the
+    number of positions per call, so callers need not split a batch into chunks."""
+    xp = get_array_module(obj, probe)
+    return (not is_gpu(xp) and obj.dtype == np.complex64 and probe.dtype == np.complex64 and probe.ndim == 3
+            and fused.fftw_plans(probe.shape) is not None and _aligned_stride(probe.shape))
+
+
+def _aligned_stride(shape):
+    from .. import backend
+
+    return backend._import_pyfftw() and (int(np.prod(shape)) * 8) % backend._pyfftw.simd_alignment == 0
+
+
+def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, probe_gradient, out, rows):
+    """:func:`gradients` by :func:`daskptycho.physics._compiled.position_gradients`, or
+    None when that path does not apply. Every shape and index is checked here: the
+    compiled loops do not check bounds."""
+    from ..backend import empty
+
+    if intensity.dtype != np.float32 or not per_position_path(obj, probe):
+        return None
+    compiled, win = _fused_path(np, index, obj, probe)
+    if compiled is None:
+        return None
+    n_slices = obj.shape[0]
+    k, ny, nx = probe.shape
+    if win.window != (ny, nx) or intensity.ndim != 3 or intensity.shape[1:] != (ny, nx):
+        raise ValueError(f"windows {win.window} and patterns {intensity.shape[1:]} must match the probe's {(ny, nx)}")
+    corners = np.ascontiguousarray(win.corners, dtype=np.int64)
+    rows = np.arange(corners.shape[0], dtype=np.int64) if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
+    if rows.shape != (corners.shape[0],) or (rows.size and (rows.min() < 0 or rows.max() >= intensity.shape[0])):
+        raise ValueError(f"rows must give one pattern of the {intensity.shape[0]} for each of the {corners.shape[0]} positions")
+    m = np.ones((ny, nx), dtype=bool) if mask is None else np.ascontiguousarray(np.broadcast_to(mask, (ny, nx)), dtype=bool)
+    if n_slices > 1:
+        if kernel is None or kernel.shape != (ny, nx):
+            raise ValueError(f"kernel must be ({ny}, {nx}) with {n_slices} slices")
+        k_fwd = np.ascontiguousarray(_scaled_kernel(kernel, np.complex64))
+        k_adj = np.ascontiguousarray(_scaled_kernel(kernel.conj(), np.complex64))
+    else:
+        k_fwd = k_adj = np.ones((ny, nx), dtype=np.complex64)
+
+    def acc(name, shape, dtype):
+        a = out.get(name) if out is not None else None
+        if a is None:
+            return np.zeros(shape, dtype=dtype)
+        if a.shape != shape or a.dtype != dtype or not a.flags.c_contiguous:
+            raise ValueError(f"out[{name!r}] must be a C-contiguous {np.dtype(dtype)} array of shape {shape}")
+        return a
+
+    g_obj = acc("object", obj.shape, np.complex64)
+    illum = acc("illumination", obj.shape, np.float32)
+    if probe_gradient:
+        gp, pil = acc("probe", probe.shape, np.complex64), acc("probe_illumination", (ny, nx), np.float32)
+    else:  # not written; the arguments keep their types
+        gp, pil = np.zeros((1, 1, 1), dtype=np.complex64), np.zeros((1, 1), dtype=np.float32)
+    inc = empty((max(n_slices - 1, 1), k, ny, nx), np.complex64)
+    wave = empty((k, ny, nx), np.complex64)
+    plan_f, plan_b = fused.fftw_plans(probe.shape)
+    s2 = 1.0 / (ny * nx)
+    counts = np.zeros(1, dtype=np.int64)
+    value = compiled.position_gradients(np.ascontiguousarray(obj), np.ascontiguousarray(probe), corners, rows,
+                                        np.ascontiguousarray(intensity), m, k_fwd, k_adj, s2, 2 * s2, cost == "poisson",
+                                        g_obj, illum, gp, pil, bool(probe_gradient), plan_f, plan_b, inc, wave, counts)
+    fused.FFT_TALLY["calls"] += 1
+    fused.FFT_TALLY["ffts"] += int(counts[0])
+    fused.FFT_TALLY["by_size"][nx] = fused.FFT_TALLY["by_size"].get(nx, 0) + int(counts[0])
+    result = {"object": g_obj, "illumination": illum, "cost": float(value)}
+    if probe_gradient:
+        result["probe"] = gp
+        result["probe_illumination"] = pil
+    return result
+
+
+def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude", probe_gradient=True, out=None, rows=None):
     """Cost, gradients and illumination for one batch of positions.
 
     Parameters
@@ -336,11 +475,21 @@ def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude",
     mask : bool array (N, N) or None, FFT order
     cost : "amplitude" or "poisson"
     out : dict, optional: accumulators (see :func:`backward`)
+    rows : int array (J,), optional
+        Each position's pattern in ``intensity``, which is then (J_all, N, N); default:
+        ``intensity`` holds exactly the J patterns, in order.
 
     Returns
     -------
     dict: ``cost`` (float) and the entries of :func:`backward`.
     """
+    if cost not in ("amplitude", "poisson"):
+        raise ValueError(f"cost must be 'amplitude' or 'poisson', got {cost!r}")
+    result = _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, probe_gradient, out, rows)
+    if result is not None:
+        return result
+    if rows is not None:
+        intensity = intensity[get_array_module(intensity).asarray(rows)]
     # unnormalised far field: the 1/sqrt(N_y N_x) of both far-field FFTs is applied to
     # the cost's (J, N, N) intensities and weights instead of two passes over the waves
     far, cache = forward(obj, probe, index, kernel, keep=True, _ortho=False)
