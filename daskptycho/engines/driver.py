@@ -282,18 +282,31 @@ class Driver:
             data = c.submit(load, key=("load-patterns", tag), **pin)
             state = c.submit(init, key=("init-state", tag), **pin)
         costs = list(costs or [])
+        pending = []  # iterations submitted whose cost has not been reported
+
+        def report():
+            it, st, cost, image = pending.pop(0)
+            cost = float(cost.result())
+            costs.append(cost)
+            self.publish(it, cost, image)
+            if progress is not None:
+                progress(it, cost)
+            if after is not None:
+                after(it, st, costs, w)
+
         for it in range(start, iterations):
             with self.span("grad"):
                 state = c.submit(step, state, data, it, key=("ml-iteration", it, tag), **pin)
             image = self.preview(it, {(0, 0): state}, workers={(0, 0): w})
             with self.span("passes"):
-                cost = c.submit(operator.getitem, state, "cost", key=("cost", it, tag), **pin).result()
-            costs.append(float(cost))
-            self.publish(it, float(cost), image)
-            if progress is not None:
-                progress(it, float(cost))
-            if after is not None:
-                after(it, state, costs, w)
+                cost = c.submit(operator.getitem, state, "cost", key=("cost", it, tag), **pin)
+            pending.append((it, state, cost, image))
+            # the next iteration is queued on the worker before this one's cost is awaited,
+            # so the worker never waits for a round trip through the client between steps
+            if len(pending) > 1:
+                report()
+        while pending:
+            report()
         final = state.result()
         with self.span("update"):
             nbytes = c.submit(_state_bytes, state, data, key=("nbytes", tag), **pin).result()
