@@ -81,8 +81,17 @@ def cost_window(far, intensity, mask, s2, ws, poisson, model, term, w):
                 r = amp - math.sqrt(irow[x])
                 term[x] = r * r if mrow[x] else zero
                 w[x] = r / amp * ws if (mrow[x] and amp > zero) else zero
-        for x in range(nx):
-            cost += term[x]
+        # four partial sums: a single float64 accumulator is a chain of dependent adds
+        c0 = c1 = c2 = c3 = 0.0
+        x4 = nx - nx % 4
+        for x in range(0, x4, 4):
+            c0 += term[x]
+            c1 += term[x + 1]
+            c2 += term[x + 2]
+            c3 += term[x + 3]
+        for x in range(x4, nx):
+            c0 += term[x]
+        cost += (c0 + c1) + (c2 + c3)
         for k in range(n_modes):
             frow = far[k, y]
             for x in range(nx):
@@ -95,6 +104,34 @@ def adjoint_window(g, psi, obj_s, cy, cx, g_obj_s, illum_s, probe_g, probe_il, w
     """The adjoint of one slice at one position (see :func:`adjoint_slice`); g, psi
     (K, N_y, N_x); ``go`` (N_x,) complex and ``il`` (N_x,) real are row scratch."""
     n_modes, ny, nx = g.shape
+    if n_modes == 1:  # one pass per row (no mode sums to stage): measured 2x faster
+        for y in range(ny):
+            orow = obj_s[cy + y, cx:cx + nx]
+            prow = psi[0, y]
+            grow = g[0, y]
+            gorow = g_obj_s[cy + y, cx:cx + nx]
+            ilrow = illum_s[cy + y, cx:cx + nx]
+            if with_probe:
+                pgrow = probe_g[0, y]
+                pilrow = probe_il[y]
+                for x in range(nx):
+                    p = prow[x]
+                    o = orow[x]
+                    gv = grow[x]
+                    gorow[x] += p.conjugate() * gv
+                    ilrow[x] += p.real * p.real + p.imag * p.imag
+                    gn = gv * o.conjugate()
+                    grow[x] = gn
+                    pgrow[x] += gn
+                    pilrow[x] += o.real * o.real + o.imag * o.imag
+            else:
+                for x in range(nx):
+                    p = prow[x]
+                    gv = grow[x]
+                    gorow[x] += p.conjugate() * gv
+                    ilrow[x] += p.real * p.real + p.imag * p.imag
+                    grow[x] = gv * orow[x].conjugate()
+        return
     for y in range(ny):
         orow = obj_s[cy + y, cx:cx + nx]
         for k in range(n_modes):
