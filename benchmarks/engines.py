@@ -1,6 +1,6 @@
 """Time per iteration, peak memory per worker and Dask overhead of every engine, on one dataset.
 
-    python -m benchmarks engines [--scan 32 --detector 128 --slices 4 --iterations 6]
+    python -m benchmarks engines [--scan 32 --detector 128 --slices 4 --iterations 10]
 
 The dataset of :mod:`benchmarks.fft_floor` (simulated PbTiO3, 32x32 positions,
 128 px patterns, 4 slices; ``dm`` gets the single-slice dataset of the same size),
@@ -150,7 +150,7 @@ def main(argv=None):
     p.add_argument("--scan", type=int, default=32)
     p.add_argument("--detector", type=int, default=128)
     p.add_argument("--slices", type=int, default=4)
-    p.add_argument("--iterations", type=int, default=6)
+    p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     p.add_argument("--out", default="engines", help="result name: benchmarks/results/NAME.json")
     p.add_argument("--cases", default="", help="labels to run, separated by semicolons (default: all)")

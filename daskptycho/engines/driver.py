@@ -448,14 +448,17 @@ class TileDriver(Driver):
 
 
 def _warm_up():
-    """Import the engine modules and run a tiny FFT; return this worker's RSS (bytes)."""
+    """Import the engine modules, run a tiny FFT and load the compiled CPU kernels
+    (:func:`daskptycho.physics.fused.warm_up`); return this worker's RSS (bytes)."""
     import numpy as np
     import psutil
 
     from .. import backend, physics  # noqa: F401
+    from ..physics import fused
     from . import ml, tiletasks  # noqa: F401
 
     backend.fft2(np.ones((2, 8, 8), np.complex64))
+    fused.warm_up()
     _reset_peak()
     return psutil.Process().memory_info().rss
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import config
 
-__all__ = ["KERNELS", "kernels", "fftw_plans"]
+__all__ = ["KERNELS", "kernels", "fftw_plans", "warm_up"]
 
 KERNELS = ("auto", "numba", "numpy")
 
@@ -147,3 +147,19 @@ def fftw_plans(shape):
         plans.append(int(plan))
     _plans[key] = tuple(plans)
     return _plans[key]
+
+
+def warm_up():
+    """Load the compiled kernels the engines call, by one gradient call on a tiny problem
+    (8 x 8 windows, 2 slices): the machine code is cached per argument type, not size, so
+    a worker pays Numba's fixed memory (~135 MB) and, on a machine's first run, the
+    compilation (~10 s) here, before it holds any data. A no-op on the NumPy path."""
+    if kernels() is None:
+        return
+    from . import multislice
+
+    obj = np.ones((2, 12, 12), np.complex64)
+    probe = np.ones((1, 8, 8), np.complex64)
+    win = multislice.windows(np.zeros((1, 2), np.int64), (8, 8), (12, 12))
+    multislice.gradients(obj, probe, win, np.ones((8, 8), np.complex64), np.ones((1, 8, 8), np.float32),
+                         rows=np.zeros(1, np.int64))
