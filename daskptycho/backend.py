@@ -309,14 +309,9 @@ _UNSCALED = {True: "backward", False: "forward"}
 
 
 _allocator_tuned = False
-# Batched transforms of at least this size (the NumPy path's chunk-sized waves) tune the
-# allocator; the compiled per-position kernels make no such temporaries and never call
-# the backend's FFTs, so a worker running them keeps glibc's defaults: measured 47 MB
-# instead of 83 MB peak above baseline for a gd worker holding a 22 MB tile.
-_TUNE_AT_BYTES = 2**20
 
 
-def tune_allocator(mmap_threshold_mib=32, trim_threshold_mib=64):
+def tune_allocator(mmap_threshold_mib=1, trim_threshold_mib=2):
     """Let glibc serve the hot path's temporaries (0.1 to 32 MiB) from its heap.
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to hand memory
@@ -326,9 +321,16 @@ def tune_allocator(mmap_threshold_mib=32, trim_threshold_mib=64):
     in a plain process. Raising the mmap threshold to ``mmap_threshold_mib`` and the trim
     threshold to ``trim_threshold_mib`` makes freed temporaries reusable; at most
     ``trim_threshold_mib`` of free heap stays with the process. Done once per process
-    (on the first batched FFT of at least 1 MiB); a no-op where the C library has no
-    ``mallopt`` (not glibc). The price: up to ``trim_threshold_mib`` of freed heap stays
-    resident, which is why the compiled kernels' path never asks for it.
+    (on the first FFT, or when the compiled kernels make their FFTW plans); a no-op where
+    the C library has no ``mallopt`` (not glibc).
+
+    The thresholds are small on purpose: FFTW allocates scratch inside some plans'
+    execute (about one transform's size, 128 KiB at 128 px), which at Dask's 128 KiB
+    mmap threshold was a fresh mapping per FFT (the compiled per-position model ran at
+    1.8x its in-process time in a worker); 1 MiB keeps that scratch on the heap, while
+    arrays above it are still mapped and returned when freed. Larger values (32/64 MiB,
+    used before) kept up to 64 MiB of freed heap resident: a gd worker holding a 22 MB
+    tile peaked at 83 MB above its baseline instead of 41 MB.
     """
     global _allocator_tuned
     if _allocator_tuned:
@@ -349,7 +351,7 @@ def tune_allocator(mmap_threshold_mib=32, trim_threshold_mib=64):
 def _transform(a, forward, xp, out, norm):
     if norm not in ("ortho", "none"):
         raise ValueError(f"norm must be 'ortho' or 'none', got {norm!r}")
-    if not _allocator_tuned and a.nbytes >= _TUNE_AT_BYTES:
+    if not _allocator_tuned:
         tune_allocator()
     xp = xp or get_array_module(a)
     np_norm = "ortho" if norm == "ortho" else _UNSCALED[forward]
