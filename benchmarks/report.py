@@ -109,6 +109,18 @@ def section_engines(d, floor, lines):
     for k, t in d["targets"].items():
         lines.append(f"| {names.get(k, k)} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
     lines.append("")
+    rep = _load("engines_repeat")
+    if rep:
+        lines += [f"**The target rows again**, a separate run (`{rep['command'].strip()}`, {_load_line(rep)}), "
+                  "to show how far one run's ratios move on this machine:", "",
+                  "| engine | s / iteration | floor / measured | same, FFT timed before the row |", "|---|---|---|---|"]
+        for r in rep["rows"]:
+            lines.append(f"| {r['label']} | {r['iteration_s_median']:.3f} | {_f(r['floor_fraction'])} | "
+                         f"{_f(r.get('floor_now_fraction'))} ({_f(r.get('us_per_fft_before_case'), '.1f')} us) |")
+        lines += ["", "| target | value (repeat) | required | met |", "|---|---|---|---|"]
+        for k, t in rep["targets"].items():
+            lines.append(f"| {names.get(k, k)} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
+        lines.append("")
     reasons = _reasons(d, floor)
     if reasons:
         lines += ["Why a target is missed (from the measurements above):", ""] + [f"- {r}" for r in reasons] + [""]
