@@ -239,7 +239,8 @@ def main(argv=None):
              "with the first (warm-up) excluded; no timing is asserted in a test.", "",
              "**Read the load averages.** These figures were taken on a 2-core virtual machine whose speed drifts: "
              "the same isolated 128 x 128 FFT with the same plan measured between 33 and 73 us within one afternoon "
-             "(the 1-minute load average inside the machine stayed near 1, so the drift comes from the host), and the "
+             "(it drifts with the machine otherwise idle too, so it comes from the host; the load averages recorded here "
+             "were partly the decaying tail of an earlier benchmark's 16-worker cluster), and the "
              "same `ml` step 2x apart at different moments. Ratios taken close together (the engines table's "
              "floor measured just before each row, gd vs ml, the peer comparison) are more trustworthy than absolute "
              "seconds; rerun `make bench` to see this machine's figures.", "",
