@@ -179,23 +179,22 @@ def test_fft_count_of_one_gradient_call(monkeypatch, slices, modes, kernels):
     assert count["ffts"] + compiled == len(corners) * modes * (2 + 4 * (slices - 1))
 
 
-def test_allocator_is_tuned_once_by_the_first_fft_or_the_compiled_plans():
-    """A fresh process keeps glibc's defaults until its first FFT (or until the compiled
-    kernels make their FFTW plans), then tunes them once."""
+def test_allocator_thresholds_rise_with_the_path_that_needs_them():
+    """A fresh process keeps glibc's defaults through small FFTs; the compiled kernels'
+    plans ask for 1/2 MiB, a batched FFT of >= 1 MiB (NumPy path, dm) for 32/64 MiB;
+    thresholds never fall."""
     import subprocess
     import sys
 
-    code = ("import numpy as np\nfrom daskptycho import backend\nprint(backend._allocator_tuned)\n"
-            "backend.fft2(np.ones((2, 8, 8), np.complex64)); print(backend._allocator_tuned)\n"
-            "backend.tune_allocator(); print(backend._allocator_tuned)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout.split()
-    assert out == ["False", "True", "True"]
     pytest.importorskip("numba")
     pytest.importorskip("pyfftw")
     code = ("import numpy as np\nfrom daskptycho import backend\nfrom daskptycho.physics import fused\n"
-            "fused.fftw_plans((1, 8, 8)); print(backend._allocator_tuned)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout.split()
-    assert out == ["True"]
+            "backend.fft2(np.ones((2, 8, 8), np.complex64)); print(backend._allocator_tuned)\n"
+            "fused.fftw_plans((1, 8, 8)); print(backend._allocator_tuned)\n"
+            "backend.fft2(np.ones((9, 128, 128), np.complex64)); print(backend._allocator_tuned)\n"
+            "backend.tune_allocator(1, 2); print(backend._allocator_tuned)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+    assert out == ["False", "(1, 2)", "(32, 64)", "(32, 64)"]
 
 
 _FFT_IN_A_FRESH_PROCESS = """
