@@ -111,7 +111,7 @@ def cost_and_far_field_gradient(far, intensity, mask=None, kind="amplitude", ove
         w *= keep
         if mask is not None:
             w *= mask
-    elif kind == "poisson":
+    else:  # poisson (kind checked above)
         den = model + _TINY
         if intensity.dtype == den.dtype:
             cost_map = xp.log(den)
@@ -127,8 +127,6 @@ def cost_and_far_field_gradient(far, intensity, mask=None, kind="amplitude", ove
         w = xp.subtract(1, w, out=w)
         if mask is not None:
             w *= mask
-    else:
-        raise ValueError(f"cost must be 'amplitude' or 'poisson', got {kind!r}")
     w *= 2 * far_scale * far_scale
     w = w.astype(far.real.dtype, copy=False)[:, None]
     if overwrite:
