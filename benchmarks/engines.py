@@ -1,6 +1,6 @@
 """Time per iteration, peak memory per worker and Dask overhead of every engine, on one dataset.
 
-    python -m benchmarks engines [--scan 32 --detector 128 --slices 4 --iterations 10]
+    python -m benchmarks engines [--scan 32 --detector 128 --slices 4 --iterations 12 --repeats 3]
 
 The dataset of :mod:`benchmarks.fft_floor` (simulated PbTiO3, 32x32 positions,
 128 px patterns, 4 slices; ``dm`` gets the single-slice dataset of the same size),
@@ -10,8 +10,14 @@ peak memory belongs to that run:
 
 * ``ml`` (one task holds everything), ``gd`` with 1, 4, 9 and 16 tiles, ``hve`` with
   4 tiles, ``dm`` (2 parts) on 2 workers, and ``gd`` with 4 tiles on 1 worker;
-* time per iteration: median over the iterations after the first (from the progress
-  callback, which fires when an iteration's cost has reached the client);
+* time per iteration (``s_per_iteration``): the steady-state mean of one run, the wall time
+  between the arrivals of the 2nd and the last iteration's costs at the client over the
+  iterations between (:func:`daskptycho.metrics.steady_iteration_s`; with one iteration kept
+  in flight the costs arrive in bursts, so single intervals' median is not a rate); each
+  case runs ``--repeats`` times, the rounds interleaved (every case once, then again), and
+  the table gives the median over runs with the range;
+* each target's ratio is formed within each round from two rows run back to back, and the
+  median of those ratios is reported (the machine's speed drifts between rounds);
 * peak resident memory above the worker's baseline (the result's ``memory`` attribute);
 * from the task stream (:func:`distributed.get_task_stream`), after the first iteration: the seconds workers spent
   computing and transferring, and the rest of ``workers x wall`` (scheduler latency,
@@ -32,19 +38,31 @@ import statistics
 import tempfile
 import time
 
+from daskptycho.metrics import steady_iteration_s
+
 from .common import RESULTS, write
 from .fft_floor import us_per_fft_now
 
+#: iterations left out of each run's steady-state time (the start, and the burst of the first two costs)
+SKIP = 2
+
 CASES = [
-    # (label, engine, tiles, workers, multislice)
+    # (label, engine, tiles, workers, multislice); each target's pair of rows runs back to back
     ("ml", "ml", (1, 1), 2, True),
     ("gd 1 tile", "gd", (1, 1), 2, True),
     ("gd 4 tiles", "gd", (2, 2), 2, True),
+    ("gd 4 tiles on 1 worker", "gd", (2, 2), 1, True),
     ("gd 9 tiles", "gd", (3, 3), 2, True),
     ("gd 16 tiles", "gd", (4, 4), 2, True),
     ("hve 4 tiles", "hve", (2, 2), 2, True),
     ("dm (single slice)", "dm", (1, 1), 2, False),
-    ("gd 4 tiles on 1 worker", "gd", (2, 2), 1, True),
+]
+
+#: (name, numerator row, denominator row, how the value is formed, requirement)
+TARGETS = [
+    ("ml_floor_fraction", "ml", None, "floor / s", ">= 0.40"),
+    ("gd1_over_ml", "gd 1 tile", "ml", "a / b - 1", "<= 0.15"),
+    ("gd4_speedup_2_vs_1_worker", "gd 4 tiles on 1 worker", "gd 4 tiles", "a / b", ">= 1.6"),
 ]
 
 
@@ -107,11 +125,12 @@ def run_case(store, engine, tiles, workers, iterations, slices, extra=None, devi
     return {
         "iteration_s": per_it,
         "iteration_s_median": statistics.median(per_it[1:] or per_it),
+        "s_per_iteration": steady_iteration_s(per_it, SKIP),
         "wall_s": wall,
         "peak_above_baseline_bytes_max": int(max(peaks)) if peaks else None,
         "final_cost": float(res.cost.values[-1]),
-        # steady state: from the end of the first iteration to the end of the last
-        "task_stream": _task_stream_summary(records, workers, epoch[0], epoch[-1]),
+        # steady state: the iterations that s_per_iteration averages
+        "task_stream": _task_stream_summary(records, workers, epoch[SKIP - 1], epoch[-1]),
     }
 
 
@@ -145,16 +164,55 @@ def dataset_ffts(ds, slices, engine="ml"):
     return tally
 
 
+def _target_value(kind, a, b, floor):
+    if kind == "floor / s":
+        return floor / a["s_per_iteration"] if floor else None
+    if kind == "a / b - 1":
+        return a["s_per_iteration"] / b["s_per_iteration"] - 1
+    return a["s_per_iteration"] / b["s_per_iteration"]
+
+
+def _met(value, requirement):
+    op, bound = requirement.split()
+    return value is not None and (value >= float(bound) if op == ">=" else value <= float(bound))
+
+
+def combine_runs(runs):
+    """One row from a case's repeated runs: medians over runs (and the range of the time per iteration)."""
+    med = statistics.median
+    row = dict(runs[len(runs) // 2])  # fields that do not vary (label, counts, final cost)
+    times = [r["s_per_iteration"] for r in runs]
+    row.update({
+        "runs": len(runs),
+        "s_per_iteration": med(times), "s_per_iteration_runs": times, "s_per_iteration_range": [min(times), max(times)],
+        "iteration_s_median": med(r["iteration_s_median"] for r in runs),
+        "peak_above_baseline_bytes_max": max((r["peak_above_baseline_bytes_max"] or 0) for r in runs) or None,
+        "us_per_fft_before_case": med(r["us_per_fft_before_case"] for r in runs),
+        "task_stream": {k: med(r["task_stream"][k] for r in runs) for k in
+                        ("tasks", "compute_s", "transfer_s", "wall_s", "worker_seconds", "idle_s")},
+    })
+    row["task_stream"]["per_iteration"] = {k: row["task_stream"][k] / max(1, len(runs[0]["iteration_s"]) - SKIP)
+                                           for k in ("compute_s", "transfer_s", "idle_s")}
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks engines")
     p.add_argument("--scan", type=int, default=32)
     p.add_argument("--detector", type=int, default=128)
     p.add_argument("--slices", type=int, default=4)
-    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--iterations", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=3, help="runs of every case, interleaved (median reported)")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     p.add_argument("--out", default="engines", help="result name: benchmarks/results/NAME.json")
     p.add_argument("--cases", default="", help="labels to run, separated by semicolons (default: all)")
     a = p.parse_args(argv)
+    if a.iterations <= SKIP + 1:
+        p.error(f"--iterations must be more than {SKIP + 1} (the first {SKIP} are left out of the steady state)")
+    if a.repeats < 1:
+        p.error("--repeats must be >= 1")
+
+    import dask
 
     import daskptycho as dp
 
@@ -165,7 +223,9 @@ def main(argv=None):
         with open(floor_path) as f:
             best_us = json.load(f)["best_us_per_fft_cpu"].get(str(a.detector))
     wanted = [c.strip() for c in a.cases.split(";") if c.strip()]
-    rows, failed = [], []
+    cases = [c for c in CASES if not wanted or c[0] in wanted]
+    runs = {c[0]: [] for c in cases}
+    failed = []
     with tempfile.TemporaryDirectory() as tmp:
         stores = {}
         for multi in (True, False):
@@ -175,52 +235,69 @@ def main(argv=None):
             dp.write_dataset(ds, path)
             stores[multi] = (path, cfg, ds)
         ffts = {"ml": dataset_ffts(stores[True][2], a.slices), "dm": dataset_ffts(stores[False][2], 1, "dm")}
-        for label, engine, tiles, workers, multi in CASES:
-            if wanted and label not in wanted:
-                continue
-            path, cfg, _ = stores[multi]
-            us_now = us_per_fft_now(a.detector)
-            try:
-                r = run_case(path, engine, tiles, workers, a.iterations, cfg["slices"], device=a.device)
-            except Exception as e:  # noqa: BLE001 - one failing engine must not lose the other rows
-                print(f"{label}: FAILED {type(e).__name__}: {e}", flush=True)
-                failed.append({"label": label, "error": f"{type(e).__name__}: {e}"})
-                continue
-            count = ffts["dm" if engine == "dm" else "ml"]["ffts"]
-            floor = count * best_us * 1e-6 if best_us else None
-            r.update({"label": label, "engine": engine, "tiles": tiles[0] * tiles[1], "workers": workers,
-                      "slices": cfg["slices"], "ffts_per_iteration": count, "floor_s": floor,
-                      "floor_fraction": floor / r["iteration_s_median"] if floor else None,
-                      # the same floor from the FFT time measured just before this case
-                      "us_per_fft_before_case": us_now, "floor_now_s": count * us_now * 1e-6,
-                      "floor_now_fraction": count * us_now * 1e-6 / r["iteration_s_median"],
-                      "loadavg_after": os.getloadavg()})
-            rows.append(r)
-            ts = r["task_stream"]
-            print(f"{label:22s} {r['iteration_s_median']:7.3f} s/it  floor/measured {r['floor_fraction'] or float('nan'):.2f} "
-                  f"(FFT now {us_now:.1f} us: {r['floor_now_fraction']:.2f})  "
-                  f"peak {r['peak_above_baseline_bytes_max'] / 2**20 if r['peak_above_baseline_bytes_max'] else float('nan'):7.1f} MiB  "
-                  f"compute {ts['compute_s']:.1f} s transfer {ts['transfer_s']:.2f} s idle {ts['idle_s']:.1f} s of {ts['worker_seconds']:.1f}",
-                  flush=True)
-    by = {r["label"]: r for r in rows}
+        for rnd in range(a.repeats):
+            for label, engine, tiles, workers, multi in cases:
+                if any(f["label"] == label for f in failed):
+                    continue
+                path, cfg, _ = stores[multi]
+                us_now = us_per_fft_now(a.detector)
+                try:
+                    r = run_case(path, engine, tiles, workers, a.iterations, cfg["slices"], device=a.device)
+                except Exception as e:  # noqa: BLE001 - one failing engine must not lose the other rows
+                    print(f"{label}: FAILED {type(e).__name__}: {e}", flush=True)
+                    failed.append({"label": label, "error": f"{type(e).__name__}: {e}"})
+                    continue
+                count = ffts["dm" if engine == "dm" else "ml"]["ffts"]
+                r.update({"label": label, "engine": engine, "tiles": tiles[0] * tiles[1], "workers": workers,
+                          "slices": cfg["slices"], "ffts_per_iteration": count, "round": rnd,
+                          "us_per_fft_before_case": us_now, "loadavg_after": os.getloadavg()})
+                runs[label].append(r)
+                ts = r["task_stream"]
+                print(f"[{rnd + 1}/{a.repeats}] {label:22s} {r['s_per_iteration']:7.3f} s/it (median interval {r['iteration_s_median']:.3f})  "
+                      f"FFT now {us_now:.1f} us  peak {(r['peak_above_baseline_bytes_max'] or 0) / 2**20:7.1f} MiB  "
+                      f"compute {ts['compute_s']:.1f} s transfer {ts['transfer_s']:.2f} s idle {ts['idle_s']:.1f} s of {ts['worker_seconds']:.1f}",
+                      flush=True)
+    rows = []
+    for label, *_ in cases:
+        if not runs[label]:
+            continue
+        r = combine_runs(runs[label])
+        count = r["ffts_per_iteration"]
+        floor = count * best_us * 1e-6 if best_us else None
+        r.update({"floor_s": floor, "floor_fraction": floor / r["s_per_iteration"] if floor else None,
+                  # the same floor from the FFT time measured just before each run (median over runs)
+                  "floor_now_s": count * r["us_per_fft_before_case"] * 1e-6,
+                  "floor_now_fraction": count * r["us_per_fft_before_case"] * 1e-6 / r["s_per_iteration"]})
+        for k in ("round", "iteration_s"):
+            r.pop(k, None)
+        r["iteration_s_runs"] = [x["iteration_s"] for x in runs[label]]
+        rows.append(r)
     targets = {}
-    if "ml" in by:
-        targets["ml_floor_fraction"] = {"value": by["ml"]["floor_fraction"], "target": ">= 0.40",
-                                        "met": bool(by["ml"]["floor_fraction"] and by["ml"]["floor_fraction"] >= 0.40)}
-    if "ml" in by and "gd 1 tile" in by:
-        v = by["gd 1 tile"]["iteration_s_median"] / by["ml"]["iteration_s_median"] - 1
-        targets["gd1_over_ml"] = {"value": v, "target": "<= 0.15", "met": v <= 0.15}
-    if "gd 4 tiles" in by and "gd 4 tiles on 1 worker" in by:
-        v = by["gd 4 tiles on 1 worker"]["iteration_s_median"] / by["gd 4 tiles"]["iteration_s_median"]
-        targets["gd4_speedup_2_vs_1_worker"] = {"value": v, "target": ">= 1.6", "met": v >= 1.6}
+    for name, num, den, kind, req in TARGETS:
+        if num not in runs or not runs[num] or (den and (den not in runs or not runs[den])):
+            continue
+        floor = runs[num][0]["ffts_per_iteration"] * best_us * 1e-6 if best_us else None
+        if den is None:
+            per_round = [_target_value(kind, x, None, floor) for x in runs[num]]
+        else:
+            by_round = {x["round"]: x for x in runs[den]}
+            per_round = [_target_value(kind, x, by_round[x["round"]], floor) for x in runs[num] if x["round"] in by_round]
+        per_round = [v for v in per_round if v is not None]
+        if not per_round:
+            continue
+        v = statistics.median(per_round)
+        targets[name] = {"value": v, "target": req, "met": _met(v, req), "per_round": per_round,
+                         "rounds_met": sum(_met(x, req) for x in per_round)}
     for k, t in targets.items():
-        print(f"target {k}: {t['value']:.3f} ({t['target']}): {'met' if t['met'] else 'MISSED'}")
+        print(f"target {k}: {t['value']:.3f} ({t['target']}): {'met' if t['met'] else 'MISSED'}  "
+              f"(per round {', '.join(f'{x:.3f}' for x in t['per_round'])})")
     out = write(a.out, {
         "device": a.device,
         "loadavg_start": load0, "loadavg_end": os.getloadavg(),
         "dataset": f"pbtio3 {a.scan}x{a.scan} positions, {a.detector} px patterns, {a.slices} slices (dm: 1 slice)",
         "scan": a.scan, "detector": a.detector, "slices": a.slices,
-        "iterations": a.iterations, "best_us_per_fft": best_us,
+        "iterations": a.iterations, "repeats": a.repeats, "skip": SKIP, "best_us_per_fft": best_us,
+        "message_interval": str(dask.config.get("daskptycho.cluster.message-interval", "auto")),
         "fft_count": {k: {kk: vv for kk, vv in v.items() if kk != "by_size"} for k, v in ffts.items()},
         "rows": rows, "failed": failed, "targets": targets,
         "command": "python -m benchmarks engines " + " ".join(argv or []),

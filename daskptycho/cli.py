@@ -293,7 +293,10 @@ def _cmd_reconstruct(a):
     if a.timing:
         import statistics
 
+        from .metrics import steady_iteration_s
+
         rec = {"iteration_s": times, "iteration_s_median": statistics.median(times[1:] or times),
+               "iteration_s_steady": steady_iteration_s(times),
                "engine": res.attrs["engine"], "store": os.path.abspath(a.store)}
         tmp = a.timing + ".tmp"
         with open(tmp, "w") as f:

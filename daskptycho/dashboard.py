@@ -43,6 +43,22 @@ ROUTE = "/daskptycho"
 _UPDATE_PREFIXES = {"update", "hve-paste", "dm-state"}
 
 
+def preview_every_s():
+    """Least seconds between two live phase images: ``daskptycho.dashboard.preview_every_s`` (1.0; 0: every iteration)."""
+    import dask.config
+
+    from .errors import OptionsError
+
+    v = dask.config.get("daskptycho.dashboard.preview_every_s", default=1.0)
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        v = -1.0
+    if not v >= 0:
+        raise OptionsError("daskptycho.dashboard.preview_every_s", f"got {v!r}; expected seconds >= 0 (0: an image every iteration)")
+    return v
+
+
 def preview_px():
     """Longest side (pixels) of the live phase image: ``daskptycho.dashboard.preview_px`` (256)."""
     import dask.config

@@ -90,3 +90,25 @@ def seam_ratio(result, truth: xr.DataArray, position, width_px=2):
     if not near.any() or near.all():
         return float("nan")
     return float(err[near].mean() / err[~near].mean())
+
+
+def steady_iteration_s(intervals, skip=2):
+    """Wall seconds per iteration in the steady state: the mean of ``intervals`` after the first ``skip``.
+
+    Parameters
+    ----------
+    intervals : sequence of float
+        Seconds between the arrivals of consecutive iterations' costs (the first from the start).
+    skip : int
+        Iterations left out: the first carries the start (loading, warm-up), and with one iteration
+        kept in flight ahead the second's cost arrives right after the first's.
+
+    The mean, not the median: the costs of a pipelined run arrive in bursts (0.02 s, then 1.1 s), so
+    the median of single intervals can land on either side; the mean over the steady iterations is
+    their throughput. With ``skip`` or fewer intervals, the mean of those after the first (or the only one).
+    """
+    xs = [float(x) for x in intervals]
+    if not xs:
+        raise ValueError("no iterations")
+    tail = xs[skip:] if len(xs) > skip else (xs[1:] or xs)
+    return sum(tail) / len(tail)

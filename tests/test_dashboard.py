@@ -116,6 +116,26 @@ def test_the_dashboard_serves_the_page_and_its_document_reads_the_store(client, 
     assert client.run_on_scheduler(_live)["costs"] == []
 
 
+@pytest.mark.parametrize("every, wanted", [(0, [0, 1, 2, 3]), (1e6, [0, 3])])
+def test_phase_images_are_cut_at_most_every_preview_every_s(client, small_pbtio3, every, wanted):
+    """Every iteration's cost is published; an image (a task per tile) only every
+    preview_every_s seconds, and always for the first and the last iteration."""
+    from distributed import get_task_stream
+
+    with dask.config.set({"daskptycho.dashboard.preview_every_s": every}), get_task_stream(client) as ts:
+        res = dp.reconstruct(str(small_pbtio3), engine="gd", tiles=(2, 2), iterations=4, slices=2, client=client)
+    previews = [r["key"] for r in ts.data if isinstance(r["key"], tuple) and r["key"][0] == "preview"]
+    assert sorted({k[1] for k in previews}) == wanted
+    assert len(previews) == 4 * len(wanted)                        # one per tile
+    live = client.run_on_scheduler(_live)
+    assert [i for i, _ in live["costs"]] == [0, 1, 2, 3]
+    np.testing.assert_allclose([c for _, c in live["costs"]], res.cost.values, rtol=1e-12)
+    # the image on the page is the final object's
+    assert np.isfinite(live["image"]).all()
+    with dask.config.set({"daskptycho.dashboard.preview_every_s": "soon"}), pytest.raises(dp.OptionsError, match="preview_every_s"):
+        dashboard.preview_every_s()
+
+
 def test_live_publishing_can_be_switched_off(client, small_pbtio3):
     before = client.run_on_scheduler(_live)
     with dask.config.set({"daskptycho.dashboard.live": False}):

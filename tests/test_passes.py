@@ -28,15 +28,16 @@ from hypothesis import strategies as st
 import daskptycho as dp
 from daskptycho.engines import tiletasks as tt
 from daskptycho.geometry import ObjectGrid, object_grid
-from daskptycho.schedule import IterationGraph, accumulate_passes, gd_iteration
+from daskptycho.schedule import Buffer, IterationGraph, accumulate_passes, gd_iteration, materialise
 from daskptycho.tiling import intersect, make_tiling
 
 PASSES = ("vfwd", "vbwd", "hfwd", "hbwd")
-HORIZONTAL = ("hfwd", "hbwd", "hfwd-strip", "hbwd-strip")
+HORIZONTAL = ("hfwd-strip", "hbwd-strip")
 # where a strip cut on tile (r, c) goes
 STRIP_DEST = {"vfwd": (1, 0), "vbwd": (-1, 0), "hfwd": (0, 1), "hbwd": (0, -1)}
 # the key names the passes module documents, plus the per-tile reduction inputs it adds
-KEY_NAMES = {"grad", "update", "cost", "probe", "tile-cost", "tile-probe", "probe-sum"} | set(PASSES) | {f"{p}-strip" for p in PASSES}
+KEY_NAMES = {"grad", "update", "cost", "probe", "tile-cost", "tile-probe", "probe-sum"} | {f"{p}-strip" for p in PASSES}
+STRIPS = tuple(f"{p}-strip" for p in PASSES)
 UNPLACED = {"cost", "probe", "probe-sum"}
 
 
@@ -79,6 +80,8 @@ def _run_passes(tiling, buffers, s=0):
     """Build the passes, execute them with the synchronous scheduler, return {tile: buffer}."""
     graph, final = accumulate_passes(tiling, s, dict(buffers))
     assert set(final) == {t.key for t in tiling}
+    assert all(isinstance(b, Buffer) for b in final.values())
+    final = materialise(tiling, s, final, graph)
     keys = [k for k, v in final.items() if _is_key(graph, v)]
     values = dask.get(graph.tasks, [final[k] for k in keys]) if keys else []
     result = dict(zip(keys, values))
@@ -253,8 +256,9 @@ def test_tiles_without_positions_take_part_in_the_passes():
     ref = _reference_sums(tiling, buffers)
     _assert_buffers_match(tiling, got, ref)
     # the empty middle tile sends and receives strips like any other
-    assert ("vfwd-strip", 0, 1, 1) in graph.tasks and ("vfwd", 0, 1, 1) in graph.tasks
-    assert ("hbwd", 0, 1, 1) in graph.tasks
+    _, final = accumulate_passes(tiling, 0, buffers)
+    assert ("vfwd-strip", 0, 1, 1) in graph.tasks and ("vfwd-strip", 0, 0, 1) in final[1, 1].strips
+    assert ("hbwd-strip", 0, 1, 2) in final[1, 1].strips and ("hbwd-strip", 0, 1, 1) in final[1, 0].strips
 
 
 def test_one_by_one_grid_returns_the_input_buffer():
@@ -264,7 +268,8 @@ def test_one_by_one_grid_returns_the_input_buffer():
     tiling = make_tiling(grid, grid.window_corners(pos, window), window, (1, 1))
     buf = _random_buffers(np.random.default_rng(0), tiling, 2)
     graph, final = accumulate_passes(tiling, 0, buf)
-    assert graph.tasks == {} and final[(0, 0)] is buf[(0, 0)]
+    assert graph.tasks == {} and final[(0, 0)].base is buf[(0, 0)] and final[(0, 0)].strips == ()
+    assert materialise(tiling, 0, final, graph)[(0, 0)] is buf[(0, 0)] and graph.tasks == {}
 
 
 def test_passes_extend_a_given_graph_and_keep_round_numbers_apart():
@@ -278,6 +283,7 @@ def test_passes_extend_a_given_graph_and_keep_round_numbers_apart():
     # round 5 starts from round 4's results (keys, not values)
     deps = graph.dependencies()
     assert all(any(d[1] == 4 for d in deps[k]) for k in graph.tasks if k[0] == "vfwd-strip" and k[1] == 5 and k[2] == 0)
+    final2 = materialise(tiling, 5, final2, graph)
     got = dict(zip(final2, dask.get(graph.tasks, list(final2.values()))))
     once = _reference_sums(tiling, buffers)
     twice = _reference_sums(tiling, {k: {n: v.astype(np.complex64 if n == "object" else np.float32) for n, v in b.items()}
@@ -409,28 +415,30 @@ def tiling33():
 def test_row0_vertical_backward_never_blocks_row2_horizontal_passes(tiling33):
     g = gd_iteration(tiling33, 0, *_placeholders(tiling33))
     anc = _ancestors(g)
-    src = [k for k in g.tasks if k[0] == "vbwd" and k[2] == 0]
+    # the strips that rows 0 and 1 receive in the vertical backward pass (cut on rows 1 and 2)
+    src = [k for k in g.tasks if k[0] == "vbwd-strip"]
     dst = [k for k in g.tasks if k[0] in HORIZONTAL and k[2] == 2]
-    assert len(src) == 3 and len(dst) == 4 * 2      # hfwd/hbwd and their strips: 2 per row each
+    assert len(src) == 2 * 3 and len(dst) == 2 * 2      # hfwd/hbwd strips: 2 per row each
     for a in src:
         for b in dst:
             assert a not in anc[b], (a, b)
     # the graph's own traversal agrees
-    assert not g.reaches(("vbwd", 0, 0, 0), ("hfwd", 0, 2, 2))
-    assert not g.reaches(("vbwd-strip", 0, 1, 1), ("hbwd", 0, 2, 0))
-    # nor do row 1's vertical backward tasks: row 2 is the last row, it needs only vfwd
-    for b in dst:
-        assert not any(k[0] in ("vbwd", "vbwd-strip") for k in anc[b]), b
+    assert not g.reaches(("vbwd-strip", 0, 1, 0), ("hfwd-strip", 0, 2, 1))
+    assert not g.reaches(("vbwd-strip", 0, 2, 1), ("hbwd-strip", 0, 2, 2))
+    # row 2 is the last row: its horizontal passes and updates need only the forward pass
+    for b in dst + [("update", 0, 2, c) for c in range(3)]:
+        assert not any(k[0] == "vbwd-strip" for k in anc[b]), b
+        assert any(k[0] == "vfwd-strip" for k in anc[b]), b
 
 
 def test_information_crosses_the_grid(tiling33):
     g = gd_iteration(tiling33, 0, *_placeholders(tiling33))
     anc = _ancestors(g)
-    # row 2's horizontal forward tasks wait on row 2's own vertical forward results
-    for c in (1, 2):
+    # row 2's horizontal forward strips carry row 2's own vertical forward sums
+    for c in (0, 1):
         for c2 in range(c + 1):
-            assert ("vfwd", 0, 2, c2) in anc[("hfwd", 0, 2, c)]
-        assert g.reaches(("vfwd", 0, 2, 0), ("hfwd", 0, 2, c))
+            assert ("vfwd-strip", 0, 1, c2) in anc[("hfwd-strip", 0, 2, c)]
+        assert g.reaches(("vfwd-strip", 0, 0, 0), ("hfwd-strip", 0, 2, c))
     # every tile's update sees every tile's gradient (in particular row 0 sees row 2)
     for r, c in itertools.product(range(3), range(3)):
         for r2, c2 in itertools.product(range(3), range(3)):
@@ -439,10 +447,29 @@ def test_information_crosses_the_grid(tiling33):
     assert not g.reaches(("update", 0, 0, 0), ("grad", 0, 2, 2))
 
 
+def test_an_exchange_is_one_task_and_no_buffer_is_copied_per_pass(tiling33):
+    """Each exchange adds one task (the strip, cut on the sender); the receiver applies it
+    where it next reads its buffer, so a pass chain is one hop per tile."""
+    g = gd_iteration(tiling33, 0, *_placeholders(tiling33))
+    names = [k[0] for k in g.tasks]
+    assert sorted(set(names)) == sorted({"grad", "update", "tile-cost", "cost", *STRIPS})
+    assert len([n for n in names if n in STRIPS]) == 4 * 3 * 2
+    deps = g.dependencies()
+    # along a column the forward strips chain directly, strip to strip
+    assert deps[("vfwd-strip", 0, 1, 0)] == {("grad", 0, 1, 0), ("vfwd-strip", 0, 0, 0)}
+    # the last forward receiver sends back at once: its backward strip needs nothing else
+    assert deps[("vbwd-strip", 0, 2, 0)] == {("grad", 0, 2, 0), ("vfwd-strip", 0, 1, 0)}
+    # an update applies every strip its tile received, in pass order
+    upd = g.tasks[("update", 0, 1, 1)]
+    assert upd[0] is tt.tile_update and upd[3] == ("grad", 0, 1, 1)
+    assert upd[4] == [("vfwd-strip", 0, 0, 1), ("vbwd-strip", 0, 2, 1), ("hfwd-strip", 0, 1, 0), ("hbwd-strip", 0, 1, 2)]
+    assert [op for op, _ in upd[5]] == ["add", "replace", "add", "replace"]
+
+
 def test_building_the_graph_computes_nothing(tiling33, monkeypatch):
     calls = []
     patched = {}
-    for name in ("tile_gradient", "extract_strip", "add_strip", "replace_strip", "tile_update",
+    for name in ("tile_gradient", "cut_strip", "apply_patches", "tile_update",
                  "probe_part", "add_parts", "probe_update"):
         def fake(*args, _name=name, **kwargs):
             calls.append(_name)
@@ -459,8 +486,7 @@ def test_building_the_graph_computes_nothing(tiling33, monkeypatch):
 
     func_of = {"grad": "tile_gradient", "update": "tile_update", "tile-probe": "probe_part",
                "probe-sum": "add_parts", "probe": "probe_update"}
-    func_of.update({f"{p}-strip": "extract_strip" for p in PASSES})
-    func_of.update({"vfwd": "add_strip", "hfwd": "add_strip", "vbwd": "replace_strip", "hbwd": "replace_strip"})
+    func_of.update({f"{p}-strip": "cut_strip" for p in PASSES})
     for key, task in g.tasks.items():
         assert isinstance(key, tuple) and isinstance(key[0], str) and key[0] in KEY_NAMES, key
         assert key[1] in (4, 5)                                   # s = it * rounds + round
@@ -472,17 +498,24 @@ def test_building_the_graph_computes_nothing(tiling33, monkeypatch):
             assert g.placement[key] == tuple(key[-2:]), key
     assert set(g.placement) <= set(g.tasks)
 
-    # a strip is cut on the sending tile, from that tile's own buffer, for a neighbour
+    # a strip is cut on the sending tile, from that tile's own gradient buffer and the
+    # strips it has received, for one neighbour; only that neighbour's tasks read it
     deps = g.dependencies()
     dependents = {k: [d for d in g.tasks if k in deps[d]] for k in g.tasks}
     strips = [k for k in g.tasks if k[0].endswith("-strip")]
     assert len(strips) == 2 * 4 * 3 * 2                # 2 rounds x 4 passes x 3 lines x 2 sends per line
+
+    def dest(k):
+        dy, dx = STRIP_DEST[k[0][: -len("-strip")]]
+        return (k[2] + dy, k[3] + dx)
+
     for k in strips:
         src = g.placement[k]
-        assert [g.placement[d] for d in deps[k]] == [src]              # its one input lives on the sender
-        (dest,) = dependents[k]
-        dy, dx = STRIP_DEST[k[0][: -len("-strip")]]
-        assert dest[0] == k[0][: -len("-strip")] and g.placement[dest] == (src[0] + dy, src[1] + dx)
+        own = [d for d in deps[k] if d[0] not in STRIPS]
+        assert own == [("grad", k[1], *src)], k                        # its one buffer: the sender's gradient
+        assert all(dest(d) == src for d in deps[k] if d[0] in STRIPS), k   # and strips sent to the sender
+        assert dependents[k] and all(g.placement[d] == dest(k) for d in dependents[k]), k
+        assert ("update", k[1], *dest(k)) in dependents[k]
 
 
 def test_only_strips_cross_tiles(tiling33):
@@ -513,7 +546,7 @@ def test_two_rounds(tiling33):
         # the rounds split the tile's own positions, in order
         local0, local1 = g.tasks[("grad", s0, r, c)][3], task[3]
         np.testing.assert_array_equal(np.concatenate([local0, local1]), np.arange(t.positions.size))
-        for name in PASSES:
+        for name in STRIPS:
             assert any(k[0] == name and k[1] == s1 for k in g.tasks)
     anc = _ancestors(g)
     for r, c in itertools.product(range(3), range(3)):
@@ -570,7 +603,7 @@ def test_gd_iteration_wiring_executes_to_the_all_reduce(tiling33, monkeypatch):
         return {**state, "cost": float(len(local))}
 
     monkeypatch.setattr(tt, "tile_gradient", fake_gradient)
-    monkeypatch.setattr(tt, "tile_update", lambda state, grad, buf, ctx, n: buf)
+    monkeypatch.setattr(tt, "tile_update", lambda state, grad, buf, strips, patches, ctx, n: tt.apply_patches(buf, strips, patches))
     g = gd_iteration(tiling33, 0, bufs, {t.key: t.key for t in tiling33}, None, None)
     keys = list(g.outputs["states"].values()) + g.outputs["costs"]
     *out, cost = dask.get(g.tasks, keys)
@@ -584,7 +617,7 @@ def test_gd_iteration_wiring_executes_to_the_all_reduce(tiling33, monkeypatch):
 
 def test_strips_are_exactly_the_overlaps(tiling33):
     buffers = _random_buffers(np.random.default_rng(2), tiling33, 2)
-    graph, _ = accumulate_passes(tiling33, 0, buffers)
+    graph, final = accumulate_passes(tiling33, 0, buffers)
     strips = [k for k in graph.tasks if k[0].endswith("-strip")]
     assert len(strips) == 4 * 3 * 2
     out = dict(zip(strips, dask.get(graph.tasks, strips)))
@@ -601,9 +634,9 @@ def test_strips_are_exactly_the_overlaps(tiling33):
         for t in (tiling33[src], tiling33[dst]):
             assert shape[1] * shape[2] < t.shape[0] * t.shape[1]
             assert shape[1] <= t.shape[0] and shape[2] <= t.shape[1]
-        # the receiver applies it on the same global pixels
-        recv = graph.tasks[(name, 0, *dst)]
-        assert recv[2] == k and recv[3] == tiling33[dst].local(ov)
+        # the receiver applies it on the same global pixels: added forward, pasted backward
+        i = final[dst].strips.index(k)
+        assert final[dst].patches[i] == ("add" if name.endswith("fwd") else "replace", tiling33[dst].local(ov))
         # a strip is a copy, not a view into the sender's buffer
         for n in ("object", "illumination"):
             assert strip[n].base is None or not np.shares_memory(strip[n], buffers[src][n])
@@ -623,3 +656,44 @@ def test_passes_on_a_hand_made_grid():
     buffers = _random_buffers(np.random.default_rng(11), tiling, 1)
     _, got = _run_passes(tiling, buffers)
     _assert_buffers_match(tiling, got, _reference_sums(tiling, buffers))
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 5))
+def test_a_strip_cut_from_received_strips_equals_the_cut_of_the_materialised_buffer(seed, n):
+    """apply_patches on a region gives bit for bit the pixels of adding and pasting each
+    strip into a full copy in turn (what a pass task that materialises its buffer does)."""
+    rng = np.random.default_rng(seed)
+    S, h, w = 2, 13, 11
+    buf = {"object": (rng.standard_normal((S, h, w)) + 1j * rng.standard_normal((S, h, w))).astype(np.complex64),
+           "illumination": rng.uniform(0, 2, (S, h, w)).astype(np.float32), "cost": 1.0}
+    before = {k: np.copy(v) for k, v in buf.items()}
+
+    def region():
+        y0, x0 = rng.integers(0, h - 1), rng.integers(0, w - 1)
+        return slice(int(y0), int(rng.integers(y0 + 1, h + 1))), slice(int(x0), int(rng.integers(x0 + 1, w + 1)))
+
+    patches, strips = [], []
+    for _ in range(n):
+        where = region()
+        shape = (S, where[0].stop - where[0].start, where[1].stop - where[1].start)
+        strips.append({"object": (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64),
+                       "illumination": rng.uniform(0, 2, shape).astype(np.float32)})
+        patches.append((str(rng.choice(["add", "replace"])), where))
+    full = {k: buf[k].copy() for k in ("object", "illumination")}
+    for strip, (op, (sy, sx)) in zip(strips, patches):
+        for k in full:
+            if op == "add":
+                full[k][..., sy, sx] += strip[k]
+            else:
+                full[k][..., sy, sx] = strip[k]
+    whole = tt.apply_patches(buf, strips, patches)
+    want = region()
+    cut = tt.cut_strip(buf, strips, patches, want)
+    for k in full:
+        np.testing.assert_array_equal(whole[k], full[k])
+        np.testing.assert_array_equal(cut[k], full[k][..., want[0], want[1]])
+        assert not np.shares_memory(cut[k], buf[k]) and cut[k].dtype == buf[k].dtype
+        np.testing.assert_array_equal(buf[k], before[k])          # the gradient buffer is never changed
+    with pytest.raises(ValueError, match="unknown patch operation"):
+        tt.apply_patches(buf, strips[:1], [("multiply", patches[0][1])])

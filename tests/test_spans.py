@@ -9,7 +9,7 @@ from daskptycho.engines.driver import PHASES, phase_of
 
 
 @pytest.mark.parametrize("key, phase", [
-    (("grad", 3, 0, 1), "grad"), (("vfwd-strip", 0, 1, 2), "passes"), (("hbwd", 4, 2, 0), "passes"),
+    (("grad", 3, 0, 1), "grad"), (("vfwd-strip", 0, 1, 2), "passes"), (("hbwd-strip", 4, 2, 0), "passes"), (("buffer", 0, 1, 1), "passes"),
     (("update", 1, 0, 0), "update"), (("load", 0, 1), "load"), (("cost", 2), "passes"),
     (("hve-step", 0, 1, 1), "grad"), (("hve-paste", 0, 1, 1), "passes"), (("dm-views", 0, 0, 1), "grad"),
     (("dm-sum", 0, 1, 0), "passes"), (("dm-object", 0), "update"), ("ml-iteration-12", "grad"),
@@ -37,7 +37,7 @@ def _tasks_per_phase(dask_scheduler):
 GD_GROUPS = {
     "load": {"load", "init"},
     "grad": {"grad", "tile-cost"},
-    "passes": {"vfwd", "vfwd-strip", "vbwd", "vbwd-strip", "hfwd", "hfwd-strip", "hbwd", "hbwd-strip", "cost"},
+    "passes": {"vfwd-strip", "vbwd-strip", "hfwd-strip", "hbwd-strip", "cost"},
     "update": {"update", "preview", "core", "nbytes"},
 }
 

@@ -11,6 +11,7 @@ import contextlib
 import operator
 import uuid
 
+from .. import config
 from .. import dashboard as _dashboard  # noqa: F401  (adds /daskptycho to the dashboards of schedulers started from here on)
 from ..cluster import connect
 from ..errors import DaskptychoError
@@ -18,8 +19,8 @@ from ..errors import DaskptychoError
 #: The phases every task of a run is filed under (distributed spans ``("daskptycho", phase)``).
 PHASES = ("load", "grad", "passes", "update")
 
-#: Task-key prefix -> phase. gd: gradients, then the strip passes, then the tile
-#: updates; hve: the independent tile step is ``grad``, the core-to-halo exchange is
+#: Task-key prefix -> phase. gd: gradients, then the strip passes (each strip is
+#: applied by the receiving tile's next strip or its update), then the tile updates; hve: the independent tile step is ``grad``, the core-to-halo exchange is
 #: ``passes``; dm: the exit waves and Fourier constraint (and the partial sums taken
 #: from them) are ``grad``, the tree reductions ``passes``, forming the object and probe
 #: and handing out the new crops ``update``; ml: its one task per iteration is ``grad``.
@@ -30,8 +31,7 @@ PHASE_OF_PREFIX = {
     "restore": "load", "crop-restore": "load", "views-restore": "load", "dm-object-init": "load", "dm-object-restore": "load",
     "grad": "grad", "tile-cost": "grad", "hve-step": "grad", "ml-iteration": "grad",
     "dm-views": "grad", "dm-partial": "grad", "dm-error": "grad", "dm-state": "grad", "dm-probe-partial": "grad",
-    "vfwd": "passes", "vfwd-strip": "passes", "vbwd": "passes", "vbwd-strip": "passes",
-    "hfwd": "passes", "hfwd-strip": "passes", "hbwd": "passes", "hbwd-strip": "passes",
+    "vfwd-strip": "passes", "vbwd-strip": "passes", "hfwd-strip": "passes", "hbwd-strip": "passes", "buffer": "passes",
     "hve-core": "passes", "hve-paste": "passes", "tile-probe": "passes", "probe-sum": "passes",
     "dm-sum": "passes", "dm-probe-sum": "passes", "cost": "passes",
     "update": "update", "probe": "update", "dm-object-update": "update", "dm-object": "update", "dm-crop": "update",
@@ -89,11 +89,16 @@ class Driver:
     def __enter__(self):
         from distributed import performance_report
 
+        from .. import latency
+
+        latency.parse_interval(config.get("cluster.message-interval", "auto"))  # a bad setting fails before any cluster starts
         if self._given is None:
             self.connection = self._stack.enter_context(connect(self.cluster_spec, workers=self.n_workers, **self.connect_options))
             self.client = self.connection.client
         else:
             self.client = self._given
+        # an iteration is a chain of small dependent tasks: no batching delay per hop
+        latency.apply(self.client)
         # import the engine code on every worker first, so the memory baseline
         # (and the peak above it) counts arrays, not modules
         self.baseline = self.client.run(_warm_up)
@@ -178,7 +183,7 @@ class Driver:
         if not config.get("dashboard.live", True):
             self.__dict__["_live"] = None
             return None
-        self.__dict__["_live"] = {"engine": engine}
+        self.__dict__["_live"] = {"engine": engine, "iterations": int(iterations), "preview_at": None}
         try:
             served = self.client.run_on_scheduler(dashboard.begin_run, engine=engine, iterations=int(iterations),
                                                   tiles=[int(tiles[0]), int(tiles[1])], rounds=int(rounds))
@@ -214,16 +219,29 @@ class Driver:
         modes : slice, optional: the entries of the first axis to draw (dm: ``slice(0, 1)``,
             the dominant object mode); default: every slice, phases summed
 
-        The image's longest side is ``daskptycho.dashboard.preview_px`` (256) pixels.
+        The image's longest side is ``daskptycho.dashboard.preview_px`` (256) pixels. An
+        image is cut at most once every ``daskptycho.dashboard.preview_every_s`` seconds
+        (and always for the run's first and last iteration); the cost goes out every iteration.
 
         Returns
         -------
-        dict: what :meth:`publish` takes as ``image`` (``None`` without a live page).
+        dict: what :meth:`publish` takes as ``image`` (``None`` without a live page, or
+        when this iteration gets no image).
         """
-        if not self.__dict__.get("_live"):
+        live = self.__dict__.get("_live")
+        if not live:
             return None
+        import time
+
         from .. import dashboard
 
+        # a few tasks per tile and a gather through this process: at most one image per
+        # preview_every_s (the first and the last iteration always get theirs)
+        now = time.monotonic()
+        last = live.get("iterations") is not None and it + 1 >= live["iterations"]
+        if not last and live.get("preview_at") is not None and now - live["preview_at"] < dashboard.preview_every_s():
+            return None
+        live["preview_at"] = now
         size = dashboard.preview_px()
         if regions is None:
             stride = full = None

@@ -105,28 +105,63 @@ def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_prob
     return total
 
 
-def extract_strip(buf, region):
-    """Cut the overlap strip (a copy) out of a buffer, on the sending worker."""
-    sy, sx = region
-    return {"object": buf["object"][..., sy, sx].copy(), "illumination": buf["illumination"][..., sy, sx].copy()}
+def _overlap(a, b):
+    """Intersection of two local regions ``(slice y, slice x)`` (steps of 1), or None."""
+    y0, y1 = max(a[0].start, b[0].start), min(a[0].stop, b[0].stop)
+    x0, x1 = max(a[1].start, b[1].start), min(a[1].stop, b[1].stop)
+    if y0 >= y1 or x0 >= x1:
+        return None
+    return slice(y0, y1), slice(x0, x1)
 
 
-def add_strip(buf, strip, region):
-    """Forward pass: a new buffer with ``strip`` added into ``region``."""
-    sy, sx = region
-    out = {"object": buf["object"].copy(), "illumination": buf["illumination"].copy()}
-    out["object"][..., sy, sx] += strip["object"]
-    out["illumination"][..., sy, sx] += strip["illumination"]
+def _shift(region, origin):
+    """``region`` in the coordinates of an array whose first pixel is ``origin``'s."""
+    return slice(region[0].start - origin[0].start, region[0].stop - origin[0].start), \
+        slice(region[1].start - origin[1].start, region[1].stop - origin[1].start)
+
+
+def apply_patches(buf, strips, patches, region=None):
+    """A tile's buffer with the strips it received applied, in order: a new dict of copies.
+
+    Parameters
+    ----------
+    buf : dict with ``object`` (S, h, w) complex and ``illumination`` (S, h, w) real: the
+        buffer its gradient task made (never changed)
+    strips : list of dicts like ``buf``, each covering exactly its patch's region
+    patches : sequence of ``(op, (slice y, slice x))``: ``"add"`` (forward pass) or
+        ``"replace"`` (backward pass), and where the strip goes in the tile
+    region : (slice y, slice x), optional
+        Build only this part (a strip to send on); default the whole buffer.
+
+    Every pixel gets exactly the operations, in the same order, that adding and
+    pasting the strips into the whole buffer one pass after another would give it,
+    so the result is bit for bit that of materialising each pass.
+    """
+    h, w = buf["object"].shape[-2:]
+    region = region or (slice(0, h), slice(0, w))
+    out = {k: buf[k][..., region[0], region[1]].copy() for k in ("object", "illumination")}
+    for strip, (op, where) in zip(strips, patches):
+        both = _overlap(where, region)
+        if both is None:
+            continue
+        dst, src = _shift(both, region), _shift(both, where)
+        for k in ("object", "illumination"):
+            if op == "add":
+                out[k][..., dst[0], dst[1]] += strip[k][..., src[0], src[1]]
+            elif op == "replace":
+                out[k][..., dst[0], dst[1]] = strip[k][..., src[0], src[1]]
+            else:
+                raise ValueError(f"unknown patch operation {op!r}")
     return out
 
 
-def replace_strip(buf, strip, region):
-    """Backward pass: a new buffer with ``region`` replaced by ``strip``."""
-    sy, sx = region
-    out = {"object": buf["object"].copy(), "illumination": buf["illumination"].copy()}
-    out["object"][..., sy, sx] = strip["object"]
-    out["illumination"][..., sy, sx] = strip["illumination"]
-    return out
+def cut_strip(buf, strips, patches, region):
+    """The overlap strip (copies) a tile sends a neighbour: ``region`` of its buffer with
+    the strips received so far applied (:func:`apply_patches`), on the sending worker.
+
+    Only the strip is built: the tile's whole buffer is never copied for a pass.
+    """
+    return apply_patches(buf, strips, patches, region)
 
 
 def probe_part(grad):
@@ -144,10 +179,16 @@ def probe_update(probe, total, ctx: TileContext):
     return probe_step(xp.asarray(probe), total["probe"], total["probe_illumination"], ctx.probe_step, ctx.regularization)
 
 
-def tile_update(state, local_object, buf, ctx: TileContext, n_positions):
+def tile_update(state, local_object, buf, strips, patches, ctx: TileContext, n_positions):
     """Step the tile with its accumulated buffer (Alg. 1, lines 15-17); with local
-    updates, from the locally stepped tile ``local_object``."""
+    updates, from the locally stepped tile ``local_object``.
+
+    The accumulated buffer is the gradient task's ``buf`` with the strips of every pass
+    applied in order (:func:`apply_patches`); with none (one tile) ``buf`` is used as is.
+    """
     base = state if local_object is None else local_object
+    if patches:
+        buf = apply_patches(buf, strips, patches)
     return object_step(base, buf["object"], buf["illumination"], ctx.step, ctx.eps_per_position * n_positions)
 
 

@@ -2,6 +2,6 @@
 
 from .graph import IterationGraph
 from .hve import hve_iteration
-from .passes import accumulate_passes, gd_iteration
+from .passes import Buffer, accumulate_passes, gd_iteration, materialise
 
-__all__ = ["IterationGraph", "accumulate_passes", "gd_iteration", "hve_iteration"]
+__all__ = ["Buffer", "IterationGraph", "accumulate_passes", "gd_iteration", "hve_iteration", "materialise"]

@@ -7,14 +7,18 @@ four chains of point-to-point strip exchanges (Fig. 4 of the paper):
 2. vertical backward: up each column, replace the overlap strip of (r, c) by (r+1, c)'s;
 3. horizontal forward and 4. backward: the same along each row.
 
-Only strips travel: a strip is cut by a task on the sender's worker and added or
-pasted by a task on the receiver's. A row's horizontal passes depend on that row's
-own vertical results only, so the bottom row can start them while upper rows are
-still in their vertical backward pass (the paper's asynchronous pipelining, APPP).
+Only strips travel: a strip is cut by a task on the sender's worker, from the
+sender's gradient buffer with the strips it has received so far applied, and the
+receiver applies it (adds it in a forward pass, pastes it in a backward one) where
+its buffer is next read on its own worker: in the next strip it cuts, or in its
+update (:class:`Buffer`). So each exchange is one task and one scheduler hop, and no
+whole buffer is copied per pass. A row's horizontal passes depend on that row's own
+vertical results only, so the bottom row can start them while upper rows are still
+in their vertical backward pass (the paper's asynchronous pipelining, APPP).
 
-Keys: ``("grad", s, r, c)``, ``("vfwd-strip", s, r, c)``, ``("vfwd", s, r, c)``,
-``("vbwd-strip", ...)``, ``("vbwd", ...)``, ``("hfwd-strip", ...)``, ``("hfwd", ...)``,
-``("hbwd-strip", ...)``, ``("hbwd", ...)``, ``("update", s, r, c)``, the per-tile
+Keys: ``("grad", s, r, c)``, ``("vfwd-strip", s, r, c)`` (cut on tile (r, c) for
+(r + 1, c)), ``("vbwd-strip", ...)`` (for (r - 1, c)), ``("hfwd-strip", ...)`` (for
+(r, c + 1)), ``("hbwd-strip", ...)`` (for (r, c - 1)), ``("update", s, r, c)``, the per-tile
 scalars ``("tile-cost", s, r, c)`` and probe-gradient parts ``("tile-probe", s, r, c)``,
 their reductions ``("cost", s)``, ``("probe-sum", s, level, i)`` and ``("probe", s)``, where ``s = iteration * T + round`` counts pass rounds (``s`` is the
 iteration when ``T = 1``).
@@ -23,11 +27,41 @@ iteration when ``T = 1``).
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..engines import tiletasks as tt
 from .graph import IterationGraph
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A tile's accumulated gradient buffer as the graph knows it between passes.
+
+    Attributes
+    ----------
+    base : key, future or value
+        The buffer its gradient task made (never changed).
+    strips : tuple of keys
+        The strips it has received so far, in the order they apply.
+    patches : tuple of ``(op, (slice y, slice x))``
+        For each strip: ``"add"`` (forward pass) or ``"replace"`` (backward pass) and
+        where it goes in the tile's extended array.
+
+    A receiving tile applies its strips where its buffer is next read, by the task
+    that reads it on its own worker: the next strip it cuts
+    (:func:`~daskptycho.engines.tiletasks.cut_strip`) or its update. Each exchange is
+    then one task (the strip, cut on the sender) and one hop, instead of a strip task
+    and a task that copies the whole receiving buffer to add or paste it.
+    """
+
+    base: object
+    strips: tuple = ()
+    patches: tuple = ()
+
+    def receive(self, strip, op, region):
+        return Buffer(self.base, self.strips + (strip,), self.patches + ((op, region),))
 
 
 def accumulate_passes(tiling, s, buffers, graph=None):
@@ -42,30 +76,45 @@ def accumulate_passes(tiling, s, buffers, graph=None):
 
     Returns
     -------
-    graph, final : IterationGraph, ``{(r, c): key of the tile's accumulated buffer}``
+    graph, final : IterationGraph, ``{(r, c): Buffer}``: each tile's accumulated buffer
+    (its gradient buffer and the strips to apply, see :class:`Buffer` and
+    :func:`materialise`).
     """
     g = graph if graph is not None else IterationGraph()
-    cur = dict(buffers)
+    cur = {k: v if isinstance(v, Buffer) else Buffer(v) for k, v in buffers.items()}
     R, C = tiling.rows, tiling.cols
 
-    def exchange(name, src, dst, combine):
+    def exchange(name, src, dst, op):
         ov = tiling.overlap(src, dst)
         if ov is None:  # cores always touch, so this only guards degenerate grids
             return
-        strip = g.add((f"{name}-strip", s, *src), (tt.extract_strip, cur[src], tiling[src].local(ov)), src)
-        cur[dst] = g.add((name, s, *dst), (combine, cur[dst], strip, tiling[dst].local(ov)), dst)
+        b = cur[src]
+        strip = g.add((f"{name}-strip", s, *src), (tt.cut_strip, b.base, list(b.strips), b.patches, tiling[src].local(ov)), src)
+        cur[dst] = cur[dst].receive(strip, op, tiling[dst].local(ov))
 
     for c in range(C):
         for r in range(1, R):
-            exchange("vfwd", (r - 1, c), (r, c), tt.add_strip)
+            exchange("vfwd", (r - 1, c), (r, c), "add")
         for r in range(R - 2, -1, -1):
-            exchange("vbwd", (r + 1, c), (r, c), tt.replace_strip)
+            exchange("vbwd", (r + 1, c), (r, c), "replace")
     for r in range(R):
         for c in range(1, C):
-            exchange("hfwd", (r, c - 1), (r, c), tt.add_strip)
+            exchange("hfwd", (r, c - 1), (r, c), "add")
         for c in range(C - 2, -1, -1):
-            exchange("hbwd", (r, c + 1), (r, c), tt.replace_strip)
+            exchange("hbwd", (r, c + 1), (r, c), "replace")
     return g, cur
+
+
+def materialise(tiling, s, final, graph):
+    """Add a task per tile that builds its accumulated buffer (``("buffer", s, r, c)``,
+    on the tile's worker) and return ``{(r, c): key}``; a tile that received no strip
+    keeps its input. The engine never needs these: each tile's update applies its
+    strips itself."""
+    out = {}
+    for t in tiling:
+        b = final[t.key]
+        out[t.key] = graph.add(("buffer", s, *t.key), (tt.apply_patches, b.base, list(b.strips), b.patches), t.key) if b.strips else b.base
+    return out
 
 
 def _tree_sum(g, name, s, keys, func):
@@ -137,8 +186,9 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
             # the update needs the gradient task's own result only for its locally
             # stepped tile; otherwise depending on it would keep a whole buffer alive
             local = (operator.getitem, grads[t.key], "local_object") if local_updates else None
+            b = final[t.key]
             states[t.key] = g.add(("update", s, *t.key), (
-                tt.tile_update, states[t.key], local, final[t.key], context, n_round), t.key)
+                tt.tile_update, states[t.key], local, b.base, list(b.strips), b.patches, context, n_round), t.key)
         probe = new_probe
     g.outputs.update(states=states, probe=probe, costs=costs)
     return g
