@@ -17,6 +17,8 @@ bench: install
 	$(PY) -m benchmarks memory
 	$(PY) -m benchmarks fft_floor
 	$(PY) -m benchmarks engines
+	DASK_DASKPTYCHO__CLUSTER__MESSAGE_INTERVAL=default $(PY) -m benchmarks engines --out engines_batched \
+		--cases "ml;gd 1 tile;gd 4 tiles;gd 4 tiles on 1 worker"
 	$(PY) -m benchmarks scaling
 	$(PY) -m benchmarks report
 

@@ -82,51 +82,72 @@ def section_floor(d, lines):
                   "object windows, kernels and conjugates, |psi|^2, the cost, window cut and add).", ""]
 
 
-def section_engines(d, floor, lines):
-    lines += ["## 2. Engines: time per iteration, memory, Dask overhead", "",
-              f"Command: `{d['command'].strip()}`; dataset {d['dataset']}; {d['iterations']} iterations, median of all but the first; "
-              f"fresh process LocalCluster per row, 1 thread per worker. Machine: {_machine(d)}. {_load_line(d)}.", "",
-              "| engine | tiles | workers | s / iteration | floor / measured | same, FFT timed before the row | peak MiB per worker (above baseline) | "
-              "compute s | transfer s | idle s | worker-s | final cost |",
+def _s(r):
+    return r.get("s_per_iteration", r.get("iteration_s_median"))
+
+
+TARGET_NAMES = {"ml_floor_fraction": "ml: floor / measured", "gd1_over_ml": "gd 1 tile: extra time over ml",
+                "gd4_speedup_2_vs_1_worker": "gd 4 tiles: speedup 2 workers vs 1"}
+
+
+def _engine_rows(d, lines):
+    lines += ["| engine | tiles | workers | s / iteration (median of runs) | range over runs | floor / measured | "
+              "same, FFT timed before the run | peak MiB per worker (above baseline) | compute s / it | transfer s / it | "
+              "idle worker-s / it | final cost |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         ts = r["task_stream"]
-        lines.append(f"| {r['label']} | {r['tiles']} | {r['workers']} | {r['iteration_s_median']:.3f} | {_f(r['floor_fraction'])} | "
+        per = ts.get("per_iteration") or {k: None for k in ("compute_s", "transfer_s", "idle_s")}
+        rng = r.get("s_per_iteration_range")
+        lines.append(f"| {r['label']} | {r['tiles']} | {r['workers']} | {_s(r):.3f} | "
+                     f"{f'{rng[0]:.3f}-{rng[1]:.3f}' if rng else 'n/a'} | {_f(r['floor_fraction'])} | "
                      f"{_f(r.get('floor_now_fraction'))} ({_f(r.get('us_per_fft_before_case'), '.1f')} us) | "
-                     f"{_mib(r['peak_above_baseline_bytes_max'])} | {ts['compute_s']:.1f} | {ts['transfer_s']:.2f} | {ts['idle_s']:.1f} | "
-                     f"{ts['worker_seconds']:.1f} | {r['final_cost']:.4g} |")
+                     f"{_mib(r['peak_above_baseline_bytes_max'])} | {_f(per['compute_s'], '.3f')} | {_f(per['transfer_s'], '.3f')} | "
+                     f"{_f(per['idle_s'], '.3f')} | {r['final_cost']:.4g} |")
     for f in d.get("failed", []):
         lines.append(f"| {f['label']} | failed: {f['error'][:120]} | | | | | | | | | | |")
-    lines += ["", "`ml` and `gd 1 tile` run on one of the two workers, so half their worker-seconds are idle by construction. "
-              "Task-stream columns cover the steady state (end of the first iteration to the end of the last): "
-              "compute and transfer summed over workers; idle = workers x wall - compute - transfer "
-              "(scheduler latency, waiting on a neighbour's strip, the client's work between iterations). "
-              "The floor is the ml FFT count (dm: its own, 3 FFTs per position: Fourier error, projection and back) "
-              "x the best measured time per FFT (section 1); the next column uses instead the time of one FFT measured "
-              "(median of 300) just before that row's run, the machine's speed at that moment.", "", "### Targets", "", "| target | value | required | met |", "|---|---|---|---|"]
-    names = {"ml_floor_fraction": "ml: floor / measured", "gd1_over_ml": "gd 1 tile: extra time over ml",
-             "gd4_speedup_2_vs_1_worker": "gd 4 tiles: speedup 2 workers vs 1"}
+
+
+def _target_rows(d, lines):
+    lines += ["| target | value (median of rounds) | each round | required | met |", "|---|---|---|---|---|"]
     for k, t in d["targets"].items():
-        lines.append(f"| {names.get(k, k)} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
+        each = ", ".join(f"{x:.3f}" for x in t.get("per_round", [t["value"]]))
+        lines.append(f"| {TARGET_NAMES.get(k, k)} | {t['value']:.3f} | {each} ({t.get('rounds_met', '?')} of "
+                     f"{len(t.get('per_round', [1]))} met) | {t['target']} | {'yes' if t['met'] else '**no**'} |")
+
+
+def section_engines(d, floor, lines):
+    lines += ["## 2. Engines: time per iteration, memory, Dask overhead", "",
+              f"Command: `{d['command'].strip()}`; dataset {d['dataset']}; {d['iterations']} iterations per run, "
+              f"{d.get('repeats', 1)} runs of every case, the rounds interleaved (every case once, then again); "
+              f"fresh process LocalCluster per run, 1 thread per worker; message batching `{d.get('message_interval', 'auto')}` "
+              f"(`daskptycho.cluster.message-interval`). Machine: {_machine(d)}. {_load_line(d)}.", "",
+              f"A run's time per iteration is its steady state: the wall time between the arrivals of the {d.get('skip', 2)}nd and "
+              "the last iteration's costs at the client, over the iterations between (`daskptycho.metrics.steady_iteration_s`). "
+              "With one iteration kept in flight ahead the costs arrive in bursts (0.02 s, then 1.1 s), so the median of single "
+              "intervals, used before, could land on either side of the rate; the table gives the median over runs and the range.", ""]
+    _engine_rows(d, lines)
+    lines += ["", "`ml` and `gd 1 tile` run on one of the two workers, so half their worker-seconds are idle by construction. "
+              "Task-stream columns cover the steady-state iterations, per iteration (median over runs): compute and "
+              "transfer summed over workers; idle = workers x wall - compute - transfer (scheduler round trips, waiting "
+              "on a neighbour's strip, the client's work between iterations). The floor is the ml FFT count (dm: its own, "
+              "3 FFTs per position: Fourier error, projection and back) x the best measured time per FFT (section 1); the "
+              "next column uses instead the time of one FFT measured (median of 300) just before each run, the machine's "
+              "speed at that moment.", "", "### Targets", "",
+              "Each ratio is formed within a round from its two rows, run one after the other, and the median over rounds "
+              "is reported (the machine's speed drifts between rounds).", ""]
+    _target_rows(d, lines)
     lines.append("")
-    rep = _load("engines_repeat")
-    if rep:
-        lines += [f"**The target rows again**, a separate run (`{rep['command'].strip()}`, {_load_line(rep)}), "
-                  "to show how far one run's ratios move on this machine:", "",
-                  "| engine | s / iteration | floor / measured | same, FFT timed before the row |", "|---|---|---|---|"]
-        for r in rep["rows"]:
-            lines.append(f"| {r['label']} | {r['iteration_s_median']:.3f} | {_f(r['floor_fraction'])} | "
-                         f"{_f(r.get('floor_now_fraction'))} ({_f(r.get('us_per_fft_before_case'), '.1f')} us) |")
-        lines += ["", "| target | value (repeat) | required | met |", "|---|---|---|---|"]
-        for k, t in rep["targets"].items():
-            lines.append(f"| {names.get(k, k)} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
+    batched = _load("engines_batched")
+    if batched:
+        lines += ["**With distributed's own message batching** (`daskptycho.cluster.message-interval: default`: the scheduler "
+                  "sends a worker at most one batch every 5 ms, a worker the scheduler one every 2 ms), "
+                  f"`{batched['command'].strip()}` with `DASK_DASKPTYCHO__CLUSTER__MESSAGE_INTERVAL=default` "
+                  f"({_load_line(batched)}):", ""]
+        _engine_rows(batched, lines)
         lines.append("")
-    dm = _load("engines_dm")
-    if dm and dm.get("rows"):
-        r = dm["rows"][0]
-        lines += [f"The dm row again after the allocator fix (`{dm['command'].strip()}`): **{r['iteration_s_median']:.3f} s per "
-                  f"iteration** (the table's dm row was measured while glibc's thresholds were 1/2 MiB for every path, which "
-                  "made dm's batched temporaries fresh mappings; they now rise to 32/64 MiB at the first batched FFT).", ""]
+        _target_rows(batched, lines)
+        lines.append("")
     reasons = _reasons(d, floor)
     if reasons:
         lines += ["Why a target is missed (from the measurements above):", ""] + [f"- {r}" for r in reasons] + [""]
@@ -138,28 +159,29 @@ def _reasons(d, floor):
     out = []
     t = d["targets"]
     busy = d.get("loadavg_start", [0])[0] >= 1.0
+
+    def per(r, k):
+        return r["task_stream"].get("per_iteration", {}).get(k, float("nan"))
+
     if "ml_floor_fraction" in t and not t["ml_floor_fraction"]["met"] and floor and "numpy_path" in floor["iteration"]:
         it = floor["iteration"]
         m = by["ml"]
         out.append(f"ml at {t['ml_floor_fraction']['value']:.2f} of the floor in its worker (best FFT time of the fft_floor run); "
-                   f"against the FFT time measured just before the case ({m['us_per_fft_before_case']:.1f} us) it is at "
+                   f"against the FFT time measured just before the runs ({m['us_per_fft_before_case']:.1f} us) it is at "
                    f"{m['floor_now_fraction']:.2f}; the same step in a plain process reached "
                    f"{floor['floor_s_per_iteration'] / it['step_seconds']:.2f}. Path: {it['path']}."
                    + (" The machine was shared with other processes during the run." if busy else ""))
     if "gd1_over_ml" in t and not t["gd1_over_ml"]["met"]:
         g, m = by["gd 1 tile"], by["ml"]
-        out.append(f"gd 1 tile {t['gd1_over_ml']['value']:.0%} over ml: its steady-state task stream has "
-                   f"{g['task_stream']['compute_s']:.1f} s of compute against ml's {m['task_stream']['compute_s']:.1f} s "
-                   f"and {g['task_stream']['idle_s']:.1f} s idle worker time (ml {m['task_stream']['idle_s']:.1f} s): "
-                   "the graph machinery (per-iteration graph submission, buffer copies of the pass tasks, gathering costs) "
-                   "shows as idle time between tasks." + (" Contended machine: timings are noisy." if busy else ""))
+        out.append(f"gd 1 tile {t['gd1_over_ml']['value']:.0%} over ml: {per(g, 'compute_s'):.3f} s of compute per iteration "
+                   f"against ml's {per(m, 'compute_s'):.3f} s, idle {per(g, 'idle_s'):.3f} s (ml {per(m, 'idle_s'):.3f} s)."
+                   + (" Contended machine: timings are noisy." if busy else ""))
     if "gd4_speedup_2_vs_1_worker" in t and not t["gd4_speedup_2_vs_1_worker"]["met"]:
         g2, g1 = by["gd 4 tiles"], by["gd 4 tiles on 1 worker"]
         out.append(f"gd 4 tiles: {t['gd4_speedup_2_vs_1_worker']['value']:.2f}x from 1 to 2 workers: compute "
-                   f"{g1['task_stream']['compute_s']:.1f} s (1 worker) vs {g2['task_stream']['compute_s']:.1f} s (2 workers), "
-                   f"transfer {g2['task_stream']['transfer_s']:.2f} s, idle {g2['task_stream']['idle_s']:.1f} of "
-                   f"{g2['task_stream']['worker_seconds']:.1f} worker-seconds: the two workers share 2 cores with the "
-                   "scheduler and client processes, and the passes serialise neighbouring tiles."
+                   f"{per(g1, 'compute_s'):.3f} s per iteration on 1 worker vs {per(g2, 'compute_s'):.3f} s on 2 (the "
+                   f"scheduler and client share the 2 cores), transfer {per(g2, 'transfer_s'):.3f} s, idle "
+                   f"{per(g2, 'idle_s'):.3f} worker-s per iteration."
                    + (f" Load average {d['loadavg_start'][0]:.1f} at the start: other processes held the cores." if busy else ""))
     return out
 
@@ -193,20 +215,31 @@ def section_scaling(d, lines):
               f"{c['c_pos_slice_s_v100_1024_assumed'] * 1e3:.2f} ms. Loopback between two worker processes (measured): "
               f"latency {lp['alpha_s'] * 1e3:.2f} ms, {lp['beta_bytes_per_s'] / 1e9:.2f} GB/s. Summit (assumed): "
               f"{d['summit_assumed']['alpha_s'] * 1e6:.0f} us, {d['summit_assumed']['beta_bytes_per_s'] / 1e9:.1f} GB/s per GPU "
-              "(EDR InfiniBand 12.5 GB/s per node shared by 6 GPUs).", "",
-              "### Validation here", "", "| run | measured s/it | predicted s/it | compute | transfer | measured / predicted |", "|---|---|---|---|---|---|"]
+              "(EDR InfiniBand 12.5 GB/s per node shared by 6 GPUs).", ""]
+    hop = d.get("hop")
+    if hop:
+        lines += [f"Scheduler (measured, `benchmarks.scaling.measure_hop`, message batching as a run sets it): a dependency "
+                  f"costs a round trip of **{hop['same_worker_s'] * 1e3:.2f} ms** between tasks on one worker and "
+                  f"**{hop['alternating_s'] * 1e3:.2f} ms** between two workers (a chain of 200 trivial tasks); independent "
+                  f"tasks go through at {hop['per_task_s'] * 1e3:.3f} ms each. With distributed's own batching a round trip "
+                  "took 5.7-5.8 ms here (the scheduler's 5 ms send interval). The Summit predictions assume the same "
+                  "scheduler.", ""]
+    lines += ["### Validation here", "", "| run | measured s/it | predicted s/it | compute | passes and hops | scheduler (tasks x s/task) | "
+              "measured / predicted |", "|---|---|---|---|---|---|---|"]
     for v in d["validation"]:
         lines.append(f"| {v['label']} | {v['measured_s']:.3f} | {v['predicted_s']:.3f} | {v['predicted_compute_s']:.3f} | "
-                     f"{v['predicted_comm_s']:.3f} | {v['ratio_measured_over_predicted']:.2f} |")
+                     f"{v['predicted_comm_s']:.3f} | {_f(v.get('predicted_scheduler_s'), '.3f')} ({v.get('tasks', 'n/a')} tasks) | "
+                     f"{v['ratio_measured_over_predicted']:.2f} |")
     lines += ["", "### Predictions for the paper's datasets (100 iterations, V100 assumption)", "",
-              "| dataset | engine | workers | tiles | predicted min | (compute + comm) | paper min | predicted GB/worker | paper GB/GPU | max positions per tile | extended tile px |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| dataset | engine | workers | tiles | predicted min | (compute + comm) | scheduler min (tasks / it) | paper min | predicted GB/worker | paper GB/GPU | max positions per tile | extended tile px |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in d["predictions"]:
         if "error" in p:
-            lines.append(f"| {p['dataset']} | {p['engine']} | {p['workers']} | | {p['error']} | | | | | | |")
+            lines.append(f"| {p['dataset']} | {p['engine']} | {p['workers']} | | {p['error']} | | | | | | | |")
             continue
         lines.append(f"| {p['dataset']} | {p['engine']} | {p['workers']} | {p['tiles'][0]}x{p['tiles'][1]} | {p['predicted_minutes_100_it_v100']:.1f} | "
-                     f"{p['predicted_compute_minutes']:.1f} + {p['predicted_comm_minutes']:.1f} | {_f(p['paper_minutes'], '.1f')} | "
+                     f"{p['predicted_compute_minutes']:.1f} + {p['predicted_comm_minutes']:.1f} | "
+                     f"{_f(p.get('predicted_scheduler_minutes'), '.1f')} ({p.get('tasks_per_iteration', 'n/a')}) | {_f(p['paper_minutes'], '.1f')} | "
                      f"{p['predicted_memory_gb']:.2f} | {_f(p['paper_memory_gb'])} | {p['max_positions_per_tile']} | {p['extended_px_max']} |")
     lines += ["", WHY_DIFFERENT, ""]
 
@@ -242,7 +275,8 @@ def main(argv=None):
     lines = ["# Performance", "",
              "Generated by `make bench` (`python -m benchmarks report` rebuilds this page from "
              "`benchmarks/results/*.json`; do not edit by hand). Every timing is a median over repeated runs "
-             "with the first (warm-up) excluded; no timing is asserted in a test.", "",
+             "(engines: of each run's steady-state time per iteration, the first iterations excluded); no timing is "
+             "asserted in a test.", "",
              "**Read the load averages.** These figures were taken on a 2-core virtual machine whose speed drifts: "
              "the same isolated 128 x 128 FFT with the same plan measured between 33 and 73 us within one afternoon "
              "(it drifts with the machine otherwise idle too, so it comes from the host; the load averages recorded here "

@@ -13,6 +13,14 @@ Model of one iteration on P workers, one tile each (tile (r, c) of an R x C grid
   tile; a chain of ``R - 1`` (rows) and ``C - 1`` (columns) hops, each ``alpha + bytes /
   beta``, forward and backward: ``2 ((R-1) h_row + (C-1) h_col)`` with the strips of the
   real tiling (:func:`daskptycho.tiling.make_tiling`);
+* every dependency between tasks costs a scheduler round trip, measured here
+  (:func:`measure_hop`): on one worker, or between two (with a tiny transfer); a gd
+  exchange between tiles on different workers adds ``alpha + bytes / beta``; the
+  update and the next gradient add a round trip each;
+* the scheduler handles the iteration's tasks one after another: ``tasks x (seconds per
+  task)`` (measured here on independent trivial tasks) is a floor under the iteration,
+  whatever the workers do (gd: grad, tile-cost, update per tile, one strip per exchange,
+  the cost; hve: step, tile-cost, paste per tile, one piece per (core, halo) pair);
 * hve exchange: each tile sends its neighbours the core voxels in their halos (complex64),
   all tiles at once: ``alpha + bytes / beta`` once per iteration; an hve tile computes
   every position whose window reaches into its core (daskptycho's hve, exact in full
@@ -25,7 +33,8 @@ Model of one iteration on P workers, one tile each (tile (r, c) of an R x C grid
 ``alpha`` and ``beta`` are measured here on loopback between two LocalCluster worker
 processes; for the paper's machine (Summit: 6 V100 per node, EDR InfiniBand 100 Gb/s per
 node, NVLink 50 GB/s per link) we assume ``alpha = 20 us`` and ``beta = 2 GB/s`` per GPU
-(the node's 12.5 GB/s shared by 6 GPUs, protocol overhead included). The V100's compute
+(the node's 12.5 GB/s shared by 6 GPUs, protocol overhead included), and a Dask
+scheduler as fast per task and per round trip as the one measured here. The V100's compute
 per position per slice is assumed ``c_cpu(N) x f_gpu``: FFT-bound at HBM2 bandwidth
 (900 GB/s; a 1024^2 complex64 FFT reads and writes 8 MiB twice: ~37 us) divided by the
 floor fraction measured here for ``ml``.
@@ -61,6 +70,11 @@ SUMMIT = {"alpha_s": 20e-6, "beta_bytes_per_s": 2e9}
 V100_FFT_1024_S = 4 * 8 * 1024 * 1024 / 900e9  # two read+write passes of 8 MiB at 900 GB/s
 
 
+def _s(row):
+    """A row's time per iteration: the steady-state median over runs (older results: the interval median)."""
+    return row.get("s_per_iteration", row.get("iteration_s_median"))
+
+
 def grid_shape(p):
     """R x C with R * C = p, as square as possible."""
     r = int(math.isqrt(p))
@@ -94,6 +108,65 @@ def measure_loopback(sizes_mib=(1, 8, 64), repeats=3):
             "samples": [{"bytes": x, "s": t} for x, t in zip(xs, ts)]}
 
 
+def _inc(x):
+    return x + 1
+
+
+def measure_hop(n=200, repeats=3):
+    """Seconds per link of a chain of trivial dependent tasks on a 2-worker LocalCluster
+    (as a run sets its message batching, :mod:`daskptycho.latency`): on one worker and
+    alternating between the two (a tiny transfer per link). Median of ``repeats`` chains.
+
+    Each dependency of a task graph costs one such scheduler round trip before the next
+    task can start; a gd exchange is one (the strip is applied by the receiver's next task).
+    """
+    import dask
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+    from distributed import Client
+
+    from daskptycho import latency
+    from daskptycho.cluster import local_cluster
+
+    out = {}
+    with local_cluster(2, memory_limit=0) as cl, Client(cl) as c:
+        applied = latency.apply(c)
+        ws = sorted(c.scheduler_info()["workers"])
+        for label, spread in (("same_worker_s", 1), ("alternating_s", 2)):
+            times = []
+            for rep in range(repeats):
+                name = f"hop-{label}-{rep}"
+                dsk = {(name, 0): (_inc, 0)}
+                for i in range(1, n):
+                    dsk[(name, i)] = (_inc, (name, i - 1))
+                layers = {f"{name}-{w}": MaterializedLayer({k: v for k, v in dsk.items() if k[1] % spread == w},
+                                                           annotations={"workers": [ws[w]], "allow_other_workers": False})
+                          for w in range(spread)}
+                hlg = HighLevelGraph(layers, {k: set() for k in layers})
+                with dask.config.set({"optimization.fuse.active": False}):
+                    fut = c.get(hlg, [(name, n - 1)], sync=False)[0]
+                t0 = time.perf_counter()
+                fut.result()
+                times.append((time.perf_counter() - t0) / n)
+                del fut
+            out[label] = float(np.median(times))
+        # the scheduler's throughput: independent trivial tasks on both workers
+        times = []
+        for rep in range(repeats):
+            name = f"wide-{rep}"
+            layers = {f"{name}-{w}": MaterializedLayer({(name, i): (_inc, i) for i in range(w, 2000, 2)},
+                                                       annotations={"workers": [ws[w]], "allow_other_workers": False})
+                      for w in range(2)}
+            hlg = HighLevelGraph(layers, {k: set() for k in layers})
+            t0 = time.perf_counter()
+            futs = c.get(hlg, [(name, i) for i in range(2000)], sync=False)
+            c.gather(futs)
+            times.append((time.perf_counter() - t0) / 2000)
+            del futs
+        out["per_task_s"] = float(np.median(times))
+    out["message_interval_s"] = applied
+    return out
+
+
 def tiling_of(corners, window, object_shape, tiles, halo_px=None):
     from daskptycho.geometry import ObjectGrid
     from daskptycho.tiling import make_tiling
@@ -112,11 +185,17 @@ def _overlap(a, b):
     return max(0, y1 - y0) * max(0, x1 - x0)
 
 
-def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta, workers=None, modes=1, engine="gd"):
-    """Predicted seconds per iteration and bytes per worker for one tiling."""
+def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta, workers=None, modes=1, engine="gd",
+          hop=None, per_task=0.0):
+    """Predicted seconds per iteration and bytes per worker for one tiling.
+
+    ``hop``: ``{"same_worker_s": s, "alternating_s": s}``, the scheduler round trip of one
+    dependency (:func:`measure_hop`); ``per_task``: the scheduler's seconds per task.
+    """
     t = tiling_of(corners, window, object_shape, tiles)
     r, c = tiles
     workers = workers or r * c
+    hop = hop or {"same_worker_s": 0.0, "alternating_s": 0.0}
     n2 = window[0] * window[1]
     centre = np.asarray(corners) + np.asarray(window) // 2
     per_tile = {}
@@ -138,21 +217,35 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
     per_worker = max(1, math.ceil(r * c / workers))
     compute = max(n for n, _ in per_tile.values()) * slices * c_pos_slice * per_worker
     tiles_list = {k: v[1] for k, v in per_tile.items()}
+    # the driver's placement (TileDriver.place_tiles): contiguous row-major blocks per worker
+    order = sorted(tiles_list)
+    worker_of = {k: i * workers // len(order) for i, k in enumerate(order)}
     if engine == "gd":
-        def hop(a, b):
-            return alpha + _overlap(tiles_list[a].extended, tiles_list[b].extended) * slices * 12 / beta
-        row_hops = max((sum(hop((i, j), (i, j + 1)) for j in range(c - 1)) for i in range(r)), default=0.0)
-        col_hops = max((sum(hop((i, j), (i + 1, j)) for i in range(r - 1)) for j in range(c)), default=0.0)
-        comm = 2 * (row_hops + col_hops) if workers > 1 else 0.0
+        def link(a, b):
+            # one exchange: a strip task whose result the neighbour's next task reads; a
+            # scheduler round trip, and a transfer when the two tiles live on different workers
+            if worker_of[a] == worker_of[b]:
+                return hop["same_worker_s"]
+            return hop["alternating_s"] + alpha + _overlap(tiles_list[a].extended, tiles_list[b].extended) * slices * 12 / beta
+        row_hops = max((sum(link((i, j), (i, j + 1)) for j in range(c - 1)) for i in range(r)), default=0.0)
+        col_hops = max((sum(link((i, j), (i + 1, j)) for i in range(r - 1)) for j in range(c)), default=0.0)
+        # forward and backward along columns then rows, then the update and the next gradient
+        comm = 2 * (row_hops + col_hops) + 2 * hop["same_worker_s"]
+        tasks = 3 * r * c + 2 * ((r - 1) * c + (c - 1) * r) + 1  # grad, tile-cost, update; strips; cost
     else:
         exts = {k: hve_ext.get(k, tiles_list[k].extended) for k in tiles_list}
         sent = max(sum(_overlap(tiles_list[k].core, exts[o]) for o in tiles_list if o != k) for k in tiles_list)
-        comm = (alpha + sent * slices * 8 / beta) if workers > 1 else 0.0
+        pieces = sum(1 for k in tiles_list for o in tiles_list if o != k and _overlap(tiles_list[k].core, exts[o]))
+        comm = ((alpha + sent * slices * 8 / beta + hop["alternating_s"]) if workers > 1 else hop["same_worker_s"]) + 2 * hop["same_worker_s"]
+        tasks = 3 * r * c + pieces + 1  # step, tile-cost, paste; core pieces; cost
     ext = max(_area(tile.extended) for tile in t) if engine == "gd" else max(_area(e) for e in (hve_ext or {0: t.tiles[0].extended}).values())
     n_max = max(n for n, _ in per_tile.values())
     working = (slices * (modes + 1) + 6 * modes) * n2 * 8
     mem = (ext * slices * 20 + n_max * n2 * 4) * per_worker + working
-    return {"compute_s": compute, "comm_s": comm, "iteration_s": compute + comm, "memory_bytes": mem,
+    scheduler = tasks * per_task
+    return {"compute_s": compute, "comm_s": comm, "scheduler_s": scheduler, "tasks": tasks,
+            # the scheduler works while the tiles compute: its serial time per iteration is a floor
+            "iteration_s": max(compute + comm, scheduler), "memory_bytes": mem,
             "max_positions_per_tile": n_max, "extended_px_max": ext, "halo_px": list(t.halo)}
 
 
@@ -188,12 +281,15 @@ def main(argv=None):
     cnt = eng["fft_count"]["ml"]
     n_bench = int(eng["detector"])
     slices_bench = ml["slices"]
-    c_bench = ml["iteration_s_median"] / (cnt["positions"] * slices_bench)
+    c_bench = _s(ml) / (cnt["positions"] * slices_bench)
     floor_fraction = ml["floor_fraction"]
     t0 = time.perf_counter()
     loop = measure_loopback()
     print(f"loopback: alpha {loop['alpha_s'] * 1e3:.2f} ms, beta {loop['beta_bytes_per_s'] / 1e9:.2f} GB/s "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    hop = measure_hop()
+    print(f"scheduler round trip per dependency: {hop['same_worker_s'] * 1e3:.2f} ms on one worker, "
+          f"{hop['alternating_s'] * 1e3:.2f} ms between two; {hop['per_task_s'] * 1e3:.3f} ms per independent task", flush=True)
 
     # validation on the engines benchmark's dataset
     scan = int(eng["scan"])
@@ -205,12 +301,14 @@ def main(argv=None):
             continue
         side = int(round(math.sqrt(r["tiles"])))
         m = model(prob.corners, prob.window, prob.grid.shape, (side, side), slices_bench, c_bench,
-                  loop["alpha_s"], loop["beta_bytes_per_s"], workers=r["workers"], engine=r["engine"])
-        validation.append({"label": label, "measured_s": r["iteration_s_median"], "predicted_s": m["iteration_s"],
+                  loop["alpha_s"], loop["beta_bytes_per_s"], workers=r["workers"], engine=r["engine"],
+                  hop=hop, per_task=hop["per_task_s"])
+        validation.append({"label": label, "measured_s": _s(r), "predicted_s": m["iteration_s"],
                            "predicted_compute_s": m["compute_s"], "predicted_comm_s": m["comm_s"],
-                           "ratio_measured_over_predicted": r["iteration_s_median"] / m["iteration_s"],
+                           "predicted_scheduler_s": m["scheduler_s"], "tasks": m["tasks"],
+                           "ratio_measured_over_predicted": _s(r) / m["iteration_s"],
                            "measured_peak_bytes": r["peak_above_baseline_bytes_max"], "predicted_memory_bytes": m["memory_bytes"]})
-        print(f"validate {label:24s} measured {r['iteration_s_median']:.2f} s  predicted {m['iteration_s']:.2f} s "
+        print(f"validate {label:24s} measured {_s(r):.3f} s  predicted {m['iteration_s']:.3f} s "
               f"(compute {m['compute_s']:.2f}, comm {m['comm_s']:.3f})", flush=True)
 
     # the paper's datasets
@@ -227,7 +325,9 @@ def main(argv=None):
             for w in WORKERS:
                 tiles = grid_shape(w)
                 try:
-                    m = model(corners, (n, n), shape, tiles, case["slices"], c_gpu, SUMMIT["alpha_s"], SUMMIT["beta_bytes_per_s"], engine=engine)
+                    m = model(corners, (n, n), shape, tiles, case["slices"], c_gpu, SUMMIT["alpha_s"], SUMMIT["beta_bytes_per_s"],
+                              engine=engine, hop={"same_worker_s": hop["same_worker_s"], "alternating_s": hop["same_worker_s"]},
+                              per_task=hop["per_task_s"])
                 except Exception as e:  # noqa: BLE001 - a tiling that cannot be made is a result, not a crash
                     predictions.append({"dataset": name, "engine": engine, "workers": w, "error": str(e)})
                     continue
@@ -235,6 +335,7 @@ def main(argv=None):
                 row = {"dataset": name, "engine": engine, "workers": w, "tiles": list(tiles),
                        "predicted_minutes_100_it_v100": m["iteration_s"] * 100 / 60,
                        "predicted_compute_minutes": m["compute_s"] * 100 / 60, "predicted_comm_minutes": m["comm_s"] * 100 / 60,
+                       "predicted_scheduler_minutes": m["scheduler_s"] * 100 / 60, "tasks_per_iteration": m["tasks"],
                        "predicted_minutes_100_it_cpu_core": (m["iteration_s"] - m["compute_s"] + m["compute_s"] * c_cpu / c_gpu) * 100 / 60,
                        "predicted_memory_gb": m["memory_bytes"] / 1e9,
                        "paper_memory_gb": paper[0] if paper else None, "paper_minutes": paper[1] if paper else None,
@@ -248,7 +349,7 @@ def main(argv=None):
                         "c_pos_slice_s_v100_1024_assumed": c_gpu, "v100_fft_1024_s_assumed": V100_FFT_1024_S,
                         "ml_floor_fraction": floor_fraction, "ffts_per_position_per_slice": ffts_per_pos_slice,
                         "best_us_per_fft_bench": floor["best_us_per_fft_cpu"].get(str(n_bench))},
-        "loopback": loop, "summit_assumed": SUMMIT,
+        "loopback": loop, "hop": hop, "summit_assumed": SUMMIT,
         "validation": validation, "predictions": predictions,
         "command": "python -m benchmarks scaling " + " ".join(argv or []),
     })

@@ -697,3 +697,17 @@ def test_a_strip_cut_from_received_strips_equals_the_cut_of_the_materialised_buf
         np.testing.assert_array_equal(buf[k], before[k])          # the gradient buffer is never changed
     with pytest.raises(ValueError, match="unknown patch operation"):
         tt.apply_patches(buf, strips[:1], [("multiply", patches[0][1])])
+
+
+def test_the_update_steps_in_its_own_copy_with_the_same_bits():
+    from daskptycho.engines.updates import object_step, object_step_consuming
+
+    rng = np.random.default_rng(4)
+    shape = (3, 17, 19)
+    obj = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    grad = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    ill = rng.uniform(0, 3, shape).astype(np.float32)
+    want = object_step(obj, grad, ill, 0.7, 1e-3)
+    got = object_step_consuming(obj, grad.copy(), ill.copy(), 0.7, 1e-3)
+    assert got.dtype == np.complex64
+    np.testing.assert_array_equal(got, want)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from .problem import array_module
-from .updates import gradient_sum, object_step, positions_per_chunk, probe_step, working_set_budget
+from .updates import gradient_sum, object_step, object_step_consuming, positions_per_chunk, probe_step, working_set_budget
 
 
 @dataclass
@@ -187,9 +187,11 @@ def tile_update(state, local_object, buf, strips, patches, ctx: TileContext, n_p
     applied in order (:func:`apply_patches`); with none (one tile) ``buf`` is used as is.
     """
     base = state if local_object is None else local_object
-    if patches:
+    eps = ctx.eps_per_position * n_positions
+    if patches:  # the accumulated buffer is this task's own copy: step in it
         buf = apply_patches(buf, strips, patches)
-    return object_step(base, buf["object"], buf["illumination"], ctx.step, ctx.eps_per_position * n_positions)
+        return object_step_consuming(base, buf["object"], buf["illumination"], ctx.step, eps)
+    return object_step(base, buf["object"], buf["illumination"], ctx.step, eps)
 
 
 def core_of(state, region):

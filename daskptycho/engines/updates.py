@@ -87,6 +87,18 @@ def object_step(obj, grad, illumination, step, eps):
     return obj - (step * grad / (2 * (illumination + eps))).astype(obj.dtype)
 
 
+def object_step_consuming(obj, grad, illumination, step, eps):
+    """:func:`object_step` that works in ``grad`` and ``illumination`` (overwritten: the
+    caller's own copies), saving the step's full-size temporaries; the same arithmetic,
+    bit for bit."""
+    step = step / obj.shape[0]
+    illumination += eps
+    illumination *= 2
+    grad *= step
+    grad /= illumination
+    return obj - grad
+
+
 def probe_step(probe, grad, illumination, step, regularization):
     """Preconditioned probe step; ``illumination`` is ``sum_j |O_0 patch|^2`` (N, N)."""
     xp = get_array_module(probe)
