@@ -711,3 +711,27 @@ def test_the_update_steps_in_its_own_copy_with_the_same_bits():
     got = object_step_consuming(obj, grad.copy(), ill.copy(), 0.7, 1e-3)
     assert got.dtype == np.complex64
     np.testing.assert_array_equal(got, want)
+
+
+def test_the_update_applies_the_strips_slice_by_slice_with_the_same_bits():
+    from daskptycho.engines.updates import object_step
+
+    rng = np.random.default_rng(8)
+    S, h, w = 3, 12, 10
+    state = (rng.standard_normal((S, h, w)) + 1j * rng.standard_normal((S, h, w))).astype(np.complex64)
+    buf = {"object": (rng.standard_normal((S, h, w)) + 1j * rng.standard_normal((S, h, w))).astype(np.complex64),
+           "illumination": rng.uniform(0, 2, (S, h, w)).astype(np.float32), "cost": 2.0}
+    patches = [("add", (slice(0, 4), slice(0, w))), ("replace", (slice(0, 4), slice(0, w))), ("add", (slice(0, h), slice(7, 10)))]
+    strips = [{"object": (rng.standard_normal((S, ry.stop - ry.start, rx.stop - rx.start))).astype(np.complex64),
+               "illumination": rng.uniform(0, 2, (S, ry.stop - ry.start, rx.stop - rx.start)).astype(np.float32)}
+              for _, (ry, rx) in patches]
+
+    class Ctx:
+        step, eps_per_position = 0.8, 1e-4
+
+    got = tt.tile_update(state, None, buf, strips, patches, Ctx, 5)
+    full = tt.apply_patches(buf, strips, patches)
+    np.testing.assert_array_equal(got, object_step(state, full["object"], full["illumination"], 0.8, 5e-4))
+    # no strips (one tile): the gradient buffer as it is
+    np.testing.assert_array_equal(tt.tile_update(state, None, buf, [], (), Ctx, 5),
+                                  object_step(state, buf["object"], buf["illumination"], 0.8, 5e-4))

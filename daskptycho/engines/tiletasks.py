@@ -188,10 +188,22 @@ def tile_update(state, local_object, buf, strips, patches, ctx: TileContext, n_p
     """
     base = state if local_object is None else local_object
     eps = ctx.eps_per_position * n_positions
-    if patches:  # the accumulated buffer is this task's own copy: step in it
-        buf = apply_patches(buf, strips, patches)
-        return object_step_consuming(base, buf["object"], buf["illumination"], ctx.step, eps)
-    return object_step(base, buf["object"], buf["illumination"], ctx.step, eps)
+    if not patches:
+        return object_step(base, buf["object"], buf["illumination"], ctx.step, eps)
+    # one slice at a time: the accumulated buffer of a slice is this task's own copy, the
+    # step works in it, and no second buffer of the whole tile exists beside the gradient's
+    xp = get_array_module(base)
+    out = xp.empty_like(base)
+    S = base.shape[0]
+    for k in range(S):
+        one = apply_patches(_slice(buf, k), [_slice(st, k) for st in strips], patches)
+        out[k:k + 1] = object_step_consuming(base[k:k + 1], one["object"], one["illumination"], ctx.step, eps, slices=S)
+    return out
+
+
+def _slice(buf, k):
+    """Slice ``k`` (a view, leading axis kept) of a buffer or strip dict."""
+    return {"object": buf["object"][k:k + 1], "illumination": buf["illumination"][k:k + 1]}
 
 
 def core_of(state, region):

@@ -87,11 +87,12 @@ def object_step(obj, grad, illumination, step, eps):
     return obj - (step * grad / (2 * (illumination + eps))).astype(obj.dtype)
 
 
-def object_step_consuming(obj, grad, illumination, step, eps):
+def object_step_consuming(obj, grad, illumination, step, eps, slices=None):
     """:func:`object_step` that works in ``grad`` and ``illumination`` (overwritten: the
     caller's own copies), saving the step's full-size temporaries; the same arithmetic,
-    bit for bit."""
-    step = step / obj.shape[0]
+    bit for bit. ``slices``: the object's slice count when ``obj`` is a part of its slices
+    (default ``obj.shape[0]``)."""
+    step = step / (slices or obj.shape[0])
     illumination += eps
     illumination *= 2
     grad *= step
