@@ -431,39 +431,58 @@ def test_row0_vertical_backward_never_blocks_row2_horizontal_passes(tiling33):
         assert any(k[0] == "vfwd-strip" for k in anc[b]), b
 
 
+def _overlapping(tiling, a, b):
+    return intersect(tiling[a].extended, tiling[b].extended) is not None
+
+
 def test_information_crosses_the_grid(tiling33):
     g = gd_iteration(tiling33, 0, *_placeholders(tiling33))
     anc = _ancestors(g)
     # row 2's horizontal forward strips carry row 2's own vertical forward sums
     for c in (0, 1):
-        for c2 in range(c + 1):
-            assert ("vfwd-strip", 0, 1, c2) in anc[("hfwd-strip", 0, 2, c)]
-        assert g.reaches(("vfwd-strip", 0, 0, 0), ("hfwd-strip", 0, 2, c))
-    # every tile's update sees every tile's gradient (in particular row 0 sees row 2)
-    for r, c in itertools.product(range(3), range(3)):
-        for r2, c2 in itertools.product(range(3), range(3)):
-            assert ("grad", 0, r2, c2) in anc[("update", 0, r, c)], ((r, c), (r2, c2))
-    assert g.reaches(("grad", 0, 2, 2), ("update", 0, 0, 0))
+        assert ("vfwd-strip", 0, 1, c) in anc[("hfwd-strip", 0, 2, c)]
+        assert ("vfwd-strip", 0, 0, c) not in anc[("hfwd-strip", 0, 2, c)]     # row 0 shares no pixel with row 2
+    # every tile's update sees the gradient of every tile whose extended region meets its own
+    keys = [t.key for t in tiling33]
+    for a, b in itertools.product(keys, keys):
+        if _overlapping(tiling33, a, b):
+            assert ("grad", 0, *b) in anc[("update", 0, *a)], (a, b)
+    # and waits for no more than it needs: (0, 0) and (2, 2) share no pixel here
+    assert not _overlapping(tiling33, (0, 0), (2, 2))
+    assert ("grad", 0, 2, 2) not in anc[("update", 0, 0, 0)] and ("grad", 0, 0, 0) not in anc[("update", 0, 2, 2)]
     assert not g.reaches(("update", 0, 0, 0), ("grad", 0, 2, 2))
 
 
-def test_an_exchange_is_one_task_and_no_buffer_is_copied_per_pass(tiling33):
+def test_an_exchange_is_one_task_and_a_strip_waits_only_for_strips_that_reach_it(tiling33):
     """Each exchange adds one task (the strip, cut on the sender); the receiver applies it
-    where it next reads its buffer, so a pass chain is one hop per tile."""
+    where it next reads its buffer. A strip depends on the strips its tile received only
+    where those touch its pixels: with halos under half a core a column's passes are
+    pairwise exchanges, all at once; with wider halos the paper's chains remain."""
     g = gd_iteration(tiling33, 0, *_placeholders(tiling33))
     names = [k[0] for k in g.tasks]
     assert sorted(set(names)) == sorted({"grad", "update", "tile-cost", "cost", *STRIPS})
     assert len([n for n in names if n in STRIPS]) == 4 * 3 * 2
     deps = g.dependencies()
-    # along a column the forward strips chain directly, strip to strip
-    assert deps[("vfwd-strip", 0, 1, 0)] == {("grad", 0, 1, 0), ("vfwd-strip", 0, 0, 0)}
-    # the last forward receiver sends back at once: its backward strip needs nothing else
+    ov = tiling33.overlap
+    reaches = intersect(ov((0, 0), (1, 0)), ov((1, 0), (2, 0))) is not None
+    assert not reaches  # this tiling's halos are narrower than half a core
+    assert deps[("vfwd-strip", 0, 1, 0)] == {("grad", 0, 1, 0)}
+    # the last forward receiver sends back what it received added to its own
     assert deps[("vbwd-strip", 0, 2, 0)] == {("grad", 0, 2, 0), ("vfwd-strip", 0, 1, 0)}
     # an update applies every strip its tile received, in pass order
     upd = g.tasks[("update", 0, 1, 1)]
     assert upd[0] is tt.tile_update and upd[3] == ("grad", 0, 1, 1)
     assert upd[4] == [("vfwd-strip", 0, 0, 1), ("vbwd-strip", 0, 2, 1), ("hfwd-strip", 0, 1, 0), ("hbwd-strip", 0, 1, 2)]
     assert [op for op, _ in upd[5]] == ["add", "replace", "add", "replace"]
+    # a horizontal strip carries the vertical sums at its corners
+    assert ("vfwd-strip", 0, 0, 0) in deps[("hfwd-strip", 0, 1, 0)] and ("vbwd-strip", 0, 2, 0) in deps[("hfwd-strip", 0, 1, 0)]
+
+    # halos wider than half a core: the forward pass chains down the column again
+    wide = _lattice_tiling(shape=(3, 1), scan=(12, 4), step=2, window=(6, 5), halo_px=(8, 3))
+    assert intersect(wide.overlap((0, 0), (1, 0)), wide.overlap((1, 0), (2, 0))) is not None
+    gw = gd_iteration(wide, 0, *_placeholders(wide))
+    assert gw.dependencies()[("vfwd-strip", 0, 1, 0)] == {("grad", 0, 1, 0), ("vfwd-strip", 0, 0, 0)}
+    assert gw.reaches(("vfwd-strip", 0, 0, 0), ("vbwd-strip", 0, 1, 0))
 
 
 def test_building_the_graph_computes_nothing(tiling33, monkeypatch):
@@ -552,8 +571,10 @@ def test_two_rounds(tiling33):
     for r, c in itertools.product(range(3), range(3)):
         assert g.reaches(("update", s0, r, c), ("grad", s1, r, c))
         for r2, c2 in itertools.product(range(3), range(3)):
-            # through its own update, each tile's second round has seen every first-round gradient
-            assert ("grad", s0, r2, c2) in anc[("grad", s1, r, c)]
+            # through its own update, each tile's second round has seen the first-round gradient
+            # of every tile that shares pixels with it
+            if _overlapping(tiling33, (r, c), (r2, c2)):
+                assert ("grad", s0, r2, c2) in anc[("grad", s1, r, c)]
             if (r2, c2) != (r, c):                              # but no other tile's state
                 assert ("update", s0, r2, c2) not in anc[("grad", s1, r, c)]
     assert g.outputs["states"] == {t.key: ("update", s1, *t.key) for t in tiling33}

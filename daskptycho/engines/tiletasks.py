@@ -114,6 +114,11 @@ def _overlap(a, b):
     return slice(y0, y1), slice(x0, x1)
 
 
+def regions_overlap(a, b):
+    """Do two local regions ``(slice y, slice x)`` share a pixel?"""
+    return _overlap(a, b) is not None
+
+
 def _shift(region, origin):
     """``region`` in the coordinates of an array whose first pixel is ``origin``'s."""
     return slice(region[0].start - origin[0].start, region[0].stop - origin[0].start), \

@@ -63,6 +63,14 @@ class Buffer:
     def receive(self, strip, op, region):
         return Buffer(self.base, self.strips + (strip,), self.patches + ((op, region),))
 
+    def within(self, region):
+        """The same buffer as far as ``region`` (local slices) goes: only the strips that
+        touch it, in order. A strip cut from ``region`` then depends on those alone, so
+        a backward strip does not wait for a strip that never reaches its pixels (with a
+        halo under half a core, the backward pass of a column runs in parallel)."""
+        keep = [i for i, (_, where) in enumerate(self.patches) if tt.regions_overlap(where, region)]
+        return Buffer(self.base, tuple(self.strips[i] for i in keep), tuple(self.patches[i] for i in keep))
+
 
 def accumulate_passes(tiling, s, buffers, graph=None):
     """Add the four passes of round ``s`` to ``graph``.
@@ -88,7 +96,7 @@ def accumulate_passes(tiling, s, buffers, graph=None):
         ov = tiling.overlap(src, dst)
         if ov is None:  # cores always touch, so this only guards degenerate grids
             return
-        b = cur[src]
+        b = cur[src].within(tiling[src].local(ov))
         strip = g.add((f"{name}-strip", s, *src), (tt.cut_strip, b.base, list(b.strips), b.patches, tiling[src].local(ov)), src)
         cur[dst] = cur[dst].receive(strip, op, tiling[dst].local(ov))
 
