@@ -147,7 +147,7 @@ def draw_timeline(stream, tile_workers, path, title="task stream", zoom_round=No
     ax.set_yticklabels([f"worker {i}: tiles " + " ".join(f"({r},{c})" for (r, c), tw in tile_workers.items() if tw == wk)
                         for i, wk in enumerate(workers)], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel(f"seconds since the first task (tasks shorter than {min_w * 1e3:.0f} ms drawn that wide)")
+    ax.set_xlabel(f"seconds since the first task (tasks shorter than {min_w * 1e3:.2g} ms drawn that wide)")
     ax.set_title(title, fontsize=10)
     # the zoomed round: one lane per tile
     lane = {t: i for i, t in enumerate(tiles)}
@@ -175,7 +175,7 @@ def draw_timeline(stream, tile_workers, path, title="task stream", zoom_round=No
                             for r, c in tiles], fontsize=7)
         az.set_ylim(len(tiles) - 0.5, -1.3)
         az.set_xlabel(f"milliseconds since round {zoom_round}'s first task (one lane per tile: the tile's worker ran it; "
-                      f"tasks shorter than {zmin:.0f} ms drawn that wide)")
+                      f"tasks shorter than {zmin:.2g} ms drawn that wide)")
         az.set_title(f"round {zoom_round} zoomed in: gradients, the four passes, updates", fontsize=9)
     else:
         az.set_visible(False)
