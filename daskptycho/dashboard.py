@@ -49,13 +49,13 @@ def preview_every_s():
 
     from .errors import OptionsError
 
-    v = dask.config.get("daskptycho.dashboard.preview_every_s", default=1.0)
+    raw = dask.config.get("daskptycho.dashboard.preview_every_s", default=1.0)
     try:
-        v = float(v)
+        v = float(raw)
     except (TypeError, ValueError):
         v = -1.0
     if not v >= 0:
-        raise OptionsError("daskptycho.dashboard.preview_every_s", f"got {v!r}; expected seconds >= 0 (0: an image every iteration)")
+        raise OptionsError("daskptycho.dashboard.preview_every_s", f"got {raw!r}; expected seconds >= 0 (0: an image every iteration)")
     return v
 
 

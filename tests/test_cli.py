@@ -41,6 +41,8 @@ def test_simulate_info_reconstruct_view(tmp_path):
     assert res.sizes["iteration"] == 4 and res.attrs["input_store"] == str(store.resolve())
     timing = json.loads((tmp_path / "t.json").read_text())
     assert len(timing["iteration_s"]) == 4 and timing["iteration_s_median"] > 0
+    # the steady state: the mean after the first two iterations (the start, the pipelined second)
+    assert timing["iteration_s_steady"] == pytest.approx(sum(timing["iteration_s"][2:]) / 2)
     html = (tmp_path / "report.html").read_text()
     assert "Dask Performance Report" in html and "Task Stream" in html
     # refusing to overwrite, then overwriting
@@ -108,3 +110,14 @@ def test_simulate_and_import_refuse_an_existing_output_before_doing_any_work(tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("exists: pass --overwrite" in line for line in err)
     assert (out / "keep").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep"]
+
+
+def test_steady_iteration_time_is_the_mean_after_the_start():
+    from daskptycho.metrics import steady_iteration_s
+
+    # a pipelined run: the first interval carries the start, the second cost arrives at once,
+    # then bursts; the rate is the mean of what follows
+    assert steady_iteration_s([4.4, 0.02, 1.16, 0.005, 0.6, 0.55]) == pytest.approx((1.16 + 0.005 + 0.6 + 0.55) / 4)
+    assert steady_iteration_s([3.0, 0.5]) == 0.5 and steady_iteration_s([2.0]) == 2.0
+    with pytest.raises(ValueError):
+        steady_iteration_s([])
