@@ -31,13 +31,9 @@ messages leave, never what they say: results are bit for bit the same.
 
 from __future__ import annotations
 
-import logging
-
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from .errors import OptionsError
-
-logger = logging.getLogger(__name__)
 
 KEY = "daskptycho.cluster.message-interval"
 NAME = "daskptycho-message-interval"
@@ -67,11 +63,9 @@ def parse_interval(value):
 
 
 def _set(stream, seconds):
-    """Set one ``BatchedSend``'s interval; False where distributed has no such attribute."""
-    if stream is None or not hasattr(stream, "interval"):
-        return False
-    stream.interval = seconds
-    return True
+    """Set one ``BatchedSend``'s interval (nothing where distributed has no such attribute)."""
+    if stream is not None and hasattr(stream, "interval"):
+        stream.interval = seconds
 
 
 class SchedulerMessageInterval(SchedulerPlugin):

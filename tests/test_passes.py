@@ -728,10 +728,16 @@ def test_the_update_steps_in_its_own_copy_with_the_same_bits():
     obj = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
     grad = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
     ill = rng.uniform(0, 3, shape).astype(np.float32)
-    want = object_step(obj, grad, ill, 0.7, 1e-3)
-    got = object_step_consuming(obj, grad.copy(), ill.copy(), 0.7, 1e-3)
+    # the step written out as it was before the in-place form, shared among the 3 slices
+    want = obj - (0.7 / 3 * grad / (2 * (ill + 1e-3))).astype(np.complex64)
+    g, i = grad.copy(), ill.copy()
+    got = object_step_consuming(obj, g, i, 0.7, 1e-3)
     assert got.dtype == np.complex64
     np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(object_step(obj, grad, ill, 0.7, 1e-3), want)
+    assert not np.array_equal(g, grad)                          # it worked in the copies it was given
+    # a part of the slices with the whole object's count: the same pixels
+    np.testing.assert_array_equal(object_step_consuming(obj[1:2], grad[1:2].copy(), ill[1:2].copy(), 0.7, 1e-3, slices=3), want[1:2])
 
 
 def test_the_update_applies_the_strips_slice_by_slice_with_the_same_bits():

@@ -238,8 +238,8 @@ class Driver:
         # a few tasks per tile and a gather through this process: at most one image per
         # preview_every_s (the first and the last iteration always get theirs)
         now = time.monotonic()
-        last = live.get("iterations") is not None and it + 1 >= live["iterations"]
-        if not last and live.get("preview_at") is not None and now - live["preview_at"] < dashboard.preview_every_s():
+        last = it + 1 >= live["iterations"]
+        if not last and live["preview_at"] is not None and now - live["preview_at"] < dashboard.preview_every_s():
             return None
         live["preview_at"] = now
         size = dashboard.preview_px()

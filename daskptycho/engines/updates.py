@@ -81,23 +81,21 @@ def object_step(obj, grad, illumination, step, eps):
     With ``step = 1`` and one slice this is the averaged-projection (error
     reduction) update; ``illumination`` is ``sum_j |incident wave|^2`` per slice.
     """
-    # Every slice sees the whole residual: updating all S slices by a full step each
-    # overshoots S-fold, so the step is shared among the slices.
-    step = step / obj.shape[0]
-    return obj - (step * grad / (2 * (illumination + eps))).astype(obj.dtype)
+    return object_step_consuming(obj, grad.copy(), illumination.copy(), step, eps)
 
 
 def object_step_consuming(obj, grad, illumination, step, eps, slices=None):
-    """:func:`object_step` that works in ``grad`` and ``illumination`` (overwritten: the
-    caller's own copies), saving the step's full-size temporaries; the same arithmetic,
-    bit for bit. ``slices``: the object's slice count when ``obj`` is a part of its slices
-    (default ``obj.shape[0]``)."""
+    """:func:`object_step` computed in ``grad`` and ``illumination`` (overwritten: the
+    caller's own copies), with no other full-size temporary. ``slices``: the object's
+    slice count when ``obj`` is a part of its slices (default ``obj.shape[0]``)."""
+    # Every slice sees the whole residual: updating all S slices by a full step each
+    # overshoots S-fold, so the step is shared among the slices.
     step = step / (slices or obj.shape[0])
     illumination += eps
     illumination *= 2
     grad *= step
     grad /= illumination
-    return obj - grad
+    return obj - grad.astype(obj.dtype, copy=False)
 
 
 def probe_step(probe, grad, illumination, step, regularization):
