@@ -3,7 +3,7 @@ draw docs/siemens-star.png.
 
     .venv/bin/python docs/make_siemens_star.py [--iterations 40] [--probe-modes 3] [--workers 2]
 
-Imports ../shared/data/siemens-star-small.npz.bz2 (Tike test data measured at the APS
+Imports data/siemens-star-small.npz.bz2 (Tike test data measured at the APS
 Velociprobe; BSD-3-style licence, see LICENSE-tike.txt beside it), reconstructs it
 with engine 'dm' on an embedded LocalCluster, prints the Fourier error of every
 iteration, and writes the picture (phase, amplitude, probe modes with their power
@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "..", "shared", "data", "siemens-star-small.npz.bz2")
+DATA = os.path.join(HERE, "..", "data", "siemens-star-small.npz.bz2")
 
 
 def main(argv=None):
