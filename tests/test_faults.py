@@ -1,64 +1,155 @@
 """Lost workers: a worker process killed (SIGKILL, by its pid) in the middle of a run on
 a real process LocalCluster with nannies; the run moves the lost tiles to the live
 (restarted) workers, rolls back to the last checkpoint (or the start) and finishes
-with exactly the undisturbed result."""
+with exactly the undisturbed result.
+
+Two ways to kill: from the progress callback (after an iteration's cost came back),
+and from the scheduler at a chosen moment of an iteration: a short random delay after
+the first task of a phase (gradients, passes, update, a checkpoint write) of a given
+iteration is sent to a worker. ``FAULT_SEED`` in the environment picks other moments
+(``scripts/soak-faults.sh`` runs the file many times under load, each with its own seed).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import random
 import signal
+import sys
 import threading
 
+import cloudpickle
 import dask
 import numpy as np
 import pytest
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 import daskptycho as dp
 from daskptycho.engines.driver import RecoveryError
 
+# the scheduler plugin below travels to the scheduler by value, whatever its sys.path
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
 GD = dict(engine="gd", tiles=(2, 2), slices=2, refine_probe=True, probe_refine_start=2)
 DM = dict(engine="dm", slices=1, probe_modes=2, probe_refine_start=2, partitions=2)
+ENGINES = {"gd": GD, "dm": DM}
+ITERATIONS = 8
+EVERY = 2  # checkpoints after iterations 2, 4, 6, 8
+
+
+def _victim(client):
+    """The worker holding the last tiles (place_tiles gives them to the last worker) and its pid."""
+    client.wait_for_workers(2, timeout=60)
+    pids = client.run(os.getpid)
+    victim = sorted(pids)[-1]
+    return victim, pids[victim]
 
 
 def _killer(client, at=4):
     """A progress callback that SIGKILLs the worker holding the last tiles at iteration ``at``
     (once, from a thread, as a crash would come)."""
-    client.wait_for_workers(2, timeout=60)
-    pids = client.run(os.getpid)
-    victim = sorted(pids)[-1]  # place_tiles gives the last worker the last tiles
+    victim, pid = _victim(client)
     fired = []
 
     def progress(it, cost):
         if it == at and not fired:
             fired.append(victim)
-            threading.Thread(target=os.kill, args=(pids[victim], signal.SIGKILL)).start()
+            threading.Thread(target=os.kill, args=(pid, signal.SIGKILL)).start()
 
     return progress, victim, fired
 
 
-@pytest.mark.parametrize("kw, every", [(GD, 2), (DM, 0)], ids=["gd-from-checkpoint", "dm-from-start"])
-def test_killed_worker_gives_the_undisturbed_result(small_pbtio3, client, tmp_path, caplog, kw, every):
-    ds = dp.open_dataset(small_pbtio3)
-    ref = dp.reconstruct(ds, iterations=8, client=client, **kw)
-    progress, victim, fired = _killer(client)
-    ck = dict(checkpoint=str(tmp_path / "out.zarr"), checkpoint_every=every) if every else {}
-    with caplog.at_level(logging.WARNING, logger="daskptycho"):
-        res = dp.reconstruct(ds, iterations=8, client=client, progress=progress, **ck, **kw)
-    assert fired == [victim]
+_refs = {}
+
+
+def _reference(ds, client, name, **kw):
+    """The undisturbed result of an engine setting (computed once per module)."""
+    if name not in _refs:
+        _refs[name] = dp.reconstruct(ds, iterations=ITERATIONS, client=client, **kw)
+    return _refs[name]
+
+
+def _check_recovery(res, ref, victim, kw, caplog, every):
     for v in ("object", "probe", "cost"):
         assert np.array_equal(res[v].values, ref[v].values), v
     (rec,) = json.loads(res.attrs["recoveries"])
     assert rec["lost_workers"] == [victim]
     moved = rec["tiles_moved"] if kw is GD else rec["parts_moved"]
     assert moved and victim not in moved.values()
-    if every:  # every tile rolled back to the checkpoint written after iteration 4 (the last complete one)
-        assert rec["from"] == "checkpoint" and rec["resumed_from_iteration"] == 4
+    if every:  # rolled back to a checkpoint that existed: one written before the loss
+        assert rec["from"] == "checkpoint", rec
+        assert rec["resumed_from_iteration"] % every == 0 and 0 < rec["resumed_from_iteration"] <= rec["at_iteration"], rec
     else:
-        assert rec["from"] == "start" and rec["resumed_from_iteration"] == 0
+        assert rec["from"] == "start" and rec["resumed_from_iteration"] == 0, rec
     lines = [r.getMessage() for r in caplog.records if r.name == "daskptycho" and r.levelno >= logging.WARNING]
-    assert len(lines) == 1 and victim in lines[0] and "resuming from" in lines[0]
+    assert len(lines) == 1 and victim in lines[0] and "resuming from" in lines[0], lines
+
+
+@pytest.mark.parametrize("kw, every", [(GD, EVERY), (DM, 0)], ids=["gd-from-checkpoint", "dm-from-start"])
+def test_killed_worker_gives_the_undisturbed_result(small_pbtio3, client, tmp_path, caplog, kw, every):
+    ds = dp.open_dataset(small_pbtio3)
+    ref = _reference(ds, client, kw["engine"], **kw)
+    progress, victim, fired = _killer(client)
+    ck = dict(checkpoint=str(tmp_path / "out.zarr"), checkpoint_every=every) if every else {}
+    with caplog.at_level(logging.WARNING, logger="daskptycho"):
+        res = dp.reconstruct(ds, iterations=ITERATIONS, client=client, progress=progress, **ck, **kw)
+    assert fired == [victim]
+    _check_recovery(res, ref, victim, kw, caplog, every)
+
+
+#: the tasks that open each moment of an iteration (their key's first element)
+MOMENTS = {
+    "gradients": {"grad", "dm-views"},
+    "passes": {"vfwd-strip", "vbwd-strip", "hfwd-strip", "hbwd-strip", "dm-sum"},
+    "update": {"update", "dm-object-update", "dm-crop"},
+    "checkpoint-write": {"checkpoint", "checkpoint-object"},
+}
+
+
+class KillDuring(SchedulerPlugin):
+    """On the scheduler: SIGKILL the process ``pid`` ``delay`` seconds after the first
+    task named in ``names`` of iteration ``at`` or later is sent to a worker (once)."""
+
+    name = "daskptycho-test-kill"
+
+    def __init__(self, pid, names, at, delay):
+        self.pid, self.names, self.at, self.delay = pid, set(names), at, delay
+        self.fired_at = None
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if self.fired_at is not None or finish != "processing" or not isinstance(key, tuple) or len(key) < 3:
+            return
+        if key[0] in self.names and isinstance(key[1], int) and key[1] >= self.at:
+            self.fired_at = key
+            threading.Timer(self.delay, os.kill, (self.pid, signal.SIGKILL)).start()
+
+
+def _fired_at(dask_scheduler=None):
+    plugin = dask_scheduler.plugins.get(KillDuring.name)
+    return None if plugin is None else repr(plugin.fired_at)
+
+
+@pytest.mark.parametrize("moment", list(MOMENTS))
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_worker_killed_at_any_moment_of_an_iteration(small_pbtio3, client, tmp_path, caplog, engine, moment):
+    kw = ENGINES[engine]
+    ds = dp.open_dataset(small_pbtio3)
+    ref = _reference(ds, client, engine, **kw)
+    victim, pid = _victim(client)
+    seed = f"{engine}-{moment}-{os.environ.get('FAULT_SEED', '0')}"
+    delay = random.Random(seed).uniform(0.0, 0.05)  # into the phase, not only at its first task
+    client.register_plugin(KillDuring(pid, MOMENTS[moment], at=3, delay=delay))
+    try:
+        with caplog.at_level(logging.WARNING, logger="daskptycho"):
+            res = dp.reconstruct(ds, iterations=ITERATIONS, client=client, checkpoint=str(tmp_path / "out.zarr"),
+                                 checkpoint_every=EVERY, **kw)
+        fired = client.run_on_scheduler(_fired_at)
+    finally:
+        client.unregister_scheduler_plugin(KillDuring.name)
+    assert fired != "None", f"no {moment} task of iteration >= 3 was scheduled"
+    _check_recovery(res, ref, victim, kw, caplog, EVERY)
 
 
 def test_workers_that_keep_dying_give_a_clear_error(small_pbtio3, client):
@@ -68,3 +159,27 @@ def test_workers_that_keep_dying_give_a_clear_error(small_pbtio3, client):
         with pytest.raises(RecoveryError, match="workers keep dying"):
             dp.reconstruct(ds, iterations=6, client=client, progress=progress, **GD)
     assert fired
+
+
+def test_ml_names_its_lost_worker_and_how_to_go_on(small_pbtio3, client, tmp_path):
+    """ml holds its whole state on one worker: a lost worker ends the run with one clear error
+    (never a hang or a cancelled future), and the checkpoint written before lets it resume."""
+    ds = dp.open_dataset(small_pbtio3)
+    out = str(tmp_path / "ml.zarr")
+    client.wait_for_workers(2, timeout=60)
+    pid = client.run(os.getpid)[sorted(client.nthreads())[0]]  # ml runs on the first worker
+    fired = []
+
+    def progress(it, cost):
+        if it == 3 and not fired:
+            fired.append(it)
+            os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(RecoveryError, match="does not recover.*resume"):
+        dp.reconstruct(ds, engine="ml", slices=2, iterations=8, client=client, progress=progress, checkpoint=out,
+                       checkpoint_every=2)
+    assert fired
+    res = dp.reconstruct(ds, engine="ml", slices=2, iterations=8, client=client, checkpoint=out, resume=True)
+    ref = dp.reconstruct(ds, engine="ml", slices=2, iterations=8, client=client)
+    assert int(res.attrs["resumed_from_iteration"]) in (2, 4)
+    assert np.array_equal(res["object"].values, ref["object"].values)

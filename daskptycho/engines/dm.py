@@ -155,9 +155,8 @@ class _DMRun:
             self.probe, self.mixing, self.obj = fut[out["probe"]], fut[out["mixing"]], fut[out["object"]]
             with drv.span("update"):
                 summary = c.submit(_summary, fut[out["object_update"]], fut[out["probe_update"]], pure=False)
-            drv.wait_alive([fut[out["costs"][0]], summary], self.workers)
-            cost = float(fut[out["costs"][0]].result())
-            upd = summary.result()
+            cost, upd = drv.results([fut[out["costs"][0]], summary], self.workers)
+            cost = float(cost)
             self.costs.append(cost)
             self.updates.append(upd)
             drv.publish(it, cost, drv.preview(it, {(0, 0): self.obj}, modes=slice(0, 1)))
@@ -178,9 +177,8 @@ class _DMRun:
         futs = [drv.submit_pinned(write_array, path, _views_name(p), self.views[p], worker=self.workers[p],
                                   key=self._key("checkpoint", it, *p)) for p in self.parts]
         futs.append(c.submit(write_array, path, "object", self.obj, key=self._key("checkpoint-object", it), pure=False))
-        drv.wait_alive(futs + [self.probe] + ([self.mixing] if self.mixing is not None else []), self.workers)
-        mixing = self.mixing.result() if self.mixing is not None else None
-        small = {"cost": np.asarray(self.costs, dtype=np.float64), "probe": np.asarray(self.probe.result()),
+        *_, probe, mixing = drv.results(futs + [self.probe, self.mixing], self.workers)
+        small = {"cost": np.asarray(self.costs, dtype=np.float64), "probe": np.asarray(probe),
                  "probe_change": np.array([u["probe_change"] for u in self.updates]),
                  "object_change": np.array([u["object_change"] for u in self.updates]),
                  "fractions": np.array([u["fractions"] for u in self.updates])}
@@ -189,14 +187,12 @@ class _DMRun:
         self.ck.commit(path, _checkpoint_attrs(self.problem, it + 1, partitions=len(self.parts), mixing=mixing is not None), small=small)
 
     def finish(self):
-        drv, c = self.drv, self.drv.client
-        drv.wait_alive([self.obj, self.probe], self.workers)
-        final_obj = np.asarray(self.obj.result())
-        final_probe = np.asarray(self.probe.result())
+        drv = self.drv
         nb = [drv.submit_pinned(_part_bytes, self.views[p], self.data[p], self.crops[p], worker=self.workers[p],
                                 key=self._key("nbytes", *p)) for p in self.parts]
-        drv.wait_alive(nb, self.workers)
-        memory = drv.memory_report(dict(zip(self.parts, c.gather(nb))), self.workers)
+        final_obj, final_probe, *nbytes = drv.results([self.obj, self.probe, *nb], self.workers)
+        final_obj, final_probe = np.asarray(final_obj), np.asarray(final_probe)
+        memory = drv.memory_report(dict(zip(self.parts, nbytes)), self.workers)
         u = self.updates
         info = {
             "probe_change": np.array([x["probe_change"] for x in u]),

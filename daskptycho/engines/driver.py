@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import time
 import uuid
 
 from .. import config
@@ -116,7 +117,8 @@ class Driver:
         figure above the baseline (RSS after imports, before any data) is what the
         run's arrays, state and transients took at their largest.
         """
-        peak = self.client.run(_peak_rss)
+        # a worker that died after the run's results were in has no peak to report
+        peak = {w: v for w, v in self.client.run(_peak_rss, on_error="return").items() if not isinstance(v, BaseException)}
         return {
             "tile_bytes": {f"{k[0]},{k[1]}": b for k, b in tile_bytes.items()},
             "worker_peak_rss_bytes": {w: int(v) for w, v in peak.items()},
@@ -231,8 +233,6 @@ class Driver:
         live = self.__dict__.get("_live")
         if not live:
             return None
-        import time
-
         from .. import dashboard
 
         # a few tasks per tile and a gather through this process: at most one image per
@@ -257,7 +257,7 @@ class Driver:
             with self.span("update"):
                 futs[k] = self.client.submit(dashboard.phase_preview, st, regions[k], origins[k], stride, size,
                                              key=("preview", it, *k, uuid.uuid4().hex[:8]), pure=False, **pin)
-        return {"futures": futs, "stride": stride, "shape": full}
+        return {"futures": futs, "stride": stride, "shape": full, "workers": dict(workers or {})}
 
     def publish(self, it, cost, image=None):
         """Send one iteration's live state to the scheduler: iteration, cost and the
@@ -273,11 +273,111 @@ class Driver:
 
         msg = {"engine": live["engine"], "iteration": int(it), "cost": float(cost)}
         if image is not None:
-            pieces = self.client.gather(image["futures"])
+            keys = list(image["futures"])
+            pieces = dict(zip(keys, self.results([image["futures"][k] for k in keys], image["workers"])))
             msg.update(dashboard.stitch_preview(pieces, image["stride"], image["shape"]))
         self.client.run_on_scheduler(dashboard.receive, msg=msg)
         # the small figures also go to the scheduler's event log (the /events page)
         self.client.log_event("daskptycho", {k: msg[k] for k in ("engine", "iteration", "cost")})
+
+    # ------------------------------------------------------------------ lost workers
+    def lost_workers(self, placement):
+        """The workers of ``placement`` (``{tile: address}``) that have left the cluster."""
+        alive = set(self.client.nthreads())
+        return sorted(set(placement.values()) - alive)
+
+    def wait_alive(self, futures, placement, poll=None):
+        """Wait for ``futures`` while checking that the workers holding tiles live.
+
+        Parameters
+        ----------
+        futures : list of Future (None entries are skipped)
+        placement : dict ``{tile: address}``
+        poll : float, optional
+            Seconds between checks (``daskptycho.recovery.poll_s``).
+
+        Raises
+        ------
+        WorkerLost
+            A worker of ``placement`` left (its pinned tasks would wait for ever), or a
+            future erred with ``KilledWorker`` or was cancelled.
+        """
+        from distributed import wait
+        from distributed.client import CancelledError
+
+        poll = poll or float(config.get("recovery.poll_s", 0.5))
+        futures = [f for f in futures if f is not None]
+        with self.client.as_current():
+            while True:
+                try:
+                    wait(futures, timeout=poll)
+                    break
+                except TimeoutError:
+                    lost = self.lost_workers(placement)
+                    if lost:
+                        raise WorkerLost(lost) from None
+                except CancelledError as e:  # the scheduler forgot keys whose worker died
+                    raise WorkerLost(self.lost_workers(placement), " ".join(str(e).split())[:400]) from None
+        for f in futures:
+            self._raise_if_lost(f, placement)
+
+    def results(self, futures, placement, poll=None):
+        """The results of ``futures``, whatever moment a worker of ``placement`` dies.
+
+        A worker can die while the tasks run, after they finished but before their
+        results are fetched (the scheduler then forgets or recomputes keys it held,
+        and a task pinned to the dead worker would wait for ever), or during the
+        fetch. Each of these raises :class:`WorkerLost`, never a cancelled future or
+        a hang; an error of the task itself is raised as it is.
+
+        Parameters
+        ----------
+        futures : list of Future (None entries give None)
+        placement : dict ``{tile: address}``
+        poll : float, optional
+            Seconds between liveness checks (``daskptycho.recovery.poll_s``).
+
+        Returns
+        -------
+        list, the results in the order of ``futures``
+        """
+        poll = poll or float(config.get("recovery.poll_s", 0.5))
+        self.wait_alive(futures, placement, poll)
+        return [None if f is None else self._result(f, placement, poll) for f in futures]
+
+    def _result(self, f, placement, poll):
+        from distributed.client import CancelledError
+
+        while True:
+            try:
+                return f.result(timeout=poll)
+            except CancelledError as e:
+                raise WorkerLost(self.lost_workers(placement), " ".join(str(e).split())[:400]) from None
+            except Exception as e:
+                self._raise_if_lost(f, placement)  # the task's own error is raised there, as it is
+                # a timed-out fetch polls again; a broken one gives the scheduler a few polls
+                # to see the worker go (a comm can break before the scheduler hears of it)
+                for _ in range(1 if isinstance(e, TimeoutError) else 10):
+                    lost = self.lost_workers(placement)
+                    if lost:  # its result went with the worker, or the fetch broke when it died
+                        raise WorkerLost(lost, f"while fetching {f.key}") from None
+                    if not isinstance(e, TimeoutError):
+                        time.sleep(poll)
+                if not isinstance(e, TimeoutError):
+                    raise
+
+    def _raise_if_lost(self, f, placement):
+        """Raise WorkerLost if ``f`` was cancelled or erred with KilledWorker; raise the
+        task's own error if it erred otherwise."""
+        from distributed.scheduler import KilledWorker
+
+        if f.status == "cancelled":
+            raise WorkerLost(self.lost_workers(placement), f"task {f.key} was cancelled")
+        if f.status == "error":
+            exc = f.exception()
+            if isinstance(exc, KilledWorker):
+                raise WorkerLost(self.lost_workers(placement), f"task {f.key}: {exc}")
+            f.result()  # a real error: raise it as it is
 
     # ------------------------------------------------------------------ single-task engines
     def run_sequential(self, load, step, init, iterations, progress=None, worker=None, start=0, costs=None, after=None):
@@ -304,7 +404,8 @@ class Driver:
 
         def report():
             it, st, cost, image = pending.pop(0)
-            cost = float(cost.result())
+            (cost,) = self.results([cost], {(0, 0): w})
+            cost = float(cost)
             costs.append(cost)
             self.publish(it, cost, image)
             if progress is not None:
@@ -312,22 +413,27 @@ class Driver:
             if after is not None:
                 after(it, st, costs, w)
 
-        for it in range(start, iterations):
-            with self.span("grad"):
-                state = c.submit(step, state, data, it, key=("ml-iteration", it, tag), **pin)
-            image = self.preview(it, {(0, 0): state}, workers={(0, 0): w})
-            with self.span("passes"):
-                cost = c.submit(operator.getitem, state, "cost", key=("cost", it, tag), **pin)
-            pending.append((it, state, cost, image))
-            # the next iteration is queued on the worker before this one's cost is awaited,
-            # so the worker never waits for a round trip through the client between steps
-            if len(pending) > 1:
+        try:
+            for it in range(start, iterations):
+                with self.span("grad"):
+                    state = c.submit(step, state, data, it, key=("ml-iteration", it, tag), **pin)
+                image = self.preview(it, {(0, 0): state}, workers={(0, 0): w})
+                with self.span("passes"):
+                    cost = c.submit(operator.getitem, state, "cost", key=("cost", it, tag), **pin)
+                pending.append((it, state, cost, image))
+                # the next iteration is queued on the worker before this one's cost is awaited,
+                # so the worker never waits for a round trip through the client between steps
+                if len(pending) > 1:
+                    report()
+            while pending:
                 report()
-        while pending:
-            report()
-        final = state.result()
-        with self.span("update"):
-            nbytes = c.submit(_state_bytes, state, data, key=("nbytes", tag), **pin).result()
+            with self.span("update"):
+                nbytes = c.submit(_state_bytes, state, data, key=("nbytes", tag), **pin)
+            final, nbytes = self.results([state, nbytes], {(0, 0): w})
+        except WorkerLost as e:  # the one worker held the whole state: there is nothing to move
+            raise RecoveryError(f"{e}; engine 'ml' keeps its whole state on one worker and does not recover: "
+                                "rerun with checkpoint_every and resume=True to continue from the last checkpoint, "
+                                "or use engine 'gd', which recovers by itself") from None
         del data, state
         return final, costs, self.memory_report({(0, 0): nbytes}, {(0, 0): w})
 
@@ -380,56 +486,6 @@ class TileDriver(Driver):
         with self.span(phase) if phase else contextlib.nullcontext():
             return self.client.submit(func, *args, key=key, workers=[worker], allow_other_workers=False, pure=False)
 
-    # ------------------------------------------------------------------ lost workers
-    def lost_workers(self, placement):
-        """The workers of ``placement`` (``{tile: address}``) that have left the cluster."""
-        alive = set(self.client.nthreads())
-        return sorted(set(placement.values()) - alive)
-
-    def wait_alive(self, futures, placement, poll=None):
-        """Wait for ``futures`` while checking that the workers holding tiles live.
-
-        Parameters
-        ----------
-        futures : list of Future (None entries are skipped)
-        placement : dict ``{tile: address}``
-        poll : float, optional
-            Seconds between checks (``daskptycho.recovery.poll_s``).
-
-        Raises
-        ------
-        WorkerLost
-            A worker of ``placement`` left (its pinned tasks would wait for ever), or a
-            future erred with ``KilledWorker`` or was cancelled.
-        """
-        from distributed import wait
-        from distributed.client import CancelledError
-        from distributed.scheduler import KilledWorker
-
-        from .. import config
-
-        poll = poll or float(config.get("recovery.poll_s", 0.5))
-        futures = [f for f in futures if f is not None]
-        with self.client.as_current():
-            while True:
-                try:
-                    wait(futures, timeout=poll)
-                    break
-                except TimeoutError:
-                    lost = self.lost_workers(placement)
-                    if lost:
-                        raise WorkerLost(lost) from None
-                except CancelledError as e:  # the scheduler forgot keys whose worker died
-                    raise WorkerLost(self.lost_workers(placement), " ".join(str(e).split())[:400]) from None
-        for f in futures:
-            if f.status == "cancelled":
-                raise WorkerLost(self.lost_workers(placement), f"task {f.key} was cancelled")
-            if f.status == "error":
-                exc = f.exception()
-                if isinstance(exc, KilledWorker):
-                    raise WorkerLost(self.lost_workers(placement), f"task {f.key}: {exc}")
-                f.result()  # a real error: raise it as it is
-
     def replace_tiles(self, placement, expected_workers=None, wait_s=None):
         """Move the tiles of lost workers to the live ones (surviving or restarted).
 
@@ -445,9 +501,14 @@ class TileDriver(Driver):
         from .. import config
 
         wait_s = float(config.get("recovery.wait_for_workers_s", 20) if wait_s is None else wait_s)
+        deadline = time.monotonic() + wait_s
+        # a cancelled key or a broken fetch can reveal the loss before the scheduler has
+        # removed the worker: wait until it has, or the lost tiles would stay where they were
+        while not self.lost_workers(placement) and time.monotonic() < deadline:
+            time.sleep(0.1)
         if expected_workers:
             try:
-                self.client.wait_for_workers(expected_workers, timeout=wait_s)
+                self.client.wait_for_workers(expected_workers, timeout=max(deadline - time.monotonic(), 1.0))
             except TimeoutError:
                 pass
         alive = self.worker_addresses

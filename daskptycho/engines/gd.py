@@ -156,7 +156,7 @@ class _TileRun:
         previews = list(image["futures"].values()) if image else []
         self.drv.wait_alive(futs + previews, self.workers)
         self.pending.pop(0)
-        cost = float(sum(f.result() for f in futs))  # rounds in a fixed order
+        cost = float(sum(self.drv.results(futs, self.workers)))  # rounds in a fixed order
         self.costs.append(cost)
         self.drv.publish(it, cost, image)
         if self.progress is not None:
@@ -168,20 +168,18 @@ class _TileRun:
                            small={"cost": np.asarray(self.costs, dtype=np.float64)})
 
     def finish(self):
-        drv, c = self.drv, self.drv.client
+        drv = self.drv
         cores = {}
         for t in self.tiling:
             cores[t.key] = drv.submit_pinned(tt.core_of, self.states[t.key], _local_core(self.specs[t.key][1], t.core),
                                              worker=self.workers[t.key], key=self._key("core", *t.key))
-        drv.wait_alive(list(cores.values()), self.workers)
-        cores = {k: np.asarray(v) for k, v in zip(cores, c.gather(list(cores.values())))}
-        obj = self.tiling.stitch_cores(cores)
-        drv.wait_alive([self.probe], self.workers)
-        probe_final = np.asarray(self.probe.result())
         nb = [drv.submit_pinned(_tile_bytes, self.states[k], self.data[k], worker=self.workers[k], key=self._key("nbytes", *k))
               for k in self.states]
-        drv.wait_alive(nb, self.workers)
-        nbytes = c.gather(nb)
+        got = drv.results([*cores.values(), self.probe, *nb], self.workers)
+        cores = {k: np.asarray(v) for k, v in zip(cores, got)}
+        obj = self.tiling.stitch_cores(cores)
+        probe_final = np.asarray(got[len(cores)])
+        nbytes = got[len(cores) + 1:]
         return obj, probe_final, drv.memory_report(dict(zip(self.states, nbytes)), self.workers)
 
     def recover(self, err):

@@ -146,8 +146,9 @@ def ml_checkpoints(drv, problem: Problem, meta=None):
         shape = (o.slices,) + tuple(problem.grid.shape)
         path = ck.begin(it + 1, {"object": (shape, np.complex64), "probe": (problem.probe.shape, np.complex64)})
         # the worker holding the state writes it; only the scalar byte count comes back
-        drv.client.submit(write_state, path, state, ("object", "probe"), key=("checkpoint", it, os.path.basename(path), uuid.uuid4().hex[:8]), workers=[worker],
-                          allow_other_workers=False, pure=False).result()
+        written = drv.client.submit(write_state, path, state, ("object", "probe"), key=("checkpoint", it, os.path.basename(path), uuid.uuid4().hex[:8]),
+                                    workers=[worker], allow_other_workers=False, pure=False)
+        drv.results([written], {(0, 0): worker})
         ck.commit(path, _checkpoint_attrs(problem, it + 1), small={"cost": np.asarray(costs, dtype=np.float64)})
 
     return init, start, costs, after

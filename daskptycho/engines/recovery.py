@@ -39,7 +39,10 @@ def roll_back(run, err, *, units, label):
     if len(run.recoveries) >= run.max_recoveries:
         raise RecoveryError(f"workers keep dying: {len(run.recoveries)} recoveries already (daskptycho.recovery.max_recoveries); "
                             f"last at iteration {at}: {err}")
-    run.workers, moved = run.drv.replace_tiles(run.workers, expected_workers=run.n_workers)
+    before = run.workers
+    run.workers, moved = run.drv.replace_tiles(before, expected_workers=run.n_workers)
+    # the error may have come before the scheduler named the worker (a cancelled key)
+    lost = sorted(set(err.lost) | {before[k] for k in moved})
     for k in list(run.data):
         if k in moved or run.data[k].status != "finished":
             del run.data[k]
@@ -50,10 +53,10 @@ def roll_back(run, err, *, units, label):
     frm = int(run.meta["completed"]) if run.meta else 0
     key = units.split()[-1] + "_moved"
     moved_to = {label(k): run.workers[k] for k in moved}
-    run.recoveries.append({"at_iteration": at, "lost_workers": err.lost, key: moved_to,
+    run.recoveries.append({"at_iteration": at, "lost_workers": lost, key: moved_to,
                            "resumed_from_iteration": frm, "from": "checkpoint" if run.meta else "start"})
     logging.getLogger("daskptycho").warning(
         "lost worker %s at iteration %d; %s %s moved to %s; resuming from %s",
-        ", ".join(err.lost) or "(unknown)", at, units, " ".join(moved_to) or "(none)", json.dumps(sorted(set(moved_to.values()))),
+        ", ".join(lost) or "(unknown)", at, units, " ".join(moved_to) or "(none)", json.dumps(sorted(set(moved_to.values()))),
         f"the checkpoint after iteration {frm}" if run.meta else "the start (no checkpoint)")
     return frm
