@@ -104,7 +104,8 @@ class Driver:
         # (and the peak above it) counts arrays, not modules
         self.baseline = self.client.run(_warm_up)
         if self.report:
-            self._stack.enter_context(performance_report(filename=str(self.report)))
+            # Bokeh's scripts inside the file: a report opens offline, on a beamline machine
+            self._stack.enter_context(performance_report(filename=str(self.report), mode="inline"))
         return self
 
     def __exit__(self, *exc):

@@ -25,11 +25,16 @@ def context_for(problem: Problem, tiling, corners=None, tiles=None):
     o = problem.options
     tiles = tiles if tiles is not None else {t.key: (t.positions, t.extended) for t in tiling}
     rel = {k: problem.corners[pos] - np.array([ext[0], ext[2]]) for k, (pos, ext) in tiles.items()}
+    # a position's cost counts in the tile that owns it (its core holds it), even where
+    # other tiles hold it too (hve)
+    owned = {t.key: t.positions for t in tiling}
+    counted = {k: np.isin(pos, owned[k]) for k, (pos, _) in tiles.items()}
+    counted = None if all(c.all() for c in counted.values()) else counted
     return tt.TileContext(
         kernel=problem.kernel, mask=problem.mask, window=problem.window, corners=rel, cost=o.cost,
         working_set=(o.working_set_mib, o.working_set_fraction), step=o.step, probe_step=o.probe_step, regularization=o.regularization,
         eps_per_position=problem.eps_object(1), device=o.device, local_batch=o.batch_size or 16,
-        hve_minibatch=o.engine == "hve" and o.batch_size is not None,
+        hve_minibatch=o.engine == "hve" and o.batch_size is not None, counted=counted,
     )
 
 

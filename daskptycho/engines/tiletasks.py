@@ -26,6 +26,9 @@ class TileContext:
     eps_per_position : float
         Preconditioner floor per position in a gradient sum (the reference
         engine's ``Problem.eps_object(1)``), so tiles apply its exact arithmetic.
+    counted : dict ``{(r, c): bool array (J_t,)}`` or None
+        Which of a tile's positions it owns, where tiles share positions (hve): only
+        those count in its cost. None: every tile owns all its positions.
     """
 
     kernel: np.ndarray
@@ -41,6 +44,7 @@ class TileContext:
     device: str = "cpu"
     local_batch: int = 16
     hve_minibatch: bool = False
+    counted: dict | None = None
 
     def xp(self):
         return array_module(self.device)
@@ -85,8 +89,10 @@ def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_prob
     budget = working_set_budget(state.nbytes + data.nbytes, *ctx.working_set)
     chunk = positions_per_chunk(ctx.window, state.shape[0], probe.shape[0], budget)
 
+    counted = None if ctx.counted is None else ctx.counted[tile]
+
     def gsum(obj, sel):
-        return gradient_sum(obj, probe, corners, ctx.window, kernel, data, sel, mask, ctx.cost, chunk, refine_probe)
+        return gradient_sum(obj, probe, corners, ctx.window, kernel, data, sel, mask, ctx.cost, chunk, refine_probe, counted)
 
     if not local_updates:
         return gsum(state, local)

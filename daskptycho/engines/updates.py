@@ -35,7 +35,7 @@ def positions_per_chunk(window, slices, modes, budget_mib):
     return max(1, int(budget_mib * 2**20 // per_position))
 
 
-def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, chunk, probe_gradient):
+def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, chunk, probe_gradient, counted=None):
     """Sum of the gradients of the positions ``select`` over chunks of ``chunk``.
 
     Each chunk is one vectorised call of :func:`daskptycho.physics.gradients`;
@@ -49,6 +49,11 @@ def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, 
     window : (N_y, N_x)
     data : float array (J, N, N), FFT order
     select : int array, the positions (rows of ``corners`` and ``data``) to sum over
+    counted : bool array (J,), optional
+        The positions whose cost the returned ``cost`` sums (default: every one of
+        ``select``). Gradients always sum over all of ``select``. A tile that holds
+        positions owned by other tiles (hve) counts only its own, so the cost of an
+        iteration counts every position once, as the other engines do.
 
     Returns the dict of :func:`~daskptycho.physics.gradients`, summed.
     """
@@ -61,16 +66,20 @@ def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, 
         total["probe_illumination"] = xp.zeros(probe.shape[-2:], dtype=probe.real.dtype)
     cost_sum = 0.0
     per_position = physics.multislice.per_position_path(obj, probe)
-    if per_position:  # one position's waves at a time whatever the call's size: no chunks needed
-        chunk = max(select.size, 1)
-    for start in range(0, select.size, chunk):
-        sel = select[start:start + chunk]
-        # window corners, not flat indices: on the CPU patches are cut and added as slices
-        win = physics.windows(corners[sel], window, obj.shape[-2:])
-        if per_position:  # patterns read in place by row
-            cost_sum += physics.gradients(obj, probe, win, kernel, data, mask, cost, probe_gradient, out=total, rows=sel)["cost"]
-        else:
-            cost_sum += physics.gradients(obj, probe, win, kernel, data[xp.asarray(sel)], mask, cost, probe_gradient, out=total)["cost"]
+    # the counted positions first, then the others (whose cost is dropped)
+    groups = [select] if counted is None else [select[counted[select]], select[~counted[select]]]
+    for g, group in enumerate(groups):
+        step = max(group.size, 1) if per_position else chunk  # per position: no chunks needed
+        for start in range(0, group.size, step):
+            sel = group[start:start + step]
+            # window corners, not flat indices: on the CPU patches are cut and added as slices
+            win = physics.windows(corners[sel], window, obj.shape[-2:])
+            if per_position:  # patterns read in place by row
+                c = physics.gradients(obj, probe, win, kernel, data, mask, cost, probe_gradient, out=total, rows=sel)["cost"]
+            else:
+                c = physics.gradients(obj, probe, win, kernel, data[xp.asarray(sel)], mask, cost, probe_gradient, out=total)["cost"]
+            if g == 0:
+                cost_sum += c
     total["cost"] = cost_sum
     return total
 
