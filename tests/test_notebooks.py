@@ -1,4 +1,5 @@
-"""The notebooks run, top to bottom, in a real Jupyter kernel at small sizes, and say what they should.
+"""The notebooks run, top to bottom, in a real Jupyter kernel at small sizes, and say what they should;
+the committed notebooks carry their outputs (figures included, no errors) for readers on the web.
 
 Each notebook starts its own LocalCluster from inside the kernel (as a user would). The
 kernel is this interpreter's (``sys.executable``, the project's virtualenv): its kernelspec
@@ -40,11 +41,40 @@ def kernel_env(tmp_path_factory):
     mp.undo()
 
 
+def committed(name):
+    """The committed notebook, with its outputs: they are what a reader sees on a web page
+    (GitHub renders them), so every figure is there, and nothing in them is an error."""
+    path = ROOT / "notebooks" / name
+    assert path.stat().st_size < 1_000_000, "keep the saved outputs small (modest PNGs, no long text)"
+    raw = path.read_text()
+    for local in (str(ROOT), "/tmp/", "/home/", "/Users/"):
+        assert local not in raw, f"an absolute local path ({local}...) in the saved outputs"
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    counts = [c.get("execution_count") for c in code]
+    assert counts == list(range(1, len(code) + 1)), f"not executed top to bottom in one run: {counts}"
+    text = []
+    for cell in code:
+        outputs = cell.get("outputs", [])
+        for out in outputs:
+            assert out.output_type != "error", out
+            assert not (out.output_type == "stream" and "Traceback" in out.text), out.text
+            if out.output_type == "stream":
+                text.append(out.text)
+            elif out.output_type in ("display_data", "execute_result"):
+                text.append(out.data.get("text/plain", ""))
+        if re.search(r"plt\.show\(\)|display\([\w.]*figure\(", cell.source):  # a cell that makes a figure
+            assert any("image/png" in out.get("data", {}) for out in outputs), f"no figure saved for:\n{cell.source}"
+    return nb, "\n".join(text)
+
+
 def execute(name, cwd):
-    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
-    # committed stripped: CI is what runs them
-    assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
+    nb, _ = committed(name)
     assert "parameters" in nb.cells[1].metadata.get("tags", [])
+    # run a copy from scratch: the saved outputs must not feed into this run
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
     client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=240, resources={"metadata": {"path": str(cwd)}})
     client.execute()
     text, images = [], 0
@@ -59,13 +89,27 @@ def execute(name, cwd):
     return "\n".join(text), images
 
 
+def test_committed_quickstart_shows_its_figures_and_the_live_page():
+    nb, text = committed("quickstart.ipynb")
+    assert re.search(r"live reconstruction page: http://127\.0\.0\.1:\d+/daskptycho\n", text), text
+    assert sum("image/png" in out.get("data", {}) for c in nb.cells for out in c.get("outputs", [])) >= 3
+
+
+def test_committed_flyscan_shows_its_figures():
+    nb, text = committed("flyscan_multimode.ipynb")
+    assert re.search(r"\d mode\(s\): final cost", text), text
+    assert sum("image/png" in out.get("data", {}) for c in nb.cells for out in c.get("outputs", [])) >= 2
+
+
 def test_quickstart(kernel_env, tmp_path):
     text, images = execute("quickstart.ipynb", tmp_path)
-    assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/status", text), text
+    # the live page (the dashboard's /status replaced by /daskptycho), and it answers
+    assert re.search(r"live reconstruction page: http://127\.0\.0\.1:\d+/daskptycho\n", text), text
+    assert re.search(r"live reconstruction page http://127\.0\.0\.1:\d+/daskptycho: HTTP 200", text), text
     assert "dask-backed: True" in text
     r = float(re.search(r"phase correlation with the truth: r = ([0-9.]+)", text).group(1))
     assert r > 0.9, text
-    assert images >= 2  # the mean pattern and the phase-vs-truth figure
+    assert images >= 3  # the mean pattern, the phase-vs-truth figure, the cost
     out = tmp_path / "quickstart-output"
     assert "Dask Performance Report" in (out / "quickstart-report.html").read_text()
     assert (out / "result.zarr").is_dir() and (out / "result.cxi").stat().st_size > 0 and (out / "phase.tif").stat().st_size > 0
