@@ -64,6 +64,16 @@ def _killer(client, at=4):
 _refs = {}
 
 
+@pytest.fixture(autouse=True)
+def _nannies_outlive_quick_repeat_losses():
+    """These tests lose the same worker name several times within seconds. distributed's
+    SpecCluster closes a worker's nanny for good when, ``lost-worker-timeout`` (15 s) after
+    a loss, no worker of that name is registered, which a later loss in the next test can
+    cause; the tests then would start with one worker instead of two."""
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}):
+        yield
+
+
 def _reference(ds, client, name, **kw):
     """The undisturbed result of an engine setting (computed once per module)."""
     if name not in _refs:

@@ -109,7 +109,7 @@ class _DMRun:
     def start(self):
         drv, o, c = self.drv, self.problem.options, self.drv.client
         self.tag = f"{self.run_id}.{len(self.recoveries)}"
-        self.ctx = c.scatter(self.context, broadcast=True, hash=False)
+        self.ctx = c.scatter(self.context, hash=False)  # not broadcast: see gd's start
         meta, ck = self.meta, self.ck
         shape = (o.object_modes,) + tuple(self.problem.grid.shape)
         if meta is None:

@@ -101,7 +101,9 @@ class _TileRun:
         worker lived on) and its state: from the checkpoint ``self.meta`` or the start."""
         drv, o, c = self.drv, self.problem.options, self.drv.client
         self.tag = f"{self.run_id}.{len(self.recoveries)}"
-        self.ctx = c.scatter(context_for(self.problem, self.tiling, tiles=self.specs), broadcast=True, hash=False)
+        # not broadcast: a broadcast retries for ever towards a worker that left during it;
+        # each worker fetches the (small) context with its first task instead
+        self.ctx = c.scatter(context_for(self.problem, self.tiling, tiles=self.specs), hash=False)
         meta = self.meta
         if meta is None:
             self.first, self.costs, probe = 0, [], self.problem.probe
