@@ -12,11 +12,11 @@ from . import config  # noqa: F401  (registers the dask.config defaults)
 from .cluster import connect
 from .engines import ReconstructOptions, reconstruct
 from .errors import DaskptychoError, DatasetError, OptionsError
-from .io import open_dataset, open_result, write_dataset, write_result
+from .io import build_dataset, open_dataset, open_result, write_dataset, write_result
 from .simulate import SimulationOptions, simulate
 
 __all__ = [
-    "__version__", "connect", "reconstruct", "ReconstructOptions", "open_dataset", "open_result",
+    "__version__", "connect", "reconstruct", "ReconstructOptions", "build_dataset", "open_dataset", "open_result",
     "write_dataset", "write_result", "simulate", "SimulationOptions",
     "DaskptychoError", "DatasetError", "OptionsError",
 ]

@@ -3,13 +3,26 @@
 Every error a user can cause derives from :class:`DaskptychoError`, so the command
 line can turn it into one readable line and exit status 2, and library users can
 catch one class.
+
+Library messages speak Python: an error about a keyword argument names it
+(``overwrite=True``, ``cluster='local'``) and carries it in ``parameter``; the
+command line renders those names as its flags (``--overwrite``, ``--cluster local``).
 """
 
 from __future__ import annotations
 
 
 class DaskptychoError(Exception):
-    """Base class of every error daskptycho raises on purpose."""
+    """Base class of every error daskptycho raises on purpose.
+
+    Attributes
+    ----------
+    parameter : str or None
+        The keyword argument (of :func:`daskptycho.reconstruct`, :func:`daskptycho.connect`,
+        a writer ...) the error concerns, if any; the command line names the matching flag.
+    """
+
+    parameter: str | None = None
 
 
 class DatasetError(DaskptychoError, ValueError):
@@ -29,18 +42,52 @@ class DatasetError(DaskptychoError, ValueError):
         self.problem = problem
         super().__init__(f"{field}: {problem}")
 
+    def __reduce__(self):  # raised in worker tasks too: must survive pickling
+        return (type(self), (self.field, self.problem))
+
 
 class OptionsError(DaskptychoError, ValueError):
-    """An option passed to an engine, the simulator or the command line is invalid."""
+    """An option passed to an engine, the simulator, a cluster or the command line is invalid.
+
+    Parameters
+    ----------
+    option : str
+        The keyword argument at fault (``"tiles"``, ``"workers"``), or a config key
+        (``"daskptycho.cluster.tls-cert"``); also available as ``parameter``.
+    problem : str
+        What is wrong and what is expected instead.
+    """
 
     def __init__(self, option: str, problem: str):
         self.option = option
         self.problem = problem
         super().__init__(f"option {option!r}: {problem}")
 
+    @property
+    def parameter(self):
+        return self.option
+
+    def __reduce__(self):
+        return (type(self), (self.option, self.problem))
+
 
 class OutputExistsError(DaskptychoError, FileExistsError):
-    """The output path exists and overwriting was not asked for."""
+    """The output path exists and overwriting was not asked for.
+
+    Parameters
+    ----------
+    message : str
+        The path and what to do (``pass overwrite=True to replace it``).
+    parameter : str
+        The keyword argument that allows replacing it (default ``"overwrite"``).
+    """
+
+    def __init__(self, message: str, parameter: str = "overwrite"):
+        self.parameter = parameter
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.parameter))
 
 
 class DeviceError(DaskptychoError, RuntimeError):

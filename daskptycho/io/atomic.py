@@ -25,7 +25,7 @@ def temporary_sibling(path, overwrite=False):
     """
     path = os.fspath(path)
     if os.path.lexists(path) and not overwrite:
-        raise OutputExistsError(f"{path} exists: pass overwrite=True (CLI: --overwrite) to replace it")
+        raise OutputExistsError(f"{path} exists: pass overwrite=True to replace it")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     return path, os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")

@@ -50,7 +50,7 @@ import numpy as np
 
 from .. import physics
 from ..errors import DatasetError
-from .store import build_dataset, validate_dataset
+from .store import build_dataset, check_intensity, validate_dataset
 
 __all__ = ["import_siemens_star", "import_npz", "NPZ_KEYS"]
 
@@ -329,62 +329,22 @@ def import_npz(path, *, fft_order: bool = False, position=None, mask=None, probe
         if meta.get(key) is None:
             raise DatasetError(f"attrs.{key}", f"missing; pass {key}=... or store a 0-d array {key!r} in the file")
     radiation = meta.pop("radiation")
-    if radiation not in ("xray", "electron"):
-        raise DatasetError("attrs.radiation", f"got {radiation!r}; expected 'electron' or 'xray'")
     energy = meta.pop("energy_eV")
     dx = meta.pop("pixel_size_m")
-    _check_positive("energy_eV", energy, "attrs.energy_eV")
-    _check_positive("pixel_size_m", dx, "attrs.pixel_size_m")
     lam = meta.pop("wavelength_m", None)
-    if lam is None:
-        lam = physics.wavelength(radiation, float(energy))
-    _check_positive("wavelength_m", lam, "attrs.wavelength_m")
 
-    inten = np.asarray(arrays["intensity"])
-    if inten.ndim != 3 or 0 in inten.shape:
-        raise DatasetError("intensity", f"has shape {inten.shape}; expected (J, N, N) patterns")
-    if not np.issubdtype(inten.dtype, np.number) or np.iscomplexobj(inten):
-        raise DatasetError("intensity", f"has dtype {inten.dtype}; expected real counts")
-    j, ny, nx = inten.shape
-    inten, count_attrs = _clean_counts(inten)
-    pos = np.asarray(arrays["position"])
-    if pos.shape != (j, 2):
-        raise DatasetError("position", f"has shape {pos.shape}; expected ({j}, 2): one (y, x) in metres per pattern")
-    if not np.issubdtype(pos.dtype, np.number) or np.iscomplexobj(pos):
-        raise DatasetError("position", f"has dtype {pos.dtype}; expected real numbers (metres)")
-    pos = pos.astype(np.float64)
-    if not np.isfinite(pos).all():
-        raise DatasetError("position", "contains NaN or inf; expected finite positions in metres")
-    if np.abs(pos).max() > 0.1:
-        raise DatasetError("position", f"values up to {np.abs(pos).max():.4g}; expected metres (pixels? multiply by pixel_size_m)")
+    # the repairs of the counts need real numbers; every other check is build_dataset's
+    inten, count_attrs = _clean_counts(check_intensity(arrays["intensity"]))
     msk = arrays.get("mask")
-    if msk is not None:
-        msk = np.asarray(msk)
-        if msk.shape != (ny, nx):
-            raise DatasetError("mask", f"has shape {msk.shape}; expected ({ny}, {nx}) like the patterns")
-        msk = msk.astype(bool)
-    prb = arrays.get("probe")
-    if prb is not None:
-        prb = np.asarray(prb)
-        if prb.ndim not in (2, 3) or prb.shape[-2:] != (ny, nx):
-            raise DatasetError("probe", f"has shape {prb.shape}; expected ({ny}, {nx}) or (K, {ny}, {nx})")
-        if not np.issubdtype(prb.dtype, np.number):
-            raise DatasetError("probe", f"has dtype {prb.dtype}; expected complex numbers")
-        if not np.isfinite(prb).all():
-            raise DatasetError("probe", "contains NaN or inf; expected a finite probe")
-        prb = prb.astype(np.complex64).reshape((-1, ny, nx))
     if fft_order:
         inten = np.fft.fftshift(inten, axes=(-2, -1))
-        if msk is not None:
+        if msk is not None and np.ndim(msk) == 2:
             msk = np.fft.fftshift(msk)
-
     extra = {
         "source_file": os.path.basename(os.fspath(path)),
         "importer": "daskptycho.io.importers.import_npz",
         **count_attrs,
         **meta,
     }
-    ds = build_dataset(inten, pos, radiation=radiation, energy_eV=float(energy), wavelength_m=float(lam),
-                       pixel_size_m=float(dx), mask=msk, probe=prb, attrs=extra)
-    validate_dataset(ds, check_values=True)
-    return ds
+    return build_dataset(inten, arrays["position"], radiation=radiation, energy_eV=energy, wavelength_m=lam,
+                         pixel_size_m=dx, mask=msk, probe=arrays.get("probe"), attrs=extra)

@@ -94,9 +94,9 @@ def _atomic_write(ds: xr.Dataset, path, overwrite: bool, encoding=None):
                 if not _renameat2(tmp, path, _RENAME_NOREPLACE):
                     os.rename(tmp, path)
             except FileExistsError:
-                raise OutputExistsError(f"{path} appeared while it was being written: pass overwrite=True (CLI: --overwrite) to replace it") from None
+                raise OutputExistsError(f"{path} appeared while it was being written: pass overwrite=True to replace it") from None
         elif not overwrite:
-            raise OutputExistsError(f"{path} appeared while it was being written: pass overwrite=True (CLI: --overwrite) to replace it")
+            raise OutputExistsError(f"{path} appeared while it was being written: pass overwrite=True to replace it")
         elif os.path.isdir(path) and not os.path.islink(path) and _renameat2(tmp, path, _RENAME_EXCHANGE):
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old store
         else:
@@ -369,6 +369,66 @@ def _diagnose_read(path, arrays):
     return None
 
 
+def checkpoint_info(path):
+    """What the store at ``path`` holds if it is the checkpoint of an unfinished run.
+
+    A run with ``checkpoint_every`` (``--checkpoint-every`` of the command line) keeps its checkpoints
+    in its result store, which is a bare group with attribute
+    ``format = "daskptycho-checkpoint"`` until the finished result replaces it (see
+    :mod:`daskptycho.io.checkpoint`).
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    dict or None
+        None unless ``path`` is such a store; else ``engine``, ``completed`` (iterations
+        of the latest complete checkpoint, None before the first), ``iterations`` (the
+        run's total) and ``checkpoint_every`` (None where unknown).
+    """
+    from .checkpoint import CHECKPOINT_FORMAT_NAME, Checkpoint
+
+    try:
+        with open(os.path.join(os.fspath(path), "zarr.json"), "rb") as f:
+            root = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    attrs = root.get("attributes") if isinstance(root, dict) else None
+    if not isinstance(attrs, dict) or attrs.get("format") != CHECKPOINT_FORMAT_NAME:
+        return None
+    try:
+        meta = Checkpoint(path).latest()
+    except DatasetError:  # a damaged pointer: nothing to resume either
+        meta = None
+    options = (meta or {}).get("options") or {}
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except ValueError:
+            options = {}
+
+    def _int(v):
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    return {"engine": (meta or {}).get("engine"), "completed": _int((meta or {}).get("completed")),
+            "iterations": _int(options.get("iterations")), "checkpoint_every": _int(options.get("checkpoint_every"))}
+
+
+def _checkpoint_problem(path, ck):
+    """Why a checkpoint store cannot be read as a dataset or result, and what to do with it."""
+    if ck["completed"] is None:
+        return (f"{path} is the store of a run interrupted before its first checkpoint, not a dataset or a result: "
+                "nothing can be resumed from it; reconstruct the run's dataset again with overwrite=True to start afresh")
+    total = ck["iterations"]
+    of = f" of {total}" if total is not None else ""
+    more = f" iterations={total}" if total is not None else ""
+    return (f"{path} is the checkpoint of an unfinished run (engine {ck['engine']!r}, {ck['completed']}{of} iterations completed), "
+            f"not a dataset or a result: to continue the run, reconstruct its dataset with checkpoint={os.fspath(path)!r} "
+            f"resume=True{more}; to start afresh, with overwrite=True")
+
+
 def _open_zarr(path, required=()):
     """Open a store lazily after checking its layout; ``required``: arrays whose every
     chunk file must exist."""
@@ -378,6 +438,9 @@ def _open_zarr(path, required=()):
     if _TMP_RE.match(os.path.basename(os.path.normpath(path))):
         raise DatasetError("store", f"{path} is the temporary store of an interrupted write (a complete store is renamed into place); "
                            "delete it and run the command again")
+    ck = checkpoint_info(path)
+    if ck is not None:
+        raise DatasetError("store", _checkpoint_problem(path, ck))
     if not os.path.isdir(path) or not (
         os.path.exists(os.path.join(path, "zarr.json")) or os.path.exists(os.path.join(path, ".zgroup"))
     ):
@@ -563,37 +626,165 @@ def _values(ds, name):
 
 # --------------------------------------------------------------------------- construction
 
-def build_dataset(intensity, position_m, *, radiation, energy_eV, wavelength_m, pixel_size_m,
+def _positive(name, v, field=None):
+    """``float(v)``, or a DatasetError naming ``field`` unless ``v`` is a finite positive number."""
+    try:
+        ok = not isinstance(v, (bool, str)) and math.isfinite(float(v)) and float(v) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise DatasetError(field or name, f"got {v!r}; expected a positive number")
+    return float(v)
+
+
+def check_intensity(intensity):
+    """The patterns as an array: (J, N, M), real numbers; else a DatasetError naming ``intensity``."""
+    inten = np.asarray(intensity)
+    if inten.ndim != 3 or 0 in inten.shape:
+        raise DatasetError("intensity", f"has shape {inten.shape}; expected (J, N, N) patterns")
+    if not np.issubdtype(inten.dtype, np.number) or np.iscomplexobj(inten):
+        raise DatasetError("intensity", f"has dtype {inten.dtype}; expected real counts")
+    return inten
+
+
+def check_position(position, n_scan):
+    """(J, 2) float64 probe centres in metres; a DatasetError naming ``position`` otherwise."""
+    pos = np.asarray(position)
+    if pos.shape != (n_scan, 2):
+        raise DatasetError("position", f"has shape {pos.shape}; expected ({n_scan}, 2): one (y, x) in metres per pattern")
+    if not np.issubdtype(pos.dtype, np.number) or np.iscomplexobj(pos):
+        raise DatasetError("position", f"has dtype {pos.dtype}; expected real numbers (metres)")
+    pos = pos.astype(np.float64)
+    if not np.isfinite(pos).all():
+        raise DatasetError("position", "contains NaN or inf; expected finite positions in metres")
+    if np.abs(pos).max() > 0.1:
+        raise DatasetError("position", f"values up to {np.abs(pos).max():.4g}; expected metres (pixels? multiply by pixel_size_m)")
+    return pos
+
+
+def check_mask(mask, window):
+    """An (N, M) bool mask of valid pixels; a DatasetError naming ``mask`` otherwise."""
+    msk = np.asarray(mask)
+    if msk.shape != tuple(window):
+        raise DatasetError("mask", f"has shape {msk.shape}; expected {tuple(window)} like the patterns")
+    return msk.astype(bool)
+
+
+def check_probe(probe, window):
+    """A (K, N, M) complex64 probe guess from (N, M) or (K, N, M); a DatasetError naming ``probe`` otherwise."""
+    ny, nx = window
+    prb = np.asarray(probe)
+    if prb.ndim not in (2, 3) or prb.shape[-2:] != (ny, nx):
+        raise DatasetError("probe", f"has shape {prb.shape}; expected ({ny}, {nx}) or (K, {ny}, {nx})")
+    if not np.issubdtype(prb.dtype, np.number):
+        raise DatasetError("probe", f"has dtype {prb.dtype}; expected complex numbers")
+    if not np.isfinite(prb).all():
+        raise DatasetError("probe", "contains NaN or inf; expected a finite probe")
+    return prb.astype(np.complex64).reshape((-1, ny, nx))
+
+
+def energy_from_wavelength(radiation, wavelength_m):
+    """The energy in eV of ``radiation`` (``"xray"``: photons, ``"electron"``: kinetic,
+    relativistic) whose wavelength is ``wavelength_m`` metres; the inverse of
+    :func:`daskptycho.physics.wavelength`."""
+    from scipy import constants as C
+
+    if radiation == "xray":
+        return C.h * C.c / (wavelength_m * C.e)
+    mc2 = C.m_e * C.c**2
+    pc = C.h * C.c / wavelength_m
+    return (math.sqrt(pc**2 + mc2**2) - mc2) / C.e
+
+
+def build_dataset(intensity, position_m, *, pixel_size_m, radiation, energy_eV=None, wavelength_m=None,
                   mask=None, probe=None, truth_object=None, truth_probe=None, truth_grid=None,
-                  slice_thickness_m=None, attrs=None) -> xr.Dataset:
-    """Assemble a dataset in the daskptycho format (used by the simulator and importers).
+                  slice_thickness_m=None, attrs=None, check_values=True) -> xr.Dataset:
+    """A dataset in the daskptycho format from arrays, checked, with its attributes stamped.
+
+    The builder behind the simulator and the importers, for anyone with their own
+    arrays: it sets the variables' dims, dtypes and units, the coordinates and the
+    attributes ``format`` and ``format_version``, then checks the result with
+    :func:`validate_dataset`. Write it with :func:`write_dataset`; reconstruct it
+    directly or after writing. See ``docs/format.md``.
 
     Parameters
     ----------
-    intensity : array (J, N, N) float32, centred (zero frequency at the centre)
-    position_m : array (J, 2) float64, probe centres (y, x) in metres
-    mask : bool array (N, N), optional
-    probe : complex array (K, N, N), optional, a probe guess
-    truth_object : complex array (S, H, W), optional, with ``truth_grid`` (an ObjectGrid)
-    truth_probe : complex array (K, N, N), optional
-    attrs : dict, extra attributes (probe-forming parameters, geometry ...)
+    intensity : array_like (J, N, M)
+        Measured counts (any real dtype; stored as float32), zero spatial frequency
+        at pixel ``(N//2, M//2)`` (``numpy.fft.fftshift`` patterns in FFT order first),
+        >= 0 and finite.
+    position_m : array_like (J, 2)
+        Probe centres ``(y, x)`` in the sample plane, metres, in acquisition order.
+    pixel_size_m : float
+        Real-space pixel size in metres that the detector sampling implies:
+        ``wavelength * distance / (N * detector pixel)``.
+    radiation : {"xray", "electron"}
+    energy_eV, wavelength_m : float
+        Photon energy or electron kinetic energy (eV), and/or the wavelength (m);
+        give either and the other follows (relativistic for electrons).
+    mask : array_like (N, M) of bool, optional
+        True for the detector pixels to use, in the same (centred) order as ``intensity``.
+    probe : array_like (N, M) or (K, N, M), complex, optional
+        A probe guess in sqrt(counts), centre at pixel ``(N//2, M//2)`` (real space).
+        Without one the store needs the attributes ``probe_semiangle_rad`` and
+        ``probe_defocus_m`` (in ``attrs``) to form one.
+    truth_object : array (S, H, W) complex, optional
+        A known object (simulations), with ``truth_grid`` (an
+        :class:`~daskptycho.geometry.ObjectGrid`) giving its pixel centres.
+    truth_probe : array (K, N, M) complex, optional
+    slice_thickness_m : float, optional
+        Slice thickness in metres (multislice samples).
+    attrs : dict, optional
+        More attributes: ``probe_semiangle_rad``, ``probe_defocus_m``, ``probe_cs_m``,
+        ``detector_distance_m`` ... (``docs/format.md``).
+    check_values : bool
+        Also scan the intensities for NaN, inf and negative values.
+
+    Returns
+    -------
+    xarray.Dataset
+        In memory, valid for :func:`write_dataset` and :func:`daskptycho.reconstruct`.
+
+    Raises
+    ------
+    DatasetError
+        Naming the argument at fault (``intensity``, ``position``, ``mask``, ``probe``,
+        ``attrs.radiation``, ``attrs.energy_eV``, ``attrs.pixel_size_m`` ...) and what is expected.
     """
-    intensity = np.asarray(intensity, dtype=np.float32)
+    if radiation not in ("electron", "xray"):
+        raise DatasetError("attrs.radiation", f"got {radiation!r}; expected 'electron' or 'xray'")
+    if energy_eV is None and wavelength_m is None:
+        raise DatasetError("attrs.energy_eV", "missing; pass energy_eV=... (eV) or wavelength_m=... (metres)")
+    pixel_size_m = _positive("pixel_size_m", pixel_size_m, "attrs.pixel_size_m")
+    if energy_eV is not None:
+        energy_eV = _positive("energy_eV", energy_eV, "attrs.energy_eV")
+    if wavelength_m is not None:
+        wavelength_m = _positive("wavelength_m", wavelength_m, "attrs.wavelength_m")
+    if wavelength_m is None:
+        from .. import physics
+
+        wavelength_m = float(physics.wavelength(radiation, energy_eV))
+    if energy_eV is None:
+        energy_eV = float(energy_from_wavelength(radiation, wavelength_m))
+    intensity = check_intensity(intensity).astype(np.float32, copy=False)
     j, ny, nx = intensity.shape
+    position_m = check_position(position_m, j)
     k = (np.arange(ny) - ny // 2) / (ny * pixel_size_m), (np.arange(nx) - nx // 2) / (nx * pixel_size_m)
     # variable-length strings: Zarr v3 has a stable encoding for them (not for fixed-width)
     coords = {"scan": np.arange(j), "yx": np.array(["y", "x"], dtype=object), "ky": k[0], "kx": k[1]}
     data = {
         "intensity": (("scan", "ky", "kx"), intensity, {"units": "counts", "long_name": "measured diffraction intensity, zero frequency at the centre"}),
-        "position": (("scan", "yx"), np.asarray(position_m, dtype=np.float64), {"units": "m", "long_name": "probe centre in the sample plane"}),
+        "position": (("scan", "yx"), position_m, {"units": "m", "long_name": "probe centre in the sample plane"}),
     }
     if mask is not None:
-        data["mask"] = (("ky", "kx"), np.asarray(mask, dtype=bool), {"long_name": "valid detector pixels"})
+        data["mask"] = (("ky", "kx"), check_mask(mask, (ny, nx)), {"long_name": "valid detector pixels"})
     if probe is not None:
-        data["probe"] = (("mode", "py", "px"), np.asarray(probe, dtype=np.complex64).reshape((-1, ny, nx)), {"units": "sqrt(counts)", "long_name": "probe guess, centre at pixel N//2"})
+        data["probe"] = (("mode", "py", "px"), check_probe(probe, (ny, nx)), {"units": "sqrt(counts)", "long_name": "probe guess, centre at pixel N//2"})
     if truth_probe is not None:
         data["truth_probe"] = (("mode", "py", "px"), np.asarray(truth_probe, dtype=np.complex64).reshape((-1, ny, nx)), {"units": "sqrt(counts)", "long_name": "true probe"})
     if truth_object is not None:
+        if truth_grid is None:
+            raise DatasetError("truth_object", "given without truth_grid; pass the ObjectGrid whose pixel centres it is sampled on")
         data["truth_object"] = (("slice", "y", "x"), np.asarray(truth_object, dtype=np.complex64), {"units": "1", "long_name": "true transmission function per slice"})
         coords["y"] = ("y", truth_grid.y, {"units": "m", "long_name": "pixel centre"})
         coords["x"] = ("x", truth_grid.x, {"units": "m", "long_name": "pixel centre"})
@@ -609,6 +800,7 @@ def build_dataset(intensity, position_m, *, radiation, energy_eV, wavelength_m, 
         "pixel_size_m": float(pixel_size_m),
     })
     if slice_thickness_m is not None:
-        ds.attrs["slice_thickness_m"] = float(slice_thickness_m)
+        ds.attrs["slice_thickness_m"] = _positive("slice_thickness_m", slice_thickness_m, "attrs.slice_thickness_m")
     ds.attrs.update(attrs or {})
+    validate_dataset(ds, check_values=check_values)
     return ds
