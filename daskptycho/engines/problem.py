@@ -19,6 +19,8 @@ from ..errors import DatasetError, DeviceError, OptionsError
 from ..geometry import ObjectGrid, object_grid
 
 ENGINES = ("ml", "gd", "hve", "dm")
+#: the engines that split the object into tiles
+TILED = ("gd", "hve")
 
 
 def _cfg(key):
@@ -50,7 +52,7 @@ class ReconstructOptions:
     working_set_fraction: float = _cfg("working_set_fraction")  # ... and at most this fraction of a tile's state
     device: str = "cpu"
     # gradient decomposition and friends (used by the distributed engines)
-    tiles: tuple = _cfg("tiles")
+    tiles: tuple | None = None                    # gd, hve: (rows, cols); None = config daskptycho.reconstruct.tiles
     local_updates: bool = False
     passes_per_iteration: int = 1
     halo_m: float | None = None
@@ -105,23 +107,60 @@ class ReconstructOptions:
             raise OptionsError("working_set_fraction", f"got {self.working_set_fraction}; expected a positive fraction")
         if self.device not in ("cpu", "gpu"):
             raise OptionsError("device", f"got {self.device!r}; expected 'cpu' or 'gpu'")
-        try:
-            t = tuple(int(v) for v in self.tiles)
-        except (TypeError, ValueError):
-            t = ()
-        if len(t) != 2 or min(t) < 1:
-            raise OptionsError("tiles", f"got {self.tiles!r}; expected (rows, cols) with both >= 1, e.g. (3, 3)")
-        self.tiles = t
+        if self.tiles is None and self.engine in TILED:
+            self.tiles = config.get("reconstruct.tiles")
+        if self.tiles is not None:
+            try:
+                t = tuple(int(v) for v in self.tiles)
+            except (TypeError, ValueError):
+                t = ()
+            if len(t) != 2 or min(t) < 1:
+                raise OptionsError("tiles", f"got {self.tiles!r}; expected (rows, cols) with both >= 1, e.g. (3, 3)")
+            self.tiles = t
+        _check_engine_options(self)
         if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, (int, np.integer)) or self.checkpoint_every < 0:
             raise OptionsError("checkpoint_every", f"got {self.checkpoint_every!r}; expected an integer >= 0 (0 = no checkpoints)")
         if (self.checkpoint_every or self.resume) and not self.checkpoint:
-            raise OptionsError("checkpoint", "checkpoint_every and resume need the result store to keep checkpoints in (CLI: --out)")
+            raise OptionsError("checkpoint", "checkpoint_every and resume need the result store to keep checkpoints in: "
+                               "pass checkpoint=PATH (the result store)")
         if self.checkpoint is not None:
             self.checkpoint = str(self.checkpoint)
         if (self.checkpoint_every or self.resume) and self.engine == "dm" and self.probe_modes == "auto":
             raise OptionsError("probe_modes", "'auto' runs several reconstructions and cannot be checkpointed; give the number of modes")
         if self.passes_per_iteration < 1:
             raise OptionsError("passes_per_iteration", f"got {self.passes_per_iteration}; expected >= 1")
+
+
+# option -> (the engines that use it, the value that means "not asked for"): an option
+# given to an engine that would ignore it is refused (it would silently do nothing)
+_ENGINE_ONLY = {
+    "tiles": (TILED, None),
+    "halo_m": (TILED, None),
+    "batch_size": (("ml", "gd", "hve"), None),
+    "local_updates": (("gd",), False),
+    "passes_per_iteration": (("gd",), 1),
+    "partitions": (("dm",), None),
+    "partition": (("dm",), "blocks"),
+    "beta": (("dm",), 0.8),
+    "object_modes": (("dm",), 1),
+}
+
+
+def _check_engine_options(opts):
+    """What one engine cannot do, checked with the other options, before any cluster starts."""
+    e = opts.engine
+    for name, (engines, unset) in _ENGINE_ONLY.items():
+        v = getattr(opts, name)
+        if e not in engines and not (v is None if unset is None else v == unset):
+            users = " and ".join(repr(x) for x in engines)
+            raise OptionsError(name, f"got {v!r}, but engine {e!r} does not use it (only {users}); drop it or choose engine={engines[0]!r}")
+    if e == "dm" and opts.slices != 1:
+        raise OptionsError("slices", "the difference map is a 2-D method: use slices=1 (engine='gd' or 'ml' for multislice)")
+    if e == "hve" and opts.refine_probe:
+        raise OptionsError("refine_probe", "the hve baseline duplicates positions across tiles and does not refine the probe; use engine='gd'")
+    if e == "hve" and opts.local_updates:
+        raise OptionsError("local_updates", "the hve baseline has no accumulated-gradient buffer; give batch_size for sequential "
+                           "minibatch updates inside each tile")
 
 
 # option -> (integer?, lower bound, bound allowed?, None allowed?): checked before the
@@ -265,7 +304,7 @@ def prepare(ds, options) -> Problem:
     if opts.slices > 1:
         thickness = opts.slice_thickness_m or ds.attrs.get("slice_thickness_m")
         if thickness is None:
-            raise OptionsError("slice_thickness_m", "needed with slices > 1 and the store gives none: pass slice_thickness_m (CLI --slice-thickness, metres)")
+            raise OptionsError("slice_thickness_m", "needed with slices > 1 and the store gives none: pass slice_thickness_m=... (metres)")
     else:
         thickness = opts.slice_thickness_m or ds.attrs.get("slice_thickness_m") or 0.0
     positions = np.asarray(ds["position"].values, dtype=np.float64)
@@ -278,6 +317,9 @@ def prepare(ds, options) -> Problem:
         make_tiling(grid, corners, window, opts.tiles, halo_from_metres(opts.halo_m, dx))
     if opts.engine == "dm" and opts.partitions is not None and opts.partitions > n_scan:
         raise OptionsError("partitions", f"got {opts.partitions}; expected at most the number of positions ({n_scan})")
+    if opts.engine == "dm" and opts.partitions is None and opts.workers is not None and opts.workers > n_scan:
+        raise OptionsError("workers", f"got {opts.workers}, and dm splits the scan into one part per worker, but there are only "
+                           f"{n_scan} positions: give at most workers={n_scan}, or partitions=K with K <= {n_scan}")
     mask = None
     if "mask" in ds:
         mask = np.fft.ifftshift(np.asarray(ds["mask"].values, dtype=bool))
