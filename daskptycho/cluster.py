@@ -22,10 +22,13 @@ connection (:class:`distributed.security.Security`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
+import signal
+import weakref
 
 from . import config
 from .errors import DaskptychoError, DeviceError, OptionsError
@@ -57,17 +60,134 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+@contextlib.contextmanager
 def log_to_stderr():
-    """Show daskptycho's INFO messages on stderr (a batch cluster's job ids and dashboard,
-    the live page's address, a lost worker's recovery); idempotent."""
+    """Within the ``with`` block, show daskptycho's INFO messages on stderr (the cluster
+    starting, a batch cluster's job ids and dashboard, the live page's address, a lost
+    worker's recovery). Nested blocks print each message once."""
     top = logging.getLogger("daskptycho")
-    if not any(isinstance(h, _StderrHandler) for h in top.handlers):
-        top.addHandler(_StderrHandler())
-        top.setLevel(logging.INFO)
+    if any(isinstance(h, _StderrHandler) for h in top.handlers):
+        yield
+        return
+    handler, level = _StderrHandler(), top.level
+    top.addHandler(handler)
+    top.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        top.removeHandler(handler)
+        top.setLevel(level)
+
+
+#: loggers whose messages during the teardown after an interrupt are only noise
+#: (connections closing under a task, workers killed, pending asyncio tasks)
+_TEARDOWN_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh")
+
+
+@contextlib.contextmanager
+def quiet_logs(prefixes=_TEARDOWN_LOGGERS):
+    """Disable every logger named ``prefix`` or ``prefix.*`` within the block (distributed
+    sets levels on some of its child loggers, so the parent's level is not enough)."""
+    names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in prefixes]
+    loggers = [logging.getLogger(n) for n in sorted(set(names) | set(prefixes))]
+    saved = [(lg, lg.disabled) for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        yield
+    finally:
+        for lg, disabled in saved:
+            lg.disabled = disabled
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold SIGINT back from this thread, and from every thread and process started
+    within the block, while a cluster starts.
+
+    A terminal's Ctrl-C goes to the whole foreground process group, worker processes
+    included: each would raise KeyboardInterrupt in its event loop and print tracebacks
+    (its nanny then logs their deaths) above the one line the parent prints. A blocked
+    signal mask is inherited by threads (the cluster's event loop, the nannies' process
+    watchers) and survives fork and exec, so every worker process they spawn, a
+    restarted one included, starts with SIGINT blocked and never sees the Ctrl-C; the
+    parent alone handles it and closes the cluster. A Ctrl-C during the start itself is
+    not lost: it is pending, and raised here when the block ends.
+
+    multiprocessing's resource tracker, started by the first process a nanny spawns,
+    unblocks SIGINT in the thread that starts it (its event loop thread here), so it is
+    started first, from this thread.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: no process groups to shield from
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # raises a pending KeyboardInterrupt
+
+
+def _start(factory):
+    """Call ``factory()`` (which starts a cluster) with interrupts held back from the
+    workers; a Ctrl-C that arrived meanwhile closes the new cluster quietly, then propagates."""
+    cluster = None
+    try:
+        with _interrupts_held():
+            cluster = factory()
+    except BaseException:
+        if cluster is not None:
+            _close_after_interrupt(cluster)
+        raise
+    return cluster
+
+
+def _silence_this_process():
+    """Run on a worker process about to be closed after an interrupt: nothing more of it
+    reaches the terminal (its log records, asyncio's, anything written to stderr)."""
+    import sys
+
+    for name in [""] + list(logging.root.manager.loggerDict):
+        logging.getLogger(name).disabled = True
+    try:
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - a closed or broken stderr is as quiet as it gets
+        pass
+    fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+
+
+def _close_after_interrupt(cluster):
+    """Close a cluster whose run was interrupted, without distributed's log of the teardown."""
+    with quiet_logs():
+        try:
+            cluster.close()
+        except Exception as e:  # noqa: BLE001 - the interrupt is what the user must see
+            logger.debug("closing the interrupted cluster: %s", e)
 
 
 class ClusterError(DaskptychoError, RuntimeError):
-    """A cluster could not be started or reached (no workers arrived, scheduler unreachable)."""
+    """A cluster could not be started or reached (no workers arrived, scheduler unreachable).
+
+    Parameters
+    ----------
+    message : str
+    parameter : str, optional
+        The :func:`connect` keyword it concerns (``"cluster"``, ``"scheduler_file"``).
+    """
+
+    def __init__(self, message, parameter=None):
+        self.parameter = parameter
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.parameter))
 
 
 def default_workers() -> int:
@@ -106,7 +226,9 @@ def local_cluster(n_workers=None, memory_limit="auto", processes=True, *, protoc
         extra = {"protocol": "tls://", "security": security}
     elif protocol is not None:
         extra = {"protocol": protocol}
-    return LocalCluster(
+    how = "TLS" if security is not None else (protocol or "tcp").rstrip(":/").upper()
+    logger.info("starting %d worker%s (LocalCluster, %s on 127.0.0.1) ...", n, "" if n == 1 else "s", how)
+    return _start(lambda: LocalCluster(
         n_workers=n,
         threads_per_worker=1,
         processes=processes,
@@ -117,7 +239,7 @@ def local_cluster(n_workers=None, memory_limit="auto", processes=True, *, protoc
         memory_limit=memory_limit,
         silence_logs=40,  # logging.ERROR: keep the user's terminal readable
         **extra,
-    )
+    ))
 
 
 class Connection:
@@ -146,6 +268,7 @@ class Connection:
         self.spec = spec
         self.device = device
         self.security = security
+        _OPEN.add(self)
 
     @property
     def scheduler_address(self) -> str:
@@ -161,22 +284,71 @@ class Connection:
         workers = getattr(self.cluster, "workers", {}) or {}
         return sorted(str(j.job_id) for j in workers.values() if getattr(j, "job_id", None))
 
-    def close(self):
-        try:
-            self.client.close()
-        finally:
-            if self.cluster is not None:
-                self.cluster.close()
-                self.cluster = None
+    def close(self, quiet=False):
+        """Close the client, and the cluster if this connection started it.
+
+        Parameters
+        ----------
+        quiet : bool
+            Without distributed's log of the teardown (after an interrupt, where
+            connections close under running tasks and every such event is logged).
+        """
+        _OPEN.discard(self)
+        with quiet_logs() if quiet else contextlib.nullcontext():
+            if quiet and self.cluster is not None and self.spec in EMBEDDED:
+                # the worker processes write to this terminal too, and their own teardown
+                # under running tasks is logged as errors (heartbeats cut off, data released)
+                try:
+                    self.client.run(_silence_this_process, callback_timeout=5)
+                except Exception as e:  # noqa: BLE001 - closing goes on whatever the workers answer
+                    logger.debug("quieting the workers before closing: %s", e)
+            try:
+                self.client.close()
+            except Exception as e:
+                if not quiet:
+                    raise
+                logger.debug("closing the client after an interrupt: %s", e)  # a timeout under load, a comm gone
+            finally:
+                if self.cluster is not None:
+                    cluster, self.cluster = self.cluster, None
+                    if quiet:
+                        _close_after_interrupt(cluster)
+                    else:
+                        cluster.close()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        # an interrupt (KeyboardInterrupt, a cancelled task): close without a word
+        self.close(quiet=exc_type is not None and not issubclass(exc_type, Exception))
 
     def __repr__(self):
         return f"<daskptycho Connection {self.spec!r} scheduler={self.scheduler_address} dashboard={self.dashboard_link}>"
+
+
+#: the connections made here and not closed yet (see :func:`close_all`)
+_OPEN = weakref.WeakSet()
+
+
+def close_all(quiet=False):
+    """Close every :class:`Connection` made in this process and not closed yet.
+
+    For the end of an interrupted program: an interrupt can arrive after a connection
+    was made and before the code that made it was ready to close it (a context
+    manager's ``__enter__`` not yet returned), which would leave the cluster to die with
+    the process and its workers to log their lost scheduler.
+
+    Parameters
+    ----------
+    quiet : bool
+        As for :meth:`Connection.close`.
+    """
+    for conn in list(_OPEN):
+        try:
+            conn.close(quiet=quiet)
+        except Exception as e:  # noqa: BLE001 - close the others whatever one does
+            logger.debug("closing %r: %s", conn, e)
 
 
 def security(tls=None, *, embedded=True):
@@ -215,12 +387,12 @@ def security(tls=None, *, embedded=True):
         return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, tls_scheduler_cert=cert, tls_scheduler_key=key,
                         tls_worker_cert=cert, tls_worker_key=key, require_encryption=True)
     if not embedded:
-        raise OptionsError("--tls", "TLS with a remote scheduler or batch-job workers needs certificate files: set "
+        raise OptionsError("tls", "TLS with a remote scheduler or batch-job workers needs certificate files: set "
                            "daskptycho.cluster.tls-ca-file, tls-cert and tls-key (e.g. DASK_DASKPTYCHO__CLUSTER__TLS_CERT=...)")
     try:
         return Security.temporary()
     except ImportError:
-        raise OptionsError("--tls", "temporary TLS certificates need the 'cryptography' package: pip install cryptography, "
+        raise OptionsError("tls", "temporary TLS certificates need the 'cryptography' package: pip install cryptography, "
                            "or give certificate files in daskptycho.cluster.tls-*") from None
 
 
@@ -266,12 +438,7 @@ def connect(spec="local", *, workers=None, jobs=None, scheduler_file=None, tls=N
     ClusterError
         A batch system's workers did not arrive in time, or a scheduler is unreachable.
     """
-    if spec is None:
-        spec = config.get("cluster.spec", "local")
-    if device not in (None, "cpu", "gpu"):
-        raise OptionsError("--device", f"got {device!r}; expected 'cpu' or 'gpu'")
-    if workers is not None and workers < 1:
-        raise OptionsError("--workers", f"got {workers}; expected >= 1")
+    spec = check_connect(spec, workers=workers, jobs=jobs, scheduler_file=scheduler_file, tls=tls, device=device)
     if scheduler_file is not None:
         return _attach(None, scheduler_file, tls, device)
     spec = str(spec)
@@ -285,11 +452,99 @@ def connect(spec="local", *, workers=None, jobs=None, scheduler_file=None, tls=N
         return _ucx(workers, memory_limit, tls, device)
     if spec == "cuda":
         return _cuda(workers, memory_limit, tls, device)
+    return _jobqueue(spec, jobs, tls, device)
+
+
+def check_connect(spec=None, *, workers=None, jobs=None, scheduler_file=None, tls=None, device=None):
+    """Check the arguments of :func:`connect` without starting or reaching anything.
+
+    What :func:`connect` would refuse is refused here, at once: an unknown spec, bad
+    numbers, a missing scheduler file, TLS without what it needs, a GPU or package
+    that is not there. A scheduler that does not answer, or batch jobs that never
+    start, can only be found by :func:`connect` itself.
+
+    Parameters
+    ----------
+    spec, workers, jobs, scheduler_file, tls, device
+        As for :func:`connect`.
+
+    Returns
+    -------
+    str
+        The spec (config ``daskptycho.cluster.spec`` when ``spec`` is None).
+
+    Raises
+    ------
+    OptionsError, DeviceError, ClusterError
+        Naming the parameter at fault.
+    """
+    if spec is None:
+        spec = config.get("cluster.spec", "local")
+    if device not in (None, "cpu", "gpu"):
+        raise OptionsError("device", f"got {device!r}; expected 'cpu' or 'gpu'")
+    for name, value in (("workers", workers), ("jobs", jobs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise OptionsError(name, f"got {value!r}; expected an integer >= 1")
+    if scheduler_file is not None:
+        address = _scheduler_file_address(scheduler_file)
+        if address.startswith("tls://") or tls:
+            security(True, embedded=False)
+        return spec
+    spec = str(spec)
+    if spec.startswith(_ADDRESS_PREFIXES):
+        if spec.startswith("tls://") or tls:
+            security(True, embedded=False)
+        return spec
+    tls_on = bool(tls) or (tls is None and bool(config.get("cluster.tls", False)))
+    if spec in ("local", "ucx"):
+        if spec == "ucx" and tls_on:
+            raise OptionsError("tls", "UCX has no TLS; use cluster='local' with tls=True (TCP with TLS), or drop tls=True")
+        if spec == "ucx" and not _ucxx_available():
+            raise DeviceError("cluster='ucx' needs distributed-ucxx: pip install distributed-ucxx-cu12 (or use cluster='local')")
+        if device == "gpu":
+            from .backend import gpu_available
+
+            if not gpu_available():
+                raise DeviceError("device='gpu': there is no usable GPU on this machine (CuPy is missing or cupy.is_available() "
+                                  "is False); use device='cpu'")
+        return spec
+    if spec == "cuda":
+        if device == "cpu":
+            raise OptionsError("device", "cluster='cuda' runs the engines on GPUs; drop device='cpu' or use cluster='local'")
+        from .backend import gpu_available
+
+        if not gpu_available():
+            raise DeviceError("cluster='cuda': there is no usable GPU on this machine (CuPy is missing or cupy.is_available() "
+                              "is False); use cluster='local'")
+        try:
+            import dask_cuda  # noqa: F401
+        except Exception as e:
+            raise DeviceError(f"cluster='cuda' needs dask-cuda ({type(e).__name__}: {e}): pip install 'dask-cuda[cu12]', "
+                              "or use cluster='local'") from None
+        return spec
     profiles = jobqueue_profiles()
     if spec in profiles or spec in BATCH_SYSTEMS:
-        return _jobqueue(spec, jobs, tls, device)
+        import shutil
+
+        system = str(profiles.get(spec, {}).get("system") or spec)
+        submit = {"slurm": "sbatch", "lsf": "bsub", "pbs": "qsub"}.get(system)
+        if submit and not shutil.which(submit):
+            raise ClusterError(f"cluster={spec!r}: {submit} is not on PATH: run on a {system.upper()} login node (or start "
+                               "one: cluster/ci/slurm-up.sh), or use cluster='local'", parameter="cluster")
+        return spec
     choices = list(EMBEDDED) + sorted(set(BATCH_SYSTEMS) | set(profiles)) + ["tcp://HOST:PORT", "ucx://HOST:PORT", "tls://HOST:PORT"]
-    raise OptionsError("--cluster", f"unknown cluster {spec!r}; expected one of {', '.join(choices)} (or --scheduler-file PATH)")
+    raise OptionsError("cluster", f"unknown cluster {spec!r}; expected one of {', '.join(choices)} (or scheduler_file=...)")
+
+
+def _scheduler_file_address(scheduler_file):
+    """The scheduler address a scheduler file holds."""
+    if not os.path.isfile(scheduler_file):
+        raise OptionsError("scheduler_file", f"{scheduler_file} does not exist (the scheduler writes it once it is up)")
+    try:
+        with open(scheduler_file) as f:
+            return str(json.load(f)["address"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OptionsError("scheduler_file", f"{scheduler_file} is not a Dask scheduler file (JSON with an 'address')") from None
 
 
 def _client(cluster, spec, device, sec):
@@ -298,8 +553,11 @@ def _client(cluster, spec, device, sec):
 
     try:
         client = Client(cluster, security=sec)
-    except BaseException:
+    except Exception:
         cluster.close()
+        raise
+    except BaseException:
+        _close_after_interrupt(cluster)
         raise
     return Connection(client, cluster, spec=spec, device=device, security=sec)
 
@@ -308,27 +566,21 @@ def _attach(address, scheduler_file, tls, device):
     """Attach to a running scheduler, by address or scheduler file; never closes it."""
     from distributed import Client
 
-    what = address
-    if scheduler_file is not None:
-        if not os.path.isfile(scheduler_file):
-            raise OptionsError("--scheduler-file", f"{scheduler_file} does not exist (the scheduler writes it once it is up)")
-        try:
-            with open(scheduler_file) as f:
-                what = json.load(f)["address"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise OptionsError("--scheduler-file", f"{scheduler_file} is not a Dask scheduler file (JSON with an 'address')") from None
+    what = address if scheduler_file is None else _scheduler_file_address(scheduler_file)
     use_tls = what.startswith("tls://") or bool(tls)
     sec = security(True, embedded=False) if use_tls else None
     timeout = config.get("cluster.connect-timeout", 30)
+    logger.info("connecting to the scheduler at %s ...", what)
     try:
         if scheduler_file is not None:
             client = Client(scheduler_file=scheduler_file, security=sec, timeout=timeout)
         else:
             client = Client(address, security=sec, timeout=timeout)
     except (OSError, TimeoutError) as e:
-        flag = "--scheduler-file" if scheduler_file is not None else "--cluster"
-        raise ClusterError(f"{flag}: cannot reach the scheduler at {what} within {timeout} s ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else 'no reply'})") from None
+        given = f"scheduler_file={scheduler_file!r}" if scheduler_file is not None else f"cluster={address!r}"
+        raise ClusterError(f"{given}: cannot reach the scheduler at {what} within {timeout} s ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else 'no reply'})",
+                           parameter="scheduler_file" if scheduler_file is not None else "cluster") from None
     return Connection(client, None, spec=address or "scheduler-file", device=device or "cpu", security=sec)
 
 
@@ -343,10 +595,7 @@ def _ucxx_available():
 
 
 def _ucx(workers, memory_limit, tls, device):
-    if tls or (tls is None and config.get("cluster.tls", False)):
-        raise OptionsError("--tls", "UCX has no TLS; use --cluster local --tls (TCP with TLS) or drop --tls")
-    if not _ucxx_available():
-        raise DeviceError("--cluster ucx needs distributed-ucxx: pip install distributed-ucxx-cu12 (or use --cluster local)")
+    # (checked by check_connect: no TLS, distributed-ucxx installed)
     # loopback TCP through UCX unless the user chose transports; quiet UCX's warning
     # about the DASK_/UCX_ variables it does not know
     os.environ.setdefault("UCX_TLS", "tcp")
@@ -356,18 +605,9 @@ def _ucx(workers, memory_limit, tls, device):
 
 
 def _cuda(workers, memory_limit, tls, device):
-    if device == "cpu":
-        raise OptionsError("--device", "--cluster cuda runs the engines on GPUs; drop --device cpu or use --cluster local")
-    from .backend import gpu_available
+    # (checked by check_connect: not device='cpu', a usable GPU, dask-cuda importable)
+    from dask_cuda import LocalCUDACluster
 
-    if not gpu_available():
-        raise DeviceError("--cluster cuda: there is no usable GPU on this machine (CuPy is missing or cupy.is_available() "
-                          "is False); use --cluster local")
-    try:
-        from dask_cuda import LocalCUDACluster
-    except Exception as e:
-        raise DeviceError(f"--cluster cuda needs dask-cuda ({type(e).__name__}: {e}): pip install 'dask-cuda[cu12]', "
-                          "or use --cluster local") from None
     sec = security(tls)
     if sec is not None:
         protocol = "tls://"
@@ -378,12 +618,14 @@ def _cuda(workers, memory_limit, tls, device):
         _once("distributed-ucxx is not installed: the cuda cluster's workers talk TCP "
               "(pip install distributed-ucxx-cu12 for UCX/NVLink)")
     kw = {"n_workers": workers} if workers else {}
+    logger.info("starting %s (LocalCUDACluster, %s on 127.0.0.1) ...",
+                f"{workers} GPU worker{'' if workers == 1 else 's'}" if workers else "one worker per GPU", protocol.rstrip(":/").upper())
     try:
-        cluster = LocalCUDACluster(protocol=protocol, security=sec, threads_per_worker=1, host="127.0.0.1",
-                                   dashboard_address="127.0.0.1:0", memory_limit=memory_limit, silence_logs=40, **kw)
+        cluster = _start(lambda: LocalCUDACluster(protocol=protocol, security=sec, threads_per_worker=1, host="127.0.0.1",
+                                                  dashboard_address="127.0.0.1:0", memory_limit=memory_limit, silence_logs=40, **kw))
     except Exception as e:  # pynvml and CUDA errors surface here on a machine without a usable GPU
-        raise DeviceError(f"--cluster cuda: dask-cuda could not start GPU workers ({type(e).__name__}: {e}); "
-                          "use --cluster local") from None
+        raise DeviceError(f"cluster='cuda': dask-cuda could not start GPU workers ({type(e).__name__}: {e}); "
+                          "use cluster='local'") from None
     return _client(cluster, "cuda", "gpu", sec)
 
 
@@ -458,11 +700,11 @@ def jobqueue_cluster(profile, *, security=None, path=None, **overrides):
     settings = profiles.get(profile, {})
     system = settings.pop("system", profile)
     if system not in BATCH_SYSTEMS:
-        raise OptionsError("--cluster", f"profile {profile!r} names batch system {system!r}; expected one of {', '.join(BATCH_SYSTEMS)}")
+        raise OptionsError("cluster", f"profile {profile!r} names batch system {system!r}; expected one of {', '.join(BATCH_SYSTEMS)}")
     try:
         import dask_jobqueue
     except ImportError:
-        raise OptionsError("--cluster", f"--cluster {profile} needs dask-jobqueue: pip install dask-jobqueue") from None
+        raise OptionsError("cluster", f"cluster={profile!r} needs dask-jobqueue: pip install dask-jobqueue") from None
     kwargs = {}
     for key, value in settings.items():
         key = key.replace("-", "_")
@@ -475,23 +717,17 @@ def jobqueue_cluster(profile, *, security=None, path=None, **overrides):
     try:
         return cls(scheduler_options=sched, security=security, config_name=system, **kwargs)
     except (TypeError, ValueError) as e:
-        raise OptionsError("--cluster", f"profile {profile!r} of {path or jobqueue_file()}: {e}") from None
+        raise OptionsError("cluster", f"profile {profile!r} of {path or jobqueue_file()}: {e}") from None
 
 
 def _jobqueue(profile, jobs, tls, device):
-    import shutil
-
     from distributed import Client
 
     if jobs is None:
         jobs = int(config.get("cluster.jobs", 1))
     if jobs < 1:
-        raise OptionsError("--jobs", f"got {jobs}; expected >= 1")
+        raise OptionsError("jobs", f"got {jobs}; expected >= 1")
     system = str(jobqueue_profiles().get(profile, {}).get("system") or profile)
-    submit = {"slurm": "sbatch", "lsf": "bsub", "pbs": "qsub"}[system] if system in BATCH_SYSTEMS else None
-    if submit and not shutil.which(submit):
-        raise ClusterError(f"--cluster {profile}: {submit} is not on PATH: run on a {system.upper()} login node (or start "
-                           "one: cluster/ci/slurm-up.sh), or use --cluster local")
     # workers on other nodes must be given the certificate: files, not in-memory temporary ones
     sec = security(tls, embedded=False)
     cluster = jobqueue_cluster(profile, security=sec)
@@ -499,6 +735,8 @@ def _jobqueue(profile, jobs, tls, device):
     try:
         if system == "slurm":
             _slurm_test_only(cluster, profile)
+        logger.info("submitting %d %s job%s (profile %s); waiting up to %g s for the workers ...", jobs, system.upper(),
+                    "" if jobs == 1 else "s", profile, timeout)
         cluster.scale(jobs=jobs)
         per_job = int(getattr(cluster._dummy_job, "worker_processes", 1) or 1)
         client = Client(cluster, security=sec)
@@ -508,9 +746,9 @@ def _jobqueue(profile, jobs, tls, device):
             got = len(client.scheduler_info(n_workers=-1)["workers"])
             ids = ", ".join(str(j.job_id) for j in cluster.workers.values() if getattr(j, "job_id", None)) or "none"
             client.close()
-            raise ClusterError(f"--cluster {profile}: {got} of {jobs * per_job} {system.upper()} workers joined within {timeout:g} s "
+            raise ClusterError(f"cluster={profile!r}: {got} of {jobs * per_job} {system.upper()} workers joined within {timeout:g} s "
                                f"(job ids: {ids}); the jobs may still be queued or failed to start: see the batch system's "
-                               "queue and job logs, or raise daskptycho.cluster.worker-timeout") from None
+                               "queue and job logs, or raise daskptycho.cluster.worker-timeout", parameter="cluster") from None
     except BaseException:
         _close_quietly(cluster)
         raise
@@ -532,8 +770,8 @@ def _slurm_test_only(cluster, profile):
         r = subprocess.run(["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60)
     if r.returncode != 0:
         reason = " ".join(ln.removeprefix("sbatch: error: ") for ln in r.stderr.strip().splitlines()[-2:]) or f"exit status {r.returncode}"
-        raise ClusterError(f"--cluster {profile}: SLURM refuses the worker job ({reason}); edit profile {profile!r} in "
-                           f"{jobqueue_file()} (cores, memory, queue, account)")
+        raise ClusterError(f"cluster={profile!r}: SLURM refuses the worker job ({reason}); edit profile {profile!r} in "
+                           f"{jobqueue_file()} (cores, memory, queue, account)", parameter="cluster")
 
 
 def _close_quietly(cluster):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import daskptycho as dp
+from daskptycho.metrics import steady_iteration_s
 
 
 def run(*args, cwd=None):
@@ -36,25 +38,48 @@ def test_simulate_info_reconstruct_view(tmp_path):
     p = run("reconstruct", store, "--engine", "ml", "--slices", "2", "--iterations", "4", "--workers", "1",
             "--out", out, "--report", tmp_path / "report.html", "--timing", tmp_path / "t.json")
     assert p.returncode == 0, p.stderr
-    assert p.stderr.count("cost") >= 4  # a progress line per iteration with its cost
+    err = p.stderr.splitlines()
+    assert len([ln for ln in err if ln.startswith("iteration ")]) == 4  # a progress line per iteration with its cost
+    # something at once, before the cluster's seconds of start-up: its first line, then the live page, then iterations
+    assert err[0] == "daskptycho: starting 1 worker (LocalCluster, TCP on 127.0.0.1) ...", err
+    live = next(i for i, ln in enumerate(err) if ln.startswith("daskptycho: live reconstruction page: http://127.0.0.1:"))
+    assert 0 < live < next(i for i, ln in enumerate(err) if ln.startswith("iteration "))
     res = dp.open_result(out)
     assert res.sizes["iteration"] == 4 and res.attrs["input_store"] == str(store.resolve())
     timing = json.loads((tmp_path / "t.json").read_text())
-    assert len(timing["iteration_s"]) == 4 and timing["iteration_s_median"] > 0
-    # the steady state: the mean after the first two iterations (the start, the pipelined second)
-    assert timing["iteration_s_steady"] == pytest.approx(sum(timing["iteration_s"][2:]) / 2)
+    # the headline: the steady-state seconds per iteration (the mean interval after the start and the
+    # pipelined second); the raw intervals between the costs' arrivals under their own name
+    intervals = timing["cost_arrival_intervals_s"]
+    assert len(intervals) == 4 and timing["iterations"] == 4 and all(v > 0 for v in intervals)
+    assert timing["iteration_s"] == pytest.approx(steady_iteration_s(intervals)) == pytest.approx(sum(intervals[2:]) / 2)
+    assert not {"iteration_s_median", "iteration_s_steady"} & set(timing)
+    # ... and the same figure at the end of the run, one line
+    steady = [ln for ln in err if "s per iteration in the steady state" in ln]
+    assert len(steady) == 1 and steady[0].startswith(f"daskptycho: {timing['iteration_s']:.4g} s per iteration"), err
     html = (tmp_path / "report.html").read_text()
     assert "Dask Performance Report" in html and "Task Stream" in html
     # refusing to overwrite, then overwriting
     p = run("reconstruct", store, "--engine", "ml", "--iterations", "1", "--out", out)
-    assert p.returncode == 2 and "--overwrite" in p.stderr and "Traceback" not in p.stderr
-    p = run("view", out, "--out", tmp_path / "png", "--truth", store)
+    assert p.returncode == 2 and "pass --overwrite to replace it (or --resume" in p.stderr and "Traceback" not in p.stderr
+    png = tmp_path / "png"
+    p = run("view", out, "--out", png, "--truth", store)
     assert p.returncode == 0, p.stderr
     assert "Pearson r" in p.stdout
-    pngs = sorted(os.listdir(tmp_path / "png"))
+    pngs = sorted(os.listdir(png))
     assert {"object_phase.png", "object_amplitude.png", "probe_modes.png", "cost.png", "truth_comparison.png"} <= set(pngs)
     for name in pngs:
-        assert (tmp_path / "png" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (png / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # view again: the PNGs are refused before anything is drawn, then replaced with --overwrite
+    (png / "cost.png").write_bytes(b"an earlier view's")
+    before = {name: (png / name).read_bytes() for name in pngs}
+    p = run("view", out, "--out", png)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert str(png / "object_phase.png") in lines[0] and "--overwrite" in lines[0] and "overwrite=True" not in lines[0]
+    assert {name: (png / name).read_bytes() for name in pngs} == before
+    p = run("view", out, "--out", png, "--overwrite")
+    assert p.returncode == 0, p.stderr
+    assert (png / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
@@ -121,3 +146,172 @@ def test_steady_iteration_time_is_the_mean_after_the_start():
     assert steady_iteration_s([3.0, 0.5]) == 0.5 and steady_iteration_s([2.0]) == 2.0
     with pytest.raises(ValueError):
         steady_iteration_s([])
+
+
+# --------------------------------------------------------------------------- options are checked before anything starts
+
+def _no_cluster(monkeypatch):
+    """Make starting or reaching a cluster fail the test: connect() is the only way the
+    engines get one, LocalCluster the only way an embedded one starts."""
+    import distributed
+
+    import daskptycho.cluster
+    import daskptycho.engines.driver
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cluster was started before the options were checked")
+
+    monkeypatch.setattr(daskptycho.cluster, "connect", refuse)
+    monkeypatch.setattr(daskptycho.engines.driver, "connect", refuse)
+    monkeypatch.setattr(distributed, "LocalCluster", refuse)
+
+
+def _gpu_usable():
+    from daskptycho.backend import gpu_available
+
+    return gpu_available()
+
+
+BAD_BEFORE_START = [
+    (["--engine", "dm", "--slices", "4"], "--slices"),
+    (["--engine", "ml", "--tiles", "3x3"], "--tiles"),
+    (["--engine", "hve", "--refine-probe"], "--refine-probe"),
+    (["--engine", "gd", "--partitions", "2"], "--partitions"),
+    (["--engine", "ml", "--probe-modes", "auto"], "--probe-modes"),
+    (["--engine", "dm", "--batch-size", "4"], "--batch-size"),
+    (["--engine", "gd", "--beta", "0.5"], "--beta"),
+    (["--engine", "dm", "--workers", "100"], "--workers"),
+    (["--tiles", "50x50"], "--tiles"),
+    (["--slices", "2", "--slice-thickness=-1e-10"], "--slice-thickness"),
+    (["--checkpoint-every=-1"], "--checkpoint-every"),
+    (["--cluster", "nonsense"], "--cluster"),
+    (["--cluster", "ucx", "--tls"], "--tls"),
+    (["--scheduler-file", "{tmp}/missing.json"], "--scheduler-file"),
+    (["--report", "{tmp}/no/such/dir/r.html"], "--report"),
+    (["--timing", "{tmp}"], "--timing"),
+]
+if not _gpu_usable():
+    BAD_BEFORE_START.append((["--device", "gpu"], "--device gpu"))
+
+
+@pytest.mark.parametrize("args, flag", BAD_BEFORE_START, ids=[" ".join(a) for a, _ in BAD_BEFORE_START])
+def test_bad_options_fail_before_any_cluster_starts(args, flag, small_pbtio3, tmp_path, monkeypatch, capsys):
+    from daskptycho.cli import main
+
+    _no_cluster(monkeypatch)
+    out = tmp_path / "r.zarr"
+    code = main(["reconstruct", str(small_pbtio3), "--out", str(out), "--iterations", "2",
+                 *[a.format(tmp=tmp_path) for a in args]])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, captured.err
+    assert lines[0].startswith("daskptycho: error: ") and flag in lines[0], lines
+    # the command line speaks flags, not the library's parameter names
+    assert "option '" not in lines[0] and "=True" not in lines[0], lines
+    assert not out.exists()
+
+
+def test_an_existing_report_or_timing_file_is_refused_before_the_run(small_pbtio3, tmp_path, monkeypatch, capsys):
+    from daskptycho.cli import main
+
+    _no_cluster(monkeypatch)
+    for flag in ("--report", "--timing"):
+        taken = tmp_path / f"taken{flag}"
+        taken.write_text("mine")
+        code = main(["reconstruct", str(small_pbtio3), "--out", str(tmp_path / "r.zarr"), flag, str(taken)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and str(taken) in err[0] and "--overwrite" in err[0], err
+        assert taken.read_text() == "mine"
+
+
+# --------------------------------------------------------------------------- errors: parameters in Python, flags on the command line
+
+def test_library_errors_name_parameters_and_the_cli_renders_flags(tmp_path, small_pbtio3, capsys):
+    from daskptycho.cli import _parser, flag_map, main, to_flags
+    from daskptycho.errors import OptionsError, OutputExistsError
+
+    # the library speaks Python ...
+    ds = dp.open_dataset(small_pbtio3)
+    with pytest.raises(OutputExistsError) as e:
+        dp.write_dataset(ds, small_pbtio3)
+    assert e.value.parameter == "overwrite" and "pass overwrite=True" in str(e.value) and "--" not in str(e.value)
+    with pytest.raises(OptionsError) as e:
+        dp.connect("nonsense")
+    assert e.value.parameter == "cluster" and "--" not in str(e.value)
+    with pytest.raises(OptionsError) as e:
+        dp.reconstruct(ds, engine="ml", tiles=(3, 3), iterations=1)
+    assert e.value.parameter == "tiles" and "engine='gd'" in str(e.value)
+    # ... the command line in flags, by the parser's own map from each option's dest to its flag
+    parser = _parser()
+    flags = flag_map(parser, "reconstruct")
+    for action in parser.commands["reconstruct"]._actions:
+        if action.option_strings and action.dest != "help":
+            assert flags[action.dest] in action.option_strings
+    assert flags["slice_thickness_m"] == "--slice-thickness" and flags["pad_px"] == "--pad-px"
+    assert to_flags("use cluster='local' with tls=True; slices=1, tiles=(3, 3), pass slice_thickness_m=... and "
+                    "overwrite=True; working_set_mib=8", flags) == \
+        ("use --cluster local with --tls; --slices 1, --tiles 3x3, pass --slice-thickness and --overwrite; working_set_mib=8")
+    assert main(["reconstruct", str(small_pbtio3), "--out", str(tmp_path / "r.zarr"), "--cluster", "nonsense"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("daskptycho: error: --cluster: unknown cluster 'nonsense'") and "scheduler_file" not in err
+    assert "--scheduler-file" in err
+
+
+def test_library_code_names_no_flags():
+    """Messages of the library name Python parameters; only cli.py speaks flags."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(dp.__file__).parent
+    # still phrased for the command line, owned elsewhere: io/checkpoint.py and io/cxi.py say "(CLI --...)"
+    pending = {"io/checkpoint.py", "io/cxi.py"}
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel == "cli.py" or rel in pending:
+            continue
+        text = path.read_text()
+        pattern = (r"\(CLI[: ]|(?:OptionsError|ClusterError|DeviceError|DatasetError|OutputExistsError)\(\s*f?[\"']--"
+                   r"|\b(?:use|pass|drop|give|with|or) --[a-z]")
+        for m in re.finditer(pattern, text):
+            bad.append(f"{rel}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}")
+    assert not bad, bad
+
+
+# --------------------------------------------------------------------------- help, defaults, version
+
+def _help(*args):
+    p = run(*args, "--help")
+    assert p.returncode == 0, p.stderr
+    return " ".join(p.stdout.split())
+
+
+def test_every_option_has_help_and_reconstruct_shows_the_real_defaults(monkeypatch):
+    from daskptycho.cli import _parser
+
+    for name, sub in _parser().commands.items():
+        for action in sub._actions:
+            assert action.help and action.help.strip(), (name, action.dest)
+    # defaults are read from dask.config when the parser is built, not written into the help
+    monkeypatch.setenv("DASK_DASKPTYCHO__RECONSTRUCT__ITERATIONS", "77")
+    monkeypatch.setenv("DASK_DASKPTYCHO__RECONSTRUCT__SEED", "5")
+    monkeypatch.setenv("DASK_DASKPTYCHO__RECONSTRUCT__COST", "poisson")
+    text = _help("reconstruct")
+    for flag, default in [("--iterations N", "77"), ("--seed SEED", "5"), ("--cost {amplitude,poisson}", "poisson"),
+                          ("--slices N", "1"), ("--engine ENGINE", "gd"), ("--tiles RxC", "2x2"), ("--checkpoint-every K", "0"),
+                          ("--beta BETA", "0.8"), ("--step STEP", "1")]:
+        assert re.search(re.escape(flag) + r" [^(]*(\([^)]*\)[^(]*)*\(default: " + re.escape(default) + r"\)", text), (flag, default)
+    assert "3x3 is 3 rows of 3 tiles" in text
+    sim = _help("simulate")
+    assert re.search(r"--energy EV beam energy in eV \(default: 200000 for pbtio3, 8000 for image and flyscan\)", sim)
+    for cmd in ("graph", "import", "export", "view", "info"):
+        _help(cmd)
+
+
+def test_version(capsys):
+    from daskptycho.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"daskptycho {dp.__version__}"
+    p = run("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"daskptycho {dp.__version__}"
