@@ -194,7 +194,8 @@ def _parser():
                    help="real-space pixel size in metres (default: the file's; a nominal one for the Siemens star)")
     m.add_argument("--energy", dest="energy_eV", type=float, metavar="EV",
                    help="photon energy in eV (default: the file's; a nominal one for the Siemens star)")
-    m.add_argument("--radiation", choices=["xray", "electron"], help="npz, cxi: the radiation, if the file does not say")
+    m.add_argument("--radiation", choices=["xray", "electron"], help="npz, cxi: the radiation, if the file does not say "
+                   "(default: the file's; the Siemens star is X-ray)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing store")
 
     x = sub.add_parser("export", help="export a result or dataset as CXI or a TIFF stack",
@@ -506,13 +507,17 @@ def _report_timing(a, bar, res):
         return
     steady = steady_iteration_s(intervals)
     if not a.quiet:
-        print(f"daskptycho: {steady:.4g} s per iteration in the steady state ({_steady_span(len(intervals))}; "
-              f"the first took {intervals[0]:.3g} s with the start)", file=sys.stderr)
+        if len(intervals) > 2:
+            print(f"daskptycho: {steady:.4g} s per iteration in the steady state ({_steady_span(len(intervals))}; "
+                  f"the first took {intervals[0]:.3g} s with the start)", file=sys.stderr)
+        else:  # the first carries the start, the second arrives right behind it: no steady state to speak of
+            print(f"daskptycho: {len(intervals)} iteration{'s' if len(intervals) > 1 else ''} in {sum(intervals):.3g} s with the "
+                  "start (a steady-state time per iteration needs 3 or more)", file=sys.stderr)
     if a.timing:
         rec = {
             "iteration_s": steady,
-            "iteration_s_means": f"steady-state wall seconds per iteration: daskptycho.metrics.steady_iteration_s, "
-                                 f"the mean interval over {_steady_span(len(intervals))}",
+            "iteration_s_definition": f"steady-state wall seconds per iteration (daskptycho.metrics.steady_iteration_s): "
+                                      f"the mean interval between the costs' arrivals over {_steady_span(len(intervals))}",
             "iterations": len(intervals),
             "first_iteration_s": intervals[0],
             "cost_arrival_intervals_s": intervals,

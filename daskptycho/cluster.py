@@ -26,6 +26,7 @@ import contextlib
 import copy
 import json
 import logging
+import numbers
 import os
 import signal
 import weakref
@@ -483,7 +484,7 @@ def check_connect(spec=None, *, workers=None, jobs=None, scheduler_file=None, tl
     if device not in (None, "cpu", "gpu"):
         raise OptionsError("device", f"got {device!r}; expected 'cpu' or 'gpu'")
     for name, value in (("workers", workers), ("jobs", jobs)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
             raise OptionsError(name, f"got {value!r}; expected an integer >= 1")
     if scheduler_file is not None:
         address = _scheduler_file_address(scheduler_file)
