@@ -155,7 +155,7 @@ def _check_engine_options(opts):
             users = " and ".join(repr(x) for x in engines)
             raise OptionsError(name, f"got {v!r}, but engine {e!r} does not use it (only {users}); drop it or choose engine={engines[0]!r}")
     if e == "dm" and opts.slices != 1:
-        raise OptionsError("slices", "the difference map is a 2-D method: use slices=1 (engine='gd' or 'ml' for multislice)")
+        raise OptionsError("slices", "the difference map is a 2-D method: use slices=1 (engine='gd' or engine='ml' for multislice)")
     if e == "hve" and opts.refine_probe:
         raise OptionsError("refine_probe", "the hve baseline duplicates positions across tiles and does not refine the probe; use engine='gd'")
     if e == "hve" and opts.local_updates:
