@@ -91,7 +91,7 @@ def measure_loopback(sizes_mib=(1, 8, 64), repeats=3):
 
     xs, ts = [], []
     with local_cluster(2, memory_limit=0) as cl, Client(cl) as c:
-        a, b = sorted(c.scheduler_info()["workers"])
+        a, b = sorted(c.nthreads())
         for mib in sizes_mib:
             for k in range(repeats):
                 src = c.submit(np.ones, mib * 2**20, dtype=np.uint8, key=f"src-{mib}-{k}", workers=[a], pure=False)
@@ -130,7 +130,7 @@ def measure_hop(n=200, repeats=3):
     out = {}
     with local_cluster(2, memory_limit=0) as cl, Client(cl) as c:
         applied = latency.apply(c)
-        ws = sorted(c.scheduler_info()["workers"])
+        ws = sorted(c.nthreads())
         for label, spread in (("same_worker_s", 1), ("alternating_s", 2)):
             times = []
             for rep in range(repeats):

@@ -744,7 +744,7 @@ def _jobqueue(profile, jobs, tls, device):
         try:
             client.wait_for_workers(jobs * per_job, timeout=timeout)
         except TimeoutError:
-            got = len(client.scheduler_info(n_workers=-1)["workers"])
+            got = len(client.nthreads())
             ids = ", ".join(str(j.job_id) for j in cluster.workers.values() if getattr(j, "job_id", None)) or "none"
             client.close()
             raise ClusterError(f"cluster={profile!r}: {got} of {jobs * per_job} {system.upper()} workers joined within {timeout:g} s "

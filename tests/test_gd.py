@@ -37,7 +37,7 @@ def test_gd_batch_mode_is_full_batch_gradient_descent(pbtio3_12, client, tiles):
     assert res.attrs["tiles"] == f"{tiles[0]}x{tiles[1]}"
     mem = json.loads(res.attrs["memory"])
     assert len(mem["tile_bytes"]) == tiles[0] * tiles[1]
-    assert set(mem["tile_workers"].values()) <= set(client.scheduler_info()["workers"])
+    assert set(mem["tile_workers"].values()) <= set(client.nthreads())
     assert all(v > 0 for v in mem["worker_peak_above_baseline_bytes"].values())
 
 

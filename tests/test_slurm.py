@@ -106,7 +106,7 @@ def test_slurm_workers_with_tls_certificates(slurm, tmp_path):
             dp.connect("slurm", jobs=1, tls=True)
         with dp.connect("slurm", jobs=1, tls=True) as conn:
             assert conn.scheduler_address.startswith("tls://127.0.0.1:")
-            (worker,) = conn.client.scheduler_info(n_workers=-1)["workers"]
+            (worker,) = conn.client.nthreads()
             assert worker.startswith("tls://127.0.0.1:")
             assert len(conn.job_ids) == 1
             script = conn.cluster.job_script()
@@ -124,7 +124,7 @@ def test_slurm_errors_name_the_batch_system(slurm, tmp_path):
         "  slurm-later:\n    system: slurm\n    name: daskptycho-later\n    cores: 1\n    memory: 1GiB\n    interface: lo\n"
         "    job-extra-directives: ['--begin=now+3600', '--output=/dev/null']\n")
     with dask.config.set({"daskptycho.cluster.jobqueue-file": str(profiles), "daskptycho.cluster.worker-timeout": 3}):
-        with pytest.raises(ClusterError, match=r"--cluster slurm: SLURM refuses the worker job .*edit profile 'slurm'"):
+        with pytest.raises(ClusterError, match=r"cluster='slurm': SLURM refuses the worker job .*edit profile 'slurm'"):
             dp.connect("slurm", jobs=1)
         with pytest.raises(ClusterError, match=r"0 of 1 SLURM workers joined within 3 s \(job ids: \d+\)") as e:
             dp.connect("slurm-later", jobs=1)

@@ -55,7 +55,7 @@ def test_tls_cluster_from_certificate_files_refuses_plain_clients_and_reconstruc
             assert addr.startswith("tls://127.0.0.1:")
             assert conn.security is not None and conn.security.require_encryption
             assert conn.security.tls_ca_file == certs["daskptycho.cluster.tls-ca-file"]
-            workers = conn.client.scheduler_info(n_workers=-1)["workers"]
+            workers = conn.client.nthreads()
             assert len(workers) == 2 and all(w.startswith("tls://127.0.0.1:") for w in workers)
             # a client speaking plain TCP to the TLS port gets nowhere
             with pytest.raises((OSError, TimeoutError)):

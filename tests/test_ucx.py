@@ -33,7 +33,7 @@ def test_gd_over_ucx_equals_tcp(small_pbtio3, monkeypatch):
     kw = dict(engine="gd", tiles=(2, 2), iterations=2, slices=2, workers=2)
     with dp.connect("ucx", workers=2) as conn:
         assert conn.scheduler_address.startswith("ucx://127.0.0.1:")
-        workers = conn.client.scheduler_info(n_workers=-1)["workers"]
+        workers = conn.client.nthreads()
         assert len(workers) == 2 and all(w.startswith("ucx://127.0.0.1:") for w in workers)
         assert os.environ["UCX_TLS"] == "tcp"
         over_ucx = dp.reconstruct(small_pbtio3, client=conn.client, **kw)
