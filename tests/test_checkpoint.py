@@ -105,7 +105,7 @@ def test_cli_checkpoint_every_and_resume(small_pbtio3, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already completed 2 iterations" in err[0]
     assert main(base + ["--iterations", "3", "--resume", "--step", "0.5"]) == 2
-    assert "'step'" in capsys.readouterr().err
+    assert "--step:" in capsys.readouterr().err
     assert main(base + ["--iterations", "3", "--resume"]) == 0
     res = dp.open_result(out)
     assert res.sizes["iteration"] == 3 and res.attrs["resumed_from_iteration"] == 2

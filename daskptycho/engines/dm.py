@@ -61,9 +61,6 @@ def run_dm(drv, problem: Problem, source, progress=None):
 
     Returns object (L, H, W), probe (K, N, N), costs, and info (changes, fractions, memory, recoveries).
     """
-    o = problem.options
-    if o.slices != 1:
-        raise OptionsError("slices", "the difference map is a 2-D method: use slices=1 (engine 'gd' or 'ml' for multislice)")
     run = _DMRun(drv, problem, source, progress)
     while True:
         try:
@@ -87,7 +84,7 @@ class _DMRun:
         self.meta = self.ck.latest() if (self.ck is not None and o.resume) else None
         self.resumed_from = int(self.meta["completed"]) if self.meta else None
         # a resumed run keeps the checkpoint's partitions (its views are per part)
-        k = o.partitions or (int(self.meta["partitions"]) if self.meta else len(drv.worker_addresses))
+        k = o.partitions or (int(self.meta["partitions"]) if self.meta else min(len(drv.worker_addresses), problem.n_positions))
         self.parts_idx = partition_positions(problem, k, o.partition)
         self.parts = [(0, p) for p in range(len(self.parts_idx))]
         self.workers = drv.place_tiles(self.parts)

@@ -88,11 +88,20 @@ class Driver:
         self.connection = None  # the Connection when the driver started or attached to the cluster itself
 
     def __enter__(self):
+        from .. import latency
+
+        latency.parse_interval(config.get("cluster.message-interval", "auto"))  # a bad setting fails before any cluster starts
+        try:
+            return self._enter()
+        except BaseException:  # an interrupt or an error while starting: close what was started
+            self._stack.close()
+            raise
+
+    def _enter(self):
         from distributed import performance_report
 
         from .. import latency
 
-        latency.parse_interval(config.get("cluster.message-interval", "auto"))  # a bad setting fails before any cluster starts
         if self._given is None:
             self.connection = self._stack.enter_context(connect(self.cluster_spec, workers=self.n_workers, **self.connect_options))
             self.client = self.connection.client
@@ -129,7 +138,9 @@ class Driver:
 
     @property
     def worker_addresses(self):
-        return sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        # asked of the scheduler each time: the client's cached scheduler_info can be replaced,
+        # between the refresh and the read, by its periodic refresh that lists no workers
+        return sorted(self.client.nthreads())
 
     def span(self, *names):
         """A named span the dashboard groups tasks under.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import OptionsError
 from ..schedule.hve import hve_iteration
 from .gd import run_tiles, tiling_for
 from .problem import Problem
@@ -36,11 +35,6 @@ def hve_tiles(problem: Problem, tiling):
 
 
 def run_hve(drv, problem: Problem, source, progress=None):
-    o = problem.options
-    if o.refine_probe:
-        raise OptionsError("refine_probe", "the hve baseline duplicates positions across tiles and does not refine the probe; use engine='gd'")
-    if o.local_updates:
-        raise OptionsError("local_updates", "the hve baseline has no accumulated-gradient buffer; give batch_size for sequential minibatch updates inside each tile")
     tiling = tiling_for(problem)
     specs = hve_tiles(problem, tiling)
     extended = {k: ext for k, (_, ext) in specs.items()}

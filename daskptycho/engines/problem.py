@@ -317,9 +317,6 @@ def prepare(ds, options) -> Problem:
         make_tiling(grid, corners, window, opts.tiles, halo_from_metres(opts.halo_m, dx))
     if opts.engine == "dm" and opts.partitions is not None and opts.partitions > n_scan:
         raise OptionsError("partitions", f"got {opts.partitions}; expected at most the number of positions ({n_scan})")
-    if opts.engine == "dm" and opts.partitions is None and opts.workers is not None and opts.workers > n_scan:
-        raise OptionsError("workers", f"got {opts.workers}, and dm splits the scan into one part per worker, but there are only "
-                           f"{n_scan} positions: give at most workers={n_scan}, or partitions=K with K <= {n_scan}")
     mask = None
     if "mask" in ds:
         mask = np.fft.ifftshift(np.asarray(ds["mask"].values, dtype=bool))

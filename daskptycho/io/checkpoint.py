@@ -65,7 +65,7 @@ class Checkpoint:
     Parameters
     ----------
     store : str or path-like
-        The result store (CLI ``--out``); it is created (as a bare Zarr group) by the
+        The result store (the command line's ``--out``); it is created (as a bare Zarr group) by the
         first :meth:`begin` if it does not exist.
     """
 
@@ -264,8 +264,7 @@ def check_resume(meta, options, engine, store):
         No checkpoint; a result-changing option differs (named); nothing left to do.
     """
     if meta is None:
-        raise OptionsError("resume", f"{store} holds no complete checkpoint: run without resume, with checkpoint_every "
-                           "(CLI --checkpoint-every K)")
+        raise OptionsError("resume", f"{store} holds no complete checkpoint: run without resume=True, with checkpoint_every=K")
     stored = meta.get("options") or {}
     if isinstance(stored, str):
         stored = json.loads(stored)

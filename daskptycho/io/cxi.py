@@ -378,7 +378,7 @@ def read_cxi(path, *, geometry: str = "auto", source_distance_m: float | None = 
             attrs["geometry_note"] = (
                 f"plane wave assumed (the file gives no source-sample distance, so the real-space pixel is the detector pixel "
                 f"{p:.3g} m); the median scan step is {step / dx:.3g} detector pixels: if the beam diverges from a focus, "
-                "give the focus-sample distance (source_distance_m, CLI --source-distance)")
+                "import it again with the focus-sample distance (source_distance_m in Python, --source-distance on the command line)")
         else:
             attrs["source_distance_m"] = float(z1)
         # the illuminated field of a near-field hologram is at most the detector's field, seen in the sample plane
