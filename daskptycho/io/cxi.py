@@ -36,8 +36,9 @@ import os
 import numpy as np
 from scipy import constants as _C
 
-from .. import physics
 from ..errors import DatasetError
+from ..radiation import fresnel_number, wavelength
+from ..version import __version__
 from .atomic import atomic_file
 
 __all__ = ["read_cxi", "write_cxi", "read_cxi_result", "CXI_VERSION", "fresnel_number"]
@@ -50,24 +51,6 @@ _TRANSLATION_PATHS = ("entry_1/sample_1/geometry_1/translation", "entry_1/data_1
 _PROBE_PATHS = (f"{_SRC}/probe", "entry_1/probe_1/data", f"{_SRC}/illumination")
 _CXI_PIXEL_HAS_SIGNAL = 0x1000  # the only mask bit that does not make a pixel bad
 GEOMETRIES = ("auto", "far-field", "near-field")
-
-
-def fresnel_number(field_m: float, wavelength_m: float, distance_m: float) -> float:
-    """Fresnel number ``a**2 / (lambda z)`` of a field of width ``a`` seen at distance ``z``.
-
-    Parameters
-    ----------
-    field_m : float
-        Width of the illuminated field in the sample plane, metres.
-    wavelength_m, distance_m : float
-        Wavelength and (effective) sample-detector distance, metres.
-
-    Returns
-    -------
-    float
-        Dimensionless: >> 1 means near-field (Fresnel) diffraction, << 1 far field.
-    """
-    return float(field_m) ** 2 / (float(wavelength_m) * float(distance_m))
 
 
 # --------------------------------------------------------------------------- reading helpers
@@ -180,10 +163,33 @@ def _median_step(position):
     return float(np.median(d[:, 1]))
 
 
-def _decide_geometry(requested, far_window_m, step_m, source_distance_m):
-    """'far-field' or 'near-field' and the reason (see docs/format.md)."""
+def _decide_geometry(requested, far_window_m, step_m, source_distance_m, recorded=None):
+    """Far- or near-field, and why (see ``docs/format.md``).
+
+    Parameters
+    ----------
+    requested : {"auto", "far-field", "near-field"}
+        The caller's ``geometry``; anything but ``auto`` is taken as given.
+    far_window_m : float
+        The far-field real-space window ``lambda z / p``, metres.
+    step_m : float
+        Median scan step (NaN for a single position), metres.
+    source_distance_m : float or None
+        Focus-sample distance of a cone beam, metres.
+    recorded : str, optional
+        The geometry an earlier :func:`write_cxi` recorded; used under ``auto``.
+
+    Returns
+    -------
+    geometry : str
+        ``"far-field"`` or ``"near-field"``.
+    reason : str
+        One sentence for the ``geometry_reason`` attribute.
+    """
     if requested != "auto":
         return requested, "given by the caller"
+    if recorded in ("far-field", "near-field"):
+        return recorded, "recorded by daskptycho when it wrote the file"
     if source_distance_m is not None:
         return "near-field", "a source-sample distance is given: a diverging (cone) beam imaged by Fresnel scaling"
     # Far-field ptychography needs the probe to fit half the real-space window lambda z / p
@@ -192,6 +198,394 @@ def _decide_geometry(requested, far_window_m, step_m, source_distance_m):
         return "near-field", (f"the median scan step {step_m:.3g} m exceeds half the far-field window "
                               f"lambda z / p = {far_window_m:.3g} m: far-field probes could not overlap")
     return "far-field", f"the median scan step {step_m:.3g} m fits within half the far-field window {far_window_m:.3g} m"
+
+
+# --------------------------------------------------------------------------- readers, one per CXI group
+
+
+def _read_frames(f):
+    """The detector frames (``detector_1/data`` or ``data_1/data``) as cleaned counts.
+
+    Parameters
+    ----------
+    f : h5py.File
+        The open CXI file.
+
+    Returns
+    -------
+    data_path : str
+        The HDF5 path the frames were read from.
+    counts : numpy.ndarray (J, Ny, Nx), float32
+        The frames, converted chunk by chunk (bounded temporaries), NaN/inf set to 0
+        and negative counts clipped.
+    count_attrs : dict
+        How many counts were zeroed or clipped (dataset attributes).
+
+    Raises
+    ------
+    DatasetError
+        No frames, or frames that are not a real (J, Ny, Nx) array.
+    """
+    from .importers import _clean_counts
+
+    data_path = next((p for p in _DATA_PATHS if p in f), None)
+    if data_path is None:
+        raise DatasetError(_DATA_PATHS[0], f"missing from the CXI file (nor {_DATA_PATHS[1]}); expected the (J, Ny, Nx) detector frames")
+    d = _dataset(f, data_path)
+    if d.ndim != 3 or 0 in d.shape:
+        raise DatasetError(data_path, f"has shape {d.shape}; expected (J, Ny, Nx): one 2-D detector frame per scan position")
+    if not (np.issubdtype(d.dtype, np.integer) or np.issubdtype(d.dtype, np.floating)):
+        raise DatasetError(data_path, f"has dtype {d.dtype}; expected real counts")
+    n_scan, ny, nx = d.shape
+    counts = np.empty(d.shape, dtype=np.float32)
+    step = max(1, (64 << 20) // max(ny * nx * d.dtype.itemsize, 1))
+    for i in range(0, n_scan, step):  # bounded temporaries: convert chunk by chunk
+        counts[i:i + step] = d[i:i + step]
+    counts, count_attrs = _clean_counts(counts)
+    return data_path, counts, count_attrs
+
+
+def _read_pixels(f):
+    """Detector pixel size and basis vectors (``detector_1``).
+
+    Either pixel size may be missing (the other, or the basis vectors' length, stands
+    in); without basis vectors the CXI default basis is used.
+
+    Parameters
+    ----------
+    f : h5py.File
+        The open CXI file.
+
+    Returns
+    -------
+    px, py : float
+        Pixel width and height, metres (equal to a relative 1e-4).
+    basis : numpy.ndarray (2, 3)
+        The (x, y, z) step per detector row and per column, metres.
+
+    Raises
+    ------
+    DatasetError
+        No pixel size at all, a non-positive one, or non-square pixels.
+    """
+    px = _scalar(f, f"{_DET}/x_pixel_size")
+    py = _scalar(f, f"{_DET}/y_pixel_size")
+    basis, has_basis = _basis(f, px or 0.0, py or 0.0) if (px or py or f"{_DET}/basis_vectors" in f) else (None, False)
+    if has_basis:
+        px = px or float(np.linalg.norm(basis[1]))
+        py = py or float(np.linalg.norm(basis[0]))
+    if px is None and py is None:
+        raise DatasetError(f"{_DET}/x_pixel_size", "missing (and no y_pixel_size or basis_vectors); expected the detector pixel width in metres")
+    px, py = px or py, py or px
+    _positive(f"{_DET}/x_pixel_size", px, "a positive pixel width in metres")
+    _positive(f"{_DET}/y_pixel_size", py, "a positive pixel height in metres")
+    if basis is None:
+        basis, _ = _basis(f, px, py)
+    if not np.isclose(px, py, rtol=1e-4):
+        raise DatasetError(f"{_DET}/x_pixel_size", f"{px:.6g} m differs from y_pixel_size {py:.6g} m; only square pixels are supported")
+    return px, py, basis
+
+
+def _read_distance(f, basis):
+    """Sample-detector distance (``detector_1/distance``, else from ``corner_position``).
+
+    Parameters
+    ----------
+    f : h5py.File
+        The open CXI file.
+    basis : numpy.ndarray (2, 3)
+        Detector basis vectors (:func:`_read_pixels`): the detector normal, along which
+        the corner's distance is measured.
+
+    Returns
+    -------
+    float
+        The distance, metres.
+
+    Raises
+    ------
+    DatasetError
+        Neither distance nor a 3-vector corner position, or a non-positive distance.
+    """
+    distance = _scalar(f, f"{_DET}/distance")
+    corner = _dataset(f, f"{_DET}/corner_position")
+    if distance is None and corner is not None:
+        c = np.asarray(corner[()], dtype=np.float64).reshape(-1)
+        if c.size != 3:
+            raise DatasetError(f"{_DET}/corner_position", f"has {c.size} values; expected (x, y, z) metres")
+        normal = np.cross(basis[0], basis[1])
+        distance = abs(float(c @ normal / np.linalg.norm(normal)))
+    if distance is None:
+        raise DatasetError(f"{_DET}/distance", "missing (and no corner_position); expected the sample-detector distance in metres")
+    _positive(f"{_DET}/distance", distance, "a positive sample-detector distance in metres")
+    return distance
+
+
+def _read_beam(f, radiation):
+    """Radiation, energy and wavelength of the beam (``source_1/{energy, wavelength}``).
+
+    Parameters
+    ----------
+    f : h5py.File
+        The open CXI file.
+    radiation : {"xray", "electron"} or None
+        The caller's; default what an earlier :func:`write_cxi` recorded, else ``"xray"``.
+
+    Returns
+    -------
+    radiation : str
+    energy_eV : float
+        Photon energy or electron kinetic energy (eV); for X-rays it may come from the
+        wavelength alone.
+    wavelength_m : float
+        From the file, else from the energy.
+
+    Raises
+    ------
+    DatasetError
+        An unknown radiation, neither energy nor wavelength (or no energy for
+        electrons), a non-positive value, or an energy and a wavelength that disagree.
+    """
+    energy_j = _scalar(f, f"{_SRC}/energy")
+    lam = _scalar(f, f"{_SRC}/wavelength")
+    src = f[_SRC] if _SRC in f else None
+    rad = radiation or (src.attrs.get("daskptycho_radiation") if src is not None else None) or "xray"
+    if isinstance(rad, bytes):
+        rad = rad.decode()
+    if rad not in ("xray", "electron"):
+        raise DatasetError("radiation", f"got {rad!r}; expected 'xray' or 'electron'")
+    if energy_j is None and lam is None:
+        raise DatasetError(f"{_SRC}/energy", "missing (and no wavelength); expected the photon energy in joules")
+    if energy_j is not None:
+        _positive(f"{_SRC}/energy", energy_j, "a positive energy in joules (CXI uses SI units)")
+        energy_ev = energy_j / _C.e
+        if lam is None:
+            lam = wavelength(rad, energy_ev)
+    _positive(f"{_SRC}/wavelength", lam, "a positive wavelength in metres")
+    if energy_j is None:
+        if rad != "xray":
+            raise DatasetError(f"{_SRC}/energy", "missing; an electron beam's energy cannot be inferred here, store it in joules")
+        energy_ev = _C.h * _C.c / lam / _C.e
+    elif not np.isclose(lam, wavelength(rad, energy_ev), rtol=1e-3):
+        raise DatasetError(f"{_SRC}/wavelength", f"{lam:.6g} m disagrees with energy {energy_ev:.6g} eV "
+                           f"({wavelength(rad, energy_ev):.6g} m for {rad}); fix one of them")
+    return rad, energy_ev, lam
+
+
+def _read_source_distance(f, source_distance_m):
+    """Focus (source) to sample distance of a cone beam (``source_1/distance``).
+
+    Parameters
+    ----------
+    f : h5py.File
+        The open CXI file.
+    source_distance_m : float or None
+        The caller's value, which overrides the file's.
+
+    Returns
+    -------
+    float or None
+        The distance, metres (CXI's negative upstream distance made positive), or None
+        when neither gives one (a plane wave).
+
+    Raises
+    ------
+    DatasetError
+        The file's distance is zero.
+    """
+    z1 = source_distance_m
+    if z1 is None:
+        z1 = _scalar(f, f"{_SRC}/distance")
+        if z1 is not None:
+            z1 = abs(z1)  # CXI: components upstream of the sample have negative distances
+            _positive(f"{_SRC}/distance", z1, "a non-zero source-sample distance in metres")
+    return z1
+
+
+def _read_translation(f, n_scan, data_path):
+    """Sample translations (``sample_1/geometry_1/translation`` or the other CXI places).
+
+    Parameters
+    ----------
+    f : h5py.File
+        The open CXI file.
+    n_scan : int
+        Number of frames: one translation each.
+    data_path : str
+        Where the frames were read (for messages).
+
+    Returns
+    -------
+    numpy.ndarray (J, 3), float64
+        (x, y, z) per frame, metres (z = 0 where the file gives (x, y) only).
+
+    Raises
+    ------
+    DatasetError
+        No translations, the wrong shape or count, or non-finite values.
+    """
+    tpath = next((p for p in _TRANSLATION_PATHS if p in f), None)
+    if tpath is None:
+        raise DatasetError(_TRANSLATION_PATHS[0], "missing from the CXI file; expected (J, 3) sample translations (x, y, z) in metres")
+    t = np.asarray(_dataset(f, tpath)[()], dtype=np.float64)
+    if t.ndim != 2 or t.shape[1] not in (2, 3) or t.shape[0] != n_scan:
+        raise DatasetError(tpath, f"has shape {t.shape}; expected ({n_scan}, 3): one (x, y, z) translation per frame of {data_path}")
+    if not np.isfinite(t).all():
+        raise DatasetError(tpath, "contains NaN or inf; expected finite translations in metres")
+    if t.shape[1] == 2:
+        t = np.column_stack([t, np.zeros(n_scan)])
+    return t
+
+
+def _read_probe(f, shape):
+    """An optional probe (``source_1/probe``, ``probe_1/data`` or ``source_1/illumination``).
+
+    Parameters
+    ----------
+    f : h5py.File
+        The open CXI file.
+    shape : (int, int)
+        (Ny, Nx) of the frames, which the probe must match.
+
+    Returns
+    -------
+    probe : numpy.ndarray (K, Ny, Nx) complex64 or None
+    path : str or None
+        Where it was read.
+
+    Raises
+    ------
+    DatasetError
+        A probe of the wrong shape or with non-finite values.
+    """
+    ny, nx = shape
+    ppath = next((p for p in _PROBE_PATHS if p in f), None)
+    if ppath is None:
+        return None, None
+    probe = np.asarray(_dataset(f, ppath)[()])
+    if probe.ndim not in (2, 3) or probe.shape[-2:] != (ny, nx):
+        raise DatasetError(ppath, f"has shape {probe.shape}; expected ({ny}, {nx}) or (K, {ny}, {nx}) like the frames")
+    if not np.isfinite(probe).all():
+        raise DatasetError(ppath, "contains NaN or inf; expected a finite probe")
+    return probe.astype(np.complex64).reshape((-1, ny, nx)), ppath
+
+
+def _read_entry(f):
+    """The file's ``cxi_version`` and the attributes an earlier :func:`write_cxi` kept.
+
+    Parameters
+    ----------
+    f : h5py.File
+        The open CXI file.
+
+    Returns
+    -------
+    cxi_version : float or None
+    extra_attrs : dict
+        ``entry_1``'s ``daskptycho_attrs`` (JSON), empty for a foreign file or an
+        unreadable record.
+    """
+    cxi_version = _scalar(f, "cxi_version")
+    extra_attrs = {}
+    if "entry_1" in f and "daskptycho_attrs" in f["entry_1"].attrs:
+        try:
+            extra_attrs = json.loads(f["entry_1"].attrs["daskptycho_attrs"])
+        except (TypeError, ValueError):
+            extra_attrs = {}
+    return cxi_version, extra_attrs
+
+
+# --------------------------------------------------------------------------- from the file's values to a dataset
+
+
+def _positions(translation, basis):
+    """Probe centres (J, 2) in the image frame, metres: ``-translation`` projected on the
+    detector's row and column directions (see the module docstring)."""
+    u = basis / np.linalg.norm(basis, axis=1, keepdims=True)
+    return np.column_stack([-translation @ u[0], -translation @ u[1]])
+
+
+def _sampling(geometry, shape, px, py, wavelength_m, distance_m, source_distance_m, step_m, data_path):
+    """Real-space pixel of the reconstruction and the geometry's attributes.
+
+    Parameters
+    ----------
+    geometry : {"far-field", "near-field"}
+    shape : (int, int)
+        (Ny, Nx) of the frames.
+    px, py : float
+        Detector pixel width and height, metres.
+    wavelength_m, distance_m : float
+        Wavelength and sample-detector distance, metres.
+    source_distance_m : float or None
+        Focus-sample distance of a cone beam (near field), metres.
+    step_m : float
+        Median scan step, metres (for the plane-wave note).
+    data_path : str
+        Where the frames were read (for messages).
+
+    Returns
+    -------
+    pixel_size_m : float
+        Near field: ``p / M`` with ``M = (z1 + z2) / z1`` (1 for a plane wave); far
+        field: ``lambda z / (N p)``.
+    attrs : dict
+        ``fresnel_number`` and, in the near field, ``magnification``,
+        ``effective_distance_m``, ``fresnel_number_pixel`` and ``source_distance_m``
+        or ``geometry_note``.
+
+    Raises
+    ------
+    DatasetError
+        Far field with frames whose real-space pixels would differ along y and x.
+    """
+    ny, nx = shape
+    p = float(px)
+    lam, distance, z1 = wavelength_m, distance_m, source_distance_m
+    attrs = {}
+    if geometry == "near-field":
+        mag = 1.0 if z1 is None else (z1 + distance) / z1
+        dx = p / mag
+        z_eff = distance / mag
+        attrs.update({"magnification": mag, "effective_distance_m": z_eff})
+        if z1 is None:
+            attrs["geometry_note"] = (
+                f"plane wave assumed (the file gives no source-sample distance, so the real-space pixel is the detector pixel "
+                f"{p:.3g} m); the median scan step is {step_m / dx:.3g} detector pixels: if the beam diverges from a focus, "
+                "import it again with the focus-sample distance (source_distance_m in Python, --source-distance on the command line)")
+        else:
+            attrs["source_distance_m"] = float(z1)
+        # the illuminated field of a near-field hologram is at most the detector's field, seen in the sample plane
+        attrs["fresnel_number"] = fresnel_number(max(ny, nx) * dx, lam, z_eff)
+        attrs["fresnel_number_pixel"] = fresnel_number(dx, lam, z_eff)
+    else:
+        if ny * py != nx * px and not np.isclose(ny * py, nx * px, rtol=1e-6):
+            raise DatasetError(data_path, f"frames of {ny}x{nx} give different real-space pixels along y and x; expected square frames")
+        dx = lam * distance / (nx * p)
+        # the largest probe the sampling allows fills half the window lambda z / p
+        attrs["fresnel_number"] = fresnel_number(lam * distance / p / 2, lam, distance)
+    return dx, attrs
+
+
+def _rescaled_probe(probe, counts):
+    """A foreign probe brought to the scale of ``sqrt(counts)`` (ours already is).
+
+    Parameters
+    ----------
+    probe : numpy.ndarray (K, Ny, Nx) complex64
+    counts : numpy.ndarray (J, Ny, Nx)
+
+    Returns
+    -------
+    probe : numpy.ndarray (K, Ny, Nx) complex64
+        Its total power equal to the mean counts per frame.
+    scale : float
+        The factor applied (1 for a dark probe or dark frames).
+    """
+    mean_counts = float(counts.sum(axis=(1, 2), dtype=np.float64).mean())
+    power = float(np.sum(np.abs(probe.astype(np.complex128)) ** 2))
+    scale = np.sqrt(mean_counts / power) if power > 0 and mean_counts > 0 else 1.0
+    return (probe * np.float32(scale)).astype(np.complex64), float(scale)
 
 
 # --------------------------------------------------------------------------- read_cxi
@@ -235,7 +629,6 @@ def read_cxi(path, *, geometry: str = "auto", source_distance_m: float | None = 
     DatasetError
         Naming the HDF5 path that is missing or malformed (or ``file``).
     """
-    from .importers import _clean_counts
     from .store import build_dataset, validate_dataset
 
     if geometry not in GEOMETRIES:
@@ -243,124 +636,25 @@ def read_cxi(path, *, geometry: str = "auto", source_distance_m: float | None = 
     if source_distance_m is not None:
         _positive("source_distance_m", source_distance_m, "a positive distance in metres")
     with _open(path) as f:
-        data_path = next((p for p in _DATA_PATHS if p in f), None)
-        if data_path is None:
-            raise DatasetError(_DATA_PATHS[0], f"missing from the CXI file (nor {_DATA_PATHS[1]}); expected the (J, Ny, Nx) detector frames")
-        d = _dataset(f, data_path)
-        if d.ndim != 3 or 0 in d.shape:
-            raise DatasetError(data_path, f"has shape {d.shape}; expected (J, Ny, Nx): one 2-D detector frame per scan position")
-        if not (np.issubdtype(d.dtype, np.integer) or np.issubdtype(d.dtype, np.floating)):
-            raise DatasetError(data_path, f"has dtype {d.dtype}; expected real counts")
-        n_scan, ny, nx = d.shape
-        counts = np.empty(d.shape, dtype=np.float32)
-        step = max(1, (64 << 20) // max(ny * nx * d.dtype.itemsize, 1))
-        for i in range(0, n_scan, step):  # bounded temporaries: convert chunk by chunk
-            counts[i:i + step] = d[i:i + step]
-        counts, count_attrs = _clean_counts(counts)
+        data_path, counts, count_attrs = _read_frames(f)
+        n_scan, ny, nx = counts.shape
         mask, n_bad = _mask(f, (ny, nx))
+        px, py, basis = _read_pixels(f)
+        distance = _read_distance(f, basis)
+        rad, energy_ev, lam = _read_beam(f, radiation)
+        z1 = _read_source_distance(f, source_distance_m)
+        translation = _read_translation(f, n_scan, data_path)
+        probe, ppath = _read_probe(f, (ny, nx))
+        cxi_version, extra_attrs = _read_entry(f)
 
-        px = _scalar(f, f"{_DET}/x_pixel_size")
-        py = _scalar(f, f"{_DET}/y_pixel_size")
-        basis, has_basis = _basis(f, px or 0.0, py or 0.0) if (px or py or f"{_DET}/basis_vectors" in f) else (None, False)
-        if has_basis:
-            px = px or float(np.linalg.norm(basis[1]))
-            py = py or float(np.linalg.norm(basis[0]))
-        if px is None and py is None:
-            raise DatasetError(f"{_DET}/x_pixel_size", "missing (and no y_pixel_size or basis_vectors); expected the detector pixel width in metres")
-        px, py = px or py, py or px
-        _positive(f"{_DET}/x_pixel_size", px, "a positive pixel width in metres")
-        _positive(f"{_DET}/y_pixel_size", py, "a positive pixel height in metres")
-        if basis is None:
-            basis, _ = _basis(f, px, py)
-        if not np.isclose(px, py, rtol=1e-4):
-            raise DatasetError(f"{_DET}/x_pixel_size", f"{px:.6g} m differs from y_pixel_size {py:.6g} m; only square pixels are supported")
-
-        distance = _scalar(f, f"{_DET}/distance")
-        corner = _dataset(f, f"{_DET}/corner_position")
-        if distance is None and corner is not None:
-            c = np.asarray(corner[()], dtype=np.float64).reshape(-1)
-            if c.size != 3:
-                raise DatasetError(f"{_DET}/corner_position", f"has {c.size} values; expected (x, y, z) metres")
-            normal = np.cross(basis[0], basis[1])
-            distance = abs(float(c @ normal / np.linalg.norm(normal)))
-        if distance is None:
-            raise DatasetError(f"{_DET}/distance", "missing (and no corner_position); expected the sample-detector distance in metres")
-        _positive(f"{_DET}/distance", distance, "a positive sample-detector distance in metres")
-
-        energy_j = _scalar(f, f"{_SRC}/energy")
-        lam = _scalar(f, f"{_SRC}/wavelength")
-        src = f[_SRC] if _SRC in f else None
-        rad = radiation or (src.attrs.get("daskptycho_radiation") if src is not None else None) or "xray"
-        if isinstance(rad, bytes):
-            rad = rad.decode()
-        if rad not in ("xray", "electron"):
-            raise DatasetError("radiation", f"got {rad!r}; expected 'xray' or 'electron'")
-        if energy_j is None and lam is None:
-            raise DatasetError(f"{_SRC}/energy", "missing (and no wavelength); expected the photon energy in joules")
-        if energy_j is not None:
-            _positive(f"{_SRC}/energy", energy_j, "a positive energy in joules (CXI uses SI units)")
-            energy_ev = energy_j / _C.e
-            if lam is None:
-                lam = physics.wavelength(rad, energy_ev)
-        _positive(f"{_SRC}/wavelength", lam, "a positive wavelength in metres")
-        if energy_j is None:
-            if rad != "xray":
-                raise DatasetError(f"{_SRC}/energy", "missing; an electron beam's energy cannot be inferred here, store it in joules")
-            energy_ev = _C.h * _C.c / lam / _C.e
-        elif not np.isclose(lam, physics.wavelength(rad, energy_ev), rtol=1e-3):
-            raise DatasetError(f"{_SRC}/wavelength", f"{lam:.6g} m disagrees with energy {energy_ev:.6g} eV "
-                               f"({physics.wavelength(rad, energy_ev):.6g} m for {rad}); fix one of them")
-        z1 = source_distance_m
-        if z1 is None:
-            z1 = _scalar(f, f"{_SRC}/distance")
-            if z1 is not None:
-                z1 = abs(z1)  # CXI: components upstream of the sample have negative distances
-                _positive(f"{_SRC}/distance", z1, "a non-zero source-sample distance in metres")
-
-        tpath = next((p for p in _TRANSLATION_PATHS if p in f), None)
-        if tpath is None:
-            raise DatasetError(_TRANSLATION_PATHS[0], "missing from the CXI file; expected (J, 3) sample translations (x, y, z) in metres")
-        t = np.asarray(_dataset(f, tpath)[()], dtype=np.float64)
-        if t.ndim != 2 or t.shape[1] not in (2, 3) or t.shape[0] != n_scan:
-            raise DatasetError(tpath, f"has shape {t.shape}; expected ({n_scan}, 3): one (x, y, z) translation per frame of {data_path}")
-        if not np.isfinite(t).all():
-            raise DatasetError(tpath, "contains NaN or inf; expected finite translations in metres")
-        if t.shape[1] == 2:
-            t = np.column_stack([t, np.zeros(n_scan)])
-
-        probe = None
-        ppath = next((p for p in _PROBE_PATHS if p in f), None)
-        if ppath is not None:
-            probe = np.asarray(_dataset(f, ppath)[()])
-            if probe.ndim not in (2, 3) or probe.shape[-2:] != (ny, nx):
-                raise DatasetError(ppath, f"has shape {probe.shape}; expected ({ny}, {nx}) or (K, {ny}, {nx}) like the frames")
-            if not np.isfinite(probe).all():
-                raise DatasetError(ppath, "contains NaN or inf; expected a finite probe")
-            probe = probe.astype(np.complex64).reshape((-1, ny, nx))
-        cxi_version = _scalar(f, "cxi_version")
-        extra_attrs = {}
-        if "entry_1" in f and "daskptycho_attrs" in f["entry_1"].attrs:
-            try:
-                extra_attrs = json.loads(f["entry_1"].attrs["daskptycho_attrs"])
-            except (TypeError, ValueError):
-                extra_attrs = {}
-
-    # probe centre in the image frame: project -translation on the detector's row/column directions
-    u = basis / np.linalg.norm(basis, axis=1, keepdims=True)
-    position = np.column_stack([-t @ u[0], -t @ u[1]])
-    p = float(px)
-    far_window = lam * distance / p
+    position = _positions(translation, basis)
     step = _median_step(position)
-    recorded = extra_attrs.get("geometry")
-    if geometry == "auto" and recorded in ("far-field", "near-field"):
-        geom, why = recorded, "recorded by daskptycho when it wrote the file"
-    else:
-        geom, why = _decide_geometry(geometry, far_window, step, z1)
+    geom, why = _decide_geometry(geometry, lam * distance / float(px), step, z1, recorded=extra_attrs.get("geometry"))
     attrs = {
         "geometry": geom,
         "geometry_reason": why,
         "detector_distance_m": float(distance),
-        "detector_pixel_size_m": p,
+        "detector_pixel_size_m": float(px),
         "source_file": os.path.basename(os.fspath(path)),
         "importer": "daskptycho.io.cxi.read_cxi",
         "cxi_data_path": data_path,
@@ -369,33 +663,10 @@ def read_cxi(path, *, geometry: str = "auto", source_distance_m: float | None = 
     }
     if cxi_version is not None:
         attrs["cxi_version"] = int(cxi_version)
-    if geom == "near-field":
-        mag = 1.0 if z1 is None else (z1 + distance) / z1
-        dx = p / mag
-        z_eff = distance / mag
-        attrs.update({"magnification": mag, "effective_distance_m": z_eff})
-        if z1 is None:
-            attrs["geometry_note"] = (
-                f"plane wave assumed (the file gives no source-sample distance, so the real-space pixel is the detector pixel "
-                f"{p:.3g} m); the median scan step is {step / dx:.3g} detector pixels: if the beam diverges from a focus, "
-                "import it again with the focus-sample distance (source_distance_m in Python, --source-distance on the command line)")
-        else:
-            attrs["source_distance_m"] = float(z1)
-        # the illuminated field of a near-field hologram is at most the detector's field, seen in the sample plane
-        attrs["fresnel_number"] = fresnel_number(max(ny, nx) * dx, lam, z_eff)
-        attrs["fresnel_number_pixel"] = fresnel_number(dx, lam, z_eff)
-    else:
-        if ny * py != nx * px and not np.isclose(ny * py, nx * px, rtol=1e-6):
-            raise DatasetError(data_path, f"frames of {ny}x{nx} give different real-space pixels along y and x; expected square frames")
-        dx = lam * distance / (nx * p)
-        # the largest probe the sampling allows fills half the window lambda z / p
-        attrs["fresnel_number"] = fresnel_number(far_window / 2, lam, distance)
+    dx, geometry_attrs = _sampling(geom, (ny, nx), px, py, lam, distance, z1, step, data_path)
+    attrs.update(geometry_attrs)
     if probe is not None and not extra_attrs:  # a foreign probe: bring it to sqrt(counts); ours already is
-        mean_counts = float(counts.sum(axis=(1, 2), dtype=np.float64).mean())
-        power = float(np.sum(np.abs(probe.astype(np.complex128)) ** 2))
-        scale = np.sqrt(mean_counts / power) if power > 0 and mean_counts > 0 else 1.0
-        probe = (probe * np.float32(scale)).astype(np.complex64)
-        attrs["probe_rescaled_by"] = float(scale)
+        probe, attrs["probe_rescaled_by"] = _rescaled_probe(probe, counts)
     if probe is not None:
         attrs["cxi_probe_path"] = ppath
     for key, value in extra_attrs.items():  # what an earlier write_cxi kept (e.g. probe-forming parameters)
@@ -425,8 +696,6 @@ def _put(group, name, value, **attrs):
 
 
 def _write_header(f):
-    from .. import __version__
-
     _put(f, "cxi_version", np.int64(CXI_VERSION))
     _put(f, "number_of_entries", np.int64(1))
     e = f.create_group("entry_1")
@@ -541,8 +810,6 @@ def write_cxi(store, path, *, overwrite: bool = False, dataset=None):
 
 
 def _fill_result(f, res, src):
-    from .. import __version__
-
     e = _write_header(f)
     obj = np.asarray(res["object"].values, dtype=np.complex64)
     img = e.create_group("image_1")

@@ -48,8 +48,8 @@ import zipfile
 
 import numpy as np
 
-from .. import physics
 from ..errors import DatasetError
+from ..radiation import xray_wavelength
 from .store import build_dataset, check_intensity, validate_dataset
 
 __all__ = ["import_siemens_star", "import_npz", "NPZ_KEYS"]
@@ -226,7 +226,7 @@ def import_siemens_star(path, pixel_size_m: float = 1e-8, energy_eV: float = 8.8
     scale = np.sqrt(mean_counts / power) if power > 0 and mean_counts > 0 else 1.0
     probe = (probe * np.float32(scale)).astype(np.complex64)
 
-    lam = physics.xray_wavelength(energy_eV)
+    lam = xray_wavelength(energy_eV)
     attrs = {
         "geometry": "far-field",
         "geometry_nominal": GEOMETRY_NOMINAL,

@@ -20,6 +20,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import DatasetError, OutputExistsError
+from ..radiation import wavelength
 
 FORMAT_NAME = "daskptycho-dataset"
 RESULT_FORMAT_NAME = "daskptycho-result"
@@ -761,9 +762,7 @@ def build_dataset(intensity, position_m, *, pixel_size_m, radiation, energy_eV=N
     if wavelength_m is not None:
         wavelength_m = _positive("wavelength_m", wavelength_m, "attrs.wavelength_m")
     if wavelength_m is None:
-        from .. import physics
-
-        wavelength_m = float(physics.wavelength(radiation, energy_eV))
+        wavelength_m = float(wavelength(radiation, energy_eV))
     if energy_eV is None:
         energy_eV = float(energy_from_wavelength(radiation, wavelength_m))
     intensity = check_intensity(intensity).astype(np.float32, copy=False)

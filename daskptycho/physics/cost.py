@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import get_array_module
+from .dispatch import kernels
+from .intensity import abs2_modes
 
 __all__ = ["amplitude_cost", "poisson_cost", "cost_and_far_field_gradient"]
 
@@ -22,9 +24,7 @@ def _model_intensity(far):
     xp = get_array_module(far)
     if far.ndim != 4:
         return xp.sum(far.real**2 + far.imag**2, axis=-3)  # sum over probe modes
-    from .multislice import _abs2_modes
-
-    return _abs2_modes(far, xp)
+    return abs2_modes(far, xp)
 
 
 def amplitude_cost(far, intensity, mask=None):
@@ -83,8 +83,6 @@ def cost_and_far_field_gradient(far, intensity, mask=None, kind="amplitude", ove
         raise ValueError(f"cost must be 'amplitude' or 'poisson', got {kind!r}")
     if overwrite and xp is np and far.ndim == 4 and far.dtype.kind == "c" and far.flags.c_contiguous \
             and intensity.dtype == far.real.dtype and intensity.flags.c_contiguous:
-        from .fused import kernels
-
         compiled = kernels()
         if compiled is not None:  # one pass over the waves instead of a dozen
             m = np.ones(far.shape[-2:], dtype=bool) if mask is None else np.ascontiguousarray(np.broadcast_to(mask, far.shape[-2:]), dtype=bool)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import empty, fft2, get_array_module, ifft2, is_gpu, scatter_add
-from . import fused
 from .cost import cost_and_far_field_gradient
+from .dispatch import FFT_TALLY, aligned_stride, fftw_plans, kernels
+from .intensity import abs2, abs2_modes
 
 __all__ = ["window_index", "windows", "Windows", "forward", "backward", "far_field_intensity", "gradients"]
 
@@ -158,42 +159,6 @@ def _scatter(targets, index, values):
     return targets
 
 
-def _abs2(a, xp):
-    """|a|^2 in a's real precision."""
-    out = xp.multiply(a.real, a.real)
-    out += xp.multiply(a.imag, a.imag)
-    return out
-
-
-def _abs2_modes(a, xp, out=None, scratch=None):
-    """``sum_k |a[:, k]|^2`` of a (J, K, N_y, N_x) complex array: (J, N_y, N_x) real.
-
-    Two passes instead of three: the interleaved (re, im) pairs squared in one contiguous
-    multiply (into ``scratch``, an array of ``a``'s shape and dtype, or a new one), then
-    the pairs added. ``out`` (J, N_y, N_x), if given, receives the result.
-    """
-    real = a.real.dtype
-    j, k, ny, nx = a.shape
-    if not a.flags.c_contiguous:
-        res = _abs2(a, xp)
-        res = res[:, 0] if k == 1 else res.sum(axis=1)
-        if out is None:
-            return res
-        out[...] = res
-        return out
-    if out is None:
-        out = xp.empty((j, ny, nx), dtype=real)
-    if scratch is None:
-        scratch = xp.empty(a.shape, dtype=a.dtype)
-    flat = a.view(real)  # (J, K, N_y, 2 N_x): re, im, re, im, ...
-    sq = xp.multiply(flat, flat, out=scratch.view(real))
-    xp.add(sq[:, 0, :, 0::2], sq[:, 0, :, 1::2], out=out)
-    for m in range(1, k):
-        out += sq[:, m, :, 0::2]
-        out += sq[:, m, :, 1::2]
-    return out
-
-
 def _propagate_inplace(wave, kernel_scaled):
     """``ifft2(fft2(wave) * kernel)`` in place; ``kernel_scaled`` includes 1/(N_y N_x)."""
     fft2(wave, out=wave, norm="none")
@@ -212,7 +177,7 @@ def _fused_path(xp, index, obj, probe):
     NumPy arrays of one complex dtype, rectangular windows and ``daskptycho.kernels`` not ``numpy``."""
     if is_gpu(xp) or obj.dtype != probe.dtype or obj.dtype.kind != "c":
         return None, None
-    compiled = fused.kernels()
+    compiled = kernels()
     if compiled is None:
         return None, None
     win = _as_windows(index, obj.shape)
@@ -284,7 +249,7 @@ def far_field_intensity(obj, probe, index, kernel):
     (zero frequency at ``(N // 2, N // 2)``), as stored in a dataset."""
     xp = get_array_module(obj, probe)
     far = forward(obj, probe, index, kernel)
-    inten = xp.sum(_abs2(far, xp), axis=1)
+    inten = xp.sum(abs2(far, xp), axis=1)
     return xp.fft.fftshift(inten, axes=(-2, -1))
 
 
@@ -336,9 +301,9 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
     for s in range(n_slices - 1, -1, -1):
         psi = incident[s]
         if s == 0:  # the probe itself, the same for every position
-            il = xp.broadcast_to(_abs2(psi[0], xp).sum(axis=0), il_buf.shape)
+            il = xp.broadcast_to(abs2(psi[0], xp).sum(axis=0), il_buf.shape)
         else:  # before ``work`` is filled: it is the scratch space of the squares
-            il = _abs2_modes(psi, xp, out=il_buf, scratch=work)
+            il = abs2_modes(psi, xp, out=il_buf, scratch=work)
         xp.conjugate(psi, out=work)
         work *= g
         go = work[:, 0] if work.shape[1] == 1 else work.sum(axis=1)  # (J, N, N): sum over modes
@@ -351,7 +316,7 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
     if probe_gradient:
         p0 = patches[0]
         gp = xp.sum(g, axis=0)
-        pil = xp.sum(_abs2(p0, xp), axis=0)
+        pil = xp.sum(abs2(p0, xp), axis=0)
         if out is not None:
             out["probe"] += gp
             out["probe_illumination"] += pil
@@ -363,7 +328,7 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
 
 def _backward_fused(g, cache, g_obj, illum, k_conj, probe_gradient, out):
     """:func:`backward` after a fused :func:`forward`: one kernel call per slice."""
-    compiled = fused.kernels()
+    compiled = kernels()
     k_modes, ny, nx = cache.incident[0].shape[1:]
     real = illum.dtype
     if probe_gradient:
@@ -389,25 +354,17 @@ def _backward_fused(g, cache, g_obj, illum, k_conj, probe_gradient, out):
 
 def per_position_path(obj, probe):
     """True when :func:`gradients` on these arrays runs the compiled per-position model
-    (:func:`daskptycho.physics.fused.fftw_plans`): its memory does not grow with the
+    (:func:`daskptycho.physics.dispatch.fftw_plans`): its memory does not grow with the
     number of positions per call, so callers need not split a batch into chunks."""
     xp = get_array_module(obj, probe)
     return (not is_gpu(xp) and obj.dtype == np.complex64 and probe.dtype == np.complex64 and probe.ndim == 3
-            and fused.fftw_plans(probe.shape) is not None and _aligned_stride(probe.shape))
-
-
-def _aligned_stride(shape):
-    from .. import backend
-
-    return backend._import_pyfftw() and (int(np.prod(shape)) * 8) % backend._pyfftw.simd_alignment == 0
+            and fftw_plans(probe.shape) is not None and aligned_stride(probe.shape))
 
 
 def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, probe_gradient, out, rows):
     """:func:`gradients` by :func:`daskptycho.physics._compiled.position_gradients`, or
     None when that path does not apply. Every shape and index is checked here: the
     compiled loops do not check bounds."""
-    from ..backend import empty
-
     if intensity.dtype != np.float32 or not per_position_path(obj, probe):
         return None
     compiled, win = _fused_path(np, index, obj, probe)
@@ -446,15 +403,15 @@ def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, pr
         gp, pil = np.zeros((1, 1, 1), dtype=np.complex64), np.zeros((1, 1), dtype=np.float32)
     inc = empty((max(n_slices - 1, 1), k, ny, nx), np.complex64)
     wave = empty((k, ny, nx), np.complex64)
-    plan_f, plan_b = fused.fftw_plans(probe.shape)
+    plan_f, plan_b = fftw_plans(probe.shape)
     s2 = 1.0 / (ny * nx)
     counts = np.zeros(1, dtype=np.int64)
     value = compiled.position_gradients(np.ascontiguousarray(obj), np.ascontiguousarray(probe), corners, rows,
                                         np.ascontiguousarray(intensity), m, k_fwd, k_adj, s2, 2 * s2, cost == "poisson",
                                         g_obj, illum, gp, pil, bool(probe_gradient), plan_f, plan_b, inc, wave, counts)
-    fused.FFT_TALLY["calls"] += 1
-    fused.FFT_TALLY["ffts"] += int(counts[0])
-    fused.FFT_TALLY["by_size"][nx] = fused.FFT_TALLY["by_size"].get(nx, 0) + int(counts[0])
+    FFT_TALLY["calls"] += 1
+    FFT_TALLY["ffts"] += int(counts[0])
+    FFT_TALLY["by_size"][nx] = FFT_TALLY["by_size"].get(nx, 0) + int(counts[0])
     result = {"object": g_obj, "illumination": illum, "cost": float(value)}
     if probe_gradient:
         result["probe"] = gp

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_array_module, ifft2
+from ..backend import get_array_module, ifft2, to_numpy
 from .propagation import spatial_frequencies
 
 __all__ = ["aperture_probe", "electron_probe", "xray_probe", "probe_modes", "blurred_modes", "motion_modes",
@@ -175,8 +175,6 @@ def blurred_modes(probe, n_modes, first_fraction=0.8, decay=0.5):
     """
     from scipy import ndimage
 
-    from ..backend import to_numpy
-
     xp = get_array_module(probe)
     p = to_numpy(probe).reshape(probe.shape[-2:]).astype(np.complex128)
     total = float(np.sum(np.abs(p) ** 2))
@@ -200,8 +198,6 @@ def motion_modes(probe, n_modes, length_px, axis=-1, samples=None):
     -------
     array (n_modes, py, px)
     """
-    from ..backend import to_numpy
-
     xp = get_array_module(probe)
     p = to_numpy(probe).reshape(probe.shape[-2:]).astype(np.complex128)
     total = float(np.sum(np.abs(p) ** 2))

@@ -1,11 +1,17 @@
-"""Wavelengths and the electron interaction constant (SI units throughout)."""
+"""Wavelengths, the electron interaction constant and the Fresnel number (SI units).
+
+The beam's physical constants, below :mod:`daskptycho.io` and :mod:`daskptycho.physics`
+in the package layers: pure functions of NumPy and SciPy only, importing nothing else
+of daskptycho. :mod:`daskptycho.physics` re-exports the wavelengths and the
+interaction constant.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import constants as C
 
-__all__ = ["electron_wavelength", "interaction_constant", "xray_wavelength", "wavelength"]
+__all__ = ["electron_wavelength", "interaction_constant", "xray_wavelength", "wavelength", "fresnel_number"]
 
 
 def electron_wavelength(energy_eV: float) -> float:
@@ -49,3 +55,21 @@ def wavelength(radiation: str, energy_eV: float) -> float:
     if radiation == "xray":
         return xray_wavelength(energy_eV)
     raise ValueError(f"radiation must be 'electron' or 'xray', got {radiation!r}")
+
+
+def fresnel_number(field_m: float, wavelength_m: float, distance_m: float) -> float:
+    """Fresnel number ``a**2 / (lambda z)`` of a field of width ``a`` seen at distance ``z``.
+
+    Parameters
+    ----------
+    field_m : float
+        Width of the illuminated field in the sample plane, metres.
+    wavelength_m, distance_m : float
+        Wavelength and (effective) sample-detector distance, metres.
+
+    Returns
+    -------
+    float
+        Dimensionless: >> 1 means near-field (Fresnel) diffraction, << 1 far field.
+    """
+    return float(field_m) ** 2 / (float(wavelength_m) * float(distance_m))
