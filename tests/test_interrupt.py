@@ -40,6 +40,19 @@ def _alive(procs):
     return out
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def python_sigint():
+    """SIGINT raising KeyboardInterrupt in this process, as Python sets it up when started from
+    a terminal (a test run started in the background inherits SIGINT ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _interrupt(store, out, trigger):
     """Run ``daskptycho reconstruct`` in its own session, SIGINT its process group once a
     stderr line matches ``trigger``; return (exit status, stderr lines before and after
@@ -48,7 +61,10 @@ def _interrupt(store, out, trigger):
            "--slices", "2", "--workers", "2", "--iterations", "1000000"]
     # faulthandler: a CLI that hangs is made to print where (SIGABRT) before the test fails
     env = dict(os.environ, PYTHONFAULTHANDLER="1")
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    # as from a terminal: SIGINT at its default (a test run started in the background, as
+    # `cmd &` in a script, inherits SIGINT ignored, and Python then installs no handler)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
+                         preexec_fn=_default_sigint)
     q = queue.Queue()
     reader = threading.Thread(target=_lines, args=(p.stderr, q), daemon=True)
     reader.start()
@@ -117,7 +133,7 @@ def test_ctrl_c_while_the_cluster_starts_prints_one_line(small_pbtio3, tmp_path)
     _assert_gone(procs)
 
 
-def test_worker_processes_hold_sigint_back():
+def test_worker_processes_hold_sigint_back(python_sigint):
     """The root of the quiet Ctrl-C: worker processes start with SIGINT blocked (the
     terminal's Ctrl-C stays pending in them), while this process still takes it."""
     import daskptycho as dp
@@ -133,7 +149,7 @@ def test_worker_processes_hold_sigint_back():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_an_interrupt_inside_a_finalizer_is_raised_again_not_lost():
+def test_an_interrupt_inside_a_finalizer_is_raised_again_not_lost(python_sigint):
     """A Ctrl-C that lands while the garbage collector runs a ``__del__`` (distributed's
     futures have one) would be printed as 'Exception ignored' and dropped, and the run
     would go on; the CLI's handler sends it again, to be raised a moment later."""
