@@ -40,11 +40,14 @@ demo: install
 	$(VENV)/bin/daskptycho view $(DEMO)/result.zarr --out $(DEMO)/png --truth $(DEMO)/pbtio3.zarr
 	@echo "demo: images in $(DEMO)/png, timeline in $(DEMO)/report.html"
 
+# the layer and no-cycle contracts of pyproject.toml first (seconds), then the suite
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

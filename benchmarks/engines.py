@@ -145,12 +145,12 @@ def dataset_ffts(ds, slices, engine="ml"):
     import numpy as np
 
     from daskptycho import physics
-    from daskptycho.engines.ml import load_patterns
-    from daskptycho.engines.problem import ReconstructOptions, prepare
-    from daskptycho.options import check_options
+    from daskptycho.engines import engine_options
+    from daskptycho.engines.problem import prepare
+    from daskptycho.io.patterns import load_patterns
     from daskptycho.physics import dm
 
-    p = prepare(ds, check_options(ReconstructOptions, None, dict(engine="dm", slices=1, iterations=1)))
+    p = prepare(ds, engine_options(dict(engine="dm", slices=1, iterations=1)))
     data = load_patterns(ds)
     obj = p.initial_object(np)[:1]
     probe = p.probe

@@ -170,12 +170,13 @@ def iteration_fft_count(ds, slices, repeats=3):
     """
     import dask
 
-    from daskptycho.engines.ml import load_patterns, ml_init, ml_step
-    from daskptycho.engines.problem import ReconstructOptions, prepare
-    from daskptycho.options import check_options
+    from daskptycho.engines import engine_options
+    from daskptycho.engines.problem import prepare
+    from daskptycho.io.patterns import load_patterns
     from daskptycho.physics import fused, multislice
+    from daskptycho.tasks.ml import ml_init, ml_step
 
-    opts = check_options(ReconstructOptions, None, dict(engine="ml", slices=slices, iterations=1))
+    opts = engine_options(dict(engine="ml", slices=slices, iterations=1))
     problem = prepare(ds, opts)
     data = load_patterns(ds)
     state = ml_step(ml_init(problem), data, 0, problem)  # warm-up: plans, compilation, first-touch pages

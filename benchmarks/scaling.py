@@ -268,8 +268,8 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     import daskptycho as dp
-    from daskptycho.engines.problem import ReconstructOptions, prepare
-    from daskptycho.options import check_options
+    from daskptycho.engines import engine_options
+    from daskptycho.engines.problem import prepare
 
     load0 = os.getloadavg()
     with open(a.engines) as f:
@@ -294,7 +294,7 @@ def main(argv=None):
     # validation on the engines benchmark's dataset
     scan = int(eng["scan"])
     ds = dp.simulate(kind="pbtio3", scan=(scan, scan), detector=n_bench, slices=slices_bench)
-    prob = prepare(ds, check_options(ReconstructOptions, None, dict(engine="gd", slices=slices_bench, iterations=1)))
+    prob = prepare(ds, engine_options(dict(engine="gd", slices=slices_bench, iterations=1)))
     validation = []
     for label, r in rows.items():
         if r["engine"] not in ("gd", "hve"):

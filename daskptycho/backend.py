@@ -30,6 +30,7 @@ import numpy as np
 import scipy.fft
 
 from . import config
+from .errors import DeviceError, OptionsError
 
 FFT_BACKENDS = ("auto", "pyfftw", "scipy", "numpy")
 
@@ -42,6 +43,19 @@ def get_array_module(*arrays):
 
             return cupy
     return np
+
+
+def array_module(device):
+    """NumPy for ``"cpu"``; CuPy for ``"gpu"``, with a clear error when no GPU is usable."""
+    if device == "cpu":
+        return np
+    try:
+        import cupy
+    except ImportError:
+        raise DeviceError("device='gpu' needs CuPy: pip install 'daskptycho[gpu]', or use device='cpu'") from None
+    if not cupy.is_available():
+        raise DeviceError("device='gpu' but CuPy finds no usable GPU on this machine: use device='cpu'")
+    return cupy
 
 
 def gpu_available() -> bool:
@@ -100,7 +114,6 @@ def fft_backend() -> str:
     """
     name = _fft_setting("backend", "auto") or "auto"
     if name not in FFT_BACKENDS:
-        from .errors import OptionsError
 
         raise OptionsError("fft.backend", f"is {name!r}; use one of {', '.join(FFT_BACKENDS)} (daskptycho.yaml or DASK_DASKPTYCHO__FFT__BACKEND)")
     if name in ("auto", "pyfftw"):
@@ -160,7 +173,7 @@ def _plan(shape, dtype, forward, inplace, threads):
     plans = getattr(_local, "plans", None)
     if plans is None:
         plans = _local.plans = collections.OrderedDict()
-    key = (shape, dtype.str, forward, inplace, threads, _planner_flag())
+    key = (shape, dtype.str, forward, inplace, threads, planner_flag())
     plan = plans.get(key)
     if plan is not None:
         plans.move_to_end(key)
@@ -180,11 +193,11 @@ def _plan(shape, dtype, forward, inplace, threads):
 
 
 _PLANNERS = {"estimate": "FFTW_ESTIMATE", "measure": "FFTW_MEASURE", "patient": "FFTW_PATIENT"}
-_wisdom_lock = threading.Lock()
+wisdom_lock = threading.Lock()  # held while FFTW plans: its planner is not thread-safe
 _wisdom_loaded = [None]  # the wisdom file this process has imported
 
 
-def _planner_flag():
+def planner_flag():
     """FFTW planner from ``daskptycho.fft.planner`` (default ``measure``).
 
     ``measure`` times candidate algorithms once per transform shape and records the
@@ -198,7 +211,6 @@ def _planner_flag():
     """
     name = str(_fft_setting("planner", "measure") or "measure").lower()
     if name not in _PLANNERS:
-        from .errors import OptionsError
 
         raise OptionsError("fft.planner", f"got {name!r}; expected one of {', '.join(_PLANNERS)}")
     return _PLANNERS[name]
@@ -237,7 +249,7 @@ def _write_wisdom(pyfftw, path):
 
 
 def _plan_with_shared_wisdom(pyfftw, a, b, direction, threads, flag):
-    """A measured plan that every process on this machine shares (see :func:`_planner_flag`)."""
+    """A measured plan that every process on this machine shares (see :func:`planner_flag`)."""
     import fcntl
 
     path = _wisdom_path()
@@ -248,7 +260,7 @@ def _plan_with_shared_wisdom(pyfftw, a, b, direction, threads, flag):
         except RuntimeError:  # pyFFTW: no wisdom for this transform
             return None
 
-    with _wisdom_lock:
+    with wisdom_lock:
         if _wisdom_loaded[0] != path:
             _read_wisdom(pyfftw, path)
             _wisdom_loaded[0] = path
@@ -271,6 +283,22 @@ def _plan_with_shared_wisdom(pyfftw, a, b, direction, threads, flag):
                 except OSError:
                     pass
         return plan
+
+
+def fftw_plan(shape, dtype, forward, inplace=True, threads=1):
+    """The cached pyFFTW plan of a 2-D transform over the last two axes of ``shape``.
+
+    Planned as every FFT of :func:`fft2` / :func:`ifft2` is (through the machine-wide
+    wisdom, see :func:`planner_flag`), so a caller that makes its own FFTW plans from
+    that wisdom gets the same algorithm. Needs pyFFTW (:func:`fft_backend` is
+    ``"pyfftw"``).
+    """
+    return _plan(tuple(shape), np.dtype(dtype), forward, inplace, threads)
+
+
+def simd_alignment():
+    """pyFFTW's SIMD alignment in bytes (what :func:`empty` aligns to), or None without pyFFTW."""
+    return _pyfftw.simd_alignment if _import_pyfftw() else None
 
 
 def _aligned(a):

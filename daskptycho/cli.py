@@ -54,31 +54,37 @@ def _positive_int(text):
 # --------------------------------------------------------------------------- the parser
 
 def _option_default(name):
-    """The default of a :class:`~daskptycho.engines.problem.ReconstructOptions` field as
-    it is now: the dataclass's value, or the ``dask.config`` value it reads."""
+    """The default of an engine option as it is now: the options dataclass's value, or the
+    ``dask.config`` value it reads (the first engine that takes the option, the default
+    engine first)."""
     from . import config
-    from .engines.problem import ReconstructOptions
+    from .engines import ENGINES
 
-    if name == "tiles":  # None in the dataclass: the config's grid, for the tiled engines
-        return tuple(config.get("reconstruct.tiles"))
-    f = ReconstructOptions.__dataclass_fields__[name]
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if name == "engine":
+        return config.get("reconstruct.engine")
+    first = config.get("reconstruct.engine")
+    for engine in sorted(ENGINES.values(), key=lambda e: e.name != first):
+        f = {x.name: x for x in dataclasses.fields(engine.options)}.get(name)
+        if f is not None:
+            return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    raise KeyError(name)
 
 
 def _per_kind(key, fmt=str):
     """A simulation default that depends on --kind, e.g. '200000 for pbtio3, 8000 for image and flyscan'."""
-    from .simulate import _DEFAULTS
+    from .simulate import DEFAULTS
 
     by_value = {}
-    for kind, values in _DEFAULTS.items():
+    for kind, values in DEFAULTS.items():
         by_value.setdefault(fmt(values[key]), []).append(kind)
     return ", ".join(f"{v} for {' and '.join(kinds)}" for v, kinds in by_value.items())
 
 
 def _parser():
-    from . import __version__, config
+    from . import config
     from .cluster import default_workers
     from .simulate import SimulationOptions
+    from .version import __version__
 
     d = _option_default
     sim = {f.name: f.default for f in dataclasses.fields(SimulationOptions)}
@@ -356,7 +362,8 @@ def _check_output_file(path, parameter, overwrite):
 
 
 def _cmd_simulate(a):
-    from . import simulate, write_dataset
+    from .io.store import write_dataset
+    from .simulate import simulate
 
     _refuse_existing(a.out, a.overwrite)
     kw = {"kind": a.kind, "scan": a.scan, "detector": a.detector, "probe_modes": a.probe_modes, "seed": a.seed}
@@ -389,12 +396,12 @@ def _describe_checkpoint(path, ck):
 
 
 def _describe(path):
-    from .io.store import RESULT_FORMAT_NAME, _open_zarr, checkpoint_info, open_dataset
+    from .io.store import RESULT_FORMAT_NAME, checkpoint_info, open_dataset, open_zarr
 
     ck = checkpoint_info(path)
     if ck is not None:
         return _describe_checkpoint(path, ck)
-    raw = _open_zarr(path)
+    raw = open_zarr(path)
     lines = []
     if raw.attrs.get("format") == RESULT_FORMAT_NAME:
         ds = raw
@@ -455,10 +462,10 @@ _RECONSTRUCT_OPTIONS = ("engine", "iterations", "batch_size", "slices", "slice_t
 def _cmd_reconstruct(a):
     import contextlib
 
-    from . import config, open_dataset, reconstruct, write_result
+    from . import config
     from .cluster import check_connect, log_to_stderr
-    from .engines.problem import ReconstructOptions
-    from .options import check_options
+    from .engines import engine_options, reconstruct
+    from .io.store import open_dataset, write_result
 
     if os.path.lexists(a.out) and not (a.overwrite or a.resume):
         from .errors import OutputExistsError
@@ -473,9 +480,9 @@ def _cmd_reconstruct(a):
         if a.checkpoint_every is not None:
             kw["checkpoint_every"] = a.checkpoint_every
     # every option, and where the run is to go, is checked before the dataset is read or a cluster starts
-    engine = check_options(ReconstructOptions, None, kw).engine
+    workers = engine_options(**kw).workers
     cluster_options = {k: getattr(a, k) for k in ("jobs", "scheduler_file", "tls") if getattr(a, k) is not None}
-    check_connect(a.cluster, workers=a.workers if engine != "ml" else (a.workers or 1), device=a.device, **cluster_options)
+    check_connect(a.cluster, workers=workers, device=a.device, **cluster_options)
     ds = open_dataset(a.store)
     if a.pad_px is None and "recommended_pad_px" in ds.attrs:
         kw["pad_px"] = int(ds.attrs["recommended_pad_px"])
@@ -488,7 +495,7 @@ def _cmd_reconstruct(a):
             bar.end_line()
             raise
     if "checkpoint" in kw:
-        from .io.checkpoint import write_result_keeping_checkpoint
+        from .io.store import write_result_keeping_checkpoint
 
         write_result_keeping_checkpoint(res, a.out)
     else:
@@ -536,8 +543,8 @@ def _steady_span(n, skip=2):
 
 
 def _cmd_view(a):
-    from . import open_dataset, open_result
     from .errors import DatasetError, OutputExistsError
+    from .io.store import open_dataset, open_result
 
     # refused before anything is read or drawn: view would replace these files
     names = VIEW_PNGS + ((VIEW_TRUTH_PNG,) if a.truth else ())
@@ -565,9 +572,9 @@ def _cmd_view(a):
 
 
 def _cmd_import(a):
-    from . import write_dataset
     from .errors import DatasetError, OptionsError
     from .io import importers
+    from .io.store import write_dataset
 
     _refuse_existing(a.out, a.overwrite)
     fmt = a.format
@@ -608,7 +615,7 @@ def _cmd_export(a):
 
         print(f"wrote {write_cxi(a.store, a.out, overwrite=a.overwrite)}: CXI 1.6")
     elif out.endswith((".tif", ".tiff")):
-        from . import open_result
+        from .io.store import open_result
         from .io.tiff import write_tiff
 
         for path, what in write_tiff(open_result(a.store), a.out, amplitude=a.amplitude, overwrite=a.overwrite):

@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from . import keys
+
 try:
     from distributed.diagnostics.plugin import SchedulerPlugin
 except ImportError:  # pragma: no cover - distributed is a dependency
@@ -39,8 +41,6 @@ except ImportError:  # pragma: no cover - distributed is a dependency
 
 PLUGIN_NAME = "daskptycho-live"
 ROUTE = "/daskptycho"
-#: Tasks whose completion means "this tile finished its update of this iteration".
-_UPDATE_PREFIXES = {"update", "hve-paste", "dm-state"}
 
 
 def preview_every_s():
@@ -159,19 +159,18 @@ class LiveState(SchedulerPlugin):
         # called for every task: stay cheap and never raise
         if finish != "memory":
             return
-        if isinstance(key, tuple) and len(key) >= 2 and key[0] == "ml-iteration":
+        kind = keys.kind_of(key)
+        if not (isinstance(key, tuple) and kind is not None and kind.progress):
+            return
+        if len(key) < 4:
             # ("ml-iteration", it, run tag): the single-task engine is one "tile"
             tile, it = (0, 0), int(key[1])
-        elif isinstance(key, tuple):
-            # ("update", s, r, c), with a recovery tag after it on a rolled-back run
-            if len(key) < 4 or key[0] not in _UPDATE_PREFIXES:
-                return
+        else:
+            # ("update", s, r, c, run tag): a tile's step of round s
             s, tile = key[1], (key[2], key[3])
             if (s + 1) % self.rounds:
                 return  # not the last pass round of its iteration
             it = s // self.rounds
-        else:
-            return
         if it > self.tile_done.get(tile, -1):
             self.tile_done[tile] = it
             self.version += 1

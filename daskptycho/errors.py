@@ -92,3 +92,20 @@ class OutputExistsError(DaskptychoError, FileExistsError):
 
 class DeviceError(DaskptychoError, RuntimeError):
     """An accelerator (GPU, CuPy, dask-cuda, UCX) was asked for but is not usable here."""
+
+
+class WorkerLost(Exception):
+    """Workers holding tiles left the cluster (internal: the engines catch it and recover).
+
+    Attributes
+    ----------
+    lost : list of str, the addresses gone
+    """
+
+    def __init__(self, lost, detail=""):
+        self.lost = list(lost)
+        super().__init__(f"lost worker(s) {', '.join(self.lost) or '(unknown)'}{': ' + detail if detail else ''}")
+
+
+class RecoveryError(DaskptychoError, RuntimeError):
+    """Workers kept dying: more recoveries than ``daskptycho.recovery.max_recoveries``."""

@@ -6,19 +6,23 @@ import json
 import os
 
 import numpy as np
+from distributed import Client, get_task_stream
 
+from .cluster import local_cluster
+from .engines import engine_options, reconstruct
+from .engines.gd import tiling_for
+from .engines.hve import hve_tiles
+from .engines.problem import prepare
+from .io.store import open_dataset
 from .schedule.draw import draw_graph, draw_timeline, pipelining
 from .schedule.hve import hve_iteration
 from .schedule.passes import gd_iteration
+from .simulate import simulate
 
 
 def _geometry(store, tiles):
-    from .engines.problem import ReconstructOptions, prepare
-    from .io.store import open_dataset
-    from .simulate import simulate
-
     ds = open_dataset(store, check_values=False) if store else simulate(kind="pbtio3", scan=(16, 16), detector=64, slices=1)
-    return ds, prepare(ds, ReconstructOptions(engine="gd", tiles=tiles, iterations=1))
+    return ds, prepare(ds, engine_options(engine="gd", tiles=tiles, iterations=1))
 
 
 def render(out, tiles=(3, 3), store=None, timeline=False, workers=2, iterations=3):
@@ -27,9 +31,6 @@ def render(out, tiles=(3, 3), store=None, timeline=False, workers=2, iterations=
 
     Returns a list of ``(path, description)``.
     """
-    from .engines.gd import tiling_for
-    from .engines.hve import hve_tiles
-
     ds, problem = _geometry(store, tiles)
     tiling = tiling_for(problem)
     r, c = tiles
@@ -50,11 +51,6 @@ def render(out, tiles=(3, 3), store=None, timeline=False, workers=2, iterations=
 
 
 def _timeline(out, ds, tiles, workers, iterations):
-    from distributed import Client, get_task_stream
-
-    from .cluster import local_cluster
-    from .engines import reconstruct
-
     r, c = tiles
     with local_cluster(workers) as cluster, Client(cluster) as client:
         with get_task_stream(client) as ts:

@@ -75,9 +75,9 @@ class SimulationOptions:
 
     def __post_init__(self):
         self.scan = tuple(int(v) for v in np.broadcast_to(np.asarray(self.scan), (2,)))
-        if self.kind not in _DEFAULTS:
+        if self.kind not in DEFAULTS:
             raise OptionsError("kind", f"got {self.kind!r}; expected 'pbtio3', 'image' or 'flyscan'")
-        d = _DEFAULTS[self.kind]
+        d = DEFAULTS[self.kind]
         for k, v in d.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
@@ -107,7 +107,8 @@ class SimulationOptions:
             raise OptionsError("dose", f"got {self.dose}; expected a positive number or None")
 
 
-_DEFAULTS = {
+#: Each kind's defaults: scan step, slices and their thickness, energy, probe (what SimulationOptions leaves None)
+DEFAULTS = {
     "pbtio3": dict(step_m=0.5e-10, slices=4, slice_thickness_m=3.9e-10, energy_eV=200e3,
                    semiangle_rad=25e-3, defocus_m=80e-10, max_angle_rad=75e-3),
     "image": dict(step_m=40e-9, slices=1, slice_thickness_m=1e-6, energy_eV=8e3,
@@ -247,7 +248,7 @@ def simulate(options: SimulationOptions | dict | None = None, **kw):
     probe = physics.probe_modes(probe, opts.probe_modes, seed=opts.seed) * np.float32(np.sqrt(scale))
 
     kernel = physics.fresnel_kernel(window, dx, lam, opts.slice_thickness_m)
-    from .engines.updates import positions_per_chunk
+    from .tasks.updates import positions_per_chunk
 
     chunk = positions_per_chunk(window, opts.slices, opts.probe_modes, 64)
     intensity = np.zeros((positions.shape[0], n, n), dtype=np.float32)

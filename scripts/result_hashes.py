@@ -29,9 +29,10 @@ def digest(res):
 
 
 def main():
+    from distributed import Client
+
     import daskptycho as dp
     from daskptycho.cluster import local_cluster
-    from distributed import Client
 
     cases = {
         "demo gd 2x2": dict(engine="gd", tiles=(2, 2), slices=4, iterations=30),

@@ -94,6 +94,7 @@ def test_the_dashboard_serves_the_page_and_its_document_reads_the_store(client, 
     from bokeh.document import Document
 
     from daskptycho.engines.driver import Driver
+    from daskptycho.engines.live import LiveView
 
     url = client.dashboard_link.replace("/status", "/daskptycho")
     with urllib.request.urlopen(url, timeout=30) as r:
@@ -112,7 +113,8 @@ def test_the_dashboard_serves_the_page_and_its_document_reads_the_store(client, 
     assert "engine <b>gd</b>, iteration 3 of 3 done" in doc.get_model_by_name("title").text
     # what a run says its page is (this resets the store: last)
     with Driver(client) as drv:
-        assert drv.live_begin("gd", 3, (2, 2)) == url == drv.dashboard_page
+        live = LiveView(drv)
+        assert live.begin("gd", 3, (2, 2)) == url == live.page
     assert client.run_on_scheduler(_live)["costs"] == []
 
 

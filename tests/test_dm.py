@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import daskptycho as dp
+from daskptycho.engines import engine_options
 from daskptycho.engines.dm import partition_positions
-from daskptycho.engines.problem import ReconstructOptions, prepare
+from daskptycho.engines.problem import prepare
 from daskptycho.metrics import phase_correlation
 from daskptycho.physics import dm, window_index
 
@@ -46,7 +47,7 @@ def test_dm_even_split_by_index_matches_blocks(image_store, client):
 
 def test_partitions_cover_every_position_once(image_store):
     ds = dp.open_dataset(image_store)
-    p = prepare(ds, ReconstructOptions(engine="dm"))
+    p = prepare(ds, engine_options(engine="dm"))
     for how in ("blocks", "index"):
         parts = partition_positions(p, 4, how)
         allp = np.sort(np.concatenate(parts))

@@ -111,7 +111,8 @@ def test_defaults_are_a_noisy_xray_flyscan():
 
 
 def test_truth_lies_on_the_grid_reconstruct_builds_with_the_recommended_pad(clean):
-    from daskptycho.engines.problem import ReconstructOptions, prepare
+    from daskptycho.engines import engine_options
+    from daskptycho.engines.problem import prepare
 
     ds = clean
     validate_dataset(ds)
@@ -122,7 +123,7 @@ def test_truth_lies_on_the_grid_reconstruct_builds_with_the_recommended_pad(clea
     assert ds["truth_object"].shape == (1,) + grid.shape
     np.testing.assert_allclose(ds["y"].values, grid.y, rtol=0, atol=1e-6 * dx)
     np.testing.assert_allclose(ds["x"].values, grid.x, rtol=0, atol=1e-6 * dx)
-    problem = prepare(ds, ReconstructOptions(engine="ml", pad_px=pad))
+    problem = prepare(ds, engine_options(engine="ml", pad_px=pad))
     np.testing.assert_allclose(problem.grid.y, ds["y"].values, rtol=0, atol=1e-6 * dx)
     np.testing.assert_allclose(problem.grid.x, ds["x"].values, rtol=0, atol=1e-6 * dx)
     # the pad is needed: without it the outermost sub-position windows leave the grid

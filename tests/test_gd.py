@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 import daskptycho as dp
-from daskptycho.engines.ml import load_patterns, run_ml
-from daskptycho.engines.problem import ReconstructOptions, prepare
+from daskptycho.engines import engine_options
+from daskptycho.engines.ml import run_ml
+from daskptycho.engines.problem import prepare
+from daskptycho.io.patterns import load_patterns
 from daskptycho.metrics import phase_correlation
 
 
@@ -23,7 +25,7 @@ def pbtio3_12(tmp_path_factory):
 
 
 def _ml(ds, **kw):
-    return run_ml(prepare(ds, ReconstructOptions(**kw)), load_patterns(ds))
+    return run_ml(prepare(ds, engine_options(**kw)), load_patterns(ds))
 
 
 @pytest.mark.parametrize("tiles", [(2, 2), (3, 3)])

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 import daskptycho as dp
-from daskptycho.engines.ml import load_patterns, run_ml
-from daskptycho.engines.problem import ReconstructOptions, prepare
+from daskptycho.engines import engine_options
+from daskptycho.engines.ml import run_ml
+from daskptycho.engines.problem import prepare
+from daskptycho.io.patterns import load_patterns
 from daskptycho.metrics import phase_correlation
 
 
 def _problem(ds, **kw):
-    from daskptycho.options import check_options
-
-    return prepare(ds, check_options(ReconstructOptions, None, kw))
+    return prepare(ds, engine_options(kw))
 
 
 def test_ml_reconstructs_known_truth_on_a_cluster(small_pbtio3, client):
@@ -90,9 +90,7 @@ def test_bad_options_name_the_option(kw, option):
 
 
 def _check(kw):
-    from daskptycho.options import check_options
-
-    return check_options(ReconstructOptions, None, kw)
+    return engine_options(kw)
 
 
 def test_multislice_needs_a_thickness(small_pbtio3):
@@ -104,8 +102,7 @@ def test_multislice_needs_a_thickness(small_pbtio3):
 
 def test_gpu_device_without_gpu_is_one_clear_error(small_pbtio3):
     pytest.importorskip("numpy")
-    from daskptycho.backend import gpu_available
-    from daskptycho.engines.problem import array_module
+    from daskptycho.backend import array_module, gpu_available
     from daskptycho.errors import DeviceError
 
     if gpu_available():

@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 import daskptycho as dp
-from daskptycho.engines import tiletasks as tt
 from daskptycho.geometry import ObjectGrid, object_grid
 from daskptycho.schedule import Buffer, IterationGraph, accumulate_passes, gd_iteration, materialise
+from daskptycho.tasks import tiles as tt
 from daskptycho.tiling import intersect, make_tiling
 
 PASSES = ("vfwd", "vbwd", "hfwd", "hbwd")
@@ -721,7 +721,7 @@ def test_a_strip_cut_from_received_strips_equals_the_cut_of_the_materialised_buf
 
 
 def test_the_update_steps_in_its_own_copy_with_the_same_bits():
-    from daskptycho.engines.updates import object_step, object_step_consuming
+    from daskptycho.tasks.updates import object_step, object_step_consuming
 
     rng = np.random.default_rng(4)
     shape = (3, 17, 19)
@@ -741,7 +741,7 @@ def test_the_update_steps_in_its_own_copy_with_the_same_bits():
 
 
 def test_the_update_applies_the_strips_slice_by_slice_with_the_same_bits():
-    from daskptycho.engines.updates import object_step
+    from daskptycho.tasks.updates import object_step
 
     rng = np.random.default_rng(8)
     S, h, w = 3, 12, 10

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import daskptycho as dp
-from daskptycho.engines.driver import PHASES, phase_of
+from daskptycho.keys import PHASES, phase_of
 
 
 @pytest.mark.parametrize("key, phase", [
@@ -13,7 +13,7 @@ from daskptycho.engines.driver import PHASES, phase_of
     (("update", 1, 0, 0), "update"), (("load", 0, 1), "load"), (("cost", 2), "passes"),
     (("hve-step", 0, 1, 1), "grad"), (("hve-paste", 0, 1, 1), "passes"), (("dm-views", 0, 0, 1), "grad"),
     (("dm-sum", 0, 1, 0), "passes"), (("dm-object", 0), "update"), ("ml-iteration-12", "grad"),
-    ("load-patterns", "load"), (("something-else", 0), None), ("finalize-abc", None),
+    (("init", 0, 0), "load"), (("something-else", 0), None), ("finalize-abc", None),
 ])
 def test_phase_of_keys(key, phase):
     assert phase_of(key) == phase
@@ -71,7 +71,7 @@ def test_ml_and_dm_runs_file_tasks_under_phase_spans(client, small_pbtio3):
                    client=client, partitions=2)
     spans = client.run_on_scheduler(_spans)
     seen = set().union(*(g for name, g in spans.items() if name[0] == "daskptycho"))
-    assert {"ml-iteration", "load-patterns", "init-state"} <= seen
+    assert {"ml-iteration", "load", "init"} <= seen
     assert {"dm-views", "dm-sum", "dm-object", "dm-probe", "dm-crop"} <= seen
     for name, groups in spans.items():
         if name[0] == "daskptycho" and len(name) == 2:

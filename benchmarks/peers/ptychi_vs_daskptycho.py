@@ -146,8 +146,8 @@ def main(argv=None):
 
     import daskptycho as dp
     from benchmarks.common import write
-    from daskptycho.engines.problem import ReconstructOptions, prepare
-    from daskptycho.options import check_options
+    from daskptycho.engines import engine_options
+    from daskptycho.engines.problem import prepare
 
     load0 = os.getloadavg()
     rows = []
@@ -157,7 +157,7 @@ def main(argv=None):
             store = os.path.join(tmp, f"{variant}.zarr")
             dp.write_dataset(ds, store)
             ds = dp.open_dataset(store)
-            problem = prepare(ds, check_options(ReconstructOptions, None, dict(engine="ml", slices=slices, iterations=a.iterations)))
+            problem = prepare(ds, engine_options(dict(engine="ml", slices=slices, iterations=a.iterations)))
             truth = ds["truth_object"]
             position = ds["position"].values
             ours = {}

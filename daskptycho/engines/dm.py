@@ -2,18 +2,54 @@
 
 from __future__ import annotations
 
-import uuid
+import dataclasses
+import json
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import OptionsError
-from ..io.checkpoint import Checkpoint, read_array, write_array
+from ..io.checkpoint import read_array, write_array
 from ..schedule.dm import dm_iteration
-from . import dmtasks as dt
-from . import tiletasks as tt
-from .driver import WorkerLost
-from .gd import _checkpoint_attrs, retag
-from .problem import Problem
+from ..tasks import dm as dt
+from .options import Choice, EngineOptions, Number, modes, option
+from .problem import Problem, prepare
+from .run import PinnedRun, RunOutput, Step, resume_meta
+
+
+@dataclass(kw_only=True)
+class DMOptions(EngineOptions):
+    """Options of engine ``dm`` (the multi-mode difference map, 2-D).
+
+    Attributes
+    ----------
+    probe_modes : int, "auto" or None
+        "auto" grows the modes until the weakest carries under 1% of the power.
+    beta : float
+        The difference-map parameter, 0 < beta <= 1 (the paper uses 0.8).
+    object_modes : int
+    partitions : int or None
+        Parts of the scan (default: one per worker, at most one per position).
+    partition : {"blocks", "index"}
+        Spatially contiguous blocks, or the paper's even split of the acquisition order.
+    """
+
+    ENGINE = "dm"
+    engine: str = "dm"
+    probe_modes: int | str | None = option(lambda n, v: v if v == "auto" else modes(n, v), None)
+    beta: float = option(Number(False, 0, closed=False), 0.8)
+    object_modes: int = option(Number(True, 1), 1)
+    partitions: int | None = option(Number(True, 1, none=True), None)
+    partition: str = option(Choice(("blocks", "index")), "blocks")
+
+    def check(self):
+        super().check()
+        if not self.beta <= 1:
+            raise OptionsError("beta", f"got {self.beta!r}; expected 0 < beta <= 1 (the paper uses 0.8)")
+        if self.slices != 1:
+            raise OptionsError("slices", "the difference map is a 2-D method: use slices=1 (engine='gd' or engine='ml' for multislice)")
+        if (self.checkpoint_every or self.resume) and self.probe_modes == "auto":
+            raise OptionsError("probe_modes", "'auto' runs several reconstructions and cannot be checkpointed; give the number of modes")
 
 
 def partition_positions(problem: Problem, k, how="blocks"):
@@ -50,166 +86,134 @@ def _region(corners, window):
             int(corners[:, 1].min()), int(corners[:, 1].max()) + window[1])
 
 
-def run_dm(drv, problem: Problem, source, progress=None):
-    """Run the DM engine on the driver's cluster.
+class DMRun(PinnedRun):
+    """Engine ``dm``: views for every position and (probe mode, object mode) pair, held by
+    parts of the scan pinned to workers; the object, probe and mode mixing are small
+    futures formed each iteration by tree reductions of the parts' partial sums; each
+    part gets back only its crop of the object.
 
-    With ``checkpoint_every`` the views (by each part's worker), the object, probe,
-    mixing and the per-iteration figures go into the result store every K
-    iterations; ``resume`` continues from there. A lost worker is noticed while
-    waiting: its parts move to live workers and every part rolls back to the last
-    checkpoint (or the start), so the result is the undisturbed one.
-
-    Returns object (L, H, W), probe (K, N, N), costs, and info (changes, fractions, memory, recoveries).
+    A part's view update works in place on its views: an iteration is reported before
+    the next is submitted, and a checkpoint's writes finish first.
     """
-    run = _DMRun(drv, problem, source, progress)
-    while True:
-        try:
-            run.start()
-            run.iterate()
-            return run.finish()
-        except WorkerLost as e:
-            run.recover(e)
 
+    unit_label = "dm parts"
+    lookahead = 0
+    writes_before_next = True
 
-class _DMRun:
-    """The state of a DM run on the client (futures of each part's views, patterns
-    and crop; the object, probe and mixing; the figures so far)."""
-
-    def __init__(self, drv, problem, source, progress):
-        from .. import config
-
+    def __init__(self, drv, problem, source, progress=None):
         o = problem.options
-        self.drv, self.problem, self.source, self.progress = drv, problem, source, progress
-        self.ck = Checkpoint(o.checkpoint) if o.checkpoint else None
-        self.meta = self.ck.latest() if (self.ck is not None and o.resume) else None
-        self.resumed_from = int(self.meta["completed"]) if self.meta else None
+        meta = resume_meta(problem)
         # a resumed run keeps the checkpoint's partitions (its views are per part)
-        k = o.partitions or (int(self.meta["partitions"]) if self.meta else min(len(drv.worker_addresses), problem.n_positions))
+        k = o.partitions or (int(meta["partitions"]) if meta else min(len(drv.worker_addresses), problem.n_positions))
         self.parts_idx = partition_positions(problem, k, o.partition)
         self.parts = [(0, p) for p in range(len(self.parts_idx))]
-        self.workers = drv.place_tiles(self.parts)
-        self.n_workers = len(drv.worker_addresses)
-        self.max_recoveries = int(config.get("recovery.max_recoveries", 3))
-        self.regions = {p: _region(problem.corners[idx], problem.window) for p, idx in zip(self.parts, self.parts_idx)}
-        corners = {p: problem.corners[idx] - np.array([self.regions[p][0], self.regions[p][2]]) for p, idx in zip(self.parts, self.parts_idx)}
+        self.units = dict(zip(self.parts, self.parts_idx))
+        self.live_grid = (1, len(self.parts))
+        self.regions = {p: _region(problem.corners[idx], problem.window) for p, idx in self.units.items()}
+        corners = {p: problem.corners[idx] - np.array([self.regions[p][0], self.regions[p][2]]) for p, idx in self.units.items()}
         self.context = dt.DMContext(mask=problem.mask, window=problem.window, corners=corners, regions=self.regions,
                                     grid_shape=problem.grid.shape, beta=o.beta, device=o.device,
                                     working_set=(o.working_set_mib, o.working_set_fraction))
-        self.data, self.views, self.crops, self.recoveries = {}, {}, {}, []
+        self.views, self.crops, self.updates = {}, {}, []
         self.probe = self.obj = self.mixing = self.ctx = None
-        self.run_id = uuid.uuid4().hex[:8]
-        drv.live_begin("dm", o.iterations, (1, len(self.parts)))
+        super().__init__(drv, problem, source, progress)
 
-    def _key(self, name, *parts):
-        return (name, *parts, self.tag)  # unique to this run and attempt (see gd.retag)
+    def unit_name(self, unit):
+        return str(unit[1])
 
-    def start(self):
-        drv, o, c = self.drv, self.problem.options, self.drv.client
-        self.tag = f"{self.run_id}.{len(self.recoveries)}"
-        self.ctx = c.scatter(self.context, hash=False)  # not broadcast: see gd's start
-        meta, ck = self.meta, self.ck
+    def begin(self, meta):
+        o, c, ck = self.problem.options, self.drv.client, self.ck
+        self.ctx = c.scatter(self.context, hash=False)  # not broadcast: see TiledRun.begin
         shape = (o.object_modes,) + tuple(self.problem.grid.shape)
         if meta is None:
-            self.first, self.costs, self.updates = 0, [], []
+            self.updates = []
             self.probe = c.scatter(self.problem.probe, hash=False)
             self.mixing = None
-            self.obj = c.submit(dt.initial_object, shape, key=self._key("dm-object-init"), pure=False)
+            self.obj = c.submit(dt.initial_object, shape, key=self.key("dm-object-init"), pure=False)
         else:
-            self.first = int(meta["completed"])
-            self.costs = [float(v) for v in ck.read(meta, "cost")]
             pc, oc, fr = ck.read(meta, "probe_change"), ck.read(meta, "object_change"), ck.read(meta, "fractions")
             self.updates = [{"probe_change": pc[i], "object_change": float(oc[i]), "fractions": fr[i]} for i in range(self.first)]
             self.probe = c.scatter(ck.read(meta, "probe"), hash=False)  # K x N x N: small
             self.mixing = c.scatter(ck.read(meta, "mixing"), hash=False) if meta.get("mixing") else None
-            self.obj = c.submit(read_array, meta["group"], "object", key=self._key("dm-object-restore"), pure=False)
-        with drv.span("load"):
-            for p, idx in zip(self.parts, self.parts_idx):
+            self.obj = c.submit(read_array, meta["group"], "object", key=self.key("dm-object-restore"), pure=False)
+        with self.drv.span("load"):
+            for p in self.parts:
                 w = self.workers[p]
-                if p not in self.data:
-                    self.data[p] = drv.submit_pinned(tt.load_tile_patterns, self.source, idx, o.device, worker=w, key=self._key("load", *p))
                 if meta is None:  # each part makes its crop and views itself: the object is not sent around
-                    self.crops[p] = drv.submit_pinned(dt.initial_crop, shape, self.regions[p], o.device, worker=w, key=self._key("crop-init", *p))
-                    self.views[p] = drv.submit_pinned(dt.init_views, self.probe, self.crops[p], self.ctx, p, worker=w,
-                                                      key=self._key("views-init", *p))
+                    self.crops[p] = self.drv.submit_pinned(dt.initial_crop, shape, self.regions[p], o.device, worker=w,
+                                                           key=self.key("crop-init", *p))
+                    self.views[p] = self.drv.submit_pinned(dt.init_views, self.probe, self.crops[p], self.ctx, p, worker=w,
+                                                           key=self.key("views-init", *p))
                 else:  # each part reads its views and its crop of the object from the store
-                    self.crops[p] = drv.submit_pinned(read_array, meta["group"], "object", self.regions[p], o.device, worker=w,
-                                                      key=self._key("crop-restore", *p))
-                    self.views[p] = drv.submit_pinned(read_array, meta["group"], _views_name(p), None, o.device, worker=w,
-                                                      key=self._key("views-restore", *p))
+                    self.crops[p] = self.drv.submit_pinned(read_array, meta["group"], "object", self.regions[p], o.device, worker=w,
+                                                           key=self.key("crop-restore", *p))
+                    self.views[p] = self.drv.submit_pinned(read_array, meta["group"], _views_name(p), None, o.device, worker=w,
+                                                           key=self.key("views-restore", *p))
 
-    def iterate(self):
-        drv, o, c = self.drv, self.problem.options, self.drv.client
-        for it in range(self.first, o.iterations):
-            with drv.span("iteration"):
-                g = retag(dm_iteration(self.parts, it, self.views, self.data, self.probe, self.crops, self.mixing, self.obj, self.ctx,
-                                       self.problem.grid.shape, self.regions, o.device, update_probe=it >= o.probe_refine_start), self.tag)
-                out = g.outputs
-                wanted = [*out["states"].values(), *out["crops"].values(), out["probe"], out["mixing"], out["object"],
-                          out["object_update"], out["probe_update"], *out["costs"]]
-                fut = drv.submit_graph(g, self.workers, wanted)
-            self.views = {p: fut[kk] for p, kk in out["states"].items()}
-            self.crops = {p: fut[kk] for p, kk in out["crops"].items()}
-            self.probe, self.mixing, self.obj = fut[out["probe"]], fut[out["mixing"]], fut[out["object"]]
-            with drv.span("update"):
-                summary = c.submit(_summary, fut[out["object_update"]], fut[out["probe_update"]], pure=False)
-            cost, upd = drv.results([fut[out["costs"][0]], summary], self.workers)
-            cost = float(cost)
-            self.costs.append(cost)
-            self.updates.append(upd)
-            drv.publish(it, cost, drv.preview(it, {(0, 0): self.obj}, modes=slice(0, 1)))
-            if self.progress is not None:
-                self.progress(it, cost)
-            del fut, g
-            if o.checkpoint_every and ((it + 1) % o.checkpoint_every == 0 or it + 1 == o.iterations):
-                # before the next iteration: its view update works in place on these views
-                self._save(it)
+    def step(self, it):
+        o = self.problem.options
+        g = dm_iteration(self.parts, it, self.views, self.data, self.probe, self.crops, self.mixing, self.obj, self.ctx,
+                         self.problem.grid.shape, self.regions, o.device, update_probe=it >= o.probe_refine_start, tag=self.tag)
+        out = g.outputs
+        wanted = [*out["states"].values(), *out["crops"].values(), out["probe"], out["mixing"], out["object"],
+                  out["object_update"], out["probe_update"], *out["costs"]]
+        fut = self.drv.submit_graph(g, self.workers, wanted)
+        self.views = {p: fut[k] for p, k in out["states"].items()}
+        self.crops = {p: fut[k] for p, k in out["crops"].items()}
+        self.probe, self.mixing, self.obj = fut[out["probe"]], fut[out["mixing"]], fut[out["object"]]
+        with self.drv.span("update"):
+            summary = self.drv.client.submit(_summary, fut[out["object_update"]], fut[out["probe_update"]],
+                                             key=self.key("dm-summary", it), pure=False)
+        return Step(it, [fut[out["costs"][0]]], {"summary": summary})
 
-    def _save(self, it):
-        o, drv, c = self.problem.options, self.drv, self.drv.client
+    def record(self, it, extras):
+        self.updates.append(extras["summary"])
+
+    def preview(self, it):
+        return self.live.preview(it, {(0, 0): self.obj}, self.workers, modes=slice(0, 1), pinned=False)
+
+    def checkpoint_arrays(self):
+        o = self.problem.options
         n, w = self.problem.window
         k = self.problem.probe.shape[0]
-        arrays = {_views_name(p): ((len(idx), k, o.object_modes, n, w), np.complex64) for p, idx in zip(self.parts, self.parts_idx)}
+        arrays = {_views_name(p): ((len(idx), k, o.object_modes, n, w), np.complex64) for p, idx in self.units.items()}
         arrays["object"] = ((o.object_modes,) + tuple(self.problem.grid.shape), np.complex64)
-        path = self.ck.begin(it + 1, arrays)
-        futs = [drv.submit_pinned(write_array, path, _views_name(p), self.views[p], worker=self.workers[p],
-                                  key=self._key("checkpoint", it, *p)) for p in self.parts]
-        futs.append(c.submit(write_array, path, "object", self.obj, key=self._key("checkpoint-object", it), pure=False))
-        *_, probe, mixing = drv.results(futs + [self.probe, self.mixing], self.workers)
-        small = {"cost": np.asarray(self.costs, dtype=np.float64), "probe": np.asarray(probe),
-                 "probe_change": np.array([u["probe_change"] for u in self.updates]),
-                 "object_change": np.array([u["object_change"] for u in self.updates]),
-                 "fractions": np.array([u["fractions"] for u in self.updates])}
-        if mixing is not None:
-            small["mixing"] = np.asarray(mixing)
-        self.ck.commit(path, _checkpoint_attrs(self.problem, it + 1, partitions=len(self.parts), mixing=mixing is not None), small=small)
+        return arrays
+
+    def checkpoint_writes(self, path, it):
+        writes = [self.drv.submit_pinned(write_array, path, _views_name(p), self.views[p], worker=self.workers[p],
+                                         key=self.key("checkpoint", it, *p)) for p in self.parts]
+        writes.append(self.drv.client.submit(write_array, path, "object", self.obj, key=self.key("checkpoint-object", it), pure=False))
+        small = {"probe": self.probe}
+        if self.mixing is not None:
+            small["mixing"] = self.mixing  # its value is None until the probe is refined
+        return writes, small
+
+    def checkpoint_small(self):
+        u = self.updates
+        return {"probe_change": np.array([x["probe_change"] for x in u]), "object_change": np.array([x["object_change"] for x in u]),
+                "fractions": np.array([x["fractions"] for x in u])}
+
+    def checkpoint_attrs(self, small):
+        return {"partitions": len(self.parts), "mixing": "mixing" in small}
 
     def finish(self):
-        drv = self.drv
-        nb = [drv.submit_pinned(_part_bytes, self.views[p], self.data[p], self.crops[p], worker=self.workers[p],
-                                key=self._key("nbytes", *p)) for p in self.parts]
-        final_obj, final_probe, *nbytes = drv.results([self.obj, self.probe, *nb], self.workers)
-        final_obj, final_probe = np.asarray(final_obj), np.asarray(final_probe)
-        memory = drv.memory_report(dict(zip(self.parts, nbytes)), self.workers)
+        final_obj, final_probe = (np.asarray(v) for v in self.drv.results([self.obj, self.probe], self.workers))
         u = self.updates
         info = {
             "probe_change": np.array([x["probe_change"] for x in u]),
             "object_change": np.array([x["object_change"] for x in u]),
             "fractions": u[-1]["fractions"] if u else np.ones(1),
-            "memory": memory,
+            "memory": self.memory(self.views, self.crops),
             "partitions": [idx.tolist() for idx in self.parts_idx],
             "recoveries": self.recoveries,
             "resumed_from": self.resumed_from,
         }
-        return final_obj, final_probe, self.costs, info
+        return RunOutput(final_obj, final_probe, self.costs, attrs=info)
 
-    def recover(self, err):
-        """After a lost worker: drop the futures, move the lost parts, roll every
-        part back to the last checkpoint (or the start) and log it."""
-        from .recovery import roll_back
-
-        self.views, self.crops = {}, {}  # released, not cancelled: see roll_back
+    def drop(self):
+        self.views, self.crops = {}, {}
         self.probe = self.obj = self.mixing = self.ctx = None
-        roll_back(self, err, units="dm parts", label=lambda p: str(p[1]))
 
 
 def _views_name(part):
@@ -222,6 +226,38 @@ def _summary(oupd, pupd):
             "fractions": np.asarray(pupd["fractions"])}
 
 
-def _part_bytes(views, data, crop):
-    """Bytes a part holds: its views, patterns and object crop."""
-    return {"views": int(views.nbytes), "patterns": int(data.nbytes), "object": int(crop.nbytes)}
+def run(drv, ds, problem, source, progress=None):
+    """Run engine ``dm`` on the driver's cluster (the registry's signature).
+
+    With ``probe_modes="auto"`` the modes grow from 1 until the weakest carries under 1%
+    of the power (the paper's recipe); the last run whose modes all carry at least 1% is kept.
+    """
+    opts = problem.options
+    auto = opts.probe_modes == "auto"
+    tried, best = [], None
+    for m in range(1, 9) if auto else [None]:
+        p = prepare(ds, dataclasses.replace(opts, probe_modes=m)) if auto else problem
+        out = DMRun(drv, p, source, progress).run()
+        weakest = float(np.min(out.attrs["fractions"]))
+        tried.append({"modes": int(p.probe.shape[0]), "weakest_fraction": weakest, "final_cost": out.costs[-1]})
+        if auto and m > 1 and weakest < 0.01:
+            break
+        best = (p, out)
+    problem, out = best
+    info, obj, costs = out.attrs, out.object, out.costs
+    n_it = len(costs)
+    variables = {
+        "probe_change": (("iteration", "mode"), info["probe_change"].reshape(n_it, -1), {"units": "1", "long_name": "relative change of each probe mode (eq. 7)"}),
+        "object_change": (("iteration",), info["object_change"], {"units": "1", "long_name": "relative change of the object (eq. 7)"}),
+    }
+    if obj.shape[0] > 1:
+        variables["object_modes"] = (("omode", "y", "x"), obj, {"units": "1", "long_name": "object modes"})
+    attrs = {
+        "memory": json.dumps(info["memory"]),
+        "partitions": len(info["partitions"]),
+        "fourier_error_relative_final": float(costs[-1] / max(problem.mean_counts * problem.n_positions, 1e-30)),
+        "probe_modes_tried": json.dumps(tried),
+        "recoveries": json.dumps(info["recoveries"]),
+    }
+    return problem, RunOutput(obj[:1], out.probe, costs, attrs, variables,
+                              cost_name="Fourier error sum (sqrt(I_model) - sqrt(I))^2 of the model entering each iteration")

@@ -9,11 +9,31 @@ tile reconstruction of the paper): halos go stale and seams appear.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from ..errors import OptionsError
 from ..schedule.hve import hve_iteration
-from .gd import run_tiles, tiling_for
+from .gd import TiledRun, tiling_for
+from .options import TiledOptions
 from .problem import Problem
+
+
+@dataclass(kw_only=True)
+class HVEOptions(TiledOptions):
+    """Options of engine ``hve`` (the Halo Voxel Exchange baseline): the tiled options;
+    with ``batch_size`` each tile runs sequential minibatch updates on its own between
+    exchanges."""
+
+    ENGINE = "hve"
+    engine: str = "hve"
+
+    def check(self):
+        super().check()
+        if self.refine_probe:
+            raise OptionsError("refine_probe", "the hve baseline duplicates positions across tiles and does not refine the probe; "
+                               "use engine='gd'")
 
 
 def hve_tiles(problem: Problem, tiling):
@@ -34,14 +54,21 @@ def hve_tiles(problem: Problem, tiling):
     return specs
 
 
-def run_hve(drv, problem: Problem, source, progress=None):
-    tiling = tiling_for(problem)
-    specs = hve_tiles(problem, tiling)
-    extended = {k: ext for k, (_, ext) in specs.items()}
-    n_total = problem.n_positions
+class HVERun(TiledRun):
+    """Engine ``hve``: each tile steps on its own extended region, then pastes its core
+    into its neighbours' halos (:func:`~daskptycho.schedule.hve.hve_iteration`)."""
 
-    def build(it, states, data, probe, ctx, refine):
-        return hve_iteration(tiling, extended, it, states, data, probe, ctx, n_total)
+    def __init__(self, drv, problem, source, progress=None):
+        tiling = tiling_for(problem)
+        specs = hve_tiles(problem, tiling)
+        self.extended = {k: ext for k, (_, ext) in specs.items()}
+        super().__init__(drv, problem, source, progress, tiling, specs)
 
-    obj, probe, costs, mem, recoveries = run_tiles(drv, problem, source, tiling, specs, build, progress)
-    return obj, probe, costs, {"tiling": tiling, "memory": mem, "recoveries": recoveries}
+    def build(self, it, refine):
+        return hve_iteration(self.tiling, self.extended, it, self.states, self.data, self.probe, self.ctx,
+                             self.problem.n_positions, tag=self.tag)
+
+
+def run(drv, ds, problem, source, progress=None):
+    """Run engine ``hve`` on the driver's cluster (the registry's signature)."""
+    return problem, HVERun(drv, problem, source, progress).run()

@@ -8,209 +8,26 @@ the ones it owns.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 
 import numpy as np
+import xarray as xr
 
-from .. import config, physics
-from ..errors import DatasetError, DeviceError, OptionsError
+from .. import physics
+from ..errors import DatasetError, OptionsError
 from ..geometry import ObjectGrid, object_grid
-
-ENGINES = ("ml", "gd", "hve", "dm")
-#: the engines that split the object into tiles
-TILED = ("gd", "hve")
-
-
-def _cfg(key):
-    return field(default_factory=lambda: config.get(f"reconstruct.{key}"))
-
-
-@dataclass
-class ReconstructOptions:
-    """Options of :func:`daskptycho.reconstruct` (unknown keys are rejected).
-
-    Defaults come from ``dask.config`` (``daskptycho.reconstruct.*``).
-    """
-
-    engine: str = _cfg("engine")
-    iterations: int = _cfg("iterations")
-    batch_size: int | None = _cfg("batch_size")  # positions per update; None = full batch
-    step: float = _cfg("step")                   # object step (1 = preconditioned Newton-like step)
-    probe_step: float = _cfg("probe_step")
-    refine_probe: bool = _cfg("refine_probe")
-    probe_refine_start: int = _cfg("probe_refine_start")
-    regularization: float = _cfg("regularization")
-    cost: str = _cfg("cost")
-    seed: int = _cfg("seed")
-    pad_px: int = _cfg("pad_px")
-    slices: int = 1
-    slice_thickness_m: float | None = None
-    probe_modes: int | None = None                # None: as many as the store's probe guess has
-    working_set_mib: float = _cfg("working_set_mib")  # most transient memory of one vectorised gradient call
-    working_set_fraction: float = _cfg("working_set_fraction")  # ... and at most this fraction of a tile's state
-    device: str = "cpu"
-    # gradient decomposition and friends (used by the distributed engines)
-    tiles: tuple | None = None                    # gd, hve: (rows, cols); None = config daskptycho.reconstruct.tiles
-    local_updates: bool = False
-    passes_per_iteration: int = 1
-    halo_m: float | None = None
-    workers: int | None = None
-    # multi-mode difference map
-    beta: float = 0.8
-    object_modes: int = 1
-    partitions: int | None = None                 # parts of the scan (default: one per worker)
-    partition: str = "blocks"                     # "blocks" (spatially contiguous) or "index" (even split by index)
-    # checkpoints (see daskptycho.io.checkpoint): the result store they go into, every how many iterations
-    checkpoint: str | None = None
-    checkpoint_every: int = _cfg("checkpoint_every")  # 0 = never
-    resume: bool = False                          # continue from the checkpoint in ``checkpoint``
-
-    def __post_init__(self):
-        if self.engine not in ENGINES:
-            raise OptionsError("engine", f"got {self.engine!r}; expected one of {', '.join(ENGINES)}")
-        _check_types(self)
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, (int, np.integer)) or self.iterations < 1:
-            raise OptionsError("iterations", f"got {self.iterations!r}; expected an integer >= 1")
-        if self.batch_size is not None and (not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1):
-            raise OptionsError("batch_size", f"got {self.batch_size!r}; expected a positive integer or None (full batch)")
-        for name in ("step", "probe_step"):
-            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
-                raise OptionsError(name, f"got {getattr(self, name)!r}; expected a positive number")
-        if not self.regularization >= 0:
-            raise OptionsError("regularization", f"got {self.regularization!r}; expected >= 0")
-        if self.cost not in ("amplitude", "poisson"):
-            raise OptionsError("cost", f"got {self.cost!r}; expected 'amplitude' or 'poisson'")
-        if not isinstance(self.slices, (int, np.integer)) or self.slices < 1:
-            raise OptionsError("slices", f"got {self.slices!r}; expected an integer >= 1")
-        if self.slice_thickness_m is not None and not self.slice_thickness_m > 0:
-            raise OptionsError("slice_thickness_m", f"got {self.slice_thickness_m!r}; expected a positive thickness in metres")
-        if self.probe_modes is not None and self.probe_modes != "auto" and (
-                not isinstance(self.probe_modes, (int, np.integer)) or isinstance(self.probe_modes, bool) or self.probe_modes < 1):
-            raise OptionsError("probe_modes", f"got {self.probe_modes!r}; expected an integer >= 1 or 'auto' (dm)")
-        if self.probe_modes == "auto" and self.engine != "dm":
-            raise OptionsError("probe_modes", "'auto' is only for engine='dm'; give an integer")
-        if not 0 < self.beta <= 1:
-            raise OptionsError("beta", f"got {self.beta!r}; expected 0 < beta <= 1 (the paper uses 0.8)")
-        if not isinstance(self.object_modes, (int, np.integer)) or self.object_modes < 1:
-            raise OptionsError("object_modes", f"got {self.object_modes!r}; expected an integer >= 1")
-        if self.partitions is not None and (not isinstance(self.partitions, (int, np.integer)) or self.partitions < 1):
-            raise OptionsError("partitions", f"got {self.partitions!r}; expected an integer >= 1")
-        if self.partition not in ("blocks", "index"):
-            raise OptionsError("partition", f"got {self.partition!r}; expected 'blocks' or 'index'")
-        if self.pad_px < 0:
-            raise OptionsError("pad_px", f"got {self.pad_px}; expected >= 0")
-        if not self.working_set_mib > 0:
-            raise OptionsError("working_set_mib", f"got {self.working_set_mib}; expected a positive size in MiB")
-        if not self.working_set_fraction > 0:
-            raise OptionsError("working_set_fraction", f"got {self.working_set_fraction}; expected a positive fraction")
-        if self.device not in ("cpu", "gpu"):
-            raise OptionsError("device", f"got {self.device!r}; expected 'cpu' or 'gpu'")
-        if self.tiles is None and self.engine in TILED:
-            self.tiles = config.get("reconstruct.tiles")
-        if self.tiles is not None:
-            try:
-                t = tuple(int(v) for v in self.tiles)
-            except (TypeError, ValueError):
-                t = ()
-            if len(t) != 2 or min(t) < 1:
-                raise OptionsError("tiles", f"got {self.tiles!r}; expected (rows, cols) with both >= 1, e.g. (3, 3)")
-            self.tiles = t
-        _check_engine_options(self)
-        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, (int, np.integer)) or self.checkpoint_every < 0:
-            raise OptionsError("checkpoint_every", f"got {self.checkpoint_every!r}; expected an integer >= 0 (0 = no checkpoints)")
-        if (self.checkpoint_every or self.resume) and not self.checkpoint:
-            raise OptionsError("checkpoint", "checkpoint_every and resume need the result store to keep checkpoints in: "
-                               "pass checkpoint=PATH (the result store)")
-        if self.checkpoint is not None:
-            self.checkpoint = str(self.checkpoint)
-        if (self.checkpoint_every or self.resume) and self.engine == "dm" and self.probe_modes == "auto":
-            raise OptionsError("probe_modes", "'auto' runs several reconstructions and cannot be checkpointed; give the number of modes")
-        if self.passes_per_iteration < 1:
-            raise OptionsError("passes_per_iteration", f"got {self.passes_per_iteration}; expected >= 1")
-
-
-# option -> (the engines that use it, the value that means "not asked for"): an option
-# given to an engine that would ignore it is refused (it would silently do nothing)
-_ENGINE_ONLY = {
-    "tiles": (TILED, None),
-    "halo_m": (TILED, None),
-    "batch_size": (("ml", "gd", "hve"), None),
-    "local_updates": (("gd",), False),
-    "passes_per_iteration": (("gd",), 1),
-    "partitions": (("dm",), None),
-    "partition": (("dm",), "blocks"),
-    "beta": (("dm",), 0.8),
-    "object_modes": (("dm",), 1),
-}
-
-
-def _check_engine_options(opts):
-    """What one engine cannot do, checked with the other options, before any cluster starts."""
-    e = opts.engine
-    for name, (engines, unset) in _ENGINE_ONLY.items():
-        v = getattr(opts, name)
-        if e not in engines and not (v is None if unset is None else v == unset):
-            users = " and ".join(repr(x) for x in engines)
-            raise OptionsError(name, f"got {v!r}, but engine {e!r} does not use it (only {users}); drop it or choose engine={engines[0]!r}")
-    if e == "dm" and opts.slices != 1:
-        raise OptionsError("slices", "the difference map is a 2-D method: use slices=1 (engine='gd' or engine='ml' for multislice)")
-    if e == "hve" and opts.refine_probe:
-        raise OptionsError("refine_probe", "the hve baseline duplicates positions across tiles and does not refine the probe; use engine='gd'")
-    if e == "hve" and opts.local_updates:
-        raise OptionsError("local_updates", "the hve baseline has no accumulated-gradient buffer; give batch_size for sequential "
-                           "minibatch updates inside each tile")
-
-
-# option -> (integer?, lower bound, bound allowed?, None allowed?): checked before the
-# range checks of ReconstructOptions, so a string never reaches a comparison (a bare
-# TypeError) and a bool, NaN or inf never passes as a number
-_NUMERIC = {
-    "iterations": (True, 1, True, False), "batch_size": (True, 1, True, True), "step": (False, 0, False, False),
-    "probe_step": (False, 0, False, False), "probe_refine_start": (True, 0, True, False), "regularization": (False, 0, True, False),
-    "seed": (True, 0, True, False), "pad_px": (True, 0, True, False), "slices": (True, 1, True, False),
-    "slice_thickness_m": (False, 0, False, True), "working_set_mib": (False, 0, False, False), "working_set_fraction": (False, 0, False, False),
-    "passes_per_iteration": (True, 1, True, False), "halo_m": (False, 0, False, True), "workers": (True, 1, True, True),
-    "beta": (False, 0, False, False), "object_modes": (True, 1, True, False), "partitions": (True, 1, True, True),
-}
-
-
-def _check_types(opts):
-    """Types of the numeric and boolean options (see ``_NUMERIC``)."""
-    for name, (integer, lo, closed, none_ok) in _NUMERIC.items():
-        v = getattr(opts, name, None)
-        if v is None and none_ok:
-            continue
-        ok = not isinstance(v, (bool, np.bool_)) and isinstance(v, numbers.Integral if integer else numbers.Real)
-        ok = ok and math.isfinite(float(v)) and (v >= lo if closed else v > lo)
-        if not ok:
-            what = "an integer" if integer else "a finite number"
-            bound = f"{'>=' if closed else '>'} {lo}"
-            raise OptionsError(name, f"got {v!r}; expected {what} {bound}{' or None' if none_ok else ''}")
-    for name in ("refine_probe", "local_updates"):
-        if not isinstance(getattr(opts, name), (bool, np.bool_)):
-            raise OptionsError(name, f"got {getattr(opts, name)!r}; expected True or False")
-
-
-def array_module(device):
-    """NumPy for ``"cpu"``; CuPy for ``"gpu"``, with a clear error when no GPU is usable."""
-    if device == "cpu":
-        return np
-    try:
-        import cupy
-    except ImportError:
-        raise DeviceError("device='gpu' needs CuPy: pip install 'daskptycho[gpu]', or use device='cpu'") from None
-    if not cupy.is_available():
-        raise DeviceError("device='gpu' but CuPy finds no usable GPU on this machine: use device='cpu'")
-    return cupy
+from ..tasks.updates import positions_per_chunk, working_set_budget
+from ..tiling import halo_from_metres, make_tiling
+from ..version import __version__
+from .options import EngineOptions, TiledOptions
 
 
 @dataclass
 class Problem:
     """The fixed geometry and starting point of a reconstruction (host arrays)."""
 
-    options: ReconstructOptions
+    options: EngineOptions
     grid: ObjectGrid
     window: tuple
     positions_m: np.ndarray          # (J, 2)
@@ -229,9 +46,7 @@ class Problem:
     @property
     def chunk(self):
         """Positions per vectorised gradient call of the single-task engine: as many as
-        fit in its working-set budget (see :func:`~daskptycho.engines.updates.working_set_budget`)."""
-        from .updates import positions_per_chunk, working_set_budget
-
+        fit in its working-set budget (see :func:`~daskptycho.tasks.updates.working_set_budget`)."""
         o = self.options
         state = self.n_positions * self.window[0] * self.window[1] * 4 + o.slices * self.grid.shape[0] * self.grid.shape[1] * 8
         return positions_per_chunk(self.window, o.slices, self.probe.shape[0],
@@ -311,9 +126,7 @@ def prepare(ds, options) -> Problem:
     grid = object_grid(positions, window, dx, opts.pad_px)
     corners = grid.window_corners(positions, window)
     # options that depend on the scan are checked here, before any cluster starts
-    if opts.engine in ("gd", "hve"):
-        from ..tiling import halo_from_metres, make_tiling
-
+    if isinstance(opts, TiledOptions):
         make_tiling(grid, corners, window, opts.tiles, halo_from_metres(opts.halo_m, dx))
     if opts.engine == "dm" and opts.partitions is not None and opts.partitions > n_scan:
         raise OptionsError("partitions", f"got {opts.partitions}; expected at most the number of positions ({n_scan})")
@@ -333,12 +146,6 @@ def prepare(ds, options) -> Problem:
 
 def result_dataset(problem: Problem, obj, probe, costs, ds, extra_attrs=None, extra_vars=None):
     """Assemble the result :class:`xarray.Dataset` (see ``docs/format.md``)."""
-    import json
-
-    import xarray as xr
-
-    from .. import __version__
-
     obj = np.asarray(obj, dtype=np.complex64)
     probe = np.asarray(probe, dtype=np.complex64)
     _, fractions = physics.orthogonalize_modes(probe)

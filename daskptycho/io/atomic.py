@@ -8,10 +8,34 @@ killed writer leaves only the hidden temporary ``.NAME.tmp-XXXXXXXX``. Stores
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 
 from ..errors import OutputExistsError
+
+# renameat2(2) flags: refuse to replace / swap two paths atomically (Linux >= 3.15)
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+def renameat2(src, dst, flags):
+    """``renameat2(src, dst, flags)``; False where the call does not exist (not Linux,
+    old glibc, a filesystem without the flag), so the caller falls back to plain renames."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), dst)
 
 
 def temporary_sibling(path, overwrite=False):

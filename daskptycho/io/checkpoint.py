@@ -24,6 +24,7 @@ import uuid
 
 import numpy as np
 
+from ..backend import array_module, to_numpy
 from ..errors import DatasetError, OptionsError
 
 CHECKPOINT_FORMAT_NAME = "daskptycho-checkpoint"
@@ -187,8 +188,6 @@ def write_arrays(group, arrays, create=False):
     """
     import zarr
 
-    from ..backend import to_numpy
-
     n = 0
     for name, value in arrays.items():
         value = np.ascontiguousarray(to_numpy(value))
@@ -237,8 +236,6 @@ def read_array(group, name, region=None, device="cpu"):
     a = np.ascontiguousarray(a)
     if device == "cpu":
         return a
-    from ..engines.problem import array_module
-
     return array_module(device).asarray(a)
 
 
@@ -281,43 +278,3 @@ def check_resume(meta, options, engine, store):
     if done >= int(options["iterations"]):
         raise OptionsError("iterations", f"the run in {store} already completed {done} iterations (finished); "
                            f"give more than {done} iterations to continue it")
-
-
-def write_result_keeping_checkpoint(ds, path):
-    """Write the final result ``ds`` into ``path`` atomically, keeping its checkpoint.
-
-    The result is written to a temporary sibling, the checkpoint directory is
-    hard-linked (copied where links are impossible) into it, and the sibling
-    replaces ``path``; a run killed before the final rename leaves ``path`` as it was.
-    """
-    from .store import _RENAME_EXCHANGE, _renameat2, write_result
-
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.result-{uuid.uuid4().hex[:8]}")
-    try:
-        write_result(ds, tmp)
-        src = os.path.join(path, GROUP)
-        if os.path.exists(os.path.join(src, "zarr.json")):
-            shutil.copytree(src, os.path.join(tmp, GROUP), copy_function=_link_or_copy)
-        if os.path.isdir(path) and _renameat2(tmp, path, _RENAME_EXCHANGE):
-            shutil.rmtree(tmp, ignore_errors=True)  # one swap: path is never missing; tmp now holds the old store
-        elif os.path.exists(path):
-            old = f"{tmp}.old"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def _link_or_copy(src, dst):
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst

@@ -226,7 +226,7 @@ def _read_frames(f):
     DatasetError
         No frames, or frames that are not a real (J, Ny, Nx) array.
     """
-    from .importers import _clean_counts
+    from .importers import clean_counts
 
     data_path = next((p for p in _DATA_PATHS if p in f), None)
     if data_path is None:
@@ -241,7 +241,7 @@ def _read_frames(f):
     step = max(1, (64 << 20) // max(ny * nx * d.dtype.itemsize, 1))
     for i in range(0, n_scan, step):  # bounded temporaries: convert chunk by chunk
         counts[i:i + step] = d[i:i + step]
-    counts, count_attrs = _clean_counts(counts)
+    counts, count_attrs = clean_counts(counts)
     return data_path, counts, count_attrs
 
 
@@ -790,10 +790,10 @@ def write_cxi(store, path, *, overwrite: bool = False, dataset=None):
     y_pixel_size, basis_vectors}`` (``data_1/data`` links to the frames), the source
     and the translations. Every file has ``cxi_version = 160``.
     """
-    from .store import RESULT_FORMAT_NAME, _open_zarr, open_dataset
+    from .store import RESULT_FORMAT_NAME, open_dataset, open_zarr
 
     if not hasattr(store, "data_vars"):
-        store = _open_zarr(store)
+        store = open_zarr(store)
     is_result = store.attrs.get("format") == RESULT_FORMAT_NAME or "object" in store
     if not is_result and "intensity" not in store:
         raise DatasetError("store", "holds neither 'object' (a result) nor 'intensity' (a dataset); nothing to export to CXI")

@@ -115,7 +115,7 @@ def _first_line(e):
     return s.splitlines()[0] if s else type(e).__name__
 
 
-def _clean_counts(data):
+def clean_counts(data):
     """float32 counts with NaN/inf set to 0 and negatives clipped; and how many of each."""
     data = np.asarray(data, dtype=np.float32)
     bad = ~np.isfinite(data)
@@ -212,7 +212,7 @@ def import_siemens_star(path, pixel_size_m: float = 1e-8, energy_eV: float = 8.8
     if not np.isfinite(probe).all():
         raise DatasetError("probe", "contains NaN or inf; expected a finite complex probe")
 
-    counts, count_attrs = _clean_counts(data)
+    counts, count_attrs = clean_counts(data)
     intensity = np.fft.fftshift(counts, axes=(-2, -1))  # FFT order -> zero frequency at N//2
 
     # Tike: minimum corner of the probe window; the format: the probe centre (pixel N//2)
@@ -334,7 +334,7 @@ def import_npz(path, *, fft_order: bool = False, position=None, mask=None, probe
     lam = meta.pop("wavelength_m", None)
 
     # the repairs of the counts need real numbers; every other check is build_dataset's
-    inten, count_attrs = _clean_counts(check_intensity(arrays["intensity"]))
+    inten, count_attrs = clean_counts(check_intensity(arrays["intensity"]))
     msk = arrays.get("mask")
     if fft_order:
         inten = np.fft.fftshift(inten, axes=(-2, -1))

@@ -8,12 +8,12 @@ one atomically (to a temporary sibling, then renamed).
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import re
 import shutil
+import uuid
 import warnings
 
 import numpy as np
@@ -21,6 +21,8 @@ import xarray as xr
 
 from ..errors import DatasetError, OutputExistsError
 from ..radiation import wavelength
+from .atomic import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2, temporary_sibling
+from .checkpoint import CHECKPOINT_FORMAT_NAME, GROUP, Checkpoint
 
 FORMAT_NAME = "daskptycho-dataset"
 RESULT_FORMAT_NAME = "daskptycho-result"
@@ -47,31 +49,9 @@ SCHEMA = {
 
 # --------------------------------------------------------------------------- writing
 
-# renameat2(2) flags: refuse to replace / swap two paths atomically (Linux >= 3.15)
-_RENAME_NOREPLACE = 1
-_RENAME_EXCHANGE = 2
 # temporary siblings of an atomic write (this module's ``.tmp-``, the checkpoint
 # writer's ``.result-``), and the ``.old`` store a swap is about to delete
 _TMP_RE = re.compile(r"^\..+\.(tmp|result)-[0-9a-f]{8}(\.old)?$")
-
-
-def _renameat2(src, dst, flags):
-    """``renameat2(src, dst, flags)``; False where the call does not exist (not Linux,
-    old glibc, a filesystem without the flag), so the caller falls back to plain renames."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd = -100
-    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), dst)
 
 
 def _atomic_write(ds: xr.Dataset, path, overwrite: bool, encoding=None):
@@ -83,8 +63,6 @@ def _atomic_write(ds: xr.Dataset, path, overwrite: bool, encoding=None):
     ``renameat2(RENAME_EXCHANGE)`` where Linux has it, so ``path`` always holds
     either the old complete store or the new one.
     """
-    from .atomic import temporary_sibling
-
     path, tmp = temporary_sibling(path, overwrite)
     try:
         # every chunk is written, even one equal to the fill value: open_dataset
@@ -92,13 +70,13 @@ def _atomic_write(ds: xr.Dataset, path, overwrite: bool, encoding=None):
         ds.to_zarr(tmp, mode="w-", consolidated=False, encoding=encoding or {}, zarr_format=3, write_empty_chunks=True)
         if not os.path.lexists(path):
             try:
-                if not _renameat2(tmp, path, _RENAME_NOREPLACE):
+                if not renameat2(tmp, path, RENAME_NOREPLACE):
                     os.rename(tmp, path)
             except FileExistsError:
                 raise OutputExistsError(f"{path} appeared while it was being written: pass overwrite=True to replace it") from None
         elif not overwrite:
             raise OutputExistsError(f"{path} appeared while it was being written: pass overwrite=True to replace it")
-        elif os.path.isdir(path) and not os.path.islink(path) and _renameat2(tmp, path, _RENAME_EXCHANGE):
+        elif os.path.isdir(path) and not os.path.islink(path) and renameat2(tmp, path, RENAME_EXCHANGE):
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old store
         else:
             old = tmp + ".old"
@@ -389,8 +367,6 @@ def checkpoint_info(path):
         of the latest complete checkpoint, None before the first), ``iterations`` (the
         run's total) and ``checkpoint_every`` (None where unknown).
     """
-    from .checkpoint import CHECKPOINT_FORMAT_NAME, Checkpoint
-
     try:
         with open(os.path.join(os.fspath(path), "zarr.json"), "rb") as f:
             root = json.loads(f.read().decode("utf-8"))
@@ -430,7 +406,7 @@ def _checkpoint_problem(path, ck):
             f"resume=True{more}; to start afresh, with overwrite=True")
 
 
-def _open_zarr(path, required=()):
+def open_zarr(path, required=()):
     """Open a store lazily after checking its layout; ``required``: arrays whose every
     chunk file must exist."""
     path = os.fspath(path)
@@ -486,7 +462,7 @@ def open_dataset(path, check_values: bool = True) -> xr.Dataset:
     DatasetError
         Naming the field at fault and what is expected.
     """
-    ds = _open_zarr(path, required=tuple(SCHEMA))
+    ds = open_zarr(path, required=tuple(SCHEMA))
     ds.attrs["source"] = os.path.abspath(os.fspath(path))
     validate_dataset(ds, check_values=check_values)
     return ds
@@ -495,7 +471,7 @@ def open_dataset(path, check_values: bool = True) -> xr.Dataset:
 def open_result(path) -> xr.Dataset:
     """Open a reconstruction result store (lazily); refuses a temporary store left by
     an interrupted write, and one with a missing chunk."""
-    ds = _open_zarr(path, required=("object", "probe", "cost"))
+    ds = open_zarr(path, required=("object", "probe", "cost"))
     if ds.attrs.get("format") != RESULT_FORMAT_NAME or "object" not in ds:
         raise DatasetError("format", f"{path} is not a daskptycho result store (attribute format={RESULT_FORMAT_NAME!r} and variable 'object' expected)")
     return ds
@@ -803,3 +779,41 @@ def build_dataset(intensity, position_m, *, pixel_size_m, radiation, energy_eV=N
     ds.attrs.update(attrs or {})
     validate_dataset(ds, check_values=check_values)
     return ds
+
+
+def write_result_keeping_checkpoint(ds, path):
+    """Write the final result ``ds`` into ``path`` atomically, keeping its checkpoint.
+
+    The result is written to a temporary sibling, the checkpoint directory is
+    hard-linked (copied where links are impossible) into it, and the sibling
+    replaces ``path``; a run killed before the final rename leaves ``path`` as it was.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.result-{uuid.uuid4().hex[:8]}")
+    try:
+        write_result(ds, tmp)
+        src = os.path.join(path, GROUP)
+        if os.path.exists(os.path.join(src, "zarr.json")):
+            shutil.copytree(src, os.path.join(tmp, GROUP), copy_function=_link_or_copy)
+        if os.path.isdir(path) and renameat2(tmp, path, RENAME_EXCHANGE):
+            shutil.rmtree(tmp, ignore_errors=True)  # one swap: path is never missing; tmp now holds the old store
+        elif os.path.exists(path):
+            old = f"{tmp}.old"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst

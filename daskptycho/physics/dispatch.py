@@ -129,7 +129,7 @@ def fftw_plans(shape):
     if compiled is None or compiled.FFTWF_LIBRARY is None or backend.fft_backend() != "pyfftw":
         return None
     backend.tune_allocator(1, 2)  # FFTW's scratch in execute comes from the heap (see tune_allocator)
-    flag = backend._planner_flag()
+    flag = backend.planner_flag()
     key = (tuple(shape), flag)
     if key in _plans:
         return _plans[key]
@@ -138,8 +138,8 @@ def fftw_plans(shape):
     k, ny, nx = shape
     plans = []
     for forward in (True, False):
-        backend._plan(tuple(shape), np.dtype(np.complex64), forward, True, 1)  # measured (or read) into the wisdom
-        with backend._wisdom_lock:
+        backend.fftw_plan(shape, np.complex64, forward, inplace=True, threads=1)  # measured (or read) into the wisdom
+        with backend.wisdom_lock:
             lib = _fftw_lib(compiled)
             if compiled.FFTWF_THREADS_LIBRARY is not None:  # wisdom is per thread count: the backend plans these with 1
                 ctypes.CDLL(compiled.FFTWF_THREADS_LIBRARY).fftwf_plan_with_nthreads(ctypes.c_int(1))
@@ -159,4 +159,5 @@ def fftw_plans(shape):
 def aligned_stride(shape):
     """True when complex64 waves of ``shape`` (K, N_y, N_x), laid end to end, each start
     on pyFFTW's SIMD alignment (False without pyFFTW)."""
-    return backend._import_pyfftw() and (int(np.prod(shape)) * 8) % backend._pyfftw.simd_alignment == 0
+    alignment = backend.simd_alignment()
+    return alignment is not None and (int(np.prod(shape)) * 8) % alignment == 0

@@ -21,13 +21,12 @@ from __future__ import annotations
 import operator
 from functools import partial
 
-from ..engines import dmtasks as dt
+from ..tasks import dm as dt
 from .graph import IterationGraph
-from .passes import _tree_sum
 
 
 def dm_iteration(parts, it, views, data, probe, crops, mixing, obj, context, grid_shape, regions, device="cpu",
-                 update_probe=True):
+                 update_probe=True, tag=None):
     """The graph of one DM iteration.
 
     Parameters
@@ -35,32 +34,34 @@ def dm_iteration(parts, it, views, data, probe, crops, mixing, obj, context, gri
     parts : list of part ids ``(0, p)``
     views, data, crops : dicts ``{part: key/future/value}``
     probe, mixing, obj : key/future/value (``mixing`` may be None)
-    context : key/future/value of a :class:`~daskptycho.engines.dmtasks.DMContext`
+    context : key/future/value of a :class:`~daskptycho.tasks.dm.DMContext`
     grid_shape : (H, W)
     regions : dict ``{part: (y0, y1, x0, x1)}``, what each part's windows touch
     update_probe : bool
         Also update the probe (eq. 5); off for the first iterations, while the
         object takes shape.
+    tag : hashable, optional
+        Appended to every key (see :class:`~daskptycho.schedule.graph.IterationGraph`).
 
     Returns
     -------
     IterationGraph with outputs ``states``, ``crops``, ``probe``, ``mixing``, ``object``,
     ``object_update``, ``probe_update``, ``costs``.
     """
-    g = IterationGraph()
+    g = IterationGraph(tag=tag)
     partials, errors, states = [], [], {}
     for part in parts:
         step = g.add(("dm-views", it, *part), (dt.part_step, views[part], data[part], probe, crops[part], mixing, context, part), part)
         partials.append(g.add(("dm-partial", it, *part), (operator.getitem, step, "partial"), part))
         errors.append(g.add(("dm-error", it, *part), (operator.getitem, step, "error"), part))
         states[part] = g.add(("dm-state", it, *part), (operator.getitem, step, "views"), part)
-    total = _tree_sum(g, "dm-sum", it, partials, partial(dt.add_partials, grid_shape=grid_shape))
+    total = g.tree_sum("dm-sum", it, partials, partial(dt.add_partials, grid_shape=grid_shape))
     oupd = g.add(("dm-object-update", it), (dt.object_update, total, obj, context))
     new_obj = g.add(("dm-object", it), (operator.getitem, oupd, "object"))
     new_crops = {p: g.add(("dm-crop", it, *p), (dt.crop_object, new_obj, regions[p], device)) for p in parts}
     if update_probe:
         pparts = [g.add(("dm-probe-partial", it, *p), (dt.probe_partial, states[p], new_crops[p], context, p), p) for p in parts]
-        ptotal = _tree_sum(g, "dm-probe-sum", it, pparts, dt.add_probe_partials)
+        ptotal = g.tree_sum("dm-probe-sum", it, pparts, dt.add_probe_partials)
         pupd = g.add(("dm-probe-update", it), (dt.probe_update, ptotal, probe, context))
     else:
         pupd = g.add(("dm-probe-update", it), (dt.probe_kept, probe))

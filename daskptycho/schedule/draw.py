@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import os
 
-KIND_COLOURS = {
-    "grad": "#2ca02c", "update": "#1f77b4", "vfwd": "#ff7f0e", "vbwd": "#d62728",
-    "hfwd": "#9467bd", "hbwd": "#8c564b", "cost": "#7f7f7f", "probe": "#17becf",
-    "hve": "#bcbd22", "tile": "#c7c7c7", "load": "#e377c2",
-}
+from .. import keys
 
 
-def kind_of(key):
-    """Colour class of a task key: ``("vfwd-strip", ...)`` -> ``"vfwd"``."""
-    name = key[0] if isinstance(key, tuple) else str(key)
-    base = name.split("-")[0]
-    return base if base in KIND_COLOURS else "tile"
+def drawn_as(key):
+    """The colour class of a task key (:attr:`daskptycho.keys.Kind.drawn_as`):
+    ``("vfwd-strip", ...)`` -> ``"vfwd"``; keys of no known kind are ``"tile"``."""
+    k = keys.kind_of(key)
+    return k.drawn_as if k else "tile"
 
 
 def _levels(deps):
@@ -52,8 +48,8 @@ def draw_graph(graph, tiling, path):
         for d in ds:
             ax.annotate("", xy=(level[k], ypos[k]), xytext=(level[d], ypos[d]),
                         arrowprops=dict(arrowstyle="->", lw=0.5, color="#999999", shrinkA=4, shrinkB=4))
-    for kind, colour in KIND_COLOURS.items():
-        ks = [k for k in graph.tasks if kind_of(k) == kind]
+    for kind, colour in keys.COLOURS.items():
+        ks = [k for k in graph.tasks if drawn_as(k) == kind]
         if ks:
             ax.scatter([level[k] for k in ks], [ypos[k] for k in ks], s=60, c=colour, label=kind, zorder=3,
                        marker="s" if isinstance(ks[0], tuple) and ks[0][0].endswith("strip") else "o", edgecolors="k", linewidths=0.3)
@@ -70,15 +66,18 @@ def draw_graph(graph, tiling, path):
 
 
 #: Phases of the timeline (the paper's Fig. 5), their colours and legend names.
+#: The timeline's classes (:func:`daskptycho.keys.Kind.drawn_as`) and their legend; the others are "other".
 TIMELINE_PHASES = {
-    "grad": ("#2ca02c", "gradient (grad)"),
-    "vfwd": ("#ff7f0e", "vertical forward pass (vfwd)"),
-    "vbwd": ("#d62728", "vertical backward pass (vbwd)"),
-    "hfwd": ("#9467bd", "horizontal forward pass (hfwd)"),
-    "hbwd": ("#8c564b", "horizontal backward pass (hbwd)"),
-    "update": ("#1f77b4", "tile update (update)"),
-    "other": ("#c7c7c7", "other (load, cost, preview)"),
+    name: (keys.COLOURS[name], label) for name, label in (
+        ("grad", "gradient (grad)"),
+        ("vfwd", "vertical forward pass (vfwd)"),
+        ("vbwd", "vertical backward pass (vbwd)"),
+        ("hfwd", "horizontal forward pass (hfwd)"),
+        ("hbwd", "horizontal backward pass (hbwd)"),
+        ("update", "tile update (update)"),
+    )
 }
+TIMELINE_PHASES["other"] = (keys.COLOURS["tile"], "other (load, cost, preview)")
 
 
 #: Narrowest bar drawn, as a fraction of the time axis: a strip pass takes well under a
@@ -88,9 +87,8 @@ MIN_WIDTH = 0.004
 
 def timeline_phase(key):
     """Phase of a task-stream key for the timeline: ``("vbwd-strip", ...)`` -> ``"vbwd"``."""
-    name = key[0] if isinstance(key, tuple) and key else str(key)
-    base = str(name).split("-")[0]
-    return base if base in TIMELINE_PHASES else "other"
+    k = keys.kind_of(key)
+    return k.drawn_as if k and k.drawn_as in TIMELINE_PHASES else "other"
 
 
 def _tile_and_round(key):

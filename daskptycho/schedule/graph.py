@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import keys
+
 
 @dataclass
 class IterationGraph:
@@ -11,6 +13,12 @@ class IterationGraph:
 
     Attributes
     ----------
+    tag : hashable, optional
+        Appended to every key :meth:`add` makes: ``("grad", s, r, c)`` becomes
+        ``("grad", s, r, c, tag)``. A run gives each attempt its own tag, because a
+        scheduler or worker may still know a key of an earlier run (or of an attempt a
+        lost worker interrupted) when it comes back with other inputs, and distributed
+        does not allow one key for two different computations.
     tasks : dict
         Dask task dict ``{key: (func, *args)}``; arguments may be keys of this
         dict, or already computed values and futures from earlier iterations.
@@ -21,15 +29,42 @@ class IterationGraph:
         Named keys the driver needs (``"state"``, ``"cost"``, ``"probe"`` ...).
     """
 
+    tag: object = None
     tasks: dict = field(default_factory=dict)
     placement: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
 
     def add(self, key, task, tile=None):
+        """Add ``task`` under ``key`` (a kind of :data:`daskptycho.keys.TASKS` and its
+        indices; the graph's tag is appended), on ``tile``'s worker if given.
+
+        Returns
+        -------
+        The key as it is in the graph (with the tag).
+        """
+        if keys.kind_of(key) is None:
+            raise ValueError(f"task kind {key[0]!r} is not in daskptycho.keys.TASKS: add it there (phase, colour)")
+        if self.tag is not None:
+            key = (*key, self.tag)
         self.tasks[key] = task
         if tile is not None:
             self.placement[key] = tile
         return key
+
+    def tree_sum(self, name, s, parts, func):
+        """Pairwise tree reduction of the keys ``parts`` with ``func(a, b)``; tasks
+        ``(name, s, level, i)``. Returns the key of the total."""
+        level = 0
+        while len(parts) > 1:
+            nxt = []
+            for i in range(0, len(parts), 2):
+                if i + 1 < len(parts):
+                    nxt.append(self.add((name, s, level, i // 2), (func, parts[i], parts[i + 1])))
+                else:
+                    nxt.append(parts[i])
+            parts = nxt
+            level += 1
+        return parts[0]
 
     def dependencies(self):
         """``{key: set of keys of this graph it needs}`` (for checks and drawing)."""

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import operator
 
-from ..engines import tiletasks as tt
+from ..tasks import tiles as tt
 from ..tiling import intersect
 from .graph import IterationGraph
 
 
-def hve_iteration(tiling, extended, it, states, data, probe, context, n_total):
+def hve_iteration(tiling, extended, it, states, data, probe, context, n_total, tag=None):
     """The task graph of one Halo Voxel Exchange iteration (pure: no client).
 
     Parameters
@@ -26,8 +26,14 @@ def hve_iteration(tiling, extended, it, states, data, probe, context, n_total):
     states, data : dicts ``{(r, c): key/future/value}``
     probe, context : key/future/value
     n_total : int, number of positions in the scan (sets the preconditioner floor)
+    tag : hashable, optional
+        Appended to every key (see :class:`~daskptycho.schedule.graph.IterationGraph`).
+
+    Returns
+    -------
+    IterationGraph with outputs ``states``, ``probe`` (the input) and ``costs``.
     """
-    g = IterationGraph()
+    g = IterationGraph(tag=tag)
     stepped = {}
     for t in tiling:
         stepped[t.key] = g.add(("hve-step", it, *t.key), (tt.hve_local_step, states[t.key], data[t.key], probe, context, t.key, n_total), t.key)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engines import tiletasks as tt
+from ..tasks import tiles as tt
 from .graph import IterationGraph
 
 
@@ -51,7 +51,7 @@ class Buffer:
 
     A receiving tile applies its strips where its buffer is next read, by the task
     that reads it on its own worker: the next strip it cuts
-    (:func:`~daskptycho.engines.tiletasks.cut_strip`) or its update. Each exchange is
+    (:func:`~daskptycho.tasks.tiles.cut_strip`) or its update. Each exchange is
     then one task (the strip, cut on the sender) and one hop, instead of a strip task
     and a task that copies the whole receiving buffer to add or paste it.
     """
@@ -125,28 +125,13 @@ def materialise(tiling, s, final, graph):
     return out
 
 
-def _tree_sum(g, name, s, keys, func):
-    """Pairwise tree reduction of ``keys``; returns the key of the total."""
-    level = 0
-    while len(keys) > 1:
-        nxt = []
-        for i in range(0, len(keys), 2):
-            if i + 1 < len(keys):
-                nxt.append(g.add((name, s, level, i // 2), (func, keys[i], keys[i + 1])))
-            else:
-                nxt.append(keys[i])
-        keys = nxt
-        level += 1
-    return keys[0]
-
-
 def round_positions(tiling, rounds):
     """``{(r, c): [local index arrays, one per round]}``: each tile's positions
     split into ``rounds`` contiguous groups in acquisition order."""
     return {t.key: np.array_split(np.arange(t.positions.size), rounds) for t in tiling}
 
 
-def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_probe=False, local_updates=False):
+def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_probe=False, local_updates=False, tag=None):
     """The task graph of one gradient-decomposition iteration (pure: no client).
 
     Parameters
@@ -156,7 +141,7 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
     states : dict ``{(r, c): key/future/value}``: each tile's object patch (S, h, w)
     data : dict ``{(r, c): key/future/value}``: each tile's patterns (J_t, N, N), FFT order
     probe : key/future/value: the probe (K, N, N)
-    context : key/future/value: a :class:`~daskptycho.engines.tiletasks.TileContext`
+    context : key/future/value: a :class:`~daskptycho.tasks.tiles.TileContext`
     rounds : int
         Pass rounds per iteration (the paper's T).
     refine_probe : bool
@@ -164,13 +149,15 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
     local_updates : bool
         Update each tile after each minibatch of its own positions between passes
         (Alg. 1, lines 5-9); off: pure batch mode, exactly full-batch gradient descent.
+    tag : hashable, optional
+        Appended to every key (see :class:`~daskptycho.schedule.graph.IterationGraph`).
 
     Returns
     -------
     IterationGraph with outputs ``states`` ({tile: key}), ``probe`` (key or the input),
     ``costs`` (list of keys, one per round).
     """
-    g = IterationGraph()
+    g = IterationGraph(tag=tag)
     states = dict(states)
     groups = round_positions(tiling, rounds)
     costs = []
@@ -188,7 +175,7 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
         new_probe = probe
         if refine_probe:
             parts = [g.add(("tile-probe", s, *t.key), (tt.probe_part, grads[t.key]), t.key) for t in tiling]
-            total = _tree_sum(g, "probe-sum", s, parts, tt.add_parts)
+            total = g.tree_sum("probe-sum", s, parts, tt.add_parts)
             new_probe = g.add(("probe", s), (tt.probe_update, probe, total, context))
         for t in tiling:
             # the update needs the gradient task's own result only for its locally

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import get_array_module, to_numpy
+from ..backend import array_module, get_array_module, to_numpy
 from ..physics import dm, window_index
 from ..physics.probe import orthogonalize_modes_with_mixing
+from .updates import working_set_budget
 
 
 @dataclass
@@ -59,16 +60,12 @@ def initial_object(shape):
 
 def initial_crop(shape, region, device="cpu"):
     """A part's crop of :func:`initial_object` (L, h, w), made on its worker from the shape alone."""
-    from ..engines.problem import array_module
-
     y0, y1, x0, x1 = region
     return array_module(device).asarray(initial_object((shape[0], y1 - y0, x1 - x0)))
 
 
 def crop_object(obj_or_update, region, device="cpu"):
     """The part of the object a part's windows touch (a copy)."""
-    from ..engines.problem import array_module
-
     obj = obj_or_update["object"] if isinstance(obj_or_update, dict) else obj_or_update
     y0, y1, x0, x1 = region
     return array_module(device).asarray(np.asarray(to_numpy(obj))[..., y0:y1, x0:x1].copy())
@@ -81,8 +78,6 @@ def part_step(views, data, probe, crop, mixing, ctx: DMContext, part):
     Returns a dict: ``views`` (stays on the worker), ``partial`` (travels to the
     reduction: object sums on the part's region), ``error``.
     """
-    from .updates import working_set_budget
-
     xp = get_array_module(views)
     probe = xp.asarray(probe)
     if mixing is not None:  # the probe modes were re-orthogonalised: mix the views alike
@@ -111,8 +106,6 @@ def part_step(views, data, probe, crop, mixing, ctx: DMContext, part):
 def probe_partial(views, crop, ctx: DMContext, part):
     """The part's sums of eq. 5 (probe) with the new object crop (small: K x N x N),
     over chunks of positions."""
-    from .updates import working_set_budget
-
     xp = get_array_module(views)
     per_view = views[0].nbytes * 3
     budget = working_set_budget(views.nbytes, *ctx.working_set) * 2**20

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import get_array_module
-from .problem import array_module
+from ..backend import array_module, get_array_module
+from ..io.patterns import load_patterns_from_store
 from .updates import gradient_sum, object_step, object_step_consuming, positions_per_chunk, probe_step, working_set_budget
 
 
@@ -42,7 +42,7 @@ class TileContext:
     regularization: float
     eps_per_position: float
     device: str = "cpu"
-    local_batch: int = 16
+    local_batch: int | None = None  # positions per local minibatch (None: all of the tile's)
     hve_minibatch: bool = False
     counted: dict | None = None
 
@@ -57,8 +57,6 @@ def load_tile_patterns(source, scan_indices, device="cpu"):
     patterns (FFT order) for datasets that were never written to a store.
     """
     if isinstance(source, str):
-        from .ml import load_patterns_from_store
-
         data = load_patterns_from_store(source, scan_indices)
     else:
         data = np.asarray(source)[np.asarray(scan_indices)]
@@ -100,8 +98,9 @@ def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_prob
     # step the tile with it at once
     obj = state
     total = None
-    for start in range(0, local.size, ctx.local_batch):
-        sel = local[start:start + ctx.local_batch]
+    batch = ctx.local_batch or max(local.size, 1)
+    for start in range(0, local.size, batch):
+        sel = local[start:start + batch]
         gb = gsum(obj, sel)
         obj = object_step(obj, gb["object"], gb["illumination"], ctx.step, ctx.eps_per_position * sel.size)
         total = gb if total is None else {k: total[k] + v for k, v in gb.items()}
