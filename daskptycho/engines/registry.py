@@ -4,12 +4,12 @@ a lookup and a new engine is one module (its options class, its run) and one lin
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import config
 from ..errors import OptionsError
+from ..options import merged, unknown_option
 from . import dm, gd, hve, ml
 from .options import EngineOptions
 
@@ -52,15 +52,7 @@ def engine_options(options=None, **overrides):
         An unknown engine; a key this engine does not take (naming the engines that
         do, or the closest known key); a value against its rule.
     """
-    if isinstance(options, EngineOptions):
-        base = dataclasses.asdict(options)
-    elif options is None:
-        base = {}
-    elif isinstance(options, dict):
-        base = dict(options)
-    else:
-        raise OptionsError("options", f"expected a dict or engine options, got {type(options).__name__}")
-    base.update(overrides)
+    base = merged(options, overrides, EngineOptions)
     name = base.get("engine")
     if name is None:
         name = config.get("reconstruct.engine")
@@ -75,8 +67,6 @@ def engine_options(options=None, **overrides):
         if users:
             raise OptionsError(str(key), f"got {base[key]!r}, but engine {name!r} does not use it (only "
                                f"{' and '.join(repr(u) for u in users)}); drop it or choose engine={users[0]!r}")
-        close = difflib.get_close_matches(str(key), sorted(known), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {', '.join(sorted(known))}"
-        raise OptionsError(str(key), f"unknown option{hint}")
+        raise unknown_option(key, known)
     base["engine"] = name
     return cls(**base)
