@@ -112,3 +112,19 @@ def test_cli_bad_cluster_exits_2_with_one_line(small_pbtio3, tmp_path, capsys, s
     for w in words:
         assert w in err[0]
     assert not out.exists()
+
+
+def test_reconstruct_refuses_a_bad_cluster_before_reading_the_dataset(small_pbtio3, monkeypatch):
+    """From Python too, what connect would refuse is refused before the dataset is read
+    (prepare streams every pattern for the mean counts) or a cluster starts."""
+    import daskptycho.engines as engines
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dataset was read before the cluster options were checked")
+
+    monkeypatch.setattr(engines, "prepare", refuse)
+    ds = dp.open_dataset(small_pbtio3)
+    with pytest.raises(OptionsError, match="cluster"):
+        dp.reconstruct(ds, engine="ml", iterations=1, cluster="nonsense")
+    with pytest.raises(OptionsError, match="jobs"):
+        dp.reconstruct(ds, engine="gd", iterations=1, cluster="slurm", cluster_options={"jobs": 0})

@@ -13,6 +13,7 @@ import os
 import time
 
 from .. import config
+from ..cluster import check_connect
 from ..io.checkpoint import Checkpoint, check_resume
 from ..io.patterns import load_patterns
 from ..io.store import open_dataset, validate_dataset
@@ -77,6 +78,10 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
     if client is None and (cluster or config.get("cluster.spec")) == "cuda" and "device" not in kwargs and options is None:
         kwargs["device"] = "gpu"  # a cuda cluster's workers hold CuPy arrays
     opts = engine_options(options, **kwargs)
+    if client is None:  # what connect would refuse, refused before the dataset is read
+        known = ("jobs", "scheduler_file", "tls")
+        check_connect(cluster, workers=opts.workers, device=opts.device,
+                      **{k: v for k, v in (cluster_options or {}).items() if k in known})
     problem = prepare(ds, opts)
     meta = _checkpoint_start(opts)
     t0 = time.perf_counter()
