@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+import ast
+import functools
+import threading
+
 import pytest
 
 import daskptycho as dp
 from daskptycho.backend import gpu_available as _gpu_available
+
+
+def _serialise_ast_parse():
+    """One lock around ``ast.parse`` in the test process.
+
+    CPython 3.11 keeps the AST constructor's recursion counter in module state that threads
+    share, so two ``ast.parse`` calls in two threads can interleave (a garbage collection
+    inside one runs Python code and lets the other thread in) and the first fails with
+    "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905). Here the
+    two are pytest rewriting a module imported lazily during a test (hypothesis's plugin
+    imports hypothesis's modules as they are needed) and distributed's event-loop thread
+    logging the traceback of a lost worker's broken connection (Python 3.11 draws a
+    traceback's ^^^ markers with ``ast.parse``). Seen twice in the fault tests under load.
+    """
+    parse, lock = ast.parse, threading.RLock()
+
+    @functools.wraps(parse)
+    def parse_one_at_a_time(*args, **kwargs):
+        with lock:
+            return parse(*args, **kwargs)
+
+    ast.parse = parse_one_at_a_time
+
+
+_serialise_ast_parse()
 
 
 def pytest_collection_modifyitems(config, items):
