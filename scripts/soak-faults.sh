@@ -24,7 +24,7 @@ echo "soak: $N runs of $TESTS beside $cores busy-loop processes ($(uname -n), $(
 passed=0
 for i in $(seq "$N"); do
   t0=$(date +%s)
-  if FAULT_SEED=$i "$PY" -m pytest -q -p no:randomly $TESTS > "/tmp/soak-faults-$i.log" 2>&1; then
+  if FAULT_SEED=$i PYTHONNODEBUGRANGES=1 "$PY" -m pytest -q -p no:randomly $TESTS > "/tmp/soak-faults-$i.log" 2>&1; then
     passed=$((passed + 1))
     echo "run $i: passed in $(( $(date +%s) - t0 )) s, load average $(cut -d' ' -f1 /proc/loadavg)"
   else

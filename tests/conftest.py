@@ -6,6 +6,7 @@ import ast
 import functools
 import threading
 
+import hypothesis  # noqa: F401  now, not lazily from pytest's terminal summary while worker threads log
 import pytest
 
 import daskptycho as dp
@@ -23,6 +24,9 @@ def _serialise_ast_parse():
     imports hypothesis's modules as they are needed) and distributed's event-loop thread
     logging the traceback of a lost worker's broken connection (Python 3.11 draws a
     traceback's ^^^ markers with ``ast.parse``). Seen twice in the fault tests under load.
+    ``make test`` also runs pytest with ``PYTHONNODEBUGRANGES=1`` (no ^^^ markers, so no
+    parsing when a traceback is drawn), which covers what a lock cannot: a parse that a
+    finalizer starts inside another parse on the same thread.
     """
     parse, lock = ast.parse, threading.RLock()
 
