@@ -456,6 +456,16 @@ def scatter_add(target, flat_index, values):
     if is_gpu(xp):
         import cupyx
 
+        if target.dtype.kind == "c":
+            # CuPy adds at real dtypes only: a complex array is its (re, im) float pairs
+            if not target.flags.c_contiguous:
+                raise ValueError("scatter_add needs a C-contiguous complex target on the GPU")
+            flat_index = xp.stack([2 * flat_index, 2 * flat_index + 1], axis=-1).reshape(-1)
+            real = target.real.dtype
+            for i in np.ndindex(*lead):
+                v = xp.ascontiguousarray(values[i]).astype(target.dtype, copy=False).view(real)
+                cupyx.scatter_add(target[i].view(real), flat_index, v)
+            return target
         for i in np.ndindex(*lead):
             cupyx.scatter_add(target[i], flat_index, values[i])
         return target
@@ -474,3 +484,31 @@ def to_numpy(a):
     if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
         return a.get()
     return np.asarray(a)
+
+
+def to_host(value):
+    """``value`` with every CuPy array in it (in dicts, lists and tuples too) copied to
+    host memory as NumPy; everything else as it is. What a task returns to the client:
+    device arrays never leave their worker implicitly."""
+    if isinstance(value, dict):
+        return {k: to_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_host(v) for v in value)
+    if type(value).__module__.startswith("cupy"):
+        return value.get()
+    return value
+
+
+def gpu_pool_bytes():
+    """Bytes CuPy's default memory pool holds on this process's device (the pool keeps
+    what it once allocated, so this is the high-water mark of device arrays); 0 when
+    CuPy was never imported here."""
+    import sys
+
+    cupy = sys.modules.get("cupy")
+    if cupy is None:
+        return 0
+    try:
+        return int(cupy.get_default_memory_pool().total_bytes())
+    except Exception:  # no device
+        return 0

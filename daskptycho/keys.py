@@ -60,7 +60,7 @@ TASKS = {
     "dm-object-update": Kind("update", "update"), "dm-object": Kind("update", "update"), "dm-crop": Kind("update", "update"),
     "dm-probe-update": Kind("update", "probe"), "dm-probe": Kind("update", "probe"), "dm-mixing": Kind("update", "probe"),
     "dm-summary": Kind("update"),
-    "preview": Kind("update"), "core": Kind("update"), "nbytes": Kind("update"),
+    "preview": Kind("update"), "core": Kind("update"), "nbytes": Kind("update"), "host": Kind("update"),
     "checkpoint": Kind("update"), "checkpoint-object": Kind("update"), "checkpoint-probe": Kind("update"),
 }
 

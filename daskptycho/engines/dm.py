@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend import to_host
 from ..errors import OptionsError
 from ..io.checkpoint import read_array, write_array
 from ..schedule.dm import dm_iteration
@@ -184,9 +185,9 @@ class DMRun(PinnedRun):
         writes = [self.drv.submit_pinned(write_array, path, _views_name(p), self.views[p], worker=self.workers[p],
                                          key=self.key("checkpoint", it, *p)) for p in self.parts]
         writes.append(self.drv.client.submit(write_array, path, "object", self.obj, key=self.key("checkpoint-object", it), pure=False))
-        small = {"probe": self.probe}
+        small = {"probe": self._host(self.probe, "probe", it)}
         if self.mixing is not None:
-            small["mixing"] = self.mixing  # its value is None until the probe is refined
+            small["mixing"] = self._host(self.mixing, "mixing", it)  # its value is None until the probe is refined
         return writes, small
 
     def checkpoint_small(self):
@@ -197,8 +198,12 @@ class DMRun(PinnedRun):
     def checkpoint_attrs(self, small):
         return {"partitions": len(self.parts), "mixing": "mixing" in small}
 
+    def _host(self, fut, name, *parts):
+        """``fut``'s value copied to host memory where it lies (device arrays never reach the client)."""
+        return self.drv.client.submit(to_host, fut, key=self.key("host", name, *parts), pure=False)
+
     def finish(self):
-        final_obj, final_probe = (np.asarray(v) for v in self.drv.results([self.obj, self.probe], self.workers))
+        final_obj, final_probe = self.drv.results([self._host(self.obj, "object"), self._host(self.probe, "probe")], self.workers)
         u = self.updates
         info = {
             "probe_change": np.array([x["probe_change"] for x in u]),

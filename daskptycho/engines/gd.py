@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend import to_host
 from ..io.checkpoint import read_array, write_array
 from ..schedule.passes import gd_iteration
 from ..tasks import tiles as tt
@@ -137,7 +138,8 @@ class TiledRun(PinnedRun):
     def finish(self):
         cores = {t.key: self.drv.submit_pinned(tt.core_of, self.states[t.key], self.cores[t.key], worker=self.workers[t.key],
                                                key=self.key("core", *t.key)) for t in self.tiling}
-        got = self.drv.results([*cores.values(), self.probe], self.workers)
+        probe = self.drv.client.submit(to_host, self.probe, key=self.key("host", "probe"), pure=False)
+        got = self.drv.results([*cores.values(), probe], self.workers)
         obj = self.tiling.stitch_cores({k: np.asarray(v) for k, v in zip(cores, got)})
         t = self.tiling
         attrs = {

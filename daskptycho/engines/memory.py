@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import gpu_pool_bytes
+
 
 def warm_up():
     """Import the engine modules, run a tiny FFT and load the compiled CPU kernels
@@ -68,12 +70,16 @@ def report(client, baseline, unit_bytes, unit_workers):
     """
     # a worker that died after the run's results were in has no peak to report
     peak = {w: v for w, v in client.run(peak_rss, on_error="return").items() if not isinstance(v, BaseException)}
-    return {
+    out = {
         "tile_bytes": {f"{k[0]},{k[1]}": b for k, b in unit_bytes.items()},
         "worker_peak_rss_bytes": {w: int(v) for w, v in peak.items()},
         "worker_peak_above_baseline_bytes": {w: int(v - baseline.get(w, 0)) for w, v in peak.items()},
         "tile_workers": {f"{k[0]},{k[1]}": w for k, w in unit_workers.items()},
     }
+    pool = {w: v for w, v in client.run(gpu_pool_bytes, on_error="return").items() if not isinstance(v, BaseException) and v}
+    if pool:  # device arrays: CuPy's pool keeps what it once allocated, its size is the high-water mark
+        out["worker_gpu_pool_bytes"] = {w: int(v) for w, v in pool.items()}
+    return out
 
 
 def unit_bytes(state, data, *more):

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..io.checkpoint import write_state
 from ..schedule.graph import IterationGraph
-from ..tasks.ml import ml_init, ml_restore, ml_step
+from ..tasks.ml import ml_init, ml_restore, ml_state_on_host, ml_step
 from .options import EngineOptions, Number, option
 from .problem import Problem
 from .run import PinnedRun, RunOutput, Step
@@ -83,7 +83,8 @@ class MLRun(PinnedRun):
                                        key=self.key("checkpoint", it, *UNIT))], {}
 
     def finish(self):
-        (state,) = self.drv.results([self.state], self.workers)
+        host = self.drv.submit_pinned(ml_state_on_host, self.state, worker=self.workers[UNIT], key=self.key("host", *UNIT))
+        (state,) = self.drv.results([host], self.workers)
         memory = self.memory({UNIT: self.state})
         return RunOutput(np.asarray(state["object"]), np.asarray(state["probe"]), self.costs,
                          {"memory": json.dumps(memory), "recoveries": json.dumps(self.recoveries)})
@@ -106,6 +107,7 @@ def run_ml(problem: Problem, data, progress=None, state=None):
         costs.append(state["cost"])
         if progress is not None:
             progress(it, state["cost"])
+    state = ml_state_on_host(state)
     return state["object"], state["probe"], costs
 
 

@@ -352,6 +352,17 @@ def _backward_fused(g, cache, g_obj, illum, k_conj, probe_gradient, out):
     return result
 
 
+def _rectangular_on_device(index, object_shape):
+    """Whether a device ``window_index`` array is rectangular windows (read on the host: a
+    caller that cares passes :class:`Windows`)."""
+    return index.ndim == 3 and index.shape[0] > 0 and _as_windows(cuda_index_to_host(index), object_shape) is not None
+
+
+def cuda_index_to_host(index):
+    """A device index array copied to the host (NumPy arrays as they are)."""
+    return index.get() if hasattr(index, "get") and type(index).__module__.startswith("cupy") else index
+
+
 def per_position_path(obj, probe):
     """True when :func:`gradients` on these arrays runs the compiled per-position model
     (:func:`daskptycho.physics.dispatch.fftw_plans`): its memory does not grow with the
@@ -442,6 +453,19 @@ def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude",
     """
     if cost not in ("amplitude", "poisson"):
         raise ValueError(f"cost must be 'amplitude' or 'poisson', got {cost!r}")
+    xp = get_array_module(obj, probe)
+    if is_gpu(xp) and obj.dtype == np.complex64 and probe.dtype == np.complex64 \
+            and (isinstance(index, Windows) or _rectangular_on_device(index, obj.shape)):
+        # the device path: custom kernels, patterns read by row on the device
+        from . import cuda
+
+        win = index if isinstance(index, Windows) else _as_windows(cuda_index_to_host(index), obj.shape)
+        corners = cuda.device_corners(win.corners, win.window, obj.shape[-2:], xp)
+        rows_d = None if rows is None else xp.asarray(np.asarray(rows), dtype=xp.int32)
+        result = cuda.gradients(obj, probe, corners, kernel, intensity.astype(xp.float32, copy=False), rows_d, mask, cost,
+                                probe_gradient, out)
+        result["cost"] = float(result["cost"])
+        return result
     result = _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, probe_gradient, out, rows)
     if result is not None:
         return result

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import array_module, get_array_module, to_numpy
-from ..physics import dm, window_index
+from ..backend import array_module, get_array_module, is_gpu, to_numpy
+from ..physics import cuda, dm, window_index
 from ..physics.probe import orthogonalize_modes_with_mixing
 from .updates import working_set_budget
 
@@ -65,10 +65,14 @@ def initial_crop(shape, region, device="cpu"):
 
 
 def crop_object(obj_or_update, region, device="cpu"):
-    """The part of the object a part's windows touch (a copy)."""
+    """The part of the object a part's windows touch (a copy, in ``device``'s memory)."""
     obj = obj_or_update["object"] if isinstance(obj_or_update, dict) else obj_or_update
     y0, y1, x0, x1 = region
-    return array_module(device).asarray(np.asarray(to_numpy(obj))[..., y0:y1, x0:x1].copy())
+    xp = array_module(device)
+    crop = obj[..., y0:y1, x0:x1]
+    if get_array_module(crop) is xp:
+        return crop.copy()
+    return xp.asarray(to_numpy(crop))
 
 
 def part_step(views, data, probe, crop, mixing, ctx: DMContext, part):
@@ -83,6 +87,8 @@ def part_step(views, data, probe, crop, mixing, ctx: DMContext, part):
     if mixing is not None:  # the probe modes were re-orthogonalised: mix the views alike
         views = xp.einsum("mk,jml...->jkl...", xp.asarray(mixing).astype(views.dtype), views)
     mask = None if ctx.mask is None else xp.asarray(ctx.mask)
+    if is_gpu(xp):
+        return _part_step_device(views, data, probe, crop, mask, ctx, part)
     corners = ctx.corners[part]
     # chunks of positions within a working-set budget; the views are updated in
     # place (the part's largest array: the paper's ~3x-the-raw-data footprint needs
@@ -103,10 +109,53 @@ def part_step(views, data, probe, crop, mixing, ctx: DMContext, part):
     return {"views": views, "partial": partial, "error": error}
 
 
+def _views_per_launch(views, xp):
+    """Positions per launch of the device kernels: a work array of views of that many
+    positions within the device's memory budget."""
+    per_position = views[0].nbytes + 4 * views.shape[-1] * views.shape[-2]
+    return max(1, int(cuda.memory_fraction() * cuda.free_device_bytes(xp) // per_position))
+
+
+def _part_step_device(views, data, probe, crop, mask, ctx: DMContext, part):
+    """:func:`part_step` on the GPU: each launch of positions makes ``P O`` and ``2 P O -
+    psi`` in one work array, transforms it in place, and updates the views and adds the
+    object sums in one kernel (:mod:`daskptycho.physics.cuda`); nothing leaves the device
+    but the Fourier error, read once at the end."""
+    xp = get_array_module(views)
+    probe = probe.astype(xp.complex64, copy=False)
+    crop = crop.astype(xp.complex64, copy=False)
+    data = data.astype(xp.float32, copy=False)
+    corners = cuda.cached_corners(ctx.corners[part], ctx.window, crop.shape[-2:], xp)
+    num = xp.zeros(crop.shape, dtype=xp.complex128)
+    den = xp.zeros(crop.shape[1:], dtype=xp.float64)
+    error = xp.zeros((), dtype=xp.float64)
+    chunk = min(_views_per_launch(views, xp), max(views.shape[0], 1))
+    work = xp.empty((chunk,) + views.shape[1:], dtype=xp.complex64)
+    for start in range(0, views.shape[0], chunk):
+        psi, c, meas = views[start:start + chunk], corners[start:start + chunk], data[start:start + chunk]
+        w = work[:psi.shape[0]]
+        # the Fourier error of the current model P O (what the CPU path reports)
+        w = cuda.fft_unscaled(cuda.dm_views_in(psi, probe, crop, c, w, False), True)
+        error += cuda.dm_fourier(w, meas, mask, True)
+        # eq. 3: psi += beta (F^-1 F_c [2 P O - psi] - P O), and eq. 6's sums
+        w = cuda.fft_unscaled(cuda.dm_views_in(psi, probe, crop, c, w, True), True)
+        cuda.dm_fourier(w, meas, mask, False)
+        w = cuda.fft_unscaled(w, False)
+        cuda.dm_views_out(psi, w, probe, crop, c, ctx.beta, num, den)
+    partial = {"object_num": num, "object_den": den, "regions": [ctx.regions[part]]}
+    return {"views": views, "partial": partial, "error": float(error)}
+
+
 def probe_partial(views, crop, ctx: DMContext, part):
     """The part's sums of eq. 5 (probe) with the new object crop (small: K x N x N),
-    over chunks of positions."""
+    over chunks of positions (on the GPU: one kernel, the sums stay on the device)."""
     xp = get_array_module(views)
+    if is_gpu(xp):
+        corners = cuda.cached_corners(ctx.corners[part], ctx.window, crop.shape[-2:], xp)
+        num = xp.zeros(views.shape[1:2] + views.shape[-2:], dtype=xp.complex128)
+        den = xp.zeros(views.shape[-2:], dtype=xp.float64)
+        cuda.dm_probe_sums(views, xp.asarray(crop).astype(xp.complex64, copy=False), corners, num, den)
+        return {"probe_num": num, "probe_den": den}
     per_view = views[0].nbytes * 3
     budget = working_set_budget(views.nbytes, *ctx.working_set) * 2**20
     chunk = max(1, int(budget // per_view))
@@ -135,25 +184,30 @@ def _on_grid(p, name, grid_shape):
     (y0, y1, x0, x1), = p["regions"]
     if arr.shape[-2:] == tuple(grid_shape):
         return arr
-    full = np.zeros(arr.shape[:-2] + tuple(grid_shape), dtype=arr.dtype)
+    full = get_array_module(arr).zeros(arr.shape[:-2] + tuple(grid_shape), dtype=arr.dtype)
     full[..., y0:y1, x0:x1] = arr
     return full
 
 
 def object_update(total, obj, ctx: DMContext):
     """Eq. 6 from the summed partials (unlit pixels keep their value) and eq. 7."""
-    obj = np.asarray(to_numpy(obj))
     num = _on_grid(total, "object_num", ctx.grid_shape)
     den = _on_grid(total, "object_den", ctx.grid_shape)
+    xp = get_array_module(num)
+    obj = _in(obj, xp)
     lit = den > 1e-6 * den.max()
-    new = np.where(lit, num / (den + ctx.regularization * den.max()), obj).astype(obj.dtype)
+    new = xp.where(lit, num / (den + ctx.regularization * den.max()), obj).astype(obj.dtype)
     return {"object": new, "object_change": float(dm.relative_change(new, obj))}
+
+
+def _in(a, xp):
+    """``a`` in ``xp``'s memory (a copy only when it lies elsewhere)."""
+    return a if get_array_module(a) is xp else xp.asarray(to_numpy(a))
 
 
 def probe_kept(probe):
     """The probe unchanged (iterations before probe refinement starts)."""
-    probe = np.asarray(to_numpy(probe))
-    fractions = orthogonalize_modes_with_mixing(probe)[1] if probe.shape[0] > 1 else np.ones(1)
+    fractions = to_numpy(orthogonalize_modes_with_mixing(probe)[1]) if probe.shape[0] > 1 else np.ones(1)
     return {"probe": probe, "mixing": None, "probe_change": np.zeros(probe.shape[0]), "fractions": fractions}
 
 
@@ -163,11 +217,13 @@ def probe_update(total, probe, ctx: DMContext):
     Returns a dict: ``probe``, ``mixing`` (K, K, for the views; None for one mode),
     ``probe_change`` (K,), ``fractions`` (K,).
     """
-    probe = np.asarray(to_numpy(probe))
     den = total["probe_den"]
+    xp = get_array_module(den)
+    probe = _in(probe, xp)
     new = (total["probe_num"] / (den + ctx.regularization * den.max())).astype(probe.dtype)
-    change = np.asarray(dm.relative_change(new, probe, axis=(-2, -1)))
+    change = to_numpy(dm.relative_change(new, probe, axis=(-2, -1)))  # K numbers: the iteration's report
     mixing, fractions = None, np.ones(1)
     if new.shape[0] > 1:
         new, fractions, mixing = orthogonalize_modes_with_mixing(new)
+        fractions = to_numpy(fractions)
     return {"probe": new, "mixing": mixing, "probe_change": change, "fractions": fractions}

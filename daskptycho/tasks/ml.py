@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, to_numpy
+from ..backend import array_module, to_host
 from ..io.checkpoint import read_state
 from .updates import gradient_sum, object_step, probe_step
 
@@ -55,7 +55,13 @@ def ml_step(state, data, it, problem):
         obj = object_step(obj, g["object"], g["illumination"], opts.step, problem.eps_object(len(b)))
         if refine:
             probe = probe_step(probe, g["probe"], g["probe_illumination"], opts.probe_step, opts.regularization)
-    return {"object": to_numpy(obj), "probe": to_numpy(probe), "cost": cost}
+    # the state stays in the worker's (device) memory; only the cost is a Python float
+    return {"object": obj, "probe": probe, "cost": cost}
+
+
+def ml_state_on_host(state):
+    """The state in host memory (NumPy), for the client: the end of a run."""
+    return to_host(state)
 
 
 def ml_restore(group, device="cpu"):

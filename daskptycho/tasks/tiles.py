@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import array_module, get_array_module
+from ..backend import array_module, get_array_module, to_numpy
 from ..io.patterns import load_patterns_from_store
 from .updates import gradient_sum, object_step, object_step_consuming, positions_per_chunk, probe_step, working_set_budget
 
@@ -217,9 +217,9 @@ def _slice(buf, k):
 
 
 def core_of(state, region):
-    """The tile's core (a copy): the only part that goes back for stitching."""
+    """The tile's core, in host memory (a copy): the only part that goes back for stitching."""
     sy, sx = region
-    return state[..., sy, sx].copy()
+    return to_numpy(state[..., sy, sx])
 
 
 def hve_local_step(state, data, probe, ctx: TileContext, tile, n_total):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import physics
-from ..backend import get_array_module
+from ..backend import get_array_module, is_gpu
+from ..physics import cuda
 
 # Below this a vectorised call shrinks to one or two positions on a small tile and the
 # per-call overhead (Python, one FFT call per slice) outweighs the arithmetic.
@@ -65,9 +66,11 @@ def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, 
         total["probe"] = xp.zeros_like(probe)
         total["probe_illumination"] = xp.zeros(probe.shape[-2:], dtype=probe.real.dtype)
     cost_sum = 0.0
+    groups = [select] if counted is None else [select[counted[select]], select[~counted[select]]]
+    if is_gpu(xp):
+        return _gradient_sum_device(obj, probe, corners, window, kernel, data, groups, mask, cost, probe_gradient, total)
     per_position = physics.multislice.per_position_path(obj, probe)
     # the counted positions first, then the others (whose cost is dropped)
-    groups = [select] if counted is None else [select[counted[select]], select[~counted[select]]]
     for g, group in enumerate(groups):
         step = max(group.size, 1) if per_position else chunk  # per position: no chunks needed
         for start in range(0, group.size, step):
@@ -81,6 +84,28 @@ def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, 
             if g == 0:
                 cost_sum += c
     total["cost"] = cost_sum
+    return total
+
+
+def _gradient_sum_device(obj, probe, corners, window, kernel, data, groups, mask, cost, probe_gradient, total):
+    """:func:`gradient_sum` on the GPU: the positions in launches as large as the device's
+    memory allows (:func:`~daskptycho.physics.cuda.positions_per_launch`), patterns read
+    by row where they lie, the cost summed on the device and read once at the end."""
+    xp = get_array_module(obj)
+    obj = obj.astype(xp.complex64, copy=False)
+    probe = xp.asarray(probe).astype(xp.complex64, copy=False)
+    data = data.astype(xp.float32, copy=False)
+    dev_corners = cuda.cached_corners(corners, window, obj.shape[-2:], xp)
+    chunk = cuda.positions_per_launch(window, obj.shape[0], probe.shape[0], xp)
+    cost_sum = xp.zeros((), dtype=xp.float64)
+    for g, group in enumerate(groups):
+        rows_all = xp.asarray(np.asarray(group, dtype=np.int32))  # one upload per group
+        for start in range(0, rows_all.size, chunk):
+            rows = rows_all[start:start + chunk]
+            c = cuda.gradients(obj, probe, dev_corners[rows], kernel, data, rows, mask, cost, probe_gradient, out=total)["cost"]
+            if g == 0:
+                cost_sum += c
+    total["cost"] = float(cost_sum)  # the one synchronisation of the call
     return total
 
 
@@ -110,5 +135,8 @@ def object_step_consuming(obj, grad, illumination, step, eps, slices=None):
 def probe_step(probe, grad, illumination, step, regularization):
     """Preconditioned probe step; ``illumination`` is ``sum_j |O_0 patch|^2`` (N, N)."""
     xp = get_array_module(probe)
-    eps = regularization * float(xp.mean(illumination)) + 1e-30
+    if is_gpu(xp):  # stays on the device: no synchronisation for the scalar
+        eps = regularization * xp.mean(illumination) + 1e-30
+    else:
+        eps = regularization * float(xp.mean(illumination)) + 1e-30
     return probe - (step * grad / (2 * (illumination + eps))).astype(probe.dtype)
