@@ -153,6 +153,10 @@ def _parser():
     rows, cols = d("tiles")
     r.add_argument("--tiles", type=_pair, metavar="RxC", help="tile grid of gd/hve, rows x columns: 3x3 is 3 rows of 3 tiles, and a single "
                    f"N means NxN (3 = 3x3) (default: {rows}x{cols})")
+    r.add_argument("--halo", choices=["probe", "window"], help="gd/hve tile halos: probe (the probe's support; window pixels "
+                   "beyond it are held fixed) or window (every window whole: exact) (default: " f"{d('halo')})")
+    r.add_argument("--halo-fraction", dest="halo_fraction", type=float, metavar="F", help="share of the probe's intensity a "
+                   f"probe halo holds, 0 < F <= 1 (default: {d('halo_fraction'):g})")
     r.add_argument("--pad-px", dest="pad_px", type=int, metavar="PX", help="object grid margin in pixels "
                    f"(default: the store's recommended_pad_px if it has one, else {d('pad_px')})")
     r.add_argument("--workers", type=_positive_int, metavar="N", help="workers of an embedded cluster "
@@ -456,7 +460,8 @@ def _cmd_info(a):
 
 #: reconstruct's flags that are options of :func:`daskptycho.reconstruct` (same names)
 _RECONSTRUCT_OPTIONS = ("engine", "iterations", "batch_size", "slices", "slice_thickness_m", "step", "refine_probe", "probe_modes",
-                        "object_modes", "partitions", "partition", "beta", "cost", "seed", "tiles", "pad_px", "workers", "device")
+                        "object_modes", "partitions", "partition", "beta", "cost", "seed", "tiles", "halo", "halo_fraction", "pad_px",
+                        "workers", "device")
 
 
 def _cmd_reconstruct(a):

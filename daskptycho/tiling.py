@@ -100,7 +100,7 @@ def _edges(lo, hi, n, size):
     return (0, *(int(v) for v in inner), size)
 
 
-def make_tiling(grid: ObjectGrid, corners, window, tiles, halo_px=None) -> Tiling:
+def make_tiling(grid: ObjectGrid, corners, window, tiles, halo_px=None, clip_windows=False) -> Tiling:
     """Tile the object grid.
 
     Parameters
@@ -115,6 +115,10 @@ def make_tiling(grid: ObjectGrid, corners, window, tiles, halo_px=None) -> Tilin
     halo_px : (int, int), optional
         Halo width per axis. Default: the smallest that holds every window, i.e.
         ``N // 2`` on each side of a core (positions sit within the core).
+    clip_windows : bool
+        Allow halos narrower than the windows: the tiles' windows then reach past their
+        extended regions, where the engine treats the object as fixed (probe-support
+        halos, see :func:`daskptycho.engines.gd.halo_for`).
 
     Raises
     ------
@@ -137,7 +141,9 @@ def make_tiling(grid: ObjectGrid, corners, window, tiles, halo_px=None) -> Tilin
         halo = need
     else:
         halo = tuple(int(v) for v in halo_px)
-        if halo[0] < need[0] or halo[1] < need[1]:
+        if min(halo) < 0:
+            raise OptionsError("halo_m", f"got a halo of {halo} px; expected >= 0")
+        if not clip_windows and (halo[0] < need[0] or halo[1] < need[1]):
             raise OptionsError("halo_m", f"a halo of {halo} px cannot hold the {window[0]}x{window[1]} probe windows; it needs at least {need} px")
     if (centre < 0).any() or (centre >= np.asarray(grid.shape)).any():
         raise OptionsError("positions", "a probe window centre lies outside the object grid; build the grid from the positions (object_grid)")

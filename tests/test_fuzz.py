@@ -447,6 +447,8 @@ BAD_OPTION_VALUES = {
     "object_modes": [0, -1, 2.5],
     "seed": [-1, 1.5, "a", None],
     "halo_m": [0, -1e-9, float("nan"), "1e-9"],
+    "halo": ["exact", "Probe", 1, None],
+    "halo_fraction": [0, -0.5, 1.5, float("nan"), "0.99"],
     "passes_per_iteration": [0, -1, 1.5],
     "workers": [0, -1, 2.5, "2"],
     "refine_probe": ["yes", 1, None],

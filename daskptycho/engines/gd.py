@@ -10,6 +10,7 @@ import numpy as np
 
 from ..backend import to_host
 from ..io.checkpoint import read_array, write_array
+from ..physics.probe import support_half_widths
 from ..schedule.passes import gd_iteration
 from ..tasks import tiles as tt
 from ..tiling import halo_from_metres, make_tiling
@@ -38,20 +39,62 @@ class GDOptions(TiledOptions):
     passes_per_iteration: int = option(Number(True, 1), 1)
 
 
-def tiling_for(problem: Problem):
-    """The tile grid of a run: cores over the scanned field, halos holding the windows."""
+def halo_for(problem: Problem):
+    """Each tile's halo (pixels per axis), or None for whole windows.
+
+    ``halo_m`` when given; ``halo="window"``: None (every window whole); ``halo="probe"``:
+    the probe's support (:func:`~daskptycho.physics.probe.support_half_widths` at
+    ``halo_fraction``) widened by the farthest a wave travels sideways through the slab,
+    ``(S - 1) dz tan(theta_max)`` with ``theta_max = lambda / (2 dx)``, the largest angle
+    the grid represents; never wider than the windows need.
+    """
     o = problem.options
-    return make_tiling(problem.grid, problem.corners, problem.window, o.tiles,
-                       halo_from_metres(o.halo_m, problem.grid.pixel_size_m))
+    if o.halo_m is not None:
+        return halo_from_metres(o.halo_m, problem.grid.pixel_size_m)
+    if o.halo == "window":
+        return None
+    dx = problem.grid.pixel_size_m
+    spread = (o.slices - 1) * problem.slice_thickness_m * problem.wavelength_m / (2 * dx * dx)
+    support = support_half_widths(problem.probe, o.halo_fraction)
+    ny, nx = problem.window
+    need = (max(ny // 2, ny - ny // 2 - 1), max(nx // 2, nx - nx // 2 - 1))
+    return tuple(min(n, r + int(np.ceil(spread))) for n, r in zip(need, support))
+
+
+def tiling_for(problem: Problem):
+    """The tile grid of a run: cores over the scanned field, halos from :func:`halo_for`."""
+    o = problem.options
+    return make_tiling(problem.grid, problem.corners, problem.window, o.tiles, halo_for(problem), clip_windows=True)
+
+
+def window_pads(corners_rel, window, shape):
+    """How far windows (corners relative to an extended region of ``shape``) reach past it:
+    ``(top, bottom, left, right)`` pixels, or None when they all lie inside."""
+    if len(corners_rel) == 0:
+        return None
+    ny, nx = window
+    h, w = shape
+    top, left = (max(0, int(-corners_rel[:, a].min())) for a in (0, 1))
+    bottom = max(0, int((corners_rel[:, 0] + ny).max()) - h)
+    right = max(0, int((corners_rel[:, 1] + nx).max()) - w)
+    return (top, bottom, left, right) if top or bottom or left or right else None
 
 
 def context_for(problem: Problem, tiling, tiles=None):
     """The :class:`~daskptycho.tasks.tiles.TileContext` of a run (window corners relative
-    to each tile). ``tiles``: ``{(r, c): (scan indices, extended region)}`` where tiles
-    hold other positions than their own (hve); default: the tiling's own."""
+    to each tile, or to its extended region padded to hold the windows where they reach
+    past it). ``tiles``: ``{(r, c): (scan indices, extended region)}`` where tiles hold
+    other positions than their own (hve); default: the tiling's own."""
     o = problem.options
     tiles = tiles if tiles is not None else {t.key: (t.positions, t.extended) for t in tiling}
-    rel = {k: problem.corners[pos] - np.array([ext[0], ext[2]]) for k, (pos, ext) in tiles.items()}
+    rel, pads = {}, {}
+    for k, (pos, ext) in tiles.items():
+        r = problem.corners[pos] - np.array([ext[0], ext[2]])
+        pad = window_pads(r, problem.window, (ext[1] - ext[0], ext[3] - ext[2]))
+        if pad is not None:
+            pads[k] = pad
+            r = r + np.array([pad[0], pad[2]])
+        rel[k] = r
     # a position's cost counts in the tile that owns it (its core holds it), even where
     # other tiles hold it too (hve)
     owned = {t.key: t.positions for t in tiling}
@@ -61,7 +104,7 @@ def context_for(problem: Problem, tiling, tiles=None):
         kernel=problem.kernel, mask=problem.mask, window=problem.window, corners=rel, cost=o.cost,
         working_set=(o.working_set_mib, o.working_set_fraction), step=o.step, probe_step=o.probe_step, regularization=o.regularization,
         eps_per_position=problem.eps_object(1), device=o.device, local_batch=o.batch_size,
-        hve_minibatch=o.engine == "hve" and o.batch_size is not None, counted=counted,
+        hve_minibatch=o.engine == "hve" and o.batch_size is not None, counted=counted, pads=pads or None,
     )
 
 
@@ -145,6 +188,8 @@ class TiledRun(PinnedRun):
         attrs = {
             "tiles": f"{t.rows}x{t.cols}",
             "halo_px": list(t.halo),
+            "halo": "metres" if self.problem.options.halo_m is not None else self.problem.options.halo,
+            "halo_fraction": float(self.problem.options.halo_fraction),
             "tile_cores": json.dumps({f"{x.row},{x.col}": list(map(int, x.core)) for x in t}),
             "tile_extended": json.dumps({f"{x.row},{x.col}": list(map(int, x.extended)) for x in t}),
             "memory": json.dumps(self.memory(self.states)),

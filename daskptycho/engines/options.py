@@ -30,15 +30,17 @@ class Number:
     low: float
     closed: bool = True   # value >= low (else value > low)
     none: bool = False
+    high: float = math.inf  # value <= high
 
     def __call__(self, name, v):
         if v is None and self.none:
             return v
         ok = not isinstance(v, (bool, np.bool_)) and isinstance(v, numbers.Integral if self.integer else numbers.Real)
-        ok = ok and math.isfinite(float(v)) and (v >= self.low if self.closed else v > self.low)
+        ok = ok and math.isfinite(float(v)) and (v >= self.low if self.closed else v > self.low) and v <= self.high
         if not ok:
             what = "an integer" if self.integer else "a finite number"
-            raise OptionsError(name, f"got {v!r}; expected {what} {'>=' if self.closed else '>'} {self.low:g}"
+            upper = f" and <= {self.high:g}" if math.isfinite(self.high) else ""
+            raise OptionsError(name, f"got {v!r}; expected {what} {'>=' if self.closed else '>'} {self.low:g}{upper}"
                                f"{' or None' if self.none else ''}")
         return int(v) if self.integer else v
 
@@ -177,13 +179,24 @@ class TiledOptions(EngineOptions):
     ----------
     tiles : (rows, cols)
         The tile grid (config ``daskptycho.reconstruct.tiles``).
+    halo : {"probe", "window"}
+        How wide each tile's halo is: ``"probe"`` (default) holds the probe's support,
+        the half-widths holding ``halo_fraction`` of its intensity widened by the
+        wave's spread through the slab (multislice); window pixels beyond a tile's
+        extended region are then treated as fixed (as the paper's tiles do).
+        ``"window"`` holds every probe window whole (exact: gd in batch mode is then
+        full-batch gradient descent, equal to ``ml``).
+    halo_fraction : float
+        The share of the probe's intensity a ``"probe"`` halo holds (0 < f <= 1).
     halo_m : float or None
-        Halo of each tile, in metres (None: what the probe windows need).
+        Halo of each tile, in metres; overrides ``halo`` (None: as ``halo`` says).
     batch_size : int or None
         Positions per update inside a tile; None: all of the tile's at once (in batch
         mode, the default, the tiles' gradients make one full-batch update).
     """
 
     tiles: tuple = option(tile_grid, config_key="tiles")
+    halo: str = option(Choice(("probe", "window")), config_key="halo")
+    halo_fraction: float = option(Number(False, 0, closed=False, high=1), config_key="halo_fraction")
     halo_m: float | None = option(Number(False, 0, closed=False, none=True), None)
     batch_size: int | None = option(Number(True, 1, none=True), config_key="batch_size")

@@ -127,7 +127,7 @@ def prepare(ds, options) -> Problem:
     corners = grid.window_corners(positions, window)
     # options that depend on the scan are checked here, before any cluster starts
     if isinstance(opts, TiledOptions):
-        make_tiling(grid, corners, window, opts.tiles, halo_from_metres(opts.halo_m, dx))
+        make_tiling(grid, corners, window, opts.tiles, halo_from_metres(opts.halo_m, dx), clip_windows=True)
     if opts.engine == "dm" and opts.partitions is not None and opts.partitions > n_scan:
         raise OptionsError("partitions", f"got {opts.partitions}; expected at most the number of positions ({n_scan})")
     mask = None

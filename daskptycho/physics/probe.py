@@ -16,7 +16,7 @@ from ..backend import get_array_module, ifft2, to_numpy
 from .propagation import spatial_frequencies
 
 __all__ = ["aperture_probe", "electron_probe", "xray_probe", "probe_modes", "blurred_modes", "motion_modes",
-           "orthogonalize_modes"]
+           "orthogonalize_modes", "support_half_widths"]
 
 
 def aperture_probe(shape, pixel_size_m, wavelength_m, semiangle_rad, defocus_m=0.0, cs_m=0.0,
@@ -213,3 +213,42 @@ def motion_modes(probe, n_modes, length_px, axis=-1, samples=None):
     modes = modes[:n_modes]
     modes *= np.sqrt(total / np.sum(np.abs(modes) ** 2))
     return xp.asarray(modes.astype(probe.dtype))
+
+
+def support_half_widths(probe, fraction=0.999):
+    """Half-widths (pixels) about the window's centre pixel that hold ``fraction`` of the
+    probe's intensity along each axis: the probe's support, for sizing tile halos.
+
+    Along y, the smallest ``r`` such that the rows ``N_y // 2 - r .. N_y // 2 + r`` hold
+    ``fraction`` of ``sum_k |P_k|^2``; the same along x. (A position belongs to the tile
+    whose core holds its window's centre pixel, so a halo of these widths holds that
+    share of every one of the tile's probes.)
+
+    Parameters
+    ----------
+    probe : complex array (K, N_y, N_x) or (N_y, N_x)
+    fraction : float in (0, 1]
+
+    Returns
+    -------
+    (int, int)
+        ``(r_y, r_x)``, each at most the window's reach from its centre.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    p = to_numpy(probe)
+    inten = (p.real.astype(np.float64) ** 2 + p.imag.astype(np.float64) ** 2).reshape((-1,) + p.shape[-2:]).sum(axis=0)
+    total = inten.sum()
+    out = []
+    for axis in (0, 1):
+        marginal = inten.sum(axis=1 - axis)
+        n = marginal.size
+        c = n // 2
+        reach = max(c, n - 1 - c)
+        r = reach
+        if total > 0:
+            for r in range(reach + 1):
+                if marginal[max(0, c - r):c + r + 1].sum() >= fraction * total * (1 - 1e-12):
+                    break
+        out.append(int(r))
+    return tuple(out)

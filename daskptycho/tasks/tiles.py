@@ -45,6 +45,7 @@ class TileContext:
     local_batch: int | None = None  # positions per local minibatch (None: all of the tile's)
     hve_minibatch: bool = False
     counted: dict | None = None
+    pads: dict | None = None  # {(r, c): (top, bottom, left, right)}: how far the tile's windows reach past it
 
     def xp(self):
         return array_module(self.device)
@@ -88,9 +89,20 @@ def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_prob
     chunk = positions_per_chunk(ctx.window, state.shape[0], probe.shape[0], budget)
 
     counted = None if ctx.counted is None else ctx.counted[tile]
+    pad = None if ctx.pads is None else ctx.pads.get(tile)
 
     def gsum(obj, sel):
-        return gradient_sum(obj, probe, corners, ctx.window, kernel, data, sel, mask, ctx.cost, chunk, refine_probe, counted)
+        if pad is None:
+            return gradient_sum(obj, probe, corners, ctx.window, kernel, data, sel, mask, ctx.cost, chunk, refine_probe, counted)
+        # windows reach past the tile (probe-support halos): the object there is held
+        # fixed at the tile's edge values (the nearest it has), and the gradient there is dropped
+        top, bottom, left, right = pad
+        s, h, w = obj.shape
+        big = xp.pad(obj, ((0, 0), (top, bottom), (left, right)), mode="edge")
+        g = gradient_sum(big, probe, corners, ctx.window, kernel, data, sel, mask, ctx.cost, chunk, refine_probe, counted)
+        for k in ("object", "illumination"):
+            g[k] = g[k][:, top:top + h, left:left + w].copy()
+        return g
 
     if not local_updates:
         return gsum(state, local)
