@@ -11,7 +11,7 @@ import numpy as np
 from ..backend import to_host
 from ..errors import OptionsError
 from ..io.checkpoint import read_array, write_array
-from ..schedule.dm import dm_iteration
+from ..schedule.dm import dm_iteration, home
 from ..tasks import dm as dt
 from .options import Choice, EngineOptions, Number, modes, option
 from .problem import Problem, prepare
@@ -33,6 +33,11 @@ class DMOptions(EngineOptions):
         Parts of the scan (default: one per worker, at most one per position).
     partition : {"blocks", "index"}
         Spatially contiguous blocks, or the paper's even split of the acquisition order.
+    regularization : float
+        The floor added to the denominators of the object and probe updates (eqs. 5
+        and 6), as a fraction of each denominator's peak (default 1e-3; the other
+        engines' ``regularization`` is a preconditioner floor of another scale, and
+        ``dm`` does not take their default).
     """
 
     ENGINE = "dm"
@@ -42,6 +47,7 @@ class DMOptions(EngineOptions):
     object_modes: int = option(Number(True, 1), 1)
     partitions: int | None = option(Number(True, 1, none=True), None)
     partition: str = option(Choice(("blocks", "index")), "blocks")
+    regularization: float = option(Number(False, 0), 1e-3)
 
     def check(self):
         super().check()
@@ -91,14 +97,17 @@ class DMRun(PinnedRun):
     """Engine ``dm``: views for every position and (probe mode, object mode) pair, held by
     parts of the scan pinned to workers; the object, probe and mode mixing are small
     futures formed each iteration by tree reductions of the parts' partial sums; each
-    part gets back only its crop of the object.
+    part gets back only its crop of the object. The object, the probe and the global
+    updates live on the worker of the first part (:func:`~daskptycho.schedule.dm.home`).
 
-    A part's view update works in place on its views: an iteration is reported before
-    the next is submitted, and a checkpoint's writes finish first.
+    Iteration ``it + 1`` is submitted before the cost of ``it`` is awaited (the graph
+    orders every reader of a part's views before the next view update, which works in
+    place); a checkpoint's writes of the views finish before the next iteration is
+    submitted.
     """
 
     unit_label = "dm parts"
-    lookahead = 0
+    lookahead = 1
     writes_before_next = True
 
     def __init__(self, drv, problem, source, progress=None):
@@ -113,7 +122,7 @@ class DMRun(PinnedRun):
         self.regions = {p: _region(problem.corners[idx], problem.window) for p, idx in self.units.items()}
         corners = {p: problem.corners[idx] - np.array([self.regions[p][0], self.regions[p][2]]) for p, idx in self.units.items()}
         self.context = dt.DMContext(mask=problem.mask, window=problem.window, corners=corners, regions=self.regions,
-                                    grid_shape=problem.grid.shape, beta=o.beta, device=o.device,
+                                    grid_shape=problem.grid.shape, beta=o.beta, regularization=o.regularization, device=o.device,
                                     working_set=(o.working_set_mib, o.working_set_fraction))
         self.views, self.crops, self.updates = {}, {}, []
         self.probe = self.obj = self.mixing = self.ctx = None
@@ -130,13 +139,14 @@ class DMRun(PinnedRun):
             self.updates = []
             self.probe = c.scatter(self.problem.probe, hash=False)
             self.mixing = None
-            self.obj = c.submit(dt.initial_object, shape, key=self.key("dm-object-init"), pure=False)
+            self.obj = self.drv.submit_pinned(dt.initial_object, shape, worker=self.home_worker, key=self.key("dm-object-init"))
         else:
             pc, oc, fr = ck.read(meta, "probe_change"), ck.read(meta, "object_change"), ck.read(meta, "fractions")
             self.updates = [{"probe_change": pc[i], "object_change": float(oc[i]), "fractions": fr[i]} for i in range(self.first)]
             self.probe = c.scatter(ck.read(meta, "probe"), hash=False)  # K x N x N: small
             self.mixing = c.scatter(ck.read(meta, "mixing"), hash=False) if meta.get("mixing") else None
-            self.obj = c.submit(read_array, meta["group"], "object", key=self.key("dm-object-restore"), pure=False)
+            self.obj = self.drv.submit_pinned(read_array, meta["group"], "object", worker=self.home_worker,
+                                              key=self.key("dm-object-restore"))
         with self.drv.span("load"):
             for p in self.parts:
                 w = self.workers[p]
@@ -154,24 +164,21 @@ class DMRun(PinnedRun):
     def step(self, it):
         o = self.problem.options
         g = dm_iteration(self.parts, it, self.views, self.data, self.probe, self.crops, self.mixing, self.obj, self.ctx,
-                         self.problem.grid.shape, self.regions, o.device, update_probe=it >= o.probe_refine_start, tag=self.tag)
+                         self.regions, o.device, update_probe=it >= o.probe_refine_start, tag=self.tag)
         out = g.outputs
         wanted = [*out["states"].values(), *out["crops"].values(), out["probe"], out["mixing"], out["object"],
-                  out["object_update"], out["probe_update"], *out["costs"]]
+                  out["summary"], *out["costs"]]
         fut = self.drv.submit_graph(g, self.workers, wanted)
         self.views = {p: fut[k] for p, k in out["states"].items()}
         self.crops = {p: fut[k] for p, k in out["crops"].items()}
         self.probe, self.mixing, self.obj = fut[out["probe"]], fut[out["mixing"]], fut[out["object"]]
-        with self.drv.span("update"):
-            summary = self.drv.client.submit(_summary, fut[out["object_update"]], fut[out["probe_update"]],
-                                             key=self.key("dm-summary", it), pure=False)
-        return Step(it, [fut[out["costs"][0]]], {"summary": summary})
+        return Step(it, [fut[out["costs"][0]]], {"summary": fut[out["summary"]]})
 
     def record(self, it, extras):
         self.updates.append(extras["summary"])
 
     def preview(self, it):
-        return self.live.preview(it, {(0, 0): self.obj}, self.workers, modes=slice(0, 1), pinned=False)
+        return self.live.preview(it, {home(self.parts): self.obj}, self.workers, modes=slice(0, 1))
 
     def checkpoint_arrays(self):
         o = self.problem.options
@@ -184,7 +191,8 @@ class DMRun(PinnedRun):
     def checkpoint_writes(self, path, it):
         writes = [self.drv.submit_pinned(write_array, path, _views_name(p), self.views[p], worker=self.workers[p],
                                          key=self.key("checkpoint", it, *p)) for p in self.parts]
-        writes.append(self.drv.client.submit(write_array, path, "object", self.obj, key=self.key("checkpoint-object", it), pure=False))
+        writes.append(self.drv.submit_pinned(write_array, path, "object", self.obj, worker=self.home_worker,
+                                             key=self.key("checkpoint-object", it)))
         small = {"probe": self._host(self.probe, "probe", it)}
         if self.mixing is not None:
             small["mixing"] = self._host(self.mixing, "mixing", it)  # its value is None until the probe is refined
@@ -198,9 +206,15 @@ class DMRun(PinnedRun):
     def checkpoint_attrs(self, small):
         return {"partitions": len(self.parts), "mixing": "mixing" in small}
 
+    @property
+    def home_worker(self):
+        """The worker holding the object, the probe and the global updates (the first part's)."""
+        return self.workers[home(self.parts)]
+
     def _host(self, fut, name, *parts):
-        """``fut``'s value copied to host memory where it lies (device arrays never reach the client)."""
-        return self.drv.client.submit(to_host, fut, key=self.key("host", name, *parts), pure=False)
+        """``fut``'s value (the object, the probe or the mixing: they live on the home
+        worker) copied to host memory there (device arrays never reach the client)."""
+        return self.drv.submit_pinned(to_host, fut, worker=self.home_worker, key=self.key("host", name, *parts))
 
     def finish(self):
         final_obj, final_probe = self.drv.results([self._host(self.obj, "object"), self._host(self.probe, "probe")], self.workers)
@@ -223,12 +237,6 @@ class DMRun(PinnedRun):
 
 def _views_name(part):
     return f"views-{part[1]}"
-
-
-def _summary(oupd, pupd):
-    """The small per-iteration figures of the global updates (not the arrays)."""
-    return {"probe_change": np.asarray(pupd["probe_change"]), "object_change": oupd["object_change"],
-            "fractions": np.asarray(pupd["fractions"])}
 
 
 def run(drv, ds, problem, source, progress=None):

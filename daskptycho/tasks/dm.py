@@ -105,7 +105,7 @@ def part_step(views, data, probe, crop, mixing, ctx: DMContext, part):
         views[sl] = dm.dm_update_views(views[sl], probe, crop, index, data[sl], mask, ctx.beta)
         dm.dm_object_sums(views[sl], probe, index, crop.shape, out=sums)
     partial = {k: to_numpy(v) for k, v in sums.items()}
-    partial["regions"] = [ctx.regions[part]]
+    partial["region"] = ctx.regions[part]
     return {"views": views, "partial": partial, "error": error}
 
 
@@ -142,7 +142,7 @@ def _part_step_device(views, data, probe, crop, mask, ctx: DMContext, part):
         cuda.dm_fourier(w, meas, mask, False)
         w = cuda.fft_unscaled(w, False)
         cuda.dm_views_out(psi, w, probe, crop, c, ctx.beta, num, den)
-    partial = {"object_num": num, "object_den": den, "regions": [ctx.regions[part]]}
+    partial = {"object_num": num, "object_den": den, "region": ctx.regions[part]}
     return {"views": views, "partial": partial, "error": float(error)}
 
 
@@ -168,36 +168,58 @@ def probe_partial(views, crop, ctx: DMContext, part):
     return {k: to_numpy(v) for k, v in total.items()}
 
 
-def add_partials(a, b, grid_shape):
-    """Sum two parts' object sums on the whole object grid."""
-    out = {name: _on_grid(a, name, grid_shape) + _on_grid(b, name, grid_shape) for name in ("object_num", "object_den")}
-    out["regions"] = [(0, grid_shape[0], 0, grid_shape[1])]
+def add_partials(a, b):
+    """Sum two object partials (eq. 6) on the union of their regions (the smallest box
+    holding both), never on the whole grid: ``(0 + a) + b`` pixel by pixel, so the sum
+    is the one a whole-grid sum in the same order gives, bit for bit.
+
+    A partial is a dict: ``object_num`` (L, h, w), ``object_den`` (h, w) and ``region``
+    ``(y0, y1, x0, x1)``, where they lie in the object.
+    """
+    ra, rb = a["region"], b["region"]
+    region = (min(ra[0], rb[0]), max(ra[1], rb[1]), min(ra[2], rb[2]), max(ra[3], rb[3]))
+    out = {"region": region}
+    for name in ("object_num", "object_den"):
+        xp = get_array_module(a[name])
+        pa, pb = a[name], _in(b[name], xp)
+        total = xp.zeros(pa.shape[:-2] + (region[1] - region[0], region[3] - region[2]), dtype=xp.result_type(pa, pb))
+        for p, (y0, y1, x0, x1) in ((pa, ra), (pb, rb)):
+            total[..., y0 - region[0]:y1 - region[0], x0 - region[2]:x1 - region[2]] += p
+        out[name] = total
     return out
 
 
 def add_probe_partials(a, b):
+    """Sum two parts' probe partials (eq. 5): ``probe_num`` (K, N, N), ``probe_den`` (N, N)."""
     return {k: a[k] + b[k] for k in a}
 
 
-def _on_grid(p, name, grid_shape):
-    arr = p[name]
-    (y0, y1, x0, x1), = p["regions"]
-    if arr.shape[-2:] == tuple(grid_shape):
-        return arr
-    full = get_array_module(arr).zeros(arr.shape[:-2] + tuple(grid_shape), dtype=arr.dtype)
-    full[..., y0:y1, x0:x1] = arr
-    return full
-
-
 def object_update(total, obj, ctx: DMContext):
-    """Eq. 6 from the summed partials (unlit pixels keep their value) and eq. 7."""
-    num = _on_grid(total, "object_num", ctx.grid_shape)
-    den = _on_grid(total, "object_den", ctx.grid_shape)
+    """Eq. 6 from the summed partials on their region (pixels outside it, and unlit ones,
+    keep their value) and eq. 7 over the whole object.
+
+    ``regularization`` (of :class:`DMContext`) is the floor added to the denominator, as a
+    fraction of its peak; pixels under 1e-6 of the peak count as unlit.
+
+    Returns a dict: ``object`` (L, H, W) and ``object_change`` (a float).
+    """
+    num, den = total["object_num"], total["object_den"]
     xp = get_array_module(num)
     obj = _in(obj, xp)
-    lit = den > 1e-6 * den.max()
-    new = xp.where(lit, num / (den + ctx.regularization * den.max()), obj).astype(obj.dtype)
+    y0, y1, x0, x1 = total["region"]
+    peak = den.max()  # the region holds every lit pixel: the peak of the whole grid
+    lit = den > 1e-6 * peak
+    old = obj[..., y0:y1, x0:x1]
+    new = obj.copy()
+    new[..., y0:y1, x0:x1] = xp.where(lit, num / (den + ctx.regularization * peak), old).astype(obj.dtype)
     return {"object": new, "object_change": float(dm.relative_change(new, obj))}
+
+
+def summary(oupd, pupd):
+    """The small figures of an iteration's updates (not their arrays): ``object_change``,
+    ``probe_change`` (K,) and ``fractions`` (K,), on the host."""
+    return {"probe_change": np.asarray(to_numpy(pupd["probe_change"])), "object_change": float(oupd["object_change"]),
+            "fractions": np.asarray(to_numpy(pupd["fractions"]))}
 
 
 def _in(a, xp):
