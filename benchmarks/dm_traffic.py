@@ -49,10 +49,21 @@ def _kind_and_iteration(key):
     return str(key).split("-")[0], None
 
 
-def _bounding_box(corners, window):
-    """(y0, y1, x0, x1) of the windows at ``corners``: a part's object crop."""
-    return (int(corners[:, 0].min()), int(corners[:, 0].max()) + window[0],
-            int(corners[:, 1].min()), int(corners[:, 1].max()) + window[1])
+def _role(key):
+    """What a transferred key is, whatever the version of the engine: the whole object, a
+    part's crop of it, object or probe partial sums, the probe and mixing, or other."""
+    kind, _ = _kind_and_iteration(key)
+    if kind in ("dm-sum", "dm-partial"):
+        return "object partial sums"
+    if kind == "dm-crop" or (kind == "dm-object" and len(key) > 3):  # ("dm-object", it, 0, p, tag): part p's crop
+        return "object crops"
+    if kind in ("dm-object", "dm-object-update", "dm-object-init", "dm-object-restore"):
+        return "whole object"
+    if kind in ("dm-probe-sum", "dm-probe-partial"):
+        return "probe partial sums"
+    if kind in ("dm-probe", "dm-mixing", "dm-probe-update"):
+        return "probe and mixing"
+    return "other"
 
 
 def _digest(*arrays):
@@ -78,6 +89,10 @@ def main(argv=None):
     from daskptycho.cluster import local_cluster
     from daskptycho.engines import engine_options
     from daskptycho.engines.dm import partition_positions
+    try:
+        from daskptycho.engines.dm import part_region
+    except ImportError:  # the code before issue 16
+        from daskptycho.engines.dm import _region as part_region
     from daskptycho.engines.problem import prepare
 
     parts, workers, modes = 4, 2, 2
@@ -88,7 +103,7 @@ def main(argv=None):
         ds = dp.open_dataset(store)
         problem = prepare(ds, engine_options(**kw))
         grid = tuple(problem.grid.shape)
-        regions = [_bounding_box(problem.corners[idx], problem.window) for idx in partition_positions(problem, parts)]
+        regions = [part_region(problem.corners[idx], problem.window) for idx in partition_positions(problem, parts)]
         # the previews of the live page are not part of the iteration's traffic
         with dask.config.set({"daskptycho.dashboard.live": False}), \
                 local_cluster(workers, memory_limit=0) as cl, Client(cl) as c:
@@ -107,6 +122,7 @@ def main(argv=None):
     full_grid_f64 = 16 * grid[0] * grid[1] + 8 * grid[0] * grid[1]
 
     per_it = defaultdict(lambda: defaultdict(int))
+    per_role = defaultdict(lambda: defaultdict(int))
     largest = defaultdict(lambda: (0, None))
     other = defaultdict(int)
     for entries in logs.values():
@@ -118,13 +134,16 @@ def main(argv=None):
                     other[kind] += nbytes
                     continue
                 per_it[int(it)][kind] += nbytes
+                per_role[int(it)][_role(key)] += nbytes
                 if nbytes > largest[int(it)][0]:
                     largest[int(it)] = (nbytes, kind)
     iterations = []
     for it in sorted(per_it):
         kinds = dict(sorted(per_it[it].items(), key=lambda kv: -kv[1]))
-        iterations.append({"iteration": it, "bytes": sum(kinds.values()), "by_kind": kinds,
+        iterations.append({"iteration": it, "bytes": sum(kinds.values()), "by_kind": kinds, "by_role": dict(per_role[it]),
                            "largest_message_bytes": largest[it][0], "largest_message_kind": largest[it][1]})
+    roles = sorted({r for v in per_role.values() for r in v})
+    by_role_mean = {r: float(np.mean([per_role[it].get(r, 0) for it in per_it])) for r in roles}
     total = [r["bytes"] for r in iterations]
     entry = {
         "dataset": f"image {a.scan}x{a.scan} positions, {a.detector} px patterns, {modes} probe modes",
@@ -133,6 +152,7 @@ def main(argv=None):
         "crops_bytes": sum(crop_bytes), "partial_sums_bytes_float64": sum(sums64), "partial_sums_bytes_float32": sum(sums32),
         "target_bytes_per_iteration": sum(crop_bytes) + sum(sums64),
         "bytes_per_iteration_mean": float(np.mean(total)) if total else 0.0,
+        "bytes_per_iteration_by_role_mean": by_role_mean,
         "bytes_per_iteration_over_object": float(np.mean(total)) / object_bytes if total else 0.0,
         "largest_message_over_object": max((r["largest_message_bytes"] for r in iterations), default=0) / object_bytes,
         "iterations": iterations, "outside_iterations_by_kind": dict(other),

@@ -88,7 +88,9 @@ def partition_positions(problem: Problem, k, how="blocks"):
     return parts
 
 
-def _region(corners, window):
+def part_region(corners, window):
+    """The object region ``(y0, y1, x0, x1)`` a part's windows (top-left ``corners``, (J, 2),
+    of shape ``window``) touch: its crop of the object."""
     return (int(corners[:, 0].min()), int(corners[:, 0].max()) + window[0],
             int(corners[:, 1].min()), int(corners[:, 1].max()) + window[1])
 
@@ -119,7 +121,7 @@ class DMRun(PinnedRun):
         self.parts = [(0, p) for p in range(len(self.parts_idx))]
         self.units = dict(zip(self.parts, self.parts_idx))
         self.live_grid = (1, len(self.parts))
-        self.regions = {p: _region(problem.corners[idx], problem.window) for p, idx in self.units.items()}
+        self.regions = {p: part_region(problem.corners[idx], problem.window) for p, idx in self.units.items()}
         corners = {p: problem.corners[idx] - np.array([self.regions[p][0], self.regions[p][2]]) for p, idx in self.units.items()}
         self.context = dt.DMContext(mask=problem.mask, window=problem.window, corners=corners, regions=self.regions,
                                     grid_shape=problem.grid.shape, beta=o.beta, regularization=o.regularization, device=o.device,

@@ -18,7 +18,8 @@ partials, the probe and mode mixing, and a few numbers.
 
 Keys: ``("dm-views", it, 0, p)``, ``("dm-partial", it, 0, p)``, ``("dm-error", it, 0, p)``,
 ``("dm-state", it, 0, p)``, ``("dm-sum", it, level, i)``, ``("dm-object-update", it)``,
-``("dm-object", it)``, ``("dm-crop", it, 0, p)``, ``("dm-probe-partial", it, 0, p)``,
+``("dm-object", it)``, ``("dm-object", it, 0, p)`` (part p's crop, cut from the object),
+``("dm-crop", it, 0, p)`` (that crop on part p's worker), ``("dm-probe-partial", it, 0, p)``,
 ``("dm-probe-sum", it, level, i)``, ``("dm-probe-update", it)``, ``("dm-probe", it)``,
 ``("dm-mixing", it)``, ``("dm-summary", it)``, ``("cost", it)``. Parts are placed like
 tiles of one row: ``(0, p)``.
@@ -55,7 +56,7 @@ def dm_iteration(parts, it, views, data, probe, crops, mixing, obj, context, reg
     IterationGraph with outputs ``states``, ``crops``, ``probe``, ``mixing``, ``object``,
     ``object_update``, ``probe_update``, ``summary``, ``costs``. Every task is placed: a
     part's own tasks on its worker, each sum on the worker of its left operand, the
-    updates, the crops and the small results on the home part's worker.
+    updates, the cutting of the crops and the small results on the home part's worker.
     """
     g = IterationGraph(tag=tag)
     at = home(parts)
@@ -68,8 +69,13 @@ def dm_iteration(parts, it, views, data, probe, crops, mixing, obj, context, reg
     total = placed_tree_sum(g, "dm-sum", it, partials, dt.add_partials)
     oupd = g.add(("dm-object-update", it), (dt.object_update, total, obj, context), at)
     new_obj = g.add(("dm-object", it), (operator.getitem, oupd, "object"), at)
-    # cut where the object lives: only crops travel
-    new_crops = {p: g.add(("dm-crop", it, *p), (dt.crop_object, new_obj, regions[p], device), at) for p in parts}
+    # each crop is cut where the object lives and copied where its part lives: only crops
+    # travel, and the run keeps each crop on its part's worker alone (a crop kept on the
+    # home worker too would be a replica the scheduler may drop on either side)
+    new_crops = {}
+    for p in parts:
+        cut = g.add(("dm-object", it, *p), (dt.crop_object, new_obj, regions[p], device), at)
+        new_crops[p] = g.add(("dm-crop", it, *p), (dt.crop_object, cut, None, device), p)
     if update_probe:
         pparts = [(g.add(("dm-probe-partial", it, *p), (dt.probe_partial, states[p], new_crops[p], context, p), p), p) for p in parts]
         ptotal = placed_tree_sum(g, "dm-probe-sum", it, pparts, dt.add_probe_partials)

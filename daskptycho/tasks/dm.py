@@ -64,12 +64,16 @@ def initial_crop(shape, region, device="cpu"):
     return array_module(device).asarray(initial_object((shape[0], y1 - y0, x1 - x0)))
 
 
-def crop_object(obj_or_update, region, device="cpu"):
-    """The part of the object a part's windows touch (a copy, in ``device``'s memory)."""
+def crop_object(obj_or_update, region=None, device="cpu"):
+    """The part of the object a part's windows touch (a copy, in ``device``'s memory);
+    ``region`` None: all of it (a crop cut elsewhere, copied where it arrived)."""
     obj = obj_or_update["object"] if isinstance(obj_or_update, dict) else obj_or_update
-    y0, y1, x0, x1 = region
     xp = array_module(device)
-    crop = obj[..., y0:y1, x0:x1]
+    if region is None:
+        crop = obj
+    else:
+        y0, y1, x0, x1 = region
+        crop = obj[..., y0:y1, x0:x1]
     if get_array_module(crop) is xp:
         return crop.copy()
     return xp.asarray(to_numpy(crop))
