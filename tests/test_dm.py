@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 
 import numpy as np
 import pytest
 
 import daskptycho as dp
 from daskptycho.engines import engine_options
-from daskptycho.engines.dm import partition_positions
+from daskptycho.engines.dm import DMRun, part_region, partition_positions
 from daskptycho.engines.problem import prepare
 from daskptycho.metrics import phase_correlation
 from daskptycho.physics import dm, window_index
+from daskptycho.schedule.dm import dm_iteration
+from daskptycho.tasks import dm as dt
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +131,158 @@ def test_four_probe_modes_beat_one_on_a_fly_scan(tmp_path, client):
             assert res.probe_power_fraction.values[1] > 0.05  # the blur really lives in the extra modes
     assert err[4] < err[1], err
     assert cost[4] < cost[1], cost
+
+
+# --------------------------------------------------------------------------- what moves (issue 16)
+
+def _graph(n_parts, update_probe=True):
+    parts = [(0, p) for p in range(n_parts)]
+    regions = {p: (0, 8, 4 * p[1], 4 * p[1] + 8) for p in parts}
+    per_part = {p: f"input-{p[1]}" for p in parts}
+    return parts, dm_iteration(parts, 3, per_part, per_part, "probe", per_part, None, "object", "context", regions,
+                               update_probe=update_probe, tag="t")
+
+
+@pytest.mark.parametrize("n_parts", [1, 2, 3, 4])
+def test_dm_graph_places_every_task_and_sends_only_crops(n_parts):
+    parts, g = _graph(n_parts)
+    home = parts[0]
+    assert set(g.placement) == set(g.tasks)  # nothing is left for the scheduler to place
+    deps = g.dependencies()
+    whole = {k for k in g.tasks if k[0] in ("dm-object-update", "dm-probe-update") or (k[0] == "dm-object" and len(k) == 3)}
+    for key, part in g.placement.items():
+        if key[0] in ("dm-views", "dm-partial", "dm-error", "dm-state", "dm-crop", "dm-probe-partial"):
+            assert part == (0, key[3]), key
+        elif key[0] in ("dm-sum", "dm-probe-sum"):  # on its left operand's part: parts[2 ** (level + 1) * i]
+            assert part == parts[2 ** (key[2] + 1) * key[3]], key
+        else:  # the updates, the cutting of crops, the small results: on the object's home
+            assert part == home, key
+        if part != home:  # another worker's tasks never read the whole object or the updates' results
+            assert not deps[key] & whole, key
+    for p in parts:  # a crop is cut at home and copied on its part's worker: the cut alone crosses
+        (cut,) = deps[("dm-crop", 3, *p, "t")]
+        assert cut == ("dm-object", 3, *p, "t") and g.placement[cut] == home
+        assert g.reaches(("dm-object", 3, "t"), cut)
+    # the object is updated before the probe, from the new crops
+    if n_parts > 1:
+        assert g.reaches(("dm-object-update", 3, "t"), ("dm-probe-update", 3, "t"))
+    assert {"states", "crops", "probe", "mixing", "object", "summary", "costs"} <= set(g.outputs)
+
+
+def test_dm_graph_without_probe_update_keeps_the_probe_at_home():
+    parts, g = _graph(4, update_probe=False)
+    assert not [k for k in g.tasks if k[0] in ("dm-probe-partial", "dm-probe-sum")]
+    assert g.placement[("dm-probe-update", 3, "t")] == parts[0]
+
+
+def _full(p, name, shape):
+    y0, y1, x0, x1 = p["region"]
+    out = np.zeros(p[name].shape[:-2] + shape, p[name].dtype)
+    out[..., y0:y1, x0:x1] = p[name]
+    return out
+
+
+def _partial(rng, region, modes=2):
+    y0, y1, x0, x1 = region
+    h, w = y1 - y0, x1 - x0
+    return {"object_num": rng.standard_normal((modes, h, w)) + 1j * rng.standard_normal((modes, h, w)),
+            "object_den": rng.random((h, w)), "region": region}
+
+
+def test_partials_are_summed_on_the_union_of_their_regions_bit_for_bit():
+    """The sum of two partials covers the smallest box holding both, and equals, bit for
+    bit, the whole-grid sum in the same order (what the reduction did before)."""
+    rng = np.random.default_rng(3)
+    shape = (40, 50)
+    a, b, c = (_partial(rng, r) for r in [(2, 20, 3, 25), (10, 30, 20, 44), (25, 38, 1, 12)])
+    ab = dt.add_partials(a, b)
+    assert ab["region"] == (2, 30, 3, 44)
+    abc = dt.add_partials(ab, c)
+    assert abc["region"] == (2, 38, 1, 44)
+    for name in ("object_num", "object_den"):
+        assert abc[name].dtype == a[name].dtype and abc[name].shape[-2:] == (36, 43)
+        whole = (_full(a, name, shape) + _full(b, name, shape)) + _full(c, name, shape)
+        np.testing.assert_array_equal(_full(abc, name, shape), whole)
+
+
+def _context(regularization=1e-3):
+    return dt.DMContext(mask=None, window=(8, 8), corners={}, regions={}, grid_shape=(40, 50), regularization=regularization)
+
+
+def test_object_update_on_a_region_equals_the_whole_grid_update():
+    rng = np.random.default_rng(4)
+    shape = (40, 50)
+    total = _partial(rng, (5, 30, 7, 41))
+    total["object_den"][:3] = 0  # unlit rows keep the old object
+    obj = (rng.standard_normal((2,) + shape) + 1j * rng.standard_normal((2,) + shape)).astype(np.complex64)
+    for reg in (1e-3, 0.5):
+        out = dt.object_update(total, obj, _context(reg))
+        num, den = _full(total, "object_num", shape), _full(total, "object_den", shape)
+        lit = den > 1e-6 * den.max()
+        want = np.where(lit, num / (den + reg * den.max()), obj).astype(np.complex64)
+        np.testing.assert_array_equal(out["object"], want)
+        assert out["object"].dtype == np.complex64
+        assert out["object_change"] == pytest.approx(float(dm.relative_change(want, obj)))
+    assert not np.array_equal(dt.object_update(total, obj, _context(1e-3))["object"],
+                              dt.object_update(total, obj, _context(0.5))["object"])
+
+
+def test_dm_regularization_is_its_own_option(image_store, client):
+    """dm's regularization (a fraction of each denominator's peak) defaults to 1e-3, not the
+    other engines' preconditioner floor, and reaches the updates."""
+    assert engine_options(engine="dm").regularization == 1e-3
+    assert engine_options(engine="dm", regularization=0.25).regularization == 0.25
+    with pytest.raises(dp.OptionsError, match="regularization"):
+        engine_options(engine="dm", regularization=-1.0)
+    ds = dp.open_dataset(image_store)
+    kw = dict(engine="dm", iterations=3, partitions=2, client=client)
+    default = dp.reconstruct(ds, **kw)
+    same = dp.reconstruct(ds, regularization=1e-3, **kw)
+    other = dp.reconstruct(ds, regularization=0.5, **kw)
+    np.testing.assert_array_equal(default.object.values, same.object.values)
+    assert not np.allclose(default.object.values, other.object.values)
+
+
+def _scheduled_dm_iterations(dask_scheduler=None):
+    return sorted({k[1] for k in dask_scheduler.tasks if isinstance(k, tuple) and k[:1] == ("dm-state",)})
+
+
+def test_dm_moves_only_crops_and_region_sums_and_pipelines(image_store, client):
+    """4 parts on 2 workers (the workers' own transfer logs): per iteration, what crossed
+    workers is at most the parts' crops (complex64) and their partial sums (complex128 and
+    float64, on their regions); the whole object never crossed, no message was as large as
+    a float64 sum over the whole grid; and each iteration was submitted before the cost
+    of the one before it came back."""
+    ds = dp.open_dataset(image_store)
+    kw = dict(engine="dm", partitions=4, probe_modes=2, probe_refine_start=0)
+    problem = prepare(ds, engine_options(**kw))
+    areas = [(y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in
+             (part_region(problem.corners[idx], problem.window) for idx in partition_positions(problem, 4))]
+    budget = sum(8 * a + 16 * a + 8 * a for a in areas)  # a crop, its numerator and denominator (one object mode)
+    full_grid_f64 = 24 * int(np.prod(problem.grid.shape))
+    ahead = {}
+
+    def progress(it, cost):
+        ahead[it] = client.run_on_scheduler(_scheduled_dm_iterations)
+
+    client.run(lambda dask_worker: dask_worker.transfer_incoming_log.clear())  # this run's transfers only
+    dp.reconstruct(ds, iterations=3, client=client, progress=progress, **kw)
+
+    def incoming(dask_worker):
+        return [dict(e["keys"]) for e in dask_worker.transfer_incoming_log]
+
+    per_iteration = defaultdict(int)
+    for entries in client.run(incoming).values():
+        for keys in entries:
+            for key, nbytes in keys.items():
+                if not isinstance(key, tuple):
+                    continue  # scattered inputs (context, probe), once per run
+                assert not (key[0] in ("dm-object-update", "dm-object-init", "dm-object-restore", "host")
+                            or (key[0] == "dm-object" and len(key) == 3)), (key, nbytes)  # never the whole object
+                assert nbytes < full_grid_f64, (key, nbytes)
+                if isinstance(key[1], int):
+                    per_iteration[key[1]] += nbytes
+    assert sorted(per_iteration) == [0, 1, 2], per_iteration
+    assert max(per_iteration.values()) <= budget, (per_iteration, budget)
+    assert ahead[0] and max(ahead[0]) >= 1 and max(ahead[1]) >= 2, ahead  # it + 1 in flight when it is reported
+    assert DMRun.lookahead >= 1
