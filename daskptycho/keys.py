@@ -61,6 +61,8 @@ TASKS = {
     "dm-probe-update": Kind("update", "probe"), "dm-probe": Kind("update", "probe"), "dm-mixing": Kind("update", "probe"),
     "dm-summary": Kind("update"),
     "preview": Kind("update"), "core": Kind("update"), "nbytes": Kind("update"), "host": Kind("update"),
+    # fused iterations (schedule/fuse.py): a worker's tasks of one stage, and one message between workers
+    "stage": Kind("grad", "tile"), "pick": Kind("passes"),
     "checkpoint": Kind("update"), "checkpoint-object": Kind("update"), "checkpoint-probe": Kind("update"),
 }
 

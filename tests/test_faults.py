@@ -196,3 +196,16 @@ def test_ml_recovers_on_another_worker(small_pbtio3, client, tmp_path, caplog):
     (rec,) = json.loads(res.attrs["recoveries"])
     assert rec["lost_workers"] == [victim] and victim not in rec["tiles_moved"].values()
     assert rec["from"] == "checkpoint" and rec["resumed_from_iteration"] % EVERY == 0
+
+
+def test_killed_worker_during_a_fused_run_gives_the_undisturbed_result(small_pbtio3, client, tmp_path, caplog):
+    # each worker's tiles run as a few stage tasks (schedule/fuse.py); its states live inside
+    # those stages' results: the recovery must still roll back and finish bit-identically
+    ds = dp.open_dataset(small_pbtio3)
+    ref = _reference(ds, client, "gd", **GD)
+    progress, victim, fired = _killer(client)
+    with dask.config.set({"daskptycho.schedule.fuse": "always"}), caplog.at_level(logging.WARNING, logger="daskptycho"):
+        res = dp.reconstruct(ds, iterations=ITERATIONS, client=client, progress=progress, checkpoint=str(tmp_path / "out.zarr"),
+                             checkpoint_every=EVERY, **GD)
+    assert fired == [victim]
+    _check_recovery(res, ref, victim, GD, caplog, EVERY)

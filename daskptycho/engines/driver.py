@@ -15,7 +15,7 @@ import uuid
 
 import dask
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
-from distributed import performance_report, span, wait
+from distributed import Future, performance_report, span, wait
 from distributed.client import CancelledError
 from distributed.scheduler import KilledWorker
 
@@ -158,6 +158,11 @@ class Driver:
         keys = list(keys)
         futures = self.client.get(hlg, keys, sync=False)
         return dict(zip(keys, futures))
+
+    @staticmethod
+    def is_future(x):
+        """Is ``x`` a future of this client's cluster (a result computed elsewhere)?"""
+        return isinstance(x, Future)
 
     def submit_pinned(self, func, *args, worker, key):
         """Submit one task on ``worker`` only, under the span of its key's phase."""

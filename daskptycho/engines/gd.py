@@ -3,16 +3,21 @@ tiled run it shares with ``hve``."""
 
 from __future__ import annotations
 
+import collections
 import json
 from dataclasses import dataclass
 
 import numpy as np
 
+from .. import config
 from ..backend import to_host
+from ..errors import OptionsError
 from ..io.checkpoint import read_array, write_array
 from ..physics.probe import support_half_widths
+from ..schedule.fuse import Ref, fuse_by_worker
 from ..schedule.passes import gd_iteration
 from ..tasks import tiles as tt
+from ..tasks.stage import take
 from ..tiling import halo_from_metres, make_tiling
 from .options import Number, TiledOptions, boolean, option
 from .problem import Problem
@@ -37,6 +42,28 @@ class GDOptions(TiledOptions):
     engine: str = "gd"
     local_updates: bool = option(boolean, False)
     passes_per_iteration: int = option(Number(True, 1), 1)
+
+
+FUSE = ("auto", "always", "never")
+
+
+def fuse_for(placement):
+    """Whether an iteration's tile graph runs fused, a few tasks per worker
+    (:func:`~daskptycho.schedule.fuse.fuse_by_worker`): ``daskptycho.schedule.fuse``,
+    ``always``, ``never`` or ``auto`` (default: when a worker holds 4 tiles or more, where
+    the tiles' own tasks would dominate the scheduler's work; with fewer, the tile graph's
+    tasks stay visible one by one in the task stream and the live page's tile progress).
+
+    Parameters
+    ----------
+    placement : dict ``{tile: worker}``
+    """
+    value = config.get("schedule.fuse", "auto") or "auto"
+    if value not in FUSE:
+        raise OptionsError("schedule.fuse", f"is {value!r}; use one of {', '.join(FUSE)} (daskptycho.yaml or DASK_DASKPTYCHO__SCHEDULE__FUSE)")
+    if value == "auto":
+        return max(collections.Counter(placement.values()).values(), default=0) >= 4
+    return value == "always"
 
 
 def halo_for(problem: Problem):
@@ -154,14 +181,36 @@ class TiledRun(PinnedRun):
         refine = o.refine_probe and it >= o.probe_refine_start
         g = self.build(it, refine)
         wanted = [*g.outputs["states"].values(), *g.outputs["costs"]] + ([g.outputs["probe"]] if refine else [])
-        fut = self.drv.submit_graph(g, self.workers, wanted)
-        self.states = {k: fut[v] for k, v in g.outputs["states"].items()}
+        if not fuse_for(self.workers):
+            fut = self.drv.submit_graph(g, self.workers, wanted)
+            got = {k: fut[k] for k in wanted}
+        else:  # a few tasks per worker, however many tiles it holds (schedule/fuse.py)
+            fused, where = fuse_by_worker(g, it, self.workers, wanted, external=self.drv.is_future)
+            need = list(dict.fromkeys(w.source if isinstance(w, Ref) else w for w in where.values()))
+            fut = self.drv.submit_graph(fused, self.workers, need)
+            got = {k: Ref(fut[w.source], w.name, w.tile) if isinstance(w, Ref) else fut[w] for k, w in where.items()}
+        self.states = {k: got[v] for k, v in g.outputs["states"].items()}
         if refine:
-            self.probe = fut[g.outputs["probe"]]
-        return Step(it, [fut[k] for k in g.outputs["costs"]])
+            self.probe = got[g.outputs["probe"]]
+        return Step(it, [got[k] for k in g.outputs["costs"]])
+
+    def _state(self, key):
+        """Tile ``key``'s state as a future (a fused iteration's state is a value inside
+        its worker's stage result: taken out there, by a task on that worker)."""
+        st = self.states[key]
+        if not isinstance(st, Ref):
+            return st
+        self._takes = getattr(self, "_takes", 0) + 1
+        return self.drv.submit_pinned(take, st.source, st.name, worker=self.workers[key],
+                                      key=self.key("pick", "state", self._takes, *key))
+
+    def _state_futures(self):
+        return {k: self._state(k) for k in self.states}
 
     def preview(self, it):
-        return self.live.preview(it, self.states, self.workers, self.cores, self.origins)
+        if not self.live.due(it):
+            return None
+        return self.live.preview(it, self._state_futures(), self.workers, self.cores, self.origins)
 
     def checkpoint_arrays(self):
         s = self.problem.options.slices
@@ -170,7 +219,7 @@ class TiledRun(PinnedRun):
         return arrays
 
     def checkpoint_writes(self, path, it):
-        writes = [self.drv.submit_pinned(write_array, path, _tile_name(k), self.states[k], worker=self.workers[k],
+        writes = [self.drv.submit_pinned(write_array, path, _tile_name(k), self._state(k), worker=self.workers[k],
                                          key=self.key("checkpoint", it, *k)) for k in self.specs]
         writes.append(self.drv.client.submit(write_array, path, "probe", self.probe, key=self.key("checkpoint-probe", it), pure=False))
         return writes, {}
@@ -179,6 +228,7 @@ class TiledRun(PinnedRun):
         return {"tiles": sorted(f"{r},{c}" for r, c in self.specs)}
 
     def finish(self):
+        self.states = self._state_futures()
         cores = {t.key: self.drv.submit_pinned(tt.core_of, self.states[t.key], self.cores[t.key], worker=self.workers[t.key],
                                                key=self.key("core", *t.key)) for t in self.tiling}
         probe = self.drv.client.submit(to_host, self.probe, key=self.key("host", "probe"), pure=False)

@@ -73,6 +73,16 @@ class LiveView:
             logging.getLogger("daskptycho").info("live reconstruction page: %s", self.page)
         return self.page
 
+    def due(self, it):
+        """Would :meth:`preview` cut an image for iteration ``it`` now? (A live page, and
+        at most one image per ``preview_every_s``; the first and the last iteration always
+        get theirs: a few tasks per tile and a fetch through this process.)"""
+        live = self._state
+        if not live:
+            return False
+        last = it + 1 >= live["iterations"]
+        return last or live["preview_at"] is None or time.monotonic() - live["preview_at"] >= dashboard.preview_every_s()
+
     def preview(self, it, states, placement, regions=None, origins=None, modes=None, pinned=True):
         """Submit the tiny tasks that cut a downsampled phase image of the current
         object out of each tile's core (never the whole tile moves).
@@ -101,15 +111,9 @@ class LiveView:
         when this iteration gets no image).
         """
         live = self._state
-        if not live:
+        if not self.due(it):
             return None
-        # a few tasks per tile and a fetch through this process: at most one image per
-        # preview_every_s (the first and the last iteration always get theirs)
-        now = time.monotonic()
-        last = it + 1 >= live["iterations"]
-        if not last and live["preview_at"] is not None and now - live["preview_at"] < dashboard.preview_every_s():
-            return None
-        live["preview_at"] = now
+        live["preview_at"] = time.monotonic()
         size = dashboard.preview_px()
         if regions is None:
             stride = full = None

@@ -51,18 +51,22 @@ class IterationGraph:
             self.placement[key] = tile
         return key
 
-    def tree_sum(self, name, s, parts, func):
+    def tree_sum(self, name, s, parts, func, tiles=None):
         """Pairwise tree reduction of the keys ``parts`` with ``func(a, b)``; tasks
-        ``(name, s, level, i)``. Returns the key of the total."""
+        ``(name, s, level, i)``. With ``tiles`` (one per part), each sum runs on its first
+        part's tile, so the sums of one worker's parts stay on that worker. Returns the
+        key of the total."""
         level = 0
+        tiles = list(tiles) if tiles is not None else [None] * len(parts)
         while len(parts) > 1:
-            nxt = []
+            nxt, nxt_tiles = [], []
             for i in range(0, len(parts), 2):
                 if i + 1 < len(parts):
-                    nxt.append(self.add((name, s, level, i // 2), (func, parts[i], parts[i + 1])))
+                    nxt.append(self.add((name, s, level, i // 2), (func, parts[i], parts[i + 1]), tiles[i]))
                 else:
                     nxt.append(parts[i])
-            parts = nxt
+                nxt_tiles.append(tiles[i])
+            parts, tiles = nxt, nxt_tiles
             level += 1
         return parts[0]
 

@@ -175,7 +175,7 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
         new_probe = probe
         if refine_probe:
             parts = [g.add(("tile-probe", s, *t.key), (tt.probe_part, grads[t.key]), t.key) for t in tiling]
-            total = g.tree_sum("probe-sum", s, parts, tt.add_parts)
+            total = g.tree_sum("probe-sum", s, parts, tt.add_parts, tiles=[t.key for t in tiling])
             new_probe = g.add(("probe", s), (tt.probe_update, probe, total, context))
         for t in tiling:
             # the update needs the gradient task's own result only for its locally

@@ -1,0 +1,238 @@
+"""One task per worker and stage: an iteration's graph with the scheduler's share made small.
+
+The graph builders (:mod:`~daskptycho.schedule.passes`, :mod:`~daskptycho.schedule.hve`)
+make a task per tile and exchange: clear, and what the drawings show, but with many tiles
+per worker most of those tasks and hops never leave a worker. :func:`fuse_by_worker`
+rewrites such a graph so that the scheduler sees one task per *stage* of each worker,
+and one small task per message between workers:
+
+* every task pinned to a worker gets a level: the highest level among the tasks it
+  needs on its own worker, or one more than the highest among those it needs from
+  another worker (or from an unpinned task). The tasks of one worker at one level are a
+  stage: they run as one task, in the builder's order, on that worker
+  (:func:`~daskptycho.tasks.stage.run_stage`), the tiles' exchanges among themselves
+  inside it;
+* what a stage hands to a stage of another worker, or to an unpinned task (the small
+  reductions), goes out through one ``pick`` task on the sending worker that takes just
+  those values (strips, costs, probe parts): no stage's other results travel;
+* a later stage of the same worker takes an earlier stage's whole result, which stays
+  where it is; unpinned tasks stay as they are.
+
+So an iteration has a few tasks per worker (its stages and its messages) however many
+tiles the worker holds, the dependencies between workers are those of the tile graph
+(the passes still pipeline across directions), and every tile function runs on the same
+inputs in the same order: results are bit for bit the tile graph's.
+
+Values the engine keeps from a fused iteration (each tile's new state) are :class:`Ref`
+objects: the stage's result and the name of the value in it. The next iteration's graph
+takes them as inputs like any other; outside a graph, the engine turns one into a value
+where it lies with a ``pick`` task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dask.core import get_dependencies
+
+from ..tasks.stage import Slot, StageSpec, pick, run_stage
+from .graph import IterationGraph
+
+__all__ = ["Ref", "fuse_by_worker", "item"]
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A value inside a stage's result: ``source`` (a future, or a key of the graph that
+    makes it) is the stage's result (a dict), ``name`` the value's key in it, ``tile``
+    the tile whose worker holds it."""
+
+    source: object
+    name: object
+    tile: object
+
+
+def item(d, name):
+    """``d[name]`` (a task: one value out of a message)."""
+    return d[name]
+
+
+def _hashable(x):
+    try:
+        hash(x)
+        return True
+    except TypeError:
+        return False
+
+
+def _slot_reads(arg, out):
+    """The in-stage keys (``Slot(None, key)``) a rewritten task reads."""
+    if isinstance(arg, Slot):
+        if arg.index is None:
+            out.add(arg.name)
+    elif isinstance(arg, (tuple, list)):
+        for a in arg:
+            _slot_reads(a, out)
+    return out
+
+
+def _add_pick(fused, picks, key, task, tile):
+    """A pick task for a :class:`Ref` held by another worker (one per Ref and iteration)."""
+    ref = task[1], task[2][0]
+    if ("ref", ref) not in picks:
+        picks[("ref", ref)] = fused.add(key + (len(picks),), task, tile)
+    return picks[("ref", ref)]
+
+
+class _StageBuilder:
+    """Rewrites the tasks of one stage: their inputs become :class:`Slot` references to
+    the stage task's arguments (futures, earlier stages of the worker, messages)."""
+
+    def __init__(self, sid, it, members, tasks, stage_of, stage_key, tile_workers, external, message, add_pick, workers):
+        self.it = it
+        self.sid, self.members, self.tasks, self.stage_of, self.stage_key = sid, members, tasks, stage_of, stage_key
+        self.tile_workers, self.external, self.message, self.add_pick, self.workers = tile_workers, external, message, add_pick, workers
+        self.slots, self.slot_of = [], {}
+
+    def slot(self, arg, name):
+        ident = (arg if _hashable(arg) else id(arg), name)
+        if ident not in self.slot_of:
+            self.slot_of[ident] = len(self.slots)
+            self.slots.append(arg)
+        return Slot(self.slot_of[ident], name)
+
+    def rewrite(self, arg):
+        sid = self.sid
+        if isinstance(arg, tuple) and arg and callable(arg[0]):
+            return (arg[0],) + tuple(self.rewrite(a) for a in arg[1:])
+        if isinstance(arg, list):
+            return [self.rewrite(a) for a in arg]
+        if isinstance(arg, Ref):
+            if self.tile_workers.get(arg.tile) == sid[0]:
+                return self.slot(arg.source, arg.name)  # held by this worker: the whole result stays here
+            key = self.add_pick(("pick", self.it, sid[1], self.workers.index(sid[0])), (pick, arg.source, [arg.name]), arg.tile)
+            return self.slot(key, arg.name)
+        if _hashable(arg) and arg in self.tasks:
+            if arg in self.members:
+                return Slot(None, arg)
+            producer = self.stage_of.get(arg)
+            if producer is None:
+                return self.slot(arg, None)
+            if producer[0] == sid[0]:
+                return self.slot(self.stage_key[producer], arg)
+            return self.slot(self.message(producer, sid), arg)
+        if self.external(arg):
+            return self.slot(arg, None)
+        return arg
+
+
+def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external):
+    """Fuse ``graph``'s pinned tasks into one task per worker and stage (module docstring).
+
+    Parameters
+    ----------
+    graph : IterationGraph
+        The tile graph; its arguments may hold futures (inputs from earlier iterations)
+        and :class:`Ref` objects, besides its own keys and literal data.
+    it : int
+        The iteration (in every new key: keys of different iterations must differ).
+    tile_workers : dict ``{tile: worker}``
+    wanted : list of keys of ``graph`` the caller needs as results
+    external : callable ``x -> bool``
+        True for the objects that are results computed elsewhere (futures): they become
+        arguments of the stage task, so the scheduler sees the dependency.
+
+    Returns
+    -------
+    fused : IterationGraph
+        Stage tasks ``("stage", it, level, w)``, message tasks ``("pick", it, level, w, i)`` (``w``:
+        the worker's index in ``tile_workers``' order) and the graph's unpinned tasks; each
+        stage and pick placed on one of its worker's tiles.
+    results : dict ``{wanted key: Ref or key}``
+        Where each wanted value is in ``fused``: its own key (unpinned tasks), or a
+        :class:`Ref` to the stage holding it.
+    """
+    tasks = graph.tasks
+    order = list(tasks)  # the builders add a task after everything it needs
+    position = {k: i for i, k in enumerate(order)}
+    deps = {k: set(get_dependencies(tasks, k)) for k in order}
+    worker = {k: tile_workers[graph.placement[k]] for k in order if k in graph.placement}
+    level = {}
+    for k in order:
+        lv = 0
+        for d in deps[k]:
+            same = k in worker and worker.get(d) == worker[k]
+            lv = max(lv, level[d] + (1 if k in worker and not same else 0))
+        level[k] = lv
+    stage_of = {k: (worker[k], level[k]) for k in order if k in worker}
+    stages = {}
+    for k in order:
+        if k in stage_of:
+            stages.setdefault(stage_of[k], []).append(k)
+    workers = list(dict.fromkeys(tile_workers.values()))
+    sequence = sorted(stages, key=lambda s: (s[1], workers.index(s[0])))
+    home = {sid: graph.placement[members[0]] for sid, members in stages.items()}
+    fused = IterationGraph(tag=graph.tag)
+    stage_key = {}
+
+    # who needs which value of each stage: a later stage (its own worker's or another's) or an unpinned task
+    needed_by = {}
+    for k in order:
+        consumer = stage_of.get(k, k)
+        for d in deps[k]:
+            if d in stage_of and stage_of[d] != consumer:
+                needed_by.setdefault(stage_of[d], {}).setdefault(consumer, set()).add(d)
+    exports = {sid: set() for sid in stages}
+    for sid, consumers in needed_by.items():
+        for members in consumers.values():
+            exports[sid] |= members
+    for w in wanted:
+        if w in stage_of:
+            exports[stage_of[w]].add(w)
+
+    picks = {}
+
+    def message(producer, consumer):
+        """The pick task carrying what ``consumer`` needs of ``producer`` (one per pair)."""
+        key = picks.get((producer, consumer))
+        if key is None:
+            names = sorted(needed_by[producer][consumer], key=position.get)
+            key = fused.add(("pick", it, producer[1], workers.index(producer[0]), len(picks)),
+                            (pick, stage_key[producer], names), home[producer])
+            picks[(producer, consumer)] = key
+        return key
+
+    for sid in sequence:
+        stage = _StageBuilder(sid, it, set(stages[sid]), tasks, stage_of, stage_key, tile_workers, external, message,
+                              lambda key, task, tile: _add_pick(fused, picks, key, task, tile), workers)
+        body = [(k, stage.rewrite(tasks[k])) for k in stages[sid]]
+        # drop each value after its last reader in the stage, unless it leaves the stage
+        last = {}
+        for i, (_, task) in enumerate(body):
+            for r in _slot_reads(task, set()):
+                last[r] = i
+        release = [[] for _ in body]
+        for i, (k, _) in enumerate(body):
+            if k not in exports[sid]:
+                release[last.get(k, i)].append(k)
+        spec = StageSpec(tuple(body), tuple(sorted(exports[sid], key=position.get)), tuple(tuple(r) for r in release))
+        stage_key[sid] = fused.add(("stage", it, sid[1], workers.index(sid[0])), (run_stage, spec, *stage.slots), home[sid])
+
+    for k in order:
+        if k in stage_of:
+            continue
+
+        def rewrite_unpinned(arg, k=k):
+            if isinstance(arg, tuple) and arg and callable(arg[0]):
+                return (arg[0],) + tuple(rewrite_unpinned(a) for a in arg[1:])
+            if isinstance(arg, list):
+                return [rewrite_unpinned(a) for a in arg]
+            if _hashable(arg) and arg in stage_of:
+                return (item, message(stage_of[arg], k), arg)
+            return arg
+
+        fused.tasks[k] = rewrite_unpinned(tasks[k])
+
+    results = {w: Ref(stage_key[stage_of[w]], w, home[stage_of[w]]) if w in stage_of else w for w in wanted}
+    fused.outputs = dict(graph.outputs)
+    return fused, results

@@ -1,0 +1,107 @@
+"""Fused iterations (schedule/fuse.py): a few tasks per worker and stage, bit for bit the
+tile graph's results."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pytest
+from dask.local import get_sync
+
+import daskptycho as dp
+from daskptycho.engines import engine_options
+from daskptycho.engines.gd import context_for, fuse_for, tiling_for
+from daskptycho.engines.problem import prepare
+from daskptycho.io.patterns import load_patterns
+from daskptycho.schedule.fuse import Ref, fuse_by_worker
+from daskptycho.schedule.passes import gd_iteration
+from daskptycho.tasks import tiles as tt
+
+
+def _setup(tiles):
+    ds = dp.simulate(kind="pbtio3", scan=(12, 12), detector=32, slices=2, max_angle_rad=60e-3, defocus_m=60e-10)
+    p = prepare(ds, engine_options(engine="gd", slices=2, tiles=tiles, refine_probe=True))
+    tiling = tiling_for(p)
+    pats = load_patterns(ds)
+    return p, tiling, context_for(p, tiling), {t.key: pats[t.positions] for t in tiling}
+
+
+def _run(g, wanted):
+    return dict(zip(wanted, get_sync(g.tasks, wanted)))
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 3, 9])
+def test_fused_iterations_give_the_tile_graphs_results(n_workers):
+    p, tiling, ctx, data = _setup((3, 3))
+    keys = [t.key for t in tiling]
+    place = {k: f"w{i * n_workers // len(keys)}" for i, k in enumerate(keys)}
+    ref = fused_states = {t.key: tt.initial_patch(2, t.extended) for t in tiling}
+    probe_r = probe_f = p.probe
+    for it in range(3):
+        g = gd_iteration(tiling, it, ref, data, probe_r, ctx, refine_probe=True, local_updates=it == 2, tag="t")
+        wanted = [*g.outputs["states"].values(), g.outputs["costs"][0], g.outputs["probe"]]
+        out = _run(g, wanted)
+        g2 = gd_iteration(tiling, it, fused_states, data, probe_f, ctx, refine_probe=True, local_updates=it == 2, tag="t")
+        fused, where = fuse_by_worker(g2, it, place, wanted, external=lambda x: False)
+        assert all(k[0] in ("stage", "pick", "cost", "probe", "probe-sum") for k in fused.tasks)
+        need = list(dict.fromkeys(w.source if isinstance(w, Ref) else w for w in where.values()))
+        vals = _run(fused, need)
+
+        def value(k, where=where, vals=vals):
+            w = where[k]
+            return vals[w.source][w.name] if isinstance(w, Ref) else vals[w]
+
+        for k in g.outputs["states"].values():
+            np.testing.assert_array_equal(value(k), out[k])
+        assert value(g.outputs["costs"][0]) == out[g.outputs["costs"][0]]
+        np.testing.assert_array_equal(value(g.outputs["probe"]), out[g.outputs["probe"]])
+        ref = {t: out[k] for t, k in g.outputs["states"].items()}
+        fused_states = {t: value(k) for t, k in g2.outputs["states"].items()}
+        probe_r, probe_f = out[g.outputs["probe"]], value(g2.outputs["probe"])
+
+
+def test_fused_task_count_grows_with_workers_not_tiles():
+    counts = {}
+    for tiles in [(2, 2), (4, 4), (6, 6)]:
+        p, tiling, ctx, data = _setup(tiles)
+        keys = [t.key for t in tiling]
+        place = {k: f"w{i * 2 // len(keys)}" for i, k in enumerate(keys)}
+        states = {t.key: None for t in tiling}
+        g = gd_iteration(tiling, 0, states, data, p.probe, ctx, refine_probe=True, tag="t")
+        wanted = [*g.outputs["states"].values(), g.outputs["costs"][0], g.outputs["probe"]]
+        fused, _ = fuse_by_worker(g, 0, place, wanted, external=lambda x: False)
+        counts[tiles] = (len(g.tasks), len(fused.tasks))
+    assert counts[(6, 6)][0] > 8 * counts[(2, 2)][0]  # the tile graph grows with the tiles
+    assert counts[(6, 6)][1] <= counts[(2, 2)][1] + 6  # the fused one stays a few tasks per worker
+    assert counts[(6, 6)][1] < 20, counts
+
+
+def test_fuse_setting():
+    two = {(0, 0): "a", (0, 1): "b"}
+    many = {(0, c): "a" for c in range(4)}
+    assert not fuse_for(two) and fuse_for(many)
+    with dask.config.set({"daskptycho.schedule.fuse": "always"}):
+        assert fuse_for(two)
+    with dask.config.set({"daskptycho.schedule.fuse": "never"}):
+        assert not fuse_for(many)
+    with dask.config.set({"daskptycho.schedule.fuse": "sometimes"}), pytest.raises(dp.OptionsError, match="schedule.fuse"):
+        fuse_for(two)
+
+
+def test_fused_runs_equal_tile_graph_runs(small_pbtio3, client, tmp_path):
+    ds = dp.open_dataset(small_pbtio3)
+    kw = dict(engine="gd", tiles=(3, 3), iterations=5, slices=2, refine_probe=True, probe_refine_start=2, client=client)
+    out = {}
+    for mode in ("never", "always"):
+        with dask.config.set({"daskptycho.schedule.fuse": mode}):
+            out[mode] = dp.reconstruct(ds, checkpoint=str(tmp_path / f"{mode}.zarr"), checkpoint_every=2, **kw)
+    for v in ("object", "probe", "cost"):
+        np.testing.assert_array_equal(out["always"][v].values, out["never"][v].values)
+    with dask.config.set({"daskptycho.schedule.fuse": "always"}):
+        hve = dp.reconstruct(ds, engine="hve", tiles=(2, 2), iterations=3, slices=2, client=client)
+        more = dp.reconstruct(ds, checkpoint=str(tmp_path / "always.zarr"), resume=True, **dict(kw, iterations=7))
+    with dask.config.set({"daskptycho.schedule.fuse": "never"}):
+        hve_ref = dp.reconstruct(ds, engine="hve", tiles=(2, 2), iterations=3, slices=2, client=client)
+        more_ref = dp.reconstruct(ds, **dict(kw, iterations=7))
+    np.testing.assert_array_equal(hve.object.values, hve_ref.object.values)
+    np.testing.assert_array_equal(more.object.values, more_ref.object.values)
