@@ -1,0 +1,102 @@
+"""The scheduler's share, measured: gd with many small tiles on 2 workers, as a tile graph and fused.
+
+    python -m benchmarks many_tiles [--tiles 32 --iterations 6]
+
+gd on a tiny X-ray scan (``--scan`` x ``--scan`` positions of 16 px patterns, one slice)
+cut into ``--tiles`` x ``--tiles`` tiles over a 2-worker LocalCluster: the compute per
+tile is negligible, so an iteration's time is what the one scheduler (and the client
+building and submitting the graph) needs for its tasks. Two runs, side by side:
+
+``tile graph``
+    ``daskptycho.schedule.fuse: never``: a task per tile and exchange (grad, tile-cost,
+    four strips, update per tile, the probe sums).
+``fused``
+    ``always``: one task per worker and stage plus one per message between workers
+    (:mod:`daskptycho.schedule.fuse`).
+
+For each: tasks per iteration (counted from the graph the run submits), steady-state
+seconds per iteration (median after the first two), and seconds per task. Also the
+scheduling model's prediction for the tile graph, ``tasks x per_task_s`` with
+``per_task_s`` measured on independent trivial tasks (:func:`benchmarks.scaling.measure_hop`),
+to check the model's scheduler term. Writes benchmarks/results/many_tiles.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+from .common import write
+
+
+def _count_tasks(ds, tiles, mode, slices=1):
+    """Tasks one iteration submits (the graph, fused or not), counted without a cluster."""
+    import dask
+
+    from daskptycho.engines import engine_options
+    from daskptycho.engines.gd import context_for, fuse_for, tiling_for
+    from daskptycho.engines.problem import prepare
+    from daskptycho.schedule.fuse import fuse_by_worker
+    from daskptycho.schedule.passes import gd_iteration
+
+    p = prepare(ds, engine_options(engine="gd", tiles=(tiles, tiles), slices=slices))
+    tiling = tiling_for(p)
+    keys = [t.key for t in tiling]
+    place = {k: f"w{i * 2 // len(keys)}" for i, k in enumerate(keys)}
+    g = gd_iteration(tiling, 0, {k: None for k in keys}, {k: None for k in keys}, None, context_for(p, tiling), tag="t")
+    wanted = [*g.outputs["states"].values(), *g.outputs["costs"]]
+    with dask.config.set({"daskptycho.schedule.fuse": mode}):
+        if not fuse_for(place):
+            return len(g.tasks)
+    fused, _ = fuse_by_worker(g, 0, place, wanted, external=lambda x: False)
+    return len(fused.tasks)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks many_tiles")
+    ap.add_argument("--tiles", type=int, default=32, help="tiles per side (default 32: 1024 tiles)")
+    ap.add_argument("--scan", type=int, default=64)
+    ap.add_argument("--iterations", type=int, default=6)
+    ap.add_argument("--out", default="many_tiles")
+    args = ap.parse_args(argv)
+
+    import dask
+    from distributed import Client
+
+    import daskptycho as dp
+    from daskptycho.cluster import local_cluster
+
+    from .scaling import measure_hop
+
+    hop = measure_hop()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "scan.zarr")
+        dp.write_dataset(dp.simulate(kind="image", scan=(args.scan, args.scan), detector=16, max_angle_rad=7.75e-3,
+                                     semiangle_rad=2.5e-3, defocus_m=5e-6), path)
+        ds = dp.open_dataset(path)
+        with local_cluster(2) as cluster, Client(cluster) as client:
+            for mode, label in (("never", "tile graph"), ("always", "fused")):
+                tasks = _count_tasks(ds, args.tiles, mode)
+                stamps = []
+                with dask.config.set({"daskptycho.schedule.fuse": mode, "daskptycho.dashboard.live": False}):
+                    t0 = time.perf_counter()
+                    dp.reconstruct(ds, engine="gd", tiles=(args.tiles, args.tiles), iterations=args.iterations, client=client,
+                                   progress=lambda it, cost: stamps.append(time.perf_counter()))
+                    wall = time.perf_counter() - t0
+                per_it = [b - a for a, b in zip(stamps, stamps[1:])][1:]
+                it_s = statistics.median(per_it) if per_it else None
+                row = {"schedule": label, "tiles": args.tiles ** 2, "workers": 2, "tasks_per_iteration": tasks,
+                       "iteration_s": it_s, "seconds_per_task": it_s / tasks if it_s else None, "wall_s": wall,
+                       "intervals_s": per_it}
+                if mode == "never":
+                    row["model_scheduler_s"] = tasks * hop["per_task_s"]
+                    row["model_over_measured"] = row["model_scheduler_s"] / it_s if it_s else None
+                rows.append(row)
+                print({k: v for k, v in row.items() if k != "intervals_s"}, flush=True)
+    path = write(args.out, {"hop": hop, "rows": rows, "scan": args.scan, "iterations": args.iterations,
+                            "command": "python -m benchmarks many_tiles " + " ".join(argv or [])})
+    print(path)
