@@ -85,7 +85,7 @@ def main(argv=None):
                 with dask.config.set({"daskptycho.schedule.fuse": mode, "daskptycho.dashboard.live": False}):
                     t0 = time.perf_counter()
                     dp.reconstruct(ds, engine="gd", tiles=(args.tiles, args.tiles), iterations=args.iterations, client=client,
-                                   progress=lambda it, cost: stamps.append(time.perf_counter()))
+                                   progress=lambda it, cost, stamps=stamps: stamps.append(time.perf_counter()))
                     wall = time.perf_counter() - t0
                 per_it = [b - a for a, b in zip(stamps, stamps[1:])][1:]
                 it_s = statistics.median(per_it) if per_it else None

@@ -231,13 +231,13 @@ def section_scaling(d, lines):
                      f"{v['predicted_comm_s']:.3f} | {_f(v.get('predicted_scheduler_s'), '.3f')} ({v.get('tasks', 'n/a')} tasks) | "
                      f"{v['ratio_measured_over_predicted']:.2f} |")
     lines += ["", "### Predictions for the paper's datasets (100 iterations, V100 assumption)", "",
-              "| dataset | engine | workers | tiles | predicted min | (compute + comm) | scheduler min (tasks / it) | paper min | predicted GB/worker | paper GB/GPU | max positions per tile | extended tile px |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| dataset | engine | halos | workers | tiles | predicted min | (compute + comm) | scheduler min (tasks / it) | paper min | predicted GB/worker | paper GB/GPU | max positions per tile | extended tile px |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in d["predictions"]:
         if "error" in p:
-            lines.append(f"| {p['dataset']} | {p['engine']} | {p['workers']} | | {p['error']} | | | | | | | |")
+            lines.append(f"| {p['dataset']} | {p['engine']} | {p.get('halos', 'whole windows')} | {p['workers']} | | {p['error']} | | | | | | | |")
             continue
-        lines.append(f"| {p['dataset']} | {p['engine']} | {p['workers']} | {p['tiles'][0]}x{p['tiles'][1]} | {p['predicted_minutes_100_it_v100']:.1f} | "
+        lines.append(f"| {p['dataset']} | {p['engine']} | {p.get('halos', 'whole windows')} | {p['workers']} | {p['tiles'][0]}x{p['tiles'][1]} | {p['predicted_minutes_100_it_v100']:.1f} | "
                      f"{p['predicted_compute_minutes']:.1f} + {p['predicted_comm_minutes']:.1f} | "
                      f"{_f(p.get('predicted_scheduler_minutes'), '.1f')} ({p.get('tasks_per_iteration', 'n/a')}) | {_f(p['paper_minutes'], '.1f')} | "
                      f"{p['predicted_memory_gb']:.2f} | {_f(p['paper_memory_gb'])} | {p['max_positions_per_tile']} | {p['extended_px_max']} |")
@@ -298,6 +298,125 @@ def _why_different(d):
                                 gd_sched=big[0]["predicted_scheduler_minutes"] if big else float("nan"))
 
 
+GPU_READY = """What is ready:
+
+- **The device hot path** (`daskptycho/physics/cuda.py`): custom CUDA kernels through
+  CuPy's `RawModule` (NVRTC; the source compiles for `compute_90`, checked with NVRTC on
+  the CPU machine), each one pass over a batch of waves that reads the object windows in
+  place: `window_multiply` (the transmission through a slice), `cost_gradient` (the
+  amplitude or Poisson cost map and `2 dL/dPsi*` written over the far field, patterns read
+  by row from the device-resident array), `adjoint_slice` (object gradient and
+  illumination added with float-pair atomics, since CUDA has no complex atomics; the wave
+  gradient multiplied by `conj(O)` in the same pass), `window_abs2_sum` (the probe's
+  preconditioner), `scatter_windows`/`gather_windows` (any float or complex target,
+  float64 included), and for the difference map `dm_views_in`, `dm_fourier` (eq. 4 and the
+  Fourier error), `dm_views_out` (eq. 3 and the eq. 6 sums in one pass) and `dm_probe_sums`
+  (eq. 5). FFTs run in place through cuFFT's cached plans (`cupyx.scipy.fft`,
+  unnormalised, the scale folded into the kernels). Launches take as many positions as
+  `daskptycho.gpu.memory_fraction` (default 0.5) of the free device memory holds: the whole
+  2304-position case of the issue in one launch. The state stays on the device between
+  iterations; the only synchronisation inside an iteration is the scalar cost at its end;
+  results reach the client only through explicit host-copy tasks.
+- **Each kernel has a NumPy reference** (the same function on NumPy arrays), and the
+  orchestration around them (`cuda.gradients`, the dm part step) runs on the CPU against
+  the CPU model in `tests/test_cuda_kernels.py` (float32 rounding, both costs, 1 and 3
+  slices, 1 and 2 modes; the adjoint identity of the window multiply). The `gpu`-marked
+  tests compare every kernel with its reference and every engine (ml full and minibatch,
+  gd batch and local updates, hve, dm with modes), checkpoint/resume, a lost GPU worker
+  and `cluster="cuda"` with the CPU result (`tests/test_gpu_engines.py`).
+- **The run** (`bash benchmarks/gpu.sh`, wheels in `.whl/`, see its header): the `gpu`
+  tests, then `python -m benchmarks gpu` (cuFFT floor; ml on the issue's 2304-position,
+  128 px, 8-slice case in process and on a one-worker cluster against that floor; gd 2x2
+  on 4 and 1 workers and hve 2x2 against ml; dm at the second paper's scale, 10,000
+  positions of 192 px with 4 probe modes, 50 iterations; a 2 and a 32 MiB strip moved
+  between two GPU workers over TCP and UCX), then Pty-Chi on the same GPU and data
+  (`benchmarks/peers/ptychi_vs_daskptycho.py --device gpu`).
+
+What the design expects (arithmetic, not measurement): one ml iteration of the issue's case
+is 2304 x 30 FFTs of 128^2 (0.18 us each measured by the issue's author: 12 ms) plus about
+three read-write passes over the waves per slice and direction (2304 x 128^2 complex64 =
+0.3 GB per pass, ~0.15 ms at 4 TB/s: ~7 ms), so 20-30 ms if the atomics of the adjoint
+(113 M float atomics per slice, onto 60 k object pixels: ~2,800 windows overlap each pixel
+at a 2.4 px step) do not dominate. Whether they do is the first thing the GPU run will show."""
+
+
+def section_many_tiles(d, lines):
+    """The many-tile measurement (benchmarks/many_tiles.py): tile graph against fused."""
+    rows = {r["schedule"]: r for r in d["rows"]}
+    tg, fu = rows.get("tile graph"), rows.get("fused")
+    lines += ["### The scheduler's share, measured, and fused iterations (issue 16)", "",
+              f"`{d['command']}` (`benchmarks/results/many_tiles.json`, {d['machine']['date']}): gd on "
+              f"{tg['tiles']:,} tiles of a {d['scan']} x {d['scan']}-position, 16 px X-ray scan over {tg['workers']} workers, "
+              "where compute per tile is negligible, so an iteration takes what the scheduler and the client need "
+              "(steady-state medians):", "",
+              "| schedule | tasks per iteration | s per iteration | s per task |", "|---|---|---|---|"]
+    for r in (tg, fu):
+        per = f"{r['seconds_per_task'] * 1e3:.2f} ms" if r is tg else ""
+        lines.append(f"| {r['schedule']} | {r['tasks_per_iteration']:,} | {r['iteration_s']:.2f} | {per} |")
+    lines += ["", "The fused iteration (`daskptycho.schedule.fuse`, `schedule/fuse.py`) is one task per worker and stage "
+              "plus one per message between workers: a few tasks however many tiles (`tests/test_fuse.py` checks that "
+              "the count grows with workers, not tiles), bit for bit the tile graph's result. What is left of its time is "
+              "the client building and fusing the whole tile graph every iteration and the workers running their tiny "
+              "tile tasks in turn.", "",
+              f"The scaling model's scheduler term (`tasks x per_task_s`, {d['hop']['per_task_s'] * 1e3:.2f} ms per task "
+              f"measured on independent trivial tasks) predicts {tg['model_scheduler_s']:.2f} s for the tile graph: "
+              f"{tg['model_over_measured']:.2f} of the {tg['iteration_s']:.2f} s measured. Its tasks carry dependencies "
+              "and data, and the client shares the cores; the predictions above still use the trivial-task figure.", ""]
+
+
+def section_halos(d, lines):
+    """Probe-support halos against whole windows (benchmarks/halos.py)."""
+    lines += ["### Probe-support halos (issue 16)", "",
+              "gd's tiles need not hold every window whole. `halo=\"probe\"` (the default) sizes each tile's halo by the "
+              "probe's support: per axis, the half-width about the window's centre that holds `halo_fraction` (default "
+              "0.999) of `sum_k |P_k|^2` (`physics.probe.support_half_widths`), widened in multislice by the farthest a "
+              "wave moves sideways through the slab, `(S - 1) dz lambda / (2 dx^2)` pixels (the grid's largest angle), "
+              "and never wider than the windows need. Window pixels beyond a tile's extended region are held fixed at "
+              "the tile's edge values and their gradient is dropped, as the paper's tiles do; `halo=\"window\"` keeps "
+              "every window whole, so batch-mode gd stays exactly full-batch gradient descent (= ml, as the tests "
+              f"check). `{d['command']}` (gd 2x2, {d['iterations']} iterations; phase difference over the scanned field "
+              "from the whole-window run; `benchmarks/results/halos.json`):", "",
+              "| case | halo | fraction | halo px | largest tile px | tile bytes | phase rel. diff. | final cost |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        frac = "" if r["halo_fraction"] is None else f"{r['halo_fraction']:g}"
+        lines.append(f"| {r['case']} ({r['slices']} slice{'s' if r['slices'] > 1 else ''}, {r['window_px']} px) | {r['halo']} | "
+                     f"{frac} | {r['halo_px'][0]} | {r['largest_extended_px']} | {r['tile_object_bytes_max']:,} | "
+                     f"{r['phase_rel_diff_vs_window']:.4f} | {r['final_cost']:,.0f} |")
+    lines += ["", "Both probes here come from a sharp aperture, whose intensity falls off slowly (Airy rings), so 99.9% "
+              "of it reaches the window's edge and the default halo is the whole window (no saving, no error); holding "
+              "only 99% costs a few percent of phase error, 90% is not usable. The saving the scaling model needs (the "
+              "paper's 60 px halos against 512 px windows) depends on a probe whose support is much smaller than its "
+              "window; it has not been measured here on such a case.", ""]
+
+
+def section_gpu(d, lines):
+    """The GPU section: benchmarks/gpu.py's figures when a GPU run brought them back."""
+    lines += ["## 5. GPU", ""]
+    if not d:
+        lines += ["**Not yet measured on a GPU.** Every figure of this section waits for a lent GPU machine: the "
+                  "session that wrote the GPU path (2026-12-04) was lent an H200, but new loans were paused before its "
+                  "first call, so nothing here ran on a GPU.", "", GPU_READY, ""]
+        return
+    g = d["gpu"]
+    lines += [f"`{d['command']}` on **{g['gpu']}** ({g['gpu_memory_gib']} GiB; CUDA runtime {g['cuda_runtime']}, driver "
+              f"{g['cuda_driver']}; CuPy {g['cupy']}), {d['machine']['date']}:", "",
+              "| case | s / iteration | fraction of the GPU FFT floor | GPU pool bytes |", "|---|---|---|---|"]
+    for name, c in d["cases"].items():
+        if not isinstance(c, dict) or "iteration_s" not in c:
+            continue
+        frac = c.get("fraction_of_fft_floor")
+        lines.append(f"| {name} | {c['iteration_s']:.4f} | {'' if frac is None else f'{frac:.2f}'} | {c.get('gpu_pool_bytes')} |")
+    floor = d["cases"].get("floor")
+    if floor:
+        lines += ["", f"cuFFT: {floor['us_per_fft']} us per transform; FFTs per ml iteration {floor['ffts_per_ml_iteration']}, "
+                  f"floor {floor['ml_floor_s'] * 1e3:.1f} ms."]
+    errors = {k: v for k, v in d["cases"].items() if k.endswith("error")}
+    if errors:
+        lines += ["", "Failed cases: " + "; ".join(f"{k}: {v}" for k, v in errors.items())]
+    lines += ["", GPU_READY, ""]
+
+
 def main(argv=None):
     lines = ["# Performance", "",
              "Generated by `make bench` (`python -m benchmarks report` rebuilds this page from "
@@ -341,14 +460,13 @@ def main(argv=None):
                   "benchmarks/peers/.venv/bin/python benchmarks/peers/ptychi_vs_daskptycho.py`.", ""]
     if scaling:
         section_scaling(scaling, lines)
-    gpu = _load("engines_gpu")
-    lines += ["## 5. GPU", ""]
-    if gpu:
-        lines += [f"From `benchmarks/gpu.sh` on {gpu['machine']['cpu']}:", "", "| engine | s / iteration |", "|---|---|"]
-        lines += [f"| {r['label']} | {r['iteration_s_median']:.3f} |" for r in gpu["rows"]] + [""]
-    else:
-        lines += ["**Not yet run.** `benchmarks/gpu.sh` (FFT rates with cupy.fft, every engine with `device=gpu`) is ready "
-                  "for a lent GPU machine (see its header for carrying the wheels); the task that wrote it had no GPU lent.", ""]
+    many = _load("many_tiles")
+    if many:
+        section_many_tiles(many, lines)
+    halos = _load("halos")
+    if halos:
+        section_halos(halos, lines)
+    section_gpu(_load("gpu"), lines)
     tmp = DOC + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines))

@@ -66,6 +66,8 @@ PAPER = {
               "hve": {6: (9.47, 7213.3), 54: (1.8, 271.7), 198: (0.78, 59.2), 462: (0.48, 189.5)}},
 }
 WORKERS = (6, 24, 54, 126, 198, 462, 924, 4158)
+# gd's halo in the paper (600 pm at 10 pm pixels): a probe-support halo (engines/gd.py halo_for)
+PAPER_HALO_PX = (60, 60)
 SUMMIT = {"alpha_s": 20e-6, "beta_bytes_per_s": 2e9}
 V100_FFT_1024_S = 4 * 8 * 1024 * 1024 / 900e9  # two read+write passes of 8 MiB at 900 GB/s
 
@@ -172,7 +174,7 @@ def tiling_of(corners, window, object_shape, tiles, halo_px=None):
     from daskptycho.tiling import make_tiling
 
     grid = ObjectGrid((0.0, 0.0), tuple(object_shape), 1.0)
-    return make_tiling(grid, corners, window, tiles, halo_px)
+    return make_tiling(grid, corners, window, tiles, halo_px, clip_windows=halo_px is not None)
 
 
 def _area(reg):
@@ -186,13 +188,15 @@ def _overlap(a, b):
 
 
 def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta, workers=None, modes=1, engine="gd",
-          hop=None, per_task=0.0):
+          hop=None, per_task=0.0, halo_px=None):
     """Predicted seconds per iteration and bytes per worker for one tiling.
 
     ``hop``: ``{"same_worker_s": s, "alternating_s": s}``, the scheduler round trip of one
-    dependency (:func:`measure_hop`); ``per_task``: the scheduler's seconds per task.
+    dependency (:func:`measure_hop`); ``per_task``: the scheduler's seconds per task;
+    ``halo_px``: gd's halo (None: whole windows; narrower: probe-support halos, the
+    windows clipped at the tiles' extended regions).
     """
-    t = tiling_of(corners, window, object_shape, tiles)
+    t = tiling_of(corners, window, object_shape, tiles, halo_px if engine == "gd" else None)
     r, c = tiles
     workers = workers or r * c
     hop = hop or {"same_worker_s": 0.0, "alternating_s": 0.0}
@@ -321,18 +325,19 @@ def main(argv=None):
     for name, case in PAPER.items():
         corners = paper_corners(case)
         shape = (case["object_px"], case["object_px"])
-        for engine in ("gd", "hve"):
+        for engine, halo in (("gd", None), ("gd", PAPER_HALO_PX), ("hve", None)):
             for w in WORKERS:
                 tiles = grid_shape(w)
                 try:
                     m = model(corners, (n, n), shape, tiles, case["slices"], c_gpu, SUMMIT["alpha_s"], SUMMIT["beta_bytes_per_s"],
                               engine=engine, hop={"same_worker_s": hop["same_worker_s"], "alternating_s": hop["same_worker_s"]},
-                              per_task=hop["per_task_s"])
+                              per_task=hop["per_task_s"], halo_px=halo)
                 except Exception as e:  # noqa: BLE001 - a tiling that cannot be made is a result, not a crash
                     predictions.append({"dataset": name, "engine": engine, "workers": w, "error": str(e)})
                     continue
                 paper = case[engine].get(w)
                 row = {"dataset": name, "engine": engine, "workers": w, "tiles": list(tiles),
+                       "halos": "whole windows" if halo is None else f"probe support ({halo[0]} px, the paper's)",
                        "predicted_minutes_100_it_v100": m["iteration_s"] * 100 / 60,
                        "predicted_compute_minutes": m["compute_s"] * 100 / 60, "predicted_comm_minutes": m["comm_s"] * 100 / 60,
                        "predicted_scheduler_minutes": m["scheduler_s"] * 100 / 60, "tasks_per_iteration": m["tasks"],
