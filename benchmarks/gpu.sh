@@ -5,7 +5,8 @@
 #
 # The machine (one H200, Python 3.12 at python3 with CuPy for CUDA 13, torch, NumPy, SciPy,
 # ...; no network) lacks dask, distributed, zarr, dask-cuda, Pty-Chi and a few of their
-# needs: they travel as wheels in .whl/ (ignored by git; .whl/README.txt lists them and why)
+# needs: they travel as wheels in .whl/ (ignored by git; benchmarks/gpu-wheels.txt lists them, why, and the
+# pip download command that fetches them into .whl/ on a machine with PyPI)
 # and are installed into /tmp/site, which PYTHONPATH puts first.
 #
 # Steps, each under its own `timeout` (seconds from the environment), output tee'd into
