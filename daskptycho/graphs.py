@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import dask
 import numpy as np
 from distributed import Client, get_task_stream
 
@@ -52,7 +53,8 @@ def render(out, tiles=(3, 3), store=None, timeline=False, workers=2, iterations=
 
 def _timeline(out, ds, tiles, workers, iterations):
     r, c = tiles
-    with local_cluster(workers) as cluster, Client(cluster) as client:
+    # the timeline shows the tile graph's tasks one by one (the paper's Fig. 5), not fused stages
+    with local_cluster(workers) as cluster, Client(cluster) as client, dask.config.set({"daskptycho.schedule.fuse": "never"}):
         with get_task_stream(client) as ts:
             res = reconstruct(ds, engine="gd", tiles=tiles, iterations=iterations, client=client)
     tile_workers = {tuple(int(v) for v in k.split(",")): w for k, w in json.loads(res.attrs["memory"])["tile_workers"].items()}

@@ -105,3 +105,23 @@ def test_fused_runs_equal_tile_graph_runs(small_pbtio3, client, tmp_path):
         more_ref = dp.reconstruct(ds, **dict(kw, iterations=7))
     np.testing.assert_array_equal(hve.object.values, hve_ref.object.values)
     np.testing.assert_array_equal(more.object.values, more_ref.object.values)
+
+
+def test_fused_runs_move_what_the_tile_graph_moves(small_pbtio3, client):
+    # the messages between workers carry the strips, costs and probe parts the tile graph's
+    # exchanges carry, bundled: no stage's other values travel
+    ds = dp.open_dataset(small_pbtio3)
+
+    def moved(mode):
+        client.run(lambda dask_worker: dask_worker.transfer_incoming_log.clear())
+        with dask.config.set({"daskptycho.schedule.fuse": mode}):
+            dp.reconstruct(ds, engine="gd", tiles=(3, 3), iterations=3, slices=2, refine_probe=True, client=client)
+        logs = client.run(lambda dask_worker: [dict(e["keys"]) for e in dask_worker.transfer_incoming_log])
+        return {k: n for entries in logs.values() for e in entries for k, n in e.items()}
+
+    tile, fused = moved("never"), moved("always")
+    kinds = {k[0] for k in fused if isinstance(k, tuple)}
+    assert kinds <= {"pick", "cost", "probe", "probe-sum"}, kinds
+    assert "pick" in kinds
+    total = lambda m: sum(n for k, n in m.items() if isinstance(k, tuple))  # noqa: E731
+    assert total(fused) <= 1.1 * total(tile), (total(fused), total(tile))

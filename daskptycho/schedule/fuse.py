@@ -175,13 +175,17 @@ def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external):
     fused = IterationGraph(tag=graph.tag)
     stage_key = {}
 
-    # who needs which value of each stage: a later stage (its own worker's or another's) or an unpinned task
+    # who needs which value of each stage: a later stage of its own worker, another worker (all of
+    # that worker's stages together: one message, fetched once by the worker) or an unpinned task
     needed_by = {}
     for k in order:
         consumer = stage_of.get(k, k)
         for d in deps[k]:
             if d in stage_of and stage_of[d] != consumer:
+                if consumer in stages and consumer[0] != stage_of[d][0]:
+                    consumer = ("worker", consumer[0])
                 needed_by.setdefault(stage_of[d], {}).setdefault(consumer, set()).add(d)
+                consumer = stage_of.get(k, k)
     exports = {sid: set() for sid in stages}
     for sid, consumers in needed_by.items():
         for members in consumers.values():
@@ -193,7 +197,10 @@ def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external):
     picks = {}
 
     def message(producer, consumer):
-        """The pick task carrying what ``consumer`` needs of ``producer`` (one per pair)."""
+        """The pick task carrying what ``consumer`` needs of ``producer``: one per producing
+        stage and receiving worker (or unpinned task)."""
+        if consumer in stages:
+            consumer = ("worker", consumer[0])
         key = picks.get((producer, consumer))
         if key is None:
             names = sorted(needed_by[producer][consumer], key=position.get)
