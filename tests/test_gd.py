@@ -218,3 +218,26 @@ def test_narrow_probe_halos_hold_less_and_stay_close_to_whole_windows(tmp_path, 
     default = dp.reconstruct(ds, **kw)
     assert default.attrs["halo_px"] == whole.attrs["halo_px"]
     np.testing.assert_array_equal(default.object.values, whole.object.values)
+
+
+def test_hve_tiles_hold_two_extra_rows_of_positions_with_probe_halos(pbtio3_12):
+    from daskptycho.engines.gd import tiling_for
+    from daskptycho.engines.hve import hve_tiles
+    from daskptycho.engines.problem import fast_axis_step
+
+    ds = dp.open_dataset(pbtio3_12)
+    p = prepare(ds, engine_options(engine="hve", slices=1, tiles=(3, 3)))
+    tiling = tiling_for(p)
+    whole = hve_tiles(p, tiling)
+    paper = hve_tiles(p, tiling, (6, 6))
+    _, step = fast_axis_step(p.positions_m, p.grid.pixel_size_m)
+    margin = int(np.ceil(2 * step))
+    centre = p.corners + np.asarray(p.window) // 2
+    for t in tiling:
+        pos, ext = paper[t.key]
+        y0, y1, x0, x1 = t.core
+        inside = (centre[:, 0] >= y0 - margin) & (centre[:, 0] < y1 + margin) & (centre[:, 1] >= x0 - margin) & (centre[:, 1] < x1 + margin)
+        np.testing.assert_array_equal(pos, np.flatnonzero(inside))
+        assert set(t.positions) <= set(pos) <= set(whole[t.key][0])  # its own, two rows more, fewer than whole windows
+        assert ext[0] <= y0 and ext[1] >= y1 and ext[2] <= x0 and ext[3] >= x1
+    assert sum(len(v[0]) for v in paper.values()) < sum(len(v[0]) for v in whole.values())
