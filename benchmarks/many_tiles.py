@@ -57,7 +57,8 @@ def _count_tasks(ds, tiles, mode, slices=1):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks many_tiles")
-    ap.add_argument("--tiles", type=int, default=32, help="tiles per side (default 32: 1024 tiles)")
+    ap.add_argument("--tiles", default="32,20", help="tiles per side, one run each (default 32,20: 1024 and 400 tiles); "
+                    "the first calibrates the seconds per task, the others check the prediction")
     ap.add_argument("--scan", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=6)
     ap.add_argument("--out", default="many_tiles")
@@ -78,25 +79,37 @@ def main(argv=None):
         dp.write_dataset(dp.simulate(kind="image", scan=(args.scan, args.scan), detector=16, max_angle_rad=7.75e-3,
                                      semiangle_rad=2.5e-3, defocus_m=5e-6), path)
         ds = dp.open_dataset(path)
+        sizes = [int(v) for v in str(args.tiles).split(",")]
         with local_cluster(2) as cluster, Client(cluster) as client:
-            for mode, label in (("never", "tile graph"), ("always", "fused")):
-                tasks = _count_tasks(ds, args.tiles, mode)
-                stamps = []
-                with dask.config.set({"daskptycho.schedule.fuse": mode, "daskptycho.dashboard.live": False}):
-                    t0 = time.perf_counter()
-                    dp.reconstruct(ds, engine="gd", tiles=(args.tiles, args.tiles), iterations=args.iterations, client=client,
-                                   progress=lambda it, cost, stamps=stamps: stamps.append(time.perf_counter()))
-                    wall = time.perf_counter() - t0
-                per_it = [b - a for a, b in zip(stamps, stamps[1:])][1:]
-                it_s = statistics.median(per_it) if per_it else None
-                row = {"schedule": label, "tiles": args.tiles ** 2, "workers": 2, "tasks_per_iteration": tasks,
-                       "iteration_s": it_s, "seconds_per_task": it_s / tasks if it_s else None, "wall_s": wall,
-                       "intervals_s": per_it}
-                if mode == "never":
-                    row["model_scheduler_s"] = tasks * hop["per_task_s"]
-                    row["model_over_measured"] = row["model_scheduler_s"] / it_s if it_s else None
-                rows.append(row)
-                print({k: v for k, v in row.items() if k != "intervals_s"}, flush=True)
-    path = write(args.out, {"hop": hop, "rows": rows, "scan": args.scan, "iterations": args.iterations,
+            for tiles in sizes:
+                for mode, label in (("never", "tile graph"), ("always", "fused")):
+                    tasks = _count_tasks(ds, tiles, mode)
+                    stamps = []
+                    with dask.config.set({"daskptycho.schedule.fuse": mode, "daskptycho.dashboard.live": False}):
+                        t0 = time.perf_counter()
+                        dp.reconstruct(ds, engine="gd", tiles=(tiles, tiles), iterations=args.iterations, client=client,
+                                       progress=lambda it, cost, stamps=stamps: stamps.append(time.perf_counter()))
+                        wall = time.perf_counter() - t0
+                    per_it = [b - a for a, b in zip(stamps, stamps[1:])][1:]
+                    it_s = statistics.median(per_it) if per_it else None
+                    row = {"schedule": label, "tiles": tiles ** 2, "workers": 2, "tasks_per_iteration": tasks,
+                           "iteration_s": it_s, "seconds_per_task": it_s / tasks if it_s else None, "wall_s": wall,
+                           "intervals_s": per_it}
+                    if mode == "never":
+                        row["model_scheduler_s"] = tasks * hop["per_task_s"]
+                        row["model_over_measured"] = row["model_scheduler_s"] / it_s if it_s else None
+                    rows.append(row)
+                    print({k: v for k, v in row.items() if k != "intervals_s"}, flush=True)
+    # the scheduler's seconds per task of a real iteration graph, from the first size's tile graph;
+    # the other sizes check the prediction tasks x that figure
+    graphs = [r for r in rows if r["schedule"] == "tile graph" and r["iteration_s"]]
+    calibration = None
+    if graphs:
+        per_task = graphs[0]["iteration_s"] / graphs[0]["tasks_per_iteration"]
+        calibration = {"per_task_s": per_task, "from_tiles": graphs[0]["tiles"],
+                       "checks": [{"tiles": r["tiles"], "predicted_s": r["tasks_per_iteration"] * per_task, "measured_s": r["iteration_s"],
+                                   "predicted_over_measured": r["tasks_per_iteration"] * per_task / r["iteration_s"]} for r in graphs[1:]]}
+        print("calibration", calibration, flush=True)
+    path = write(args.out, {"hop": hop, "rows": rows, "calibration": calibration, "scan": args.scan, "iterations": args.iterations,
                             "command": "python -m benchmarks many_tiles " + " ".join(argv or [])})
     print(path)

@@ -293,7 +293,7 @@ def _why_different(d):
                     and p["predicted_scheduler_minutes"] >= p["predicted_compute_minutes"] + p["predicted_comm_minutes"]})
     return WHY_DIFFERENT.format(vmin=min(ratios), vmax=max(ratios), inflation=inflation,
                                 hve_bound=f"{bound[0]}" if bound else "(none of the counts modelled)",
-                                per_task_ms=d.get("hop", {}).get("per_task_s", float("nan")) * 1e3,
+                                per_task_ms=d.get("scheduler_per_task_s", d.get("hop", {}).get("per_task_s", float("nan"))) * 1e3,
                                 gd_tasks=big[0]["tasks_per_iteration"] if big else "n/a",
                                 gd_sched=big[0]["predicted_scheduler_minutes"] if big else float("nan"))
 
@@ -342,26 +342,33 @@ at a 2.4 px step) do not dominate. Whether they do is the first thing the GPU ru
 
 def section_many_tiles(d, lines):
     """The many-tile measurement (benchmarks/many_tiles.py): tile graph against fused."""
-    rows = {r["schedule"]: r for r in d["rows"]}
-    tg, fu = rows.get("tile graph"), rows.get("fused")
+    rows = d["rows"]
+    first = rows[0]
     lines += ["### The scheduler's share, measured, and fused iterations (issue 16)", "",
-              f"`{d['command']}` (`benchmarks/results/many_tiles.json`, {d['machine']['date']}): gd on "
-              f"{tg['tiles']:,} tiles of a {d['scan']} x {d['scan']}-position, 16 px X-ray scan over {tg['workers']} workers, "
-              "where compute per tile is negligible, so an iteration takes what the scheduler and the client need "
-              "(steady-state medians):", "",
-              "| schedule | tasks per iteration | s per iteration | s per task |", "|---|---|---|---|"]
-    for r in (tg, fu):
-        per = f"{r['seconds_per_task'] * 1e3:.2f} ms" if r is tg else ""
-        lines.append(f"| {r['schedule']} | {r['tasks_per_iteration']:,} | {r['iteration_s']:.2f} | {per} |")
+              f"`{d['command']}` (`benchmarks/results/many_tiles.json`, {d['machine']['date']}): gd on many tiles of a "
+              f"{d['scan']} x {d['scan']}-position, 16 px X-ray scan over {first['workers']} workers, where compute per tile is "
+              "negligible, so an iteration takes what the scheduler and the client need (steady-state medians):", "",
+              "| tiles | schedule | tasks per iteration | s per iteration | s per task | model with trivial tasks / measured |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        per = f"{r['seconds_per_task'] * 1e3:.2f} ms" if r["schedule"] == "tile graph" else ""
+        ratio = f"{r['model_over_measured']:.2f}" if r.get("model_over_measured") else ""
+        lines.append(f"| {r['tiles']:,} | {r['schedule']} | {r['tasks_per_iteration']:,} | {r['iteration_s']:.2f} | {per} | {ratio} |")
     lines += ["", "The fused iteration (`daskptycho.schedule.fuse`, `schedule/fuse.py`) is one task per worker and stage "
               "plus one per message between workers: a few tasks however many tiles (`tests/test_fuse.py` checks that "
               "the count grows with workers, not tiles), bit for bit the tile graph's result. What is left of its time is "
               "the client building and fusing the whole tile graph every iteration and the workers running their tiny "
-              "tile tasks in turn.", "",
-              f"The scaling model's scheduler term (`tasks x per_task_s`, {d['hop']['per_task_s'] * 1e3:.2f} ms per task "
-              f"measured on independent trivial tasks) predicts {tg['model_scheduler_s']:.2f} s for the tile graph: "
-              f"{tg['model_over_measured']:.2f} of the {tg['iteration_s']:.2f} s measured. Its tasks carry dependencies "
-              "and data, and the client shares the cores; the predictions above still use the trivial-task figure.", ""]
+              "tile tasks in turn.", ""]
+    cal = d.get("calibration")
+    lines += [f"Independent trivial tasks take {d['hop']['per_task_s'] * 1e3:.2f} ms each here; a real iteration graph's "
+              "tasks carry dependencies and data, and cost more."]
+    if cal:
+        checks = "; ".join(f"{c['tiles']:,} tiles: predicted {c['predicted_s']:.2f} s, measured {c['measured_s']:.2f} s "
+                           f"({c['predicted_over_measured']:.2f})" for c in cal["checks"])
+        lines += [f" The scheduler term is therefore calibrated on the {cal['from_tiles']:,}-tile graph: "
+                  f"{cal['per_task_s'] * 1e3:.2f} ms per task, and checked on the other sizes ({checks}). The paper "
+                  "predictions below use this calibrated figure."]
+    lines += [""]
 
 
 def section_halos(d, lines):

@@ -292,6 +292,16 @@ def main(argv=None):
     print(f"loopback: alpha {loop['alpha_s'] * 1e3:.2f} ms, beta {loop['beta_bytes_per_s'] / 1e9:.2f} GB/s "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     hop = measure_hop()
+    # the scheduler's seconds per task of a real iteration graph, measured by benchmarks/many_tiles.py
+    # (tasks with dependencies and data cost more than the trivial ones measure_hop times)
+    many = os.path.join(RESULTS, "many_tiles.json")
+    per_task_graph, per_task_source = hop["per_task_s"], "independent trivial tasks (measure_hop)"
+    if os.path.exists(many):
+        with open(many) as f:
+            cal = json.load(f).get("calibration")
+        if cal:
+            per_task_graph = cal["per_task_s"]
+            per_task_source = f"a {cal['from_tiles']}-tile gd iteration graph on 2 workers (benchmarks/many_tiles.py)"
     print(f"scheduler round trip per dependency: {hop['same_worker_s'] * 1e3:.2f} ms on one worker, "
           f"{hop['alternating_s'] * 1e3:.2f} ms between two; {hop['per_task_s'] * 1e3:.3f} ms per independent task", flush=True)
 
@@ -331,7 +341,7 @@ def main(argv=None):
                 try:
                     m = model(corners, (n, n), shape, tiles, case["slices"], c_gpu, SUMMIT["alpha_s"], SUMMIT["beta_bytes_per_s"],
                               engine=engine, hop={"same_worker_s": hop["same_worker_s"], "alternating_s": hop["same_worker_s"]},
-                              per_task=hop["per_task_s"], halo_px=halo)
+                              per_task=per_task_graph, halo_px=halo)
                 except Exception as e:  # noqa: BLE001 - a tiling that cannot be made is a result, not a crash
                     predictions.append({"dataset": name, "engine": engine, "workers": w, "error": str(e)})
                     continue
@@ -355,6 +365,7 @@ def main(argv=None):
                         "ml_floor_fraction": floor_fraction, "ffts_per_position_per_slice": ffts_per_pos_slice,
                         "best_us_per_fft_bench": floor["best_us_per_fft_cpu"].get(str(n_bench))},
         "loopback": loop, "hop": hop, "summit_assumed": SUMMIT,
+        "scheduler_per_task_s": per_task_graph, "scheduler_per_task_source": per_task_source,
         "validation": validation, "predictions": predictions,
         "command": "python -m benchmarks scaling " + " ".join(argv or []),
     })
