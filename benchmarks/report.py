@@ -367,7 +367,7 @@ def section_many_tiles(d, lines):
                            f"({c['predicted_over_measured']:.2f})" for c in cal["checks"])
         lines += [f" The scheduler term is therefore calibrated on the {cal['from_tiles']:,}-tile graph: "
                   f"{cal['per_task_s'] * 1e3:.2f} ms per task, and checked on the other sizes ({checks}). The paper "
-                  "predictions below use this calibrated figure."]
+                  "predictions of section 4 above use this calibrated figure."]
     lines += [""]
 
 
