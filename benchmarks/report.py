@@ -301,8 +301,8 @@ def _why_different(d):
 GPU_READY = """What is ready:
 
 - **The device hot path** (`daskptycho/physics/cuda.py`): custom CUDA kernels through
-  CuPy's `RawModule` (NVRTC; the source compiles for `compute_90`, checked with NVRTC on
-  the CPU machine), each one pass over a batch of waves that reads the object windows in
+  CuPy's `RawModule` (NVRTC; the source compiles for `compute_90`, checked without a GPU by
+  `scripts/check_cuda_source.py`), each one pass over a batch of waves that reads the object windows in
   place: `window_multiply` (the transmission through a slice), `cost_gradient` (the
   amplitude or Poisson cost map and `2 dL/dPsi*` written over the far field, patterns read
   by row from the device-resident array), `adjoint_slice` (object gradient and

@@ -52,12 +52,24 @@ __all__ = ["window_multiply", "cost_gradient", "adjoint_slice", "window_abs2_sum
 _TINY = 1e-30
 _THREADS = 256
 
-_SOURCE = r"""
+SOURCE = r"""
 typedef long long i64;
 #define LOOP(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
 
 __device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x); }
 __device__ __forceinline__ float2 cmulconj(float2 a, float2 b) { /* a * conj(b) */ return make_float2(a.x * b.x + a.y * b.y, a.y * b.x - a.x * b.y); }
+
+// target[l, window j] += values[l, j] over real units: a complex array is its (re, im) pairs (m = 2)
+template <typename T>
+__device__ void scatter_windows(T* __restrict__ target, const float* __restrict__ values, const int* __restrict__ corners,
+                                const int L, const int J, const int ny, const int nxr, const i64 H, const i64 Wr, const int m) {
+    const i64 nn = (i64)ny * nxr, per_l = (i64)J * nn;
+    LOOP(i, (i64)L * per_l) {
+        const i64 l = i / per_l, r = i - l * per_l, j = r / nn, p = r - j * nn;
+        const int y = (int)(p / nxr), x = (int)(p - (i64)y * nxr);
+        atomicAdd(target + l * H * Wr + (i64)(corners[2 * j] + y) * Wr + (i64)m * corners[2 * j + 1] + x, (T)values[i]);
+    }
+}
 
 extern "C" {
 
@@ -145,27 +157,6 @@ __global__ void window_abs2_sum(const float2* __restrict__ obj, const int* __res
     }
 }
 
-// target[l, window j] += values[l, j] over real units: a complex array is its (re, im) pairs (m = 2)
-__global__ void scatter_windows_f(float* __restrict__ target, const float* __restrict__ values, const int* __restrict__ corners,
-                                  const int L, const int J, const int ny, const int nxr, const i64 H, const i64 Wr, const int m) {
-    const i64 nn = (i64)ny * nxr, per_l = (i64)J * nn;
-    LOOP(i, (i64)L * per_l) {
-        const i64 l = i / per_l, r = i - l * per_l, j = r / nn, p = r - j * nn;
-        const int y = (int)(p / nxr), x = (int)(p - (i64)y * nxr);
-        atomicAdd(target + l * H * Wr + (i64)(corners[2 * j] + y) * Wr + (i64)m * corners[2 * j + 1] + x, values[i]);
-    }
-}
-
-__global__ void scatter_windows_d(double* __restrict__ target, const float* __restrict__ values, const int* __restrict__ corners,
-                                  const int L, const int J, const int ny, const int nxr, const i64 H, const i64 Wr, const int m) {
-    const i64 nn = (i64)ny * nxr, per_l = (i64)J * nn;
-    LOOP(i, (i64)L * per_l) {
-        const i64 l = i / per_l, r = i - l * per_l, j = r / nn, p = r - j * nn;
-        const int y = (int)(p / nxr), x = (int)(p - (i64)y * nxr);
-        atomicAdd(target + l * H * Wr + (i64)(corners[2 * j] + y) * Wr + (i64)m * corners[2 * j + 1] + x, (double)values[i]);
-    }
-}
-
 // out[l, j, p] = obj[l, window j at p]
 __global__ void gather_windows(const float2* __restrict__ obj, const int* __restrict__ corners, float2* __restrict__ out,
                                const int L, const int J, const int ny, const int nx, const i64 H, const int W) {
@@ -175,6 +166,16 @@ __global__ void gather_windows(const float2* __restrict__ obj, const int* __rest
         const int y = (int)(p / nx), x = (int)(p - (i64)y * nx);
         out[i] = obj[l * H * W + (i64)(corners[2 * j] + y) * W + corners[2 * j + 1] + x];
     }
+}
+
+__global__ void scatter_windows_f(float* target, const float* values, const int* corners, const int L, const int J,
+                                  const int ny, const int nxr, const i64 H, const i64 Wr, const int m) {
+    scatter_windows<float>(target, values, corners, L, J, ny, nxr, H, Wr, m);
+}
+
+__global__ void scatter_windows_d(double* target, const float* values, const int* corners, const int L, const int J,
+                                  const int ny, const int nxr, const i64 H, const i64 Wr, const int m) {
+    scatter_windows<double>(target, values, corners, L, J, ny, nxr, H, Wr, m);
 }
 
 // difference map, eq. 3 input: out[j, k, l] = P_k O_l (twice = 0) or 2 P_k O_l - psi[j, k, l] (twice = 1)
@@ -289,7 +290,7 @@ def _kernel(name):
             if _module is None:
                 import cupy
 
-                _module = cupy.RawModule(code=_SOURCE, options=("-std=c++14",))
+                _module = cupy.RawModule(code=SOURCE, options=("-std=c++14",))
     return _module.get_function(name)
 
 
