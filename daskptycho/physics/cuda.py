@@ -310,6 +310,13 @@ def _c(a):
     return a if a.flags.c_contiguous else get_array_module(a).ascontiguousarray(a)
 
 
+def _require_contiguous(**arrays):
+    """The kernels index these arrays as C-contiguous and write some in place: refuse others."""
+    for name, a in arrays.items():
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (the kernels index it flat and write it in place)")
+
+
 def _check_corners(corners, window, shape):
     if corners.ndim != 2 or corners.shape[1] != 2 or corners.dtype != np.int32:
         raise ValueError(f"corners must be an int32 array (J, 2), got {corners.dtype} {corners.shape}")
@@ -390,6 +397,7 @@ def window_multiply(psi, obj, corners, out):
     if not is_gpu(xp):
         out[...] = psi * _windows(obj, corners, (ny, nx))[:, None]
         return out
+    _require_contiguous(out=out)
     psi, obj = _c(psi), _c(obj)
     stride = 0 if psi.shape[0] == 1 and j != 1 else k * ny * nx
     _launch("window_multiply", j * ny * nx, (psi, np.int64(stride), obj, corners, out, np.int32(j), np.int32(k),
@@ -435,6 +443,7 @@ def cost_gradient(far, intensity, rows, mask, far_scale, poisson):
             cmap, w = cmap * mask, w * mask
         far *= (w * np.float32(2 * s2)).astype(np.float32)[:, None]
         return np.asarray(np.sum(cmap, dtype=np.float64))
+    _require_contiguous(far=far)
     cmap = xp.empty((j, ny, nx), dtype=xp.float32)
     m = None if mask is None else xp.ascontiguousarray(mask, dtype=xp.uint8)
     _launch("cost_gradient", j * ny * nx, (far, _c(intensity), _ptr(rows), _ptr(m), cmap, np.int32(j), np.int32(k), np.int64(ny * nx),
@@ -467,6 +476,7 @@ def adjoint_slice(g, psi, obj, corners, g_obj, illum):
         scatter_windows(illum, corners, il.astype(illum.dtype))
         g *= np.conj(_windows(obj, corners, (ny, nx)))[:, None]
         return g
+    _require_contiguous(g=g, g_obj=g_obj, illum=illum)
     psi, obj = _c(psi), _c(obj)
     stride = 0 if psi.shape[0] == 1 and j != 1 else k * ny * nx
     _launch("adjoint_slice", j * ny * nx, (g, psi, np.int64(stride), obj, corners, g_obj.view(xp.float32), illum,
@@ -555,6 +565,7 @@ def dm_views_in(psi, probe, obj, corners, out, twice):
     """
     xp = get_array_module(out)
     j, k, n_l, ny, nx = out.shape
+    _require_contiguous(psi=psi, out=out)
     if not is_gpu(xp):
         po = probe[None, :, None] * gather_windows(obj, corners, (ny, nx)).transpose(1, 0, 2, 3)[:, None]
         out[...] = 2 * po - psi if twice else po
@@ -587,6 +598,7 @@ def dm_fourier(far, intensity, mask, error):
         s = np.where(lit, np.sqrt(intensity / np.maximum(total, np.float32(_TINY))), 1).astype(np.float32) * np.float32(inv_nn)
         far *= s[:, None, None]
         return None
+    _require_contiguous(far=far)
     m = None if mask is None else xp.ascontiguousarray(mask, dtype=xp.uint8)
     emap = xp.empty((j, ny, nx), dtype=xp.float32) if error else None
     _launch("dm_fourier", j * ny * nx, (far, _c(intensity), _ptr(m), _ptr(emap), np.int32(j), np.int32(k * n_l), np.int64(ny * nx),
@@ -603,6 +615,7 @@ def dm_views_out(psi, w, probe, obj, corners, beta, num, den):
     """
     xp = get_array_module(psi)
     j, k, n_l, ny, nx = psi.shape
+    _require_contiguous(psi=psi, num=num, den=den)
     if not is_gpu(xp):
         po = dm_views_in(psi, probe, obj, corners, np.empty_like(psi), False)
         psi += np.float32(beta) * (w - po)
@@ -628,7 +641,7 @@ def dm_probe_sums(psi, obj, corners, num, den):
         den += (win.real ** 2 + win.imag ** 2).sum(axis=(0, 1), dtype=np.float64)
         return num, den
     split = min(j, 32)
-    _launch("dm_probe_sums", k * ny * nx, (psi, _c(obj), corners, num.view(xp.float64), den, np.int32(j), np.int32(k),
+    _launch("dm_probe_sums", k * ny * nx, (_c(psi), _c(obj), corners, num.view(xp.float64), den, np.int32(j), np.int32(k),
                                            np.int32(n_l), np.int32(ny), np.int32(nx), np.int64(obj.shape[1]),
                                            np.int32(obj.shape[2])), split=split)
     return num, den

@@ -126,6 +126,7 @@ def _part_step_device(views, data, probe, crop, mask, ctx: DMContext, part):
     object sums in one kernel (:mod:`daskptycho.physics.cuda`); nothing leaves the device
     but the Fourier error, read once at the end."""
     xp = get_array_module(views)
+    views = xp.ascontiguousarray(views)  # after the modes' mixing (einsum) it may be a strided view; the kernels write it flat
     probe = probe.astype(xp.complex64, copy=False)
     crop = crop.astype(xp.complex64, copy=False)
     data = data.astype(xp.float32, copy=False)
