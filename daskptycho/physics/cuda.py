@@ -59,6 +59,15 @@ typedef long long i64;
 __device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x); }
 __device__ __forceinline__ float2 cmulconj(float2 a, float2 b) { /* a * conj(b) */ return make_float2(a.x * b.x + a.y * b.y, a.y * b.x - a.x * b.y); }
 
+// item i of a (J, nn) launch: its position j, its pixel p in the window, and the object pixel under it
+__device__ __forceinline__ i64 window_pixel(const i64 i, const i64 nn, const int nx, const int W, const int* __restrict__ corners,
+                                            i64& j, i64& p) {
+    j = i / nn;
+    p = i - j * nn;
+    const int y = (int)(p / nx), x = (int)(p - (i64)y * nx);
+    return (i64)(corners[2 * j] + y) * W + corners[2 * j + 1] + x;
+}
+
 // target[l, window j] += values[l, j] over real units: a complex array is its (re, im) pairs (m = 2)
 template <typename T>
 __device__ void scatter_windows(T* __restrict__ target, const float* __restrict__ values, const int* __restrict__ corners,
@@ -79,9 +88,8 @@ __global__ void window_multiply(const float2* __restrict__ psi, const i64 psi_st
                                 const int J, const int K, const int ny, const int nx, const int W) {
     const i64 nn = (i64)ny * nx;
     LOOP(i, (i64)J * nn) {
-        const i64 j = i / nn, p = i - j * nn;
-        const int y = (int)(p / nx), x = (int)(p - (i64)y * nx);
-        const float2 o = obj[(i64)(corners[2 * j] + y) * W + corners[2 * j + 1] + x];
+        i64 j, p;
+        const float2 o = obj[window_pixel(i, nn, nx, W, corners, j, p)];
         for (int k = 0; k < K; ++k)
             out[(j * K + k) * nn + p] = cmul(psi[j * psi_stride_j + k * nn + p], o);
     }
@@ -122,9 +130,8 @@ __global__ void adjoint_slice(float2* __restrict__ g, const float2* __restrict__
                               const int J, const int K, const int ny, const int nx, const int W) {
     const i64 nn = (i64)ny * nx;
     LOOP(i, (i64)J * nn) {
-        const i64 j = i / nn, p = i - j * nn;
-        const int y = (int)(p / nx), x = (int)(p - (i64)y * nx);
-        const i64 q = (i64)(corners[2 * j] + y) * W + corners[2 * j + 1] + x;
+        i64 j, p;
+        const i64 q = window_pixel(i, nn, nx, W, corners, j, p);
         const float2 o = obj[q];
         float gr = 0.f, gi = 0.f, il = 0.f;
         for (int k = 0; k < K; ++k) {
@@ -184,9 +191,8 @@ __global__ void dm_views_in(const float2* __restrict__ psi, const float2* __rest
                             const int J, const int K, const int L, const int ny, const int nx, const i64 H, const int W) {
     const i64 nn = (i64)ny * nx;
     LOOP(i, (i64)J * nn) {
-        const i64 j = i / nn, p = i - j * nn;
-        const int y = (int)(p / nx), x = (int)(p - (i64)y * nx);
-        const i64 q = (i64)(corners[2 * j] + y) * W + corners[2 * j + 1] + x;
+        i64 j, p;
+        const i64 q = window_pixel(i, nn, nx, W, corners, j, p);
         for (int l = 0; l < L; ++l) {
             const float2 o = obj[l * H * W + q];
             for (int k = 0; k < K; ++k) {
@@ -226,9 +232,8 @@ __global__ void dm_views_out(float2* __restrict__ psi, const float2* __restrict_
                              const int J, const int K, const int L, const int ny, const int nx, const i64 H, const int W) {
     const i64 nn = (i64)ny * nx;
     LOOP(i, (i64)J * nn) {
-        const i64 j = i / nn, p = i - j * nn;
-        const int y = (int)(p / nx), x = (int)(p - (i64)y * nx);
-        const i64 q = (i64)(corners[2 * j] + y) * W + corners[2 * j + 1] + x;
+        i64 j, p;
+        const i64 q = window_pixel(i, nn, nx, W, corners, j, p);
         float p2 = 0.f;
         for (int k = 0; k < K; ++k) { const float2 a = probe[k * nn + p]; p2 += a.x * a.x + a.y * a.y; }
         for (int l = 0; l < L; ++l) {
