@@ -109,3 +109,9 @@ class WorkerLost(Exception):
 
 class RecoveryError(DaskptychoError, RuntimeError):
     """Workers kept dying: more recoveries than ``daskptycho.recovery.max_recoveries``."""
+
+
+class PeerExchangeError(DaskptychoError, RuntimeError):
+    """A message between two workers' stages (``daskptycho.schedule.exchange: peer``) did
+    not arrive: its run was aborted (a lost worker, an error in another stage), or it took
+    longer than ``daskptycho.schedule.peer_timeout_s``."""

@@ -24,6 +24,7 @@ from .. import dashboard as _dashboard  # noqa: F401  (adds /daskptycho to the d
 from ..cluster import connect
 from ..errors import RecoveryError, WorkerLost
 from ..keys import PHASES, phase_of
+from ..tasks import peer
 from . import memory
 
 
@@ -169,6 +170,19 @@ class Driver:
         phase = phase_of(key)
         with self.span(phase) if phase else contextlib.nullcontext():
             return self.client.submit(func, *args, key=key, workers=[worker], allow_other_workers=False, pure=False)
+
+    def peer_exchange(self):
+        """Make every worker (and every worker that joins later) able to receive peer
+        messages (:class:`~daskptycho.tasks.peer.PeerExchange`; registering it again is a no-op)."""
+        if not getattr(self, "_peer_registered", False):
+            self.client.register_plugin(peer.PeerExchange())
+            self._peer_registered = True
+
+    def abort_peers(self, tag, reason):
+        """Abort the peer messages of run attempt ``tag`` on every live worker: its stages
+        still waiting for a message from a lost worker fail instead of holding on."""
+        if getattr(self, "_peer_registered", False):
+            self.client.run(peer.abort, tag, reason, on_error="ignore")
 
     # ------------------------------------------------------------------ waiting, lost workers
     def lost_workers(self, placement):

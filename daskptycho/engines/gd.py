@@ -15,6 +15,7 @@ from ..errors import OptionsError
 from ..io.checkpoint import read_array, write_array
 from ..physics.probe import support_half_widths
 from ..schedule.fuse import Ref, fuse_by_worker
+from ..schedule.graph import IterationGraph
 from ..schedule.passes import gd_iteration
 from ..tasks import tiles as tt
 from ..tasks.stage import take
@@ -45,6 +46,18 @@ class GDOptions(TiledOptions):
 
 
 FUSE = ("auto", "always", "never")
+EXCHANGE = ("scheduler", "peer")
+
+
+def exchange_mode():
+    """How the values one worker's tiles hand another's travel (``daskptycho.schedule.exchange``):
+    ``scheduler``, as tasks the scheduler places (the tile graph, or fused stages and their
+    messages), or ``peer``: fused stages that send them worker to worker
+    (:mod:`~daskptycho.tasks.peer`), one stage per worker and iteration."""
+    value = config.get("schedule.exchange", "scheduler") or "scheduler"
+    if value not in EXCHANGE:
+        raise OptionsError("schedule.exchange", f"is {value!r}; use one of {', '.join(EXCHANGE)} (daskptycho.yaml or DASK_DASKPTYCHO__SCHEDULE__EXCHANGE)")
+    return value
 
 
 def fuse_for(placement):
@@ -153,6 +166,7 @@ class TiledRun(PinnedRun):
         self.cores = {t.key: _local_core(specs[t.key][1], t.core) for t in tiling}
         self.origins = {t.key: (t.core[0], t.core[2]) for t in tiling}
         self.states, self.probe, self.ctx = {}, None, None
+        self._ahead, self.exchange = {}, "scheduler"
         super().__init__(drv, problem, source, progress)
 
     def build(self, it, refine):
@@ -161,6 +175,9 @@ class TiledRun(PinnedRun):
 
     def begin(self, meta):
         o, c = self.problem.options, self.drv.client
+        self.exchange = exchange_mode()
+        if self.exchange == "peer":
+            self.drv.peer_exchange()
         # not broadcast: a broadcast retries for ever towards a worker that left during it;
         # each worker fetches the (small) context with its first task instead
         self.ctx = c.scatter(context_for(self.problem, self.tiling, tiles=self.specs), hash=False)
@@ -176,23 +193,62 @@ class TiledRun(PinnedRun):
                     self.states[key] = self.drv.submit_pinned(read_array, meta["group"], _tile_name(key), None, o.device, worker=w,
                                                               key=self.key("restore", *key))
 
-    def step(self, it):
+    def block_of(self, it):
+        """The iterations submitted together from ``it``: with peer exchange up to
+        ``daskptycho.schedule.block_iterations`` of them, fused into one stage per worker
+        (their costs come back together), never past a checkpoint or the last iteration;
+        otherwise ``it`` alone."""
         o = self.problem.options
-        refine = o.refine_probe and it >= o.probe_refine_start
-        g = self.build(it, refine)
-        wanted = [*g.outputs["states"].values(), *g.outputs["costs"]] + ([g.outputs["probe"]] if refine else [])
-        if not fuse_for(self.workers):
+        if self.exchange != "peer":
+            return [it]
+        k = config.get("schedule.block_iterations", 4)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise OptionsError("schedule.block_iterations", f"is {k!r}; use an integer >= 1 (daskptycho.yaml or DASK_DASKPTYCHO__SCHEDULE__BLOCK_ITERATIONS)")
+        end = min(o.iterations, it + k)
+        if o.checkpoint_every:
+            end = min(end, (it // o.checkpoint_every + 1) * o.checkpoint_every)
+        return list(range(it, end))
+
+    def step(self, it):
+        ahead = self._ahead.pop(it, None)
+        if ahead is not None:  # submitted with an earlier iteration's block
+            return ahead
+        o = self.problem.options
+        block = self.block_of(it)
+        # the block's iterations as one graph: each iteration's graph reads the previous one's keys
+        g = IterationGraph(tag=self.tag)
+        states, probe = self.states, self.probe
+        costs, new_probe = {}, None
+        for i in block:
+            refine = o.refine_probe and i >= o.probe_refine_start
+            gi = self.build(i, refine)
+            g.tasks.update(gi.tasks)
+            g.placement.update(gi.placement)
+            costs[i] = gi.outputs["costs"]
+            self.states = gi.outputs["states"]
+            if refine:
+                self.probe = new_probe = gi.outputs["probe"]
+        g.outputs.update(states=self.states)
+        self.states, self.probe = states, probe
+        wanted = [*g.outputs["states"].values(), *(c for i in block for c in costs[i])] + ([new_probe] if new_probe is not None else [])
+        peer = self.exchange == "peer" and len(set(self.workers.values())) > 1
+        if not peer and not fuse_for(self.workers):
             fut = self.drv.submit_graph(g, self.workers, wanted)
             got = {k: fut[k] for k in wanted}
         else:  # a few tasks per worker, however many tiles it holds (schedule/fuse.py)
-            fused, where = fuse_by_worker(g, it, self.workers, wanted, external=self.drv.is_future)
+            fused, where = fuse_by_worker(g, it, self.workers, wanted, external=self.drv.is_future,
+                                          channel=f"{self.tag}|{it}" if peer else None,
+                                          peer_timeout_s=float(config.get("schedule.peer_timeout_s", 300)))
             need = list(dict.fromkeys(w.source if isinstance(w, Ref) else w for w in where.values()))
             fut = self.drv.submit_graph(fused, self.workers, need)
             got = {k: Ref(fut[w.source], w.name, w.tile) if isinstance(w, Ref) else fut[w] for k, w in where.items()}
         self.states = {k: got[v] for k, v in g.outputs["states"].items()}
-        if refine:
-            self.probe = got[g.outputs["probe"]]
-        return Step(it, [got[k] for k in g.outputs["costs"]])
+        if new_probe is not None:
+            self.probe = got[new_probe]
+        # a block's later iterations are reported as they come; keep them all in flight
+        self.lookahead = max(type(self).lookahead, len(block))
+        self._ahead = {i: Step(i, [got[k] for k in costs[i]]) for i in block[1:]}
+        return Step(it, [got[k] for k in costs[it]])
 
     def _state(self, key):
         """Tile ``key``'s state as a future (a fused iteration's state is a value inside
@@ -249,6 +305,7 @@ class TiledRun(PinnedRun):
 
     def drop(self):
         self.states, self.probe, self.ctx = {}, None, None
+        self._ahead, self.lookahead = {}, type(self).lookahead
 
 
 class GDRun(TiledRun):

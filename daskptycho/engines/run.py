@@ -193,6 +193,7 @@ class PinnedRun:
         """
         self.pending, self.saving = [], {}
         self.drop()
+        self.drv.abort_peers(self.tag, f"lost worker(s) {', '.join(err.lost) or '(unknown)'}")
         at = len(self.costs)
         if len(self.recoveries) >= self.max_recoveries:
             raise RecoveryError(f"workers keep dying: {len(self.recoveries)} recoveries already (daskptycho.recovery.max_recoveries); "

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from dask.core import get_dependencies
 
+from ..tasks.peer import PeerStage, Receive, run_peer_stage
 from ..tasks.stage import Slot, StageSpec, pick, run_stage
 from .graph import IterationGraph
 
@@ -88,8 +89,8 @@ class _StageBuilder:
     """Rewrites the tasks of one stage: their inputs become :class:`Slot` references to
     the stage task's arguments (futures, earlier stages of the worker, messages)."""
 
-    def __init__(self, sid, it, members, tasks, stage_of, stage_key, tile_workers, external, message, add_pick, workers):
-        self.it = it
+    def __init__(self, sid, it, members, tasks, stage_of, stage_key, tile_workers, external, message, add_pick, workers, peer_msg=None):
+        self.it, self.peer_msg = it, peer_msg
         self.sid, self.members, self.tasks, self.stage_of, self.stage_key = sid, members, tasks, stage_of, stage_key
         self.tile_workers, self.external, self.message, self.add_pick, self.workers = tile_workers, external, message, add_pick, workers
         self.slots, self.slot_of = [], {}
@@ -120,14 +121,24 @@ class _StageBuilder:
                 return self.slot(arg, None)
             if producer[0] == sid[0]:
                 return self.slot(self.stage_key[producer], arg)
+            if self.peer_msg is not None:  # sent by the producing stage itself, worker to worker
+                return Receive(self.peer_msg(arg))
             return self.slot(self.message(producer, sid), arg)
         if self.external(arg):
             return self.slot(arg, None)
         return arg
 
 
-def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external):
+def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external, channel=None, peer_timeout_s=300.0):
     """Fuse ``graph``'s pinned tasks into one task per worker and stage (module docstring).
+
+    With ``channel`` (peer exchange, :mod:`~daskptycho.tasks.peer`), a value a pinned
+    task of another worker needs is sent by its stage straight to that worker, as message
+    ``channel``/its position in the graph, instead of going out through a pick task: a
+    dependency between workers then no longer starts a new stage, only one on an
+    unpinned task (a reduction) does, so an iteration without reductions between its
+    tiles' tasks is one stage per worker. Each stage also waits for its worker's previous
+    stage, so a worker runs its stages in order.
 
     Parameters
     ----------
@@ -141,6 +152,11 @@ def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external):
     external : callable ``x -> bool``
         True for the objects that are results computed elsewhere (futures): they become
         arguments of the stage task, so the scheduler sees the dependency.
+    channel : str, optional
+        The messages' namespace for peer exchange (unique to the run's attempt and the
+        iteration); None: every message between workers is a task.
+    peer_timeout_s : float
+        How long a peer stage waits for a message before it fails.
 
     Returns
     -------
@@ -157,11 +173,14 @@ def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external):
     position = {k: i for i, k in enumerate(order)}
     deps = {k: set(get_dependencies(tasks, k)) for k in order}
     worker = {k: tile_workers[graph.placement[k]] for k in order if k in graph.placement}
+    peer = channel is not None
     level = {}
     for k in order:
         lv = 0
         for d in deps[k]:
-            same = k in worker and worker.get(d) == worker[k]
+            # a new stage after a value from another worker (a task's result) or from an unpinned
+            # task; with peer exchange only after an unpinned task's
+            same = k in worker and (worker.get(d) == worker[k] or (peer and d in worker))
             lv = max(lv, level[d] + (1 if k in worker and not same else 0))
         level[k] = lv
     stage_of = {k: (worker[k], level[k]) for k in order if k in worker}
@@ -177,15 +196,21 @@ def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external):
 
     # who needs which value of each stage: a later stage of its own worker, another worker (all of
     # that worker's stages together: one message, fetched once by the worker) or an unpinned task
-    needed_by = {}
+    # one message per producing stage carries what all the unpinned tasks need of it (the
+    # costs and probe parts of every tile of the worker, of every iteration the stage runs)
+    unpinned = ("unpinned",)
+    needed_by, sends = {}, {}
     for k in order:
-        consumer = stage_of.get(k, k)
+        consumer = stage_of.get(k, unpinned)
         for d in deps[k]:
+            if peer and d in stage_of and k in stage_of and worker[d] != worker[k]:
+                sends.setdefault(stage_of[d], {}).setdefault(d, set()).add(worker[k])
+                continue
             if d in stage_of and stage_of[d] != consumer:
                 if consumer in stages and consumer[0] != stage_of[d][0]:
                     consumer = ("worker", consumer[0])
                 needed_by.setdefault(stage_of[d], {}).setdefault(consumer, set()).add(d)
-                consumer = stage_of.get(k, k)
+                consumer = stage_of.get(k, unpinned)
     exports = {sid: set() for sid in stages}
     for sid, consumers in needed_by.items():
         for members in consumers.values():
@@ -201,6 +226,8 @@ def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external):
         stage and receiving worker (or unpinned task)."""
         if consumer in stages:
             consumer = ("worker", consumer[0])
+        elif consumer[0] != "worker":
+            consumer = unpinned
         key = picks.get((producer, consumer))
         if key is None:
             names = sorted(needed_by[producer][consumer], key=position.get)
@@ -209,9 +236,11 @@ def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external):
             picks[(producer, consumer)] = key
         return key
 
+    previous = {}
     for sid in sequence:
         stage = _StageBuilder(sid, it, set(stages[sid]), tasks, stage_of, stage_key, tile_workers, external, message,
-                              lambda key, task, tile: _add_pick(fused, picks, key, task, tile), workers)
+                              lambda key, task, tile: _add_pick(fused, picks, key, task, tile), workers,
+                              peer_msg=position.get if peer else None)
         body = [(k, stage.rewrite(tasks[k])) for k in stages[sid]]
         # drop each value after its last reader in the stage, unless it leaves the stage
         last = {}
@@ -223,7 +252,18 @@ def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external):
             if k not in exports[sid]:
                 release[last.get(k, i)].append(k)
         spec = StageSpec(tuple(body), tuple(sorted(exports[sid], key=position.get)), tuple(tuple(r) for r in release))
-        stage_key[sid] = fused.add(("stage", it, sid[1], workers.index(sid[0])), (run_stage, spec, *stage.slots), home[sid])
+        key = ("stage", it, sid[1], workers.index(sid[0]))
+        if not peer:
+            stage_key[sid] = fused.add(key, (run_stage, spec, *stage.slots), home[sid])
+            continue
+        out = tuple((k, position[k], tuple(sorted(to))) for k, to in sorted(sends.get(sid, {}).items(), key=lambda kv: position[kv[0]]))
+        sources = {worker[d] for k in stages[sid] for d in deps[k] if d in worker and worker[d] != sid[0]}
+        peers = tuple(sorted(sources | {a for _, _, to in out for a in to}))
+        args = list(stage.slots)
+        if sid[0] in previous:  # the worker's stages run in order (an unused argument: the dependency)
+            args.append(stage_key[previous[sid[0]]])
+        stage_key[sid] = fused.add(key, (run_peer_stage, PeerStage(spec, str(channel), out, peers, float(peer_timeout_s)), *args), home[sid])
+        previous[sid[0]] = sid
 
     for k in order:
         if k in stage_of:

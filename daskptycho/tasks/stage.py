@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Slot", "StageSpec", "run_stage", "pick", "take"]
+__all__ = ["Slot", "StageSpec", "evaluate", "run_stage", "pick", "take"]
 
 
 @dataclass(frozen=True)
@@ -30,25 +30,32 @@ class StageSpec:
     release: tuple = ()
 
 
+def evaluate(arg, inputs, cache, receive=None):
+    """The value of one argument of a task inside a stage: a :class:`Slot` is looked up
+    in ``inputs`` (the stage task's arguments) or ``cache`` (values computed earlier in
+    the stage), a task tuple is called, a list evaluated element by element; any other
+    object that ``receive`` knows (a peer message, :mod:`~daskptycho.tasks.peer`) is
+    what it returns, and the rest is literal data."""
+    if isinstance(arg, Slot):
+        if arg.index is None:
+            return cache[arg.name]
+        v = inputs[arg.index]
+        return v if arg.name is None else v[arg.name]
+    if isinstance(arg, tuple) and arg and callable(arg[0]):
+        return arg[0](*[evaluate(a, inputs, cache, receive) for a in arg[1:]])
+    if isinstance(arg, list):
+        return [evaluate(a, inputs, cache, receive) for a in arg]
+    if receive is not None:
+        return receive(arg)
+    return arg
+
+
 def run_stage(spec: StageSpec, *inputs):
     """Run the tasks of ``spec`` in order on this worker; returns ``{key: value}`` of its
     exports. Each task sees its inputs exactly as it would as a task of its own."""
     cache = {}
-
-    def ev(arg):
-        if isinstance(arg, Slot):
-            if arg.index is None:
-                return cache[arg.name]
-            v = inputs[arg.index]
-            return v if arg.name is None else v[arg.name]
-        if isinstance(arg, tuple) and arg and callable(arg[0]):
-            return arg[0](*[ev(a) for a in arg[1:]])
-        if isinstance(arg, list):
-            return [ev(a) for a in arg]
-        return arg
-
     for i, (key, task) in enumerate(spec.tasks):
-        cache[key] = ev(task)
+        cache[key] = evaluate(task, inputs, cache)
         for k in spec.release[i] if spec.release else ():
             cache.pop(k, None)
     return {k: cache[k] for k in spec.exports}

@@ -1,0 +1,315 @@
+"""Strips between workers without the scheduler: a fused stage's messages sent worker to worker.
+
+With ``daskptycho.schedule.exchange: peer`` an iteration's fused stages
+(:func:`~daskptycho.schedule.fuse.fuse_by_worker`) hand the values another worker's
+stage needs (gd's strips, hve's core pieces) straight to that worker, over the same
+connections (TCP, or UCX under dask-cuda) that distributed uses between workers, instead
+of through a task the scheduler has to place and announce. The scheduler then sees one
+task per worker and stage, and its share of an iteration no longer grows with the
+exchanges: the per-task cost that bounds the tile graph at thousands of tiles
+(``docs/performance.md``) is paid per worker, not per strip.
+
+Inside a stage the tasks run as a small dataflow: the first task (in the builder's
+order) whose inputs are all there runs next, and a task waiting for a message from
+another worker lets the others go first, so the passes still pipeline across
+directions. Every stage sends a value as soon as it is computed. Deadlock is not
+possible: all stages run their tasks in one global topological order restricted to
+what is ready, so the earliest unfinished task of the whole iteration always has its
+inputs.
+
+A stage waiting for messages leaves the worker's thread pool (``distributed.secede``),
+so the small tasks a worker still runs for the scheduler (the costs, the probe parts)
+never wait behind it.
+
+Failure: a stage that fails tells its peers, whose waiting stages then fail too; the
+driver, which sees a lost worker by polling, aborts the attempt's messages on every
+worker (:func:`abort`) before it starts again from the last checkpoint. A message that
+does not come within ``daskptycho.schedule.peer_timeout_s`` (of the process that built the
+graph) fails the stage with
+:class:`~daskptycho.errors.PeerExchangeError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from ..errors import PeerExchangeError
+from .stage import Slot, StageSpec, evaluate
+
+__all__ = ["NAME", "PeerExchange", "Receive", "PeerStage", "run_peer_stage", "abort"]
+
+#: the plugin's name on every worker, and the handlers it adds
+NAME = "daskptycho-peer"
+PUT = "daskptycho_peer_put"
+ABORT = "daskptycho_peer_abort"
+
+log = logging.getLogger("daskptycho")
+
+
+@dataclass(frozen=True)
+class Receive:
+    """An input of a task in a peer stage: message ``msg`` of the stage's channel, sent by
+    another worker's stage."""
+
+    msg: int
+
+
+@dataclass(frozen=True)
+class PeerStage:
+    """A fused stage that exchanges messages with the stages of other workers.
+
+    Attributes
+    ----------
+    stage : StageSpec
+        The tasks (their inputs :class:`~daskptycho.tasks.stage.Slot` or :class:`Receive`),
+        exports and releases, as :func:`~daskptycho.tasks.stage.run_stage` takes them.
+    channel : str
+        The messages' namespace: the run's attempt and the iteration (``"<tag>|<it>"``).
+    sends : tuple of ``(key, msg, (address, ...))``
+        The values that leave: task ``key``'s result goes, as message ``msg``, to each address.
+    peers : tuple of str
+        Every worker this stage sends to or receives from (told when the stage fails).
+    timeout_s : float
+        How long the stage waits for a message before it fails
+        (``daskptycho.schedule.peer_timeout_s`` where the graph was built).
+    """
+
+    stage: StageSpec
+    channel: str
+    sends: tuple = ()
+    peers: tuple = ()
+    timeout_s: float = 300.0
+
+
+def _tag_of(channel):
+    return channel.split("|", 1)[0]
+
+
+class _Mailbox:
+    """Messages that have arrived for the stages of this worker, by ``(channel, msg)``."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.box = {}
+        self.aborted = {}  # tag -> reason
+
+    def put(self, channel, msg, value):
+        with self.cond:
+            if _tag_of(channel) in self.aborted:
+                return
+            self.box[(channel, msg)] = value
+            self.cond.notify_all()
+
+    def abort(self, tag, reason):
+        with self.cond:
+            self.aborted[tag] = reason
+            for k in [k for k in self.box if _tag_of(k[0]) == tag]:
+                del self.box[k]
+            self.cond.notify_all()
+
+    def poll(self, channel, msgs):
+        """Pop and return ``{msg: value}`` of the messages among ``msgs`` that have arrived
+        (waiting up to ``wait`` for at least one is the caller's business)."""
+        got = {}
+        for m in msgs:
+            k = (channel, m)
+            if k in self.box:
+                got[m] = self.box.pop(k)
+        return got
+
+    def check(self, channel):
+        reason = self.aborted.get(_tag_of(channel))
+        if reason is not None:
+            raise PeerExchangeError(f"the messages of {channel} were aborted: {reason}")
+
+
+class PeerExchange(WorkerPlugin):
+    """The worker side of peer messages: a mailbox and the handlers that fill it.
+
+    Registered by the driver for runs with ``daskptycho.schedule.exchange: peer``; workers
+    that join later (a restarted worker) get it too.
+    """
+
+    idempotent = True
+    name = NAME
+
+    def setup(self, worker):
+        self.worker = worker
+        self.mailbox = _Mailbox()
+        worker.handlers[PUT] = self._put
+        worker.handlers[ABORT] = self._abort
+
+    def teardown(self, worker):
+        for h in (PUT, ABORT):
+            worker.handlers.pop(h, None)
+
+    async def _put(self, channel=None, msg=None, value=None):
+        self.mailbox.put(channel, msg, value)
+        return "OK"
+
+    def _abort(self, tag=None, reason=None):
+        self.mailbox.abort(tag, reason or "aborted")
+        return "OK"
+
+    def send(self, address, channel, msg, value):
+        """Send ``value`` to ``address``'s mailbox; returns a ``concurrent.futures.Future``
+        (called from a task's thread: the message leaves on the worker's event loop)."""
+        from distributed.protocol import to_serialize
+
+        async def go():
+            return await self.worker.rpc(address).daskptycho_peer_put(channel=channel, msg=msg, value=to_serialize(value))
+
+        return asyncio.run_coroutine_threadsafe(go(), self.worker.loop.asyncio_loop)
+
+    def tell_abort(self, addresses, tag, reason):
+        """Abort ``tag``'s messages here and at ``addresses`` (best effort: a peer may be gone)."""
+        self.mailbox.abort(tag, reason)
+
+        async def go(a):
+            try:
+                await self.worker.rpc(a).daskptycho_peer_abort(tag=tag, reason=reason)
+            except Exception:  # noqa: BLE001 - a peer that is gone needs no telling
+                pass
+
+        for a in addresses:
+            if a != self.worker.address:
+                asyncio.run_coroutine_threadsafe(go(a), self.worker.loop.asyncio_loop)
+
+
+def abort(tag, reason="aborted by the driver", dask_worker=None):
+    """Abort the messages of run attempt ``tag`` on this worker (``Client.run`` calls it on
+    all): stages waiting for them fail, later ones are dropped on arrival."""
+    plugin = dask_worker.plugins.get(NAME) if dask_worker is not None else None
+    if plugin is not None:
+        plugin.mailbox.abort(tag, reason)
+
+
+def _reads(arg, slots, msgs):
+    """The in-stage keys and the messages a task reads."""
+    if isinstance(arg, Slot):
+        if arg.index is None:
+            slots.add(arg.name)
+    elif isinstance(arg, Receive):
+        msgs.add(arg.msg)
+    elif isinstance(arg, (tuple, list)):
+        for a in arg:
+            _reads(a, slots, msgs)
+    return slots, msgs
+
+
+def run_peer_stage(spec: PeerStage, *inputs):
+    """Run a peer stage on this worker (module docstring); returns ``{key: value}`` of its
+    exports, like :func:`~daskptycho.tasks.stage.run_stage`, once its messages are delivered.
+
+    Raises
+    ------
+    PeerExchangeError
+        A message was aborted or did not come in time.
+    """
+    from distributed import get_worker, secede
+
+    worker = get_worker()
+    plugin = worker.plugins.get(NAME)
+    if plugin is None:
+        raise PeerExchangeError(f"worker {worker.address} has no {NAME} plugin: peer stages are submitted by "
+                                "the daskptycho driver, which registers it (daskptycho.schedule.exchange: peer)")
+    secede()  # waiting for peers must not hold a slot of the worker's thread pool
+    try:
+        return _run(spec, inputs, plugin, float(spec.timeout_s))
+    except BaseException as e:
+        plugin.tell_abort(spec.peers, _tag_of(spec.channel), f"stage {spec.channel} on {worker.address} failed: {e!r}"[:500])
+        raise
+
+
+def _run(spec, inputs, plugin, timeout):
+    stage = spec.stage
+    tasks = stage.tasks
+    box = plugin.mailbox
+    sends = {key: (msg, addrs) for key, msg, addrs in spec.sends}
+    index = {key: i for i, (key, _) in enumerate(tasks)}
+    missing, task_slots, task_msgs = [], [], []
+    readers_of_key, readers_of_msg = {}, {}
+    for i, (_, task) in enumerate(tasks):
+        slots, msgs = _reads(task, set(), set())
+        slots = {k for k in slots if k in index}  # computed earlier in the stage
+        task_slots.append(slots)
+        task_msgs.append(msgs)
+        missing.append(len(slots) + len(msgs))
+        for k in slots:
+            readers_of_key.setdefault(k, []).append(i)
+        for m in msgs:
+            readers_of_msg.setdefault(m, []).append(i)
+    # tasks run out of the builder's order here, so a value is dropped after its last
+    # reader has run, whichever that is (not after the last reader in the order)
+    exports = set(stage.exports)
+    readers_left = {k: len(v) for k, v in readers_of_key.items()}
+    msg_readers_left = {m: len(v) for m, v in readers_of_msg.items()}
+    ready = [i for i, n in enumerate(missing) if n == 0]
+    heapq.heapify(ready)
+    cache, received, outgoing = {}, {}, []
+    waiting = set(readers_of_msg)
+    done = 0
+    deadline = time.monotonic() + timeout
+
+    def arrived(got):
+        for m, v in got.items():
+            received[m] = v
+            waiting.discard(m)
+            for i in readers_of_msg[m]:
+                missing[i] -= 1
+                if missing[i] == 0:
+                    heapq.heappush(ready, i)
+
+    def receive(arg):
+        if isinstance(arg, Receive):
+            return received[arg.msg]
+        return arg
+
+    while done < len(tasks):
+        with box.cond:
+            while True:
+                box.check(spec.channel)
+                if waiting:
+                    arrived(box.poll(spec.channel, waiting))
+                if ready:
+                    break
+                if not waiting:
+                    raise PeerExchangeError(f"stage {spec.channel}: no task can run and no message is awaited (a malformed stage)")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerExchangeError(f"stage {spec.channel}: messages {sorted(waiting)[:8]} did not arrive within "
+                                            f"{timeout:g} s (daskptycho.schedule.peer_timeout_s)")
+                box.cond.wait(min(left, 1.0))
+        i = heapq.heappop(ready)
+        key, task = tasks[i]
+        value = evaluate(task, inputs, cache, receive)
+        cache[key] = value
+        done += 1
+        if key in sends:
+            msg, addrs = sends[key]
+            outgoing.extend(plugin.send(a, spec.channel, msg, value) for a in addrs)
+        for r in readers_of_key.get(key, ()):
+            missing[r] -= 1
+            if missing[r] == 0:
+                heapq.heappush(ready, r)
+        for k in task_slots[i]:
+            if k in readers_left:
+                readers_left[k] -= 1
+                if readers_left[k] == 0 and k not in exports:
+                    cache.pop(k, None)
+        if key not in readers_left and key not in exports:
+            cache.pop(key, None)
+        for m in task_msgs[i]:
+            msg_readers_left[m] -= 1
+            if msg_readers_left[m] == 0:
+                received.pop(m, None)
+    for f in outgoing:
+        f.result(timeout=max(1.0, deadline - time.monotonic()))
+    return {k: cache[k] for k in stage.exports}

@@ -1,0 +1,134 @@
+"""Peer exchange (``daskptycho.schedule.exchange: peer``, tasks/peer.py): fused stages send
+the values other workers' tiles need straight to those workers, blocks of iterations
+run as one stage per worker, and the results are bit for bit those of the tile graph.
+A real process LocalCluster; a stage that fails, or a message that never comes, ends
+the others' waits instead of hanging them."""
+
+from __future__ import annotations
+
+import time
+
+import dask
+import numpy as np
+import pytest
+from distributed import wait
+
+import daskptycho as dp
+from daskptycho.errors import OptionsError, PeerExchangeError
+from daskptycho.tasks import peer
+from daskptycho.tasks.stage import Slot, StageSpec
+
+ITERATIONS = 5
+
+
+def _run(ds, client, exchange, block=3, **kw):
+    cfg = {"daskptycho.schedule.exchange": exchange, "daskptycho.schedule.block_iterations": block}
+    with dask.config.set(cfg):
+        return dp.reconstruct(ds, iterations=ITERATIONS, client=client, **kw)
+
+
+def _same(a, b):
+    for v in ("object", "probe", "cost"):
+        assert np.array_equal(a[v].values, b[v].values), v
+
+
+@pytest.mark.parametrize("kw", [
+    dict(engine="gd", tiles=(3, 3), slices=2, refine_probe=True, probe_refine_start=2),
+    dict(engine="gd", tiles=(2, 2), slices=2, passes_per_iteration=2, local_updates=True, batch_size=8),
+    dict(engine="hve", tiles=(2, 2), slices=2),
+], ids=["gd-3x3-probe", "gd-rounds-local", "hve"])
+def test_peer_exchange_gives_the_tile_graphs_result(small_pbtio3, client, kw):
+    ds = dp.open_dataset(small_pbtio3)
+    with dask.config.set({"daskptycho.schedule.fuse": "never"}):
+        ref = _run(ds, client, "scheduler", **kw)
+    got = _run(ds, client, "peer", **kw)
+    _same(got, ref)
+    assert len(got["cost"]) == ITERATIONS
+
+
+def test_peer_blocks_stop_at_checkpoints_and_resume_exactly(small_pbtio3, client, tmp_path):
+    ds = dp.open_dataset(small_pbtio3)
+    kw = dict(engine="gd", tiles=(2, 2), slices=2)
+    ref = _run(ds, client, "scheduler", **kw)
+    out = tmp_path / "ck.zarr"
+    # checkpoints after iterations 2 and 4: blocks of 4 must stop there
+    with dask.config.set({"daskptycho.schedule.exchange": "peer", "daskptycho.schedule.block_iterations": 4}):
+        dp.reconstruct(ds, iterations=4, client=client, checkpoint=str(out), checkpoint_every=2, **kw)
+        got = dp.reconstruct(ds, iterations=ITERATIONS, client=client, checkpoint=str(out), checkpoint_every=2, resume=True, **kw)
+    _same(got, ref)
+
+
+def test_peer_settings_are_checked(small_pbtio3, client):
+    ds = dp.open_dataset(small_pbtio3)
+    with dask.config.set({"daskptycho.schedule.exchange": "carrier-pigeon"}):
+        with pytest.raises(OptionsError, match="schedule.exchange"):
+            dp.reconstruct(ds, iterations=1, client=client, engine="gd", tiles=(2, 2))
+    with dask.config.set({"daskptycho.schedule.exchange": "peer", "daskptycho.schedule.block_iterations": 0}):
+        with pytest.raises(OptionsError, match="block_iterations"):
+            dp.reconstruct(ds, iterations=1, client=client, engine="gd", tiles=(2, 2))
+
+
+def _fail(x):
+    raise ValueError("a tile task failed")
+
+
+def _stages(channel, a, b, first, timeout_s=600.0):
+    """Two one-task stages: ``a``'s task computes ``first(1)`` and sends it to ``b``, whose
+    task adds one to what it receives."""
+    sa = peer.PeerStage(StageSpec(((("x",), (first, 1)),), ()), channel, ((("x",), 7, (b,)),), (b,), timeout_s)
+    sb = peer.PeerStage(StageSpec(((("y",), (np.add, peer.Receive(7), 1)),), (("y",),)), channel, (), (a,), timeout_s)
+    return sa, sb
+
+
+def _submit(client, channel, first):
+    client.register_plugin(peer.PeerExchange())
+    a, b = sorted(client.nthreads())
+    sa, sb = _stages(channel, a, b, first)
+    fb = client.submit(peer.run_peer_stage, sb, key=f"peer-b-{channel}", workers=[b], allow_other_workers=False, pure=False)
+    time.sleep(0.2)  # b waits first
+    fa = client.submit(peer.run_peer_stage, sa, key=f"peer-a-{channel}", workers=[a], allow_other_workers=False, pure=False)
+    return fa, fb
+
+
+def test_a_message_crosses_workers(client):
+    fa, fb = _submit(client, "t1|0", np.negative)
+    assert fb.result(timeout=60) == {("y",): 0}
+    assert fa.result(timeout=60) == {}
+
+
+def test_a_failed_stage_ends_its_peers_waits(client):
+    t0 = time.monotonic()
+    fa, fb = _submit(client, "t2|0", _fail)
+    wait([fa, fb], timeout=120)
+    assert time.monotonic() - t0 < 100  # told by the failed stage, not by the 600 s timeout
+    with pytest.raises(ValueError, match="a tile task failed"):
+        fa.result()
+    with pytest.raises(PeerExchangeError, match="failed"):
+        fb.result()
+
+
+def test_a_message_that_never_comes_times_out(client):
+    client.register_plugin(peer.PeerExchange())
+    a, b = sorted(client.nthreads())
+    _, sb = _stages("t3|0", a, b, np.negative, timeout_s=1.0)
+    fb = client.submit(peer.run_peer_stage, sb, key="peer-b-t3", workers=[b], allow_other_workers=False, pure=False)
+    with pytest.raises(PeerExchangeError, match="did not arrive within 1 s"):
+        fb.result(timeout=120)
+
+
+def test_the_driver_aborts_an_attempt(client):
+    client.register_plugin(peer.PeerExchange())
+    a, b = sorted(client.nthreads())
+    _, sb = _stages("t4|0", a, b, np.negative)
+    fb = client.submit(peer.run_peer_stage, sb, key="peer-b-t4", workers=[b], allow_other_workers=False, pure=False)
+    time.sleep(0.5)
+    client.run(peer.abort, "t4", "lost worker x")
+    with pytest.raises(PeerExchangeError, match="lost worker x"):
+        fb.result(timeout=120)
+
+
+def test_stage_inputs_from_slots_and_messages():
+    # the dataflow order: a task waiting for a message lets a later ready task run first
+    spec = StageSpec(((("a",), (np.add, Slot(0), 1)), (("b",), (np.multiply, Slot(None, ("a",)), 2))), (("b",),))
+    assert peer._reads(spec.tasks[1][1], set(), set()) == ({("a",)}, set())
+    assert peer._reads((np.add, peer.Receive(3), [Slot(None, "k")]), set(), set()) == ({"k"}, {3})
