@@ -248,7 +248,8 @@ def main(argv=None):
                     failed.append({"label": label, "error": f"{type(e).__name__}: {e}"})
                     continue
                 count = ffts["dm" if engine == "dm" else "ml"]["ffts"]
-                r.update({"label": label, "engine": engine, "tiles": tiles[0] * tiles[1], "workers": workers,
+                exchange = dask.config.get("daskptycho.schedule.exchange", "peer") if engine in ("gd", "hve") and workers > 1 else None
+                r.update({"label": label, "engine": engine, "tiles": tiles[0] * tiles[1], "workers": workers, "exchange": exchange,
                           "slices": cfg["slices"], "ffts_per_iteration": count, "round": rnd,
                           "us_per_fft_before_case": us_now, "loadavg_after": os.getloadavg()})
                 runs[label].append(r)

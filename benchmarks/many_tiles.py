@@ -13,6 +13,11 @@ building and submitting the graph) needs for its tasks. Two runs, side by side:
 ``fused``
     ``always``: one task per worker and stage plus one per message between workers
     (:mod:`daskptycho.schedule.fuse`).
+``peer exchange``
+    ``daskptycho.schedule.exchange: peer`` (the default): blocks of
+    ``daskptycho.schedule.block_iterations`` iterations, one stage per worker and block,
+    strips sent worker to worker (:mod:`daskptycho.tasks.peer`); three blocks, the time per
+    iteration over the last two (a block's costs arrive together).
 
 For each: tasks per iteration (counted from the graph the run submits), steady-state
 seconds per iteration (median after the first two), and seconds per task. Also the
@@ -32,8 +37,9 @@ import time
 from .common import write
 
 
-def _count_tasks(ds, tiles, mode, slices=1):
-    """Tasks one iteration submits (the graph, fused or not), counted without a cluster."""
+def _count_tasks(ds, tiles, mode, slices=1, block=1):
+    """Tasks one iteration submits (the graph, fused or not; ``mode="peer"``: a block of
+    ``block`` iterations with peer exchange, divided by ``block``), counted without a cluster."""
     import dask
 
     from daskptycho.engines import engine_options
@@ -46,7 +52,19 @@ def _count_tasks(ds, tiles, mode, slices=1):
     tiling = tiling_for(p)
     keys = [t.key for t in tiling]
     place = {k: f"w{i * 2 // len(keys)}" for i, k in enumerate(keys)}
-    g = gd_iteration(tiling, 0, {k: None for k in keys}, {k: None for k in keys}, None, context_for(p, tiling), tag="t")
+    ctx = context_for(p, tiling)
+    if mode == "peer":
+        from daskptycho.schedule.graph import IterationGraph
+
+        g, states, costs = IterationGraph(tag="t"), {k: None for k in keys}, []
+        for i in range(block):
+            gi = gd_iteration(tiling, i, states, {k: None for k in keys}, None, ctx, tag="t")
+            g.tasks.update(gi.tasks)
+            g.placement.update(gi.placement)
+            states, costs = gi.outputs["states"], costs + gi.outputs["costs"]
+        fused, _ = fuse_by_worker(g, 0, place, [*states.values(), *costs], external=lambda x: False, channel="t|0")
+        return len(fused.tasks) / block
+    g = gd_iteration(tiling, 0, {k: None for k in keys}, {k: None for k in keys}, None, ctx, tag="t")
     wanted = [*g.outputs["states"].values(), *g.outputs["costs"]]
     with dask.config.set({"daskptycho.schedule.fuse": mode}):
         if not fuse_for(place):
@@ -82,16 +100,24 @@ def main(argv=None):
         sizes = [int(v) for v in str(args.tiles).split(",")]
         with local_cluster(2) as cluster, Client(cluster) as client:
             for tiles in sizes:
-                for mode, label in (("never", "tile graph"), ("always", "fused")):
-                    tasks = _count_tasks(ds, tiles, mode)
+                for mode, label in (("never", "tile graph"), ("always", "fused"), ("peer", "peer exchange")):
+                    block = int(dask.config.get("daskptycho.schedule.block_iterations", 8))
+                    tasks = _count_tasks(ds, tiles, mode, block=block)
                     stamps = []
-                    with dask.config.set({"daskptycho.schedule.fuse": mode, "daskptycho.dashboard.live": False}):
+                    cfg = {"daskptycho.schedule.exchange": "peer"} if mode == "peer" else \
+                        {"daskptycho.schedule.fuse": mode, "daskptycho.schedule.exchange": "scheduler"}
+                    with dask.config.set({**cfg, "daskptycho.dashboard.live": False}):
                         t0 = time.perf_counter()
-                        dp.reconstruct(ds, engine="gd", tiles=(tiles, tiles), iterations=args.iterations, client=client,
+                        # peer: three blocks, the first left out (a block's costs arrive together)
+                        n_it = 3 * block if mode == "peer" else args.iterations
+                        dp.reconstruct(ds, engine="gd", tiles=(tiles, tiles), iterations=n_it, client=client,
                                        progress=lambda it, cost, stamps=stamps: stamps.append(time.perf_counter()))
                         wall = time.perf_counter() - t0
                     per_it = [b - a for a, b in zip(stamps, stamps[1:])][1:]
-                    it_s = statistics.median(per_it) if per_it else None
+                    if mode == "peer":
+                        it_s = (stamps[-1] - stamps[block - 1]) / (len(stamps) - block)
+                    else:
+                        it_s = statistics.median(per_it) if per_it else None
                     row = {"schedule": label, "tiles": tiles ** 2, "workers": 2, "tasks_per_iteration": tasks,
                            "iteration_s": it_s, "seconds_per_task": it_s / tasks if it_s else None, "wall_s": wall,
                            "intervals_s": per_it}

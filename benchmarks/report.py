@@ -224,59 +224,65 @@ def section_scaling(d, lines):
                   f"tasks go through at {hop['per_task_s'] * 1e3:.3f} ms each. With distributed's own batching a round trip "
                   "took 5.7-5.8 ms here (the scheduler's 5 ms send interval). The Summit predictions assume the same "
                   "scheduler.", ""]
-    lines += ["### Validation here", "", "| run | measured s/it | predicted s/it | compute | passes and hops | scheduler (tasks x s/task) | "
-              "measured / predicted |", "|---|---|---|---|---|---|---|"]
+    if d.get("peer_message_s") is not None:
+        node = d.get("summit_node_assumed", {})
+        lines += [f"Peer exchange (`daskptycho.schedule.exchange: peer`, the default): one message between two workers' stages "
+                  f"(`benchmarks.scaling.measure_peer_hop`, 1 KiB bounced 200 times) costs **{d['peer_message_s'] * 1e3:.3f} ms** "
+                  f"here, with no scheduler in between; the scheduler sees a stage and a message per worker per block of "
+                  f"{d.get('block_iterations', 8)} iterations. On Summit a message costs max(that, the link's latency) + bytes / "
+                  f"bandwidth, between the {node.get('gpus', 6)} GPUs of a node over NVLink (assumed "
+                  f"{node.get('alpha_s', 1e-5) * 1e6:.0f} us, {node.get('beta_bytes_per_s', 5e10) / 1e9:.0f} GB/s, the paper's "
+                  "per-link figure), between nodes as above; the placement puts consecutive tiles of a row on one node.", ""]
+    lines += ["### Validation here", "", "| run | schedule | measured s/it | predicted s/it | compute | passes and hops | scheduler (tasks x s/task) | "
+              "measured / predicted |", "|---|---|---|---|---|---|---|---|"]
     for v in d["validation"]:
-        lines.append(f"| {v['label']} | {v['measured_s']:.3f} | {v['predicted_s']:.3f} | {v['predicted_compute_s']:.3f} | "
+        lines.append(f"| {v['label']} | {v.get('schedule', 'tile graph')} | {v['measured_s']:.3f} | {v['predicted_s']:.3f} | {v['predicted_compute_s']:.3f} | "
                      f"{v['predicted_comm_s']:.3f} | {_f(v.get('predicted_scheduler_s'), '.3f')} ({v.get('tasks', 'n/a')} tasks) | "
                      f"{v['ratio_measured_over_predicted']:.2f} |")
     lines += ["", "### Predictions for the paper's datasets (100 iterations, V100 assumption)", "",
-              "| dataset | engine | halos | workers | tiles | predicted min | (compute + comm) | scheduler min (tasks / it) | paper min | predicted GB/worker | paper GB/GPU | max positions per tile | extended tile px |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| dataset | engine | halos | schedule | workers | tiles | predicted min | (compute + comm) | scheduler min (tasks / it) | paper min | predicted GB/worker | paper GB/GPU | max positions per tile | extended tile px |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in d["predictions"]:
+        sched = p.get("schedule", "tile graph")
         if "error" in p:
-            lines.append(f"| {p['dataset']} | {p['engine']} | {p.get('halos', 'whole windows')} | {p['workers']} | | {p['error']} | | | | | | | |")
+            lines.append(f"| {p['dataset']} | {p['engine']} | {p.get('halos', 'whole windows')} | {sched} | {p['workers']} | | {p['error']} | | | | | | | |")
             continue
-        lines.append(f"| {p['dataset']} | {p['engine']} | {p.get('halos', 'whole windows')} | {p['workers']} | {p['tiles'][0]}x{p['tiles'][1]} | {p['predicted_minutes_100_it_v100']:.1f} | "
+        tasks = p.get("tasks_per_iteration", "n/a")
+        tasks = f"{tasks:,.0f}" if isinstance(tasks, (int, float)) else tasks
+        lines.append(f"| {p['dataset']} | {p['engine']} | {p.get('halos', 'whole windows')} | {sched} | {p['workers']} | {p['tiles'][0]}x{p['tiles'][1]} | {p['predicted_minutes_100_it_v100']:.1f} | "
                      f"{p['predicted_compute_minutes']:.1f} + {p['predicted_comm_minutes']:.1f} | "
-                     f"{_f(p.get('predicted_scheduler_minutes'), '.1f')} ({p.get('tasks_per_iteration', 'n/a')}) | {_f(p['paper_minutes'], '.1f')} | "
+                     f"{_f(p.get('predicted_scheduler_minutes'), '.1f')} ({tasks}) | {_f(p['paper_minutes'], '.1f')} | "
                      f"{p['predicted_memory_gb']:.2f} | {_f(p['paper_memory_gb'])} | {p['max_positions_per_tile']} | {p['extended_px_max']} |")
     lines += ["", _why_different(d), ""]
 
 
-WHY_DIFFERENT = """**Where and why the model differs from the paper.** (1) *Halo width.* daskptycho's
-tiling gives every tile a halo of N/2 = 512 px so that each position's whole 1024 px window
-lies in its tile's extended region; the paper uses 60 px (gd) and 89 px (hve) halos, so its
-windows must effectively be cropped to the probe's support (about 120 px at 10 pm). With
-512 px halos, a 48 px tile core (4158 tiles on 3072 px) has a ~1070 px extended region: the
-memory per worker stops falling at ~4 GB (the extended region's 100 slices plus one
-position's adjoint working set of 100 slices x 1024^2 complex64 incident waves, 1.7 GB),
-against the paper's 0.18 GB, and the gd pass strips are ~1000 px wide, so communication
-grows with the number of tiles and the predicted runtime has a minimum near 100-500
-workers instead of falling to 2.2 min. (2) *Super-linear scaling.* The paper's 6-GPU
-runtimes (360 and 5543 min) are 2-5x above a linear model because a GPU holding 1/6 of
-the problem runs out of cache and memory bandwidth headroom (the paper's own explanation
-for efficiencies of 336-518%); the model is linear in positions per tile, so it predicts
-less than the paper at 6 workers for the large set and more at high counts. (3) *The GPU
-per-position cost* is an assumption (FFT-bound at HBM bandwidth, at the efficiency
-measured here on a CPU), not a measurement: the GPU script (section 5) exists to replace
-it. (4) *hve*: daskptycho's baseline gives a tile every position whose window reaches into
-its core (so that its full-batch core update is exact), the paper's two extra rows of
-positions; with 1024 px windows that is most of the scan for every tile, so the model's hve
-compute hardly falls with more workers, unlike the paper's. The paper's 'NA' beyond 54
-GPUs (small set) is its tile-size constraint (a tile must cover its neighbours' halos),
-which neither daskptycho nor the model has. (5) *Validation here*: measured / predicted is
-{vmin:.2f}-{vmax:.2f} over the rows measured here (the model is low in every row); it has no term
-for the scheduler and client sharing the 2 cores with the workers (compute per iteration
-rises by {inflation:.0%} from 1 to 2 workers of gd 4 tiles), nor for a worker that holds several
-tiles waiting on a neighbour's strip while it could compute, and more tiles mean more small
-tasks on the same 2 cores. (6) *One scheduler.* Every task passes through the one Dask
-scheduler ({per_task_ms:.2f} ms each measured here, assumed on Summit too): gd's
-{gd_tasks} tasks per iteration at 4158 tiles are {gd_sched:.0f} min per 100 iterations on their
-own, over 10x the paper's 2.2 min, so beyond a few hundred workers the scheduler, not the
-GPUs, would bound a Dask run; hve's one task per (core, halo) pair (with 512 px halos a core
-reaches thousands of halos) makes it scheduler-bound from {hve_bound} workers. The paper's
-MPI code has no scheduler."""
+WHY_DIFFERENT = """**Where and why the model differs from the paper.** (1) *Halos.* With whole-window
+halos (N/2 = 512 px) a 48 px tile core at 4158 tiles has a ~1070 px extended region and ~1000 px
+strips; the rows with the paper's 60 px probe-support halos (`halo="probe"`, section "Probe-support
+halos") hold and send far less. (2) *The one scheduler.* As a tile graph, gd's {gd_tasks} tasks per
+iteration at 4158 tiles take {gd_sched:.0f} min per 100 iterations on the scheduler alone
+({per_task_ms:.2f} ms per task, calibrated here), over 10x the paper's 2.2 min. With peer exchange
+(the default) the scheduler sees {peer_tasks:.0f} tasks per iteration at 4158 workers
+({peer_sched:.1f} min per 100 iterations, hidden behind the compute), and the strips' chains, now
+messages worker to worker, cost {peer_comm:.1f} min: predicted {peer_total:.1f} min against the paper's
+2.2 min. (3) *Memory* falls {mem_ratio:.1f}x from 6 to 4158 workers in the peer rows (the paper: 51x).
+Its floor is one position's adjoint working set, (S (K + 1) + 6 K) N^2 complex64 = {working_gb:.2f} GB at
+S = 100, N = 1024: the incident wave of every slice is kept for the backward pass. The paper's
+0.18 GB per GPU at 4158 is below that, so its code must recompute those waves (or keep fewer);
+daskptycho does not, and the tiles at the scan's edge also hold the unscanned border of the object
+(the largest extended region at 4158 is {ext_px:,} px). (4) *Super-linear scaling.* The paper's 6-GPU
+runtimes (360 and 5543 min) are 2-5x above a linear model because a GPU holding 1/6 of the problem
+runs out of cache and memory bandwidth headroom (the paper's own explanation for efficiencies of
+336-518%); the model is linear in positions per tile. (5) *The GPU per-position cost* is an
+assumption (FFT-bound at HBM bandwidth, at the efficiency measured here on a CPU), not a measurement:
+the GPU script (section 5) exists to replace it. (6) *hve*: daskptycho's baseline gives a tile every
+position whose window reaches into its core (so that its full-batch core update is exact), the paper
+its two extra rows of positions; with 1024 px windows that is most of the scan for every tile, so
+the model's hve compute hardly falls with more workers, and its one task per (core, halo) pair makes
+it scheduler-bound from {hve_bound} workers. The paper's 'NA' beyond 54 GPUs (small set) is its
+tile-size constraint. (7) *Validation here*: measured / predicted is {vmin:.2f}-{vmax:.2f} over the rows
+measured here; the model has no term for the scheduler and client sharing the 2 cores with the
+workers (compute per iteration rises by {inflation:.0%} from 1 to 2 workers of gd 4 tiles)."""
 
 
 def _why_different(d):
@@ -288,14 +294,29 @@ def _why_different(d):
             rows["gd 4 tiles on 1 worker"]["task_stream"]["per_iteration"]["compute_s"] - 1
     except (KeyError, ZeroDivisionError, TypeError):
         inflation = float("nan")
-    big = [p for p in d["predictions"] if p.get("engine") == "gd" and p.get("workers") == 4158 and "tasks_per_iteration" in p]
-    bound = sorted({p["workers"] for p in d["predictions"] if p.get("engine") == "hve" and "predicted_scheduler_minutes" in p
+    preds = [p for p in d["predictions"] if "tasks_per_iteration" in p]
+
+    def pick(dataset, engine, workers, schedule, probe):
+        for p in preds:
+            if (p["dataset"], p["engine"], p["workers"], p.get("schedule", "tile graph")) == (dataset, engine, workers, schedule) \
+                    and p.get("halos", "").startswith("probe") == probe:
+                return p
+        return {}
+
+    graph = pick("large", "gd", 4158, "tile graph", True)
+    peer = pick("large", "gd", 4158, "peer", True)
+    peer6 = pick("large", "gd", 6, "peer", True)
+    nan = float("nan")
+    bound = sorted({p["workers"] for p in preds if p["engine"] == "hve"
                     and p["predicted_scheduler_minutes"] >= p["predicted_compute_minutes"] + p["predicted_comm_minutes"]})
     return WHY_DIFFERENT.format(vmin=min(ratios), vmax=max(ratios), inflation=inflation,
                                 hve_bound=f"{bound[0]}" if bound else "(none of the counts modelled)",
-                                per_task_ms=d.get("scheduler_per_task_s", d.get("hop", {}).get("per_task_s", float("nan"))) * 1e3,
-                                gd_tasks=big[0]["tasks_per_iteration"] if big else "n/a",
-                                gd_sched=big[0]["predicted_scheduler_minutes"] if big else float("nan"))
+                                per_task_ms=d.get("scheduler_per_task_s", d.get("hop", {}).get("per_task_s", nan)) * 1e3,
+                                gd_tasks=graph.get("tasks_per_iteration", "n/a"), gd_sched=graph.get("predicted_scheduler_minutes", nan),
+                                peer_tasks=peer.get("tasks_per_iteration", nan), peer_sched=peer.get("predicted_scheduler_minutes", nan),
+                                peer_comm=peer.get("predicted_comm_minutes", nan), peer_total=peer.get("predicted_minutes_100_it_v100", nan),
+                                mem_ratio=peer6.get("predicted_memory_gb", nan) / peer.get("predicted_memory_gb", nan) if peer else nan,
+                                working_gb=(100 * 2 + 6) * 1024 * 1024 * 8 / 1e9, ext_px=peer.get("extended_px_max", 0))
 
 
 GPU_READY = """What is ready:
@@ -353,12 +374,14 @@ def section_many_tiles(d, lines):
     for r in rows:
         per = f"{r['seconds_per_task'] * 1e3:.2f} ms" if r["schedule"] == "tile graph" else ""
         ratio = f"{r['model_over_measured']:.2f}" if r.get("model_over_measured") else ""
-        lines.append(f"| {r['tiles']:,} | {r['schedule']} | {r['tasks_per_iteration']:,} | {r['iteration_s']:.2f} | {per} | {ratio} |")
+        lines.append(f"| {r['tiles']:,} | {r['schedule']} | {r['tasks_per_iteration']:,.1f} | {r['iteration_s']:.2f} | {per} | {ratio} |")
     lines += ["", "The fused iteration (`daskptycho.schedule.fuse`, `schedule/fuse.py`) is one task per worker and stage "
               "plus one per message between workers: a few tasks however many tiles (`tests/test_fuse.py` checks that "
               "the count grows with workers, not tiles), bit for bit the tile graph's result. What is left of its time is "
               "the client building and fusing the whole tile graph every iteration and the workers running their tiny "
-              "tile tasks in turn.", ""]
+              "tile tasks in turn. With peer exchange (the default) the strips between the two workers go worker to "
+              "worker and a block of iterations is one stage per worker: the client builds, fuses and submits a graph "
+              "once per block.", ""]
     cal = d.get("calibration")
     lines += [f"Independent trivial tasks take {d['hop']['per_task_s'] * 1e3:.2f} ms each here; a real iteration graph's "
               "tasks carry dependencies and data, and cost more."]
@@ -369,6 +392,30 @@ def section_many_tiles(d, lines):
                   f"{cal['per_task_s'] * 1e3:.2f} ms per task, and checked on the other sizes ({checks}). The paper "
                   "predictions of section 4 above use this calibrated figure."]
     lines += [""]
+
+
+def section_default_run(d, lines):
+    """The default run against ml on one worker (benchmarks/default_run.py)."""
+    t = d["targets"]
+    lines += ["### The default run against the single-task reference (issue 16)", "",
+              f"`{d['command'].strip()}` (`benchmarks/results/default_run.json`, {d['machine']['date']}; {_load_line(d)}): "
+              f"{d['dataset']}; `daskptycho.reconstruct` with its defaults (gd 2x2 on 2 workers, peer exchange in blocks of "
+              f"{d['block_iterations']} iterations) against `ml` on a 1-worker cluster, and the same gd with "
+              "`daskptycho.schedule.exchange: scheduler` (every strip a task), each round back to back, "
+              f"{d['repeats']} rounds; steady state over iterations {d['skip']}-{d['iterations']}. FFT floor: "
+              f"{d['ffts_per_iteration']:,} FFTs per iteration x {d['us_per_fft_96_one_thread']:.1f} us (96^2, one thread) / 2 cores.", "",
+              "| run | s per iteration (median) | runs | 2-thread FFT floor fraction | object vs ml (rel.) |", "|---|---|---|---|---|"]
+    for r in d["rows"]:
+        rel = "" if r["relative_difference_to_ml_max"] is None else f"{r['relative_difference_to_ml_max']:.1e}"
+        lines.append(f"| {r['label']} | {r['s_per_iteration'] * 1e3:.1f} ms | {', '.join(f'{x * 1e3:.1f}' for x in r['runs'])} | "
+                     f"{r['floor_fraction']:.2f} | {rel} |")
+    sp, ff, sch = t["default_speedup_over_ml"], t["default_floor_fraction"], t["scheduler_exchange_speedup_over_ml"]
+    lines += ["", f"Default over ml: **{sp['value']:.2f}x** (per round {', '.join(f'{x:.2f}' for x in sp['per_round'])}; target "
+              f"{sp['target']}: {'met' if sp['met'] else 'NOT met'}); floor fraction **{ff['value']:.2f}** (target {ff['target']}: "
+              f"{'met' if ff['met'] else 'NOT met'}). With every strip a task: {sch['value']:.2f}x. The difference is the "
+              "scheduler: the tile graph puts every strip and update through a scheduler round trip and the client builds "
+              "and submits a graph per iteration, on the same 2 cores as the workers; peer exchange sends the strips "
+              "worker to worker inside one stage per worker and block of iterations.", ""]
 
 
 def section_halos(d, lines):
@@ -473,6 +520,9 @@ def main(argv=None):
     halos = _load("halos")
     if halos:
         section_halos(halos, lines)
+    default_run = _load("default_run")
+    if default_run:
+        section_default_run(default_run, lines)
     section_gpu(_load("gpu"), lines)
     tmp = DOC + ".tmp"
     with open(tmp, "w") as f:

@@ -69,6 +69,8 @@ WORKERS = (6, 24, 54, 126, 198, 462, 924, 4158)
 # gd's halo in the paper (600 pm at 10 pm pixels): a probe-support halo (engines/gd.py halo_for)
 PAPER_HALO_PX = (60, 60)
 SUMMIT = {"alpha_s": 20e-6, "beta_bytes_per_s": 2e9}
+# between the 6 GPUs of a Summit node: NVLink, 50 GB/s per link one way (the paper, section VI.A)
+SUMMIT_NODE = {"gpus": 6, "alpha_s": 10e-6, "beta_bytes_per_s": 50e9}
 V100_FFT_1024_S = 4 * 8 * 1024 * 1024 / 900e9  # two read+write passes of 8 MiB at 900 GB/s
 
 
@@ -112,6 +114,45 @@ def measure_loopback(sizes_mib=(1, 8, 64), repeats=3):
 
 def _inc(x):
     return x + 1
+
+
+def _same(x):
+    return x
+
+
+def measure_peer_hop(n=200, repeats=3, payload_bytes=1024):
+    """Seconds per message of the peer exchange (:mod:`daskptycho.tasks.peer`): two peer
+    stages on a 2-worker LocalCluster bounce a ``payload_bytes`` array ``n`` times (each
+    stage's task ``i`` waits for message ``i - 1`` from the other and sends message ``i``),
+    no scheduler in between; the median over ``repeats`` of wall time / ``n``."""
+    from distributed import Client
+
+    from daskptycho.cluster import local_cluster
+    from daskptycho.tasks import peer
+    from daskptycho.tasks.stage import StageSpec
+
+    times = []
+    with local_cluster(2, memory_limit=0) as cl, Client(cl) as c:
+        c.register_plugin(peer.PeerExchange())
+        ws = sorted(c.nthreads())
+        for rep in range(repeats):
+            channel = f"hop{rep}|0"
+            specs = []
+            for w in range(2):
+                tasks, sends = [], []
+                for i in range(w, n, 2):
+                    arg = np.zeros(payload_bytes, np.uint8) if i == 0 else peer.Receive(i - 1)
+                    tasks.append(((f"m{i}",), (_same, arg)))
+                    if i < n - 1:
+                        sends.append(((f"m{i}",), i, (ws[1 - w],)))
+                specs.append(peer.PeerStage(StageSpec(tuple(tasks), ()), channel, tuple(sends), (ws[1 - w],), 120.0))
+            t0 = time.perf_counter()
+            futs = [c.submit(peer.run_peer_stage, specs[w], key=f"bounce-{rep}-{w}", workers=[ws[w]], allow_other_workers=False,
+                             pure=False) for w in range(2)]
+            c.gather(futs)
+            times.append((time.perf_counter() - t0) / n)
+            del futs
+    return float(np.median(times))
 
 
 def measure_hop(n=200, repeats=3):
@@ -188,13 +229,21 @@ def _overlap(a, b):
 
 
 def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta, workers=None, modes=1, engine="gd",
-          hop=None, per_task=0.0, halo_px=None):
+          hop=None, per_task=0.0, halo_px=None, schedule="tile graph", block=8, peer_hop_s=0.0, node_size=None, intra=None):
     """Predicted seconds per iteration and bytes per worker for one tiling.
 
     ``hop``: ``{"same_worker_s": s, "alternating_s": s}``, the scheduler round trip of one
     dependency (:func:`measure_hop`); ``per_task``: the scheduler's seconds per task;
     ``halo_px``: gd's halo (None: whole windows; narrower: probe-support halos, the
     windows clipped at the tiles' extended regions).
+
+    ``schedule="peer"`` (gd, ``daskptycho.schedule.exchange: peer``): a strip between two
+    workers is a message from stage to stage, ``max(peer_hop_s, alpha) + bytes / beta``
+    with ``peer_hop_s`` the measured software cost of one message
+    (:func:`measure_peer_hop`), and no scheduler round trip; the scheduler sees, per block
+    of ``block`` iterations, one stage and one message (the tiles' costs) per worker, and
+    one cost per iteration. ``node_size`` workers in a row of the placement share a node,
+    whose messages between its own workers go at ``intra = (alpha, beta)``.
     """
     t = tiling_of(corners, window, object_shape, tiles, halo_px if engine == "gd" else None)
     r, c = tiles
@@ -224,7 +273,24 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
     # the driver's placement (TileDriver.place_tiles): contiguous row-major blocks per worker
     order = sorted(tiles_list)
     worker_of = {k: i * workers // len(order) for i, k in enumerate(order)}
-    if engine == "gd":
+    if engine == "gd" and schedule == "peer":
+        def node(k):
+            return worker_of[k] // node_size if node_size else worker_of[k]
+
+        def link(a, b):
+            # a strip from one stage to the next worker's, on the workers' own connections
+            if worker_of[a] == worker_of[b]:
+                return 0.0  # inside one stage
+            size = _overlap(tiles_list[a].extended, tiles_list[b].extended) * slices * 12
+            if intra is not None and node(a) == node(b):
+                return max(peer_hop_s, intra[0]) + size / intra[1]
+            return max(peer_hop_s, alpha) + size / beta
+        row_hops = max((sum(link((i, j), (i, j + 1)) for j in range(c - 1)) for i in range(r)), default=0.0)
+        col_hops = max((sum(link((i, j), (i + 1, j)) for i in range(r - 1)) for j in range(c)), default=0.0)
+        comm = 2 * (row_hops + col_hops)
+        n_workers = len(set(worker_of.values()))
+        tasks = 2 * n_workers / block + 1  # a stage and a message per worker and block; the cost
+    elif engine == "gd":
         def link(a, b):
             # one exchange: a strip task whose result the neighbour's next task reads; a
             # scheduler round trip, and a transfer when the two tiles live on different workers
@@ -253,6 +319,12 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
             "max_positions_per_tile": n_max, "extended_px_max": ext, "halo_px": list(t.halo)}
 
 
+def _halo_px(problem):
+    from daskptycho.engines.gd import halo_for
+
+    return halo_for(problem)
+
+
 def paper_corners(case):
     """Window corners of the paper's raster: ``scan`` positions spread evenly so the
     object is ``object_px`` wide with ``N``-pixel windows."""
@@ -270,6 +342,8 @@ def main(argv=None):
     p.add_argument("--engines", default=os.path.join(RESULTS, "engines.json"))
     p.add_argument("--floor", default=os.path.join(RESULTS, "fft_floor.json"))
     a = p.parse_args(argv)
+
+    import dask
 
     import daskptycho as dp
     from daskptycho.engines import engine_options
@@ -302,6 +376,9 @@ def main(argv=None):
         if cal:
             per_task_graph = cal["per_task_s"]
             per_task_source = f"a {cal['from_tiles']}-tile gd iteration graph on 2 workers (benchmarks/many_tiles.py)"
+    peer_hop_s = measure_peer_hop()
+    block = int(dask.config.get("daskptycho.schedule.block_iterations", 8))
+    print(f"peer message: {peer_hop_s * 1e3:.3f} ms", flush=True)
     print(f"scheduler round trip per dependency: {hop['same_worker_s'] * 1e3:.2f} ms on one worker, "
           f"{hop['alternating_s'] * 1e3:.2f} ms between two; {hop['per_task_s'] * 1e3:.3f} ms per independent task", flush=True)
 
@@ -314,16 +391,39 @@ def main(argv=None):
         if r["engine"] not in ("gd", "hve"):
             continue
         side = int(round(math.sqrt(r["tiles"])))
+        schedule = "peer" if r.get("exchange") == "peer" and r["engine"] == "gd" else "tile graph"
         m = model(prob.corners, prob.window, prob.grid.shape, (side, side), slices_bench, c_bench,
                   loop["alpha_s"], loop["beta_bytes_per_s"], workers=r["workers"], engine=r["engine"],
-                  hop=hop, per_task=hop["per_task_s"])
-        validation.append({"label": label, "measured_s": _s(r), "predicted_s": m["iteration_s"],
+                  hop=hop, per_task=hop["per_task_s"], schedule=schedule, block=block, peer_hop_s=peer_hop_s)
+        validation.append({"label": label, "schedule": schedule, "measured_s": _s(r), "predicted_s": m["iteration_s"],
                            "predicted_compute_s": m["compute_s"], "predicted_comm_s": m["comm_s"],
                            "predicted_scheduler_s": m["scheduler_s"], "tasks": m["tasks"],
                            "ratio_measured_over_predicted": _s(r) / m["iteration_s"],
                            "measured_peak_bytes": r["peak_above_baseline_bytes_max"], "predicted_memory_bytes": m["memory_bytes"]})
         print(f"validate {label:24s} measured {_s(r):.3f} s  predicted {m['iteration_s']:.3f} s "
               f"(compute {m['compute_s']:.2f}, comm {m['comm_s']:.3f})", flush=True)
+
+    # the default run's case (benchmarks/default_run.py): gd 2x2 on 2 workers, peer and tile graph
+    dr_path = os.path.join(RESULTS, "default_run.json")
+    if os.path.exists(dr_path):
+        with open(dr_path) as f:
+            dr = json.load(f)
+        drows = {x["label"]: x for x in dr["rows"]}
+        dds = dp.simulate(kind="image", scan=(26, 26), detector=96)
+        dprob = prepare(dds, engine_options(dict(engine="gd", iterations=1)))
+        c_dr = drows["ml, 1 worker"]["s_per_iteration"] / dprob.n_positions
+        for label, schedule in (("gd 2x2 (default)", "peer"), ("gd 2x2, scheduler exchange", "tile graph")):
+            if label not in drows:
+                continue
+            m = model(dprob.corners, dprob.window, dprob.grid.shape, (2, 2), 1, c_dr, loop["alpha_s"], loop["beta_bytes_per_s"],
+                      workers=2, engine="gd", hop=hop, per_task=hop["per_task_s"], halo_px=_halo_px(dprob), schedule=schedule,
+                      block=int(dr.get("block_iterations") or block), peer_hop_s=peer_hop_s)
+            meas = drows[label]["s_per_iteration"]
+            validation.append({"label": f"default run: {label}", "schedule": schedule, "measured_s": meas, "predicted_s": m["iteration_s"],
+                               "predicted_compute_s": m["compute_s"], "predicted_comm_s": m["comm_s"],
+                               "predicted_scheduler_s": m["scheduler_s"], "tasks": m["tasks"],
+                               "ratio_measured_over_predicted": meas / m["iteration_s"]})
+            print(f"validate {label:24s} measured {meas:.3f} s  predicted {m['iteration_s']:.3f} s", flush=True)
 
     # the paper's datasets
     n = 1024
@@ -335,18 +435,20 @@ def main(argv=None):
     for name, case in PAPER.items():
         corners = paper_corners(case)
         shape = (case["object_px"], case["object_px"])
-        for engine, halo in (("gd", None), ("gd", PAPER_HALO_PX), ("hve", None)):
+        for engine, halo, schedule in (("gd", None, "tile graph"), ("gd", PAPER_HALO_PX, "tile graph"), ("gd", PAPER_HALO_PX, "peer"),
+                                       ("hve", None, "tile graph")):
             for w in WORKERS:
                 tiles = grid_shape(w)
                 try:
                     m = model(corners, (n, n), shape, tiles, case["slices"], c_gpu, SUMMIT["alpha_s"], SUMMIT["beta_bytes_per_s"],
                               engine=engine, hop={"same_worker_s": hop["same_worker_s"], "alternating_s": hop["same_worker_s"]},
-                              per_task=per_task_graph, halo_px=halo)
+                              per_task=per_task_graph, halo_px=halo, schedule=schedule, block=block, peer_hop_s=peer_hop_s,
+                              node_size=SUMMIT_NODE["gpus"], intra=(SUMMIT_NODE["alpha_s"], SUMMIT_NODE["beta_bytes_per_s"]))
                 except Exception as e:  # noqa: BLE001 - a tiling that cannot be made is a result, not a crash
-                    predictions.append({"dataset": name, "engine": engine, "workers": w, "error": str(e)})
+                    predictions.append({"dataset": name, "engine": engine, "workers": w, "schedule": schedule, "error": str(e)})
                     continue
                 paper = case[engine].get(w)
-                row = {"dataset": name, "engine": engine, "workers": w, "tiles": list(tiles),
+                row = {"dataset": name, "engine": engine, "workers": w, "tiles": list(tiles), "schedule": schedule,
                        "halos": "whole windows" if halo is None else f"probe support ({halo[0]} px, the paper's)",
                        "predicted_minutes_100_it_v100": m["iteration_s"] * 100 / 60,
                        "predicted_compute_minutes": m["compute_s"] * 100 / 60, "predicted_comm_minutes": m["comm_s"] * 100 / 60,
@@ -364,7 +466,8 @@ def main(argv=None):
                         "c_pos_slice_s_v100_1024_assumed": c_gpu, "v100_fft_1024_s_assumed": V100_FFT_1024_S,
                         "ml_floor_fraction": floor_fraction, "ffts_per_position_per_slice": ffts_per_pos_slice,
                         "best_us_per_fft_bench": floor["best_us_per_fft_cpu"].get(str(n_bench))},
-        "loopback": loop, "hop": hop, "summit_assumed": SUMMIT,
+        "loopback": loop, "hop": hop, "summit_assumed": SUMMIT, "summit_node_assumed": SUMMIT_NODE,
+        "peer_message_s": peer_hop_s, "block_iterations": block,
         "scheduler_per_task_s": per_task_graph, "scheduler_per_task_source": per_task_source,
         "validation": validation, "predictions": predictions,
         "command": "python -m benchmarks scaling " + " ".join(argv or []),

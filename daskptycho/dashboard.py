@@ -179,6 +179,11 @@ class LiveState(SchedulerPlugin):
         self.engine = msg.get("engine", self.engine)
         self.iteration = int(msg["iteration"])
         self.costs.append((self.iteration, float(msg["cost"])))
+        if msg.get("tiles_done"):  # the tiles ran inside stages: each finished this iteration
+            for r in range(self.tiles[0]):
+                for c in range(self.tiles[1]):
+                    if self.iteration > self.tile_done.get((r, c), -1):
+                        self.tile_done[(r, c)] = self.iteration
         if msg.get("image") is not None:
             self.image = np.asarray(msg["image"], np.float32)
             self.stride = int(msg.get("stride", 1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 
+import dask
 import numpy as np
 import pytest
 
@@ -67,7 +68,10 @@ def test_dashboard_page_in_chromium(client, small_pbtio3, tmp_path):
 
     def run():
         try:
-            dp.reconstruct(str(small_pbtio3), engine="gd", tiles=(2, 2), slices=2, iterations=400, client=client, progress=progress)
+            # the tile graph, so the task stream shows each tile's gradient and strip tasks (the
+            # default peer exchange shows one stage task per worker and block of iterations)
+            with dask.config.set({"daskptycho.schedule.exchange": "scheduler"}):
+                dp.reconstruct(str(small_pbtio3), engine="gd", tiles=(2, 2), slices=2, iterations=400, client=client, progress=progress)
         except _Stop:
             pass
         except Exception as e:  # reported by the main thread

@@ -151,8 +151,9 @@ def test_worker_killed_at_any_moment_of_an_iteration(small_pbtio3, client, tmp_p
     seed = f"{engine}-{moment}-{os.environ.get('FAULT_SEED', '0')}"
     delay = random.Random(seed).uniform(0.0, 0.05)  # into the phase, not only at its first task
     client.register_plugin(KillDuring(pid, MOMENTS[moment], at=3, delay=delay))
+    # the tile graph, whose tasks open each moment (a peer run: test_worker_killed_inside_a_peer_stage)
     try:
-        with caplog.at_level(logging.WARNING, logger="daskptycho"):
+        with dask.config.set({"daskptycho.schedule.exchange": "scheduler"}), caplog.at_level(logging.WARNING, logger="daskptycho"):
             res = dp.reconstruct(ds, iterations=ITERATIONS, client=client, checkpoint=str(tmp_path / "out.zarr"),
                                  checkpoint_every=EVERY, **kw)
         fired = client.run_on_scheduler(_fired_at)
@@ -208,4 +209,38 @@ def test_killed_worker_during_a_fused_run_gives_the_undisturbed_result(small_pbt
         res = dp.reconstruct(ds, iterations=ITERATIONS, client=client, progress=progress, checkpoint=str(tmp_path / "out.zarr"),
                              checkpoint_every=EVERY, **GD)
     assert fired == [victim]
+    _check_recovery(res, ref, victim, GD, caplog, EVERY)
+
+
+def test_killed_worker_during_a_peer_run_gives_the_undisturbed_result(small_pbtio3, client, tmp_path, caplog):
+    # strips go worker to worker inside blocks of iterations (tasks/peer.py): the survivor's
+    # stage, waiting for a message from the dead worker, must be aborted, and the run roll
+    # back and finish bit-identically
+    ds = dp.open_dataset(small_pbtio3)
+    ref = _reference(ds, client, "gd", **GD)
+    progress, victim, fired = _killer(client, at=3)
+    cfg = {"daskptycho.schedule.exchange": "peer", "daskptycho.schedule.block_iterations": 2}
+    with dask.config.set(cfg), caplog.at_level(logging.WARNING, logger="daskptycho"):
+        res = dp.reconstruct(ds, iterations=ITERATIONS, client=client, progress=progress, checkpoint=str(tmp_path / "out.zarr"),
+                             checkpoint_every=EVERY, **GD)
+    assert fired == [victim]
+    _check_recovery(res, ref, victim, GD, caplog, EVERY)
+
+
+def test_worker_killed_inside_a_peer_stage(small_pbtio3, client, tmp_path, caplog):
+    # killed while the blocks' stages compute and exchange strips worker to worker
+    ds = dp.open_dataset(small_pbtio3)
+    ref = _reference(ds, client, "gd", **GD)
+    victim, pid = _victim(client)
+    delay = random.Random(f"peer-{os.environ.get('FAULT_SEED', '0')}").uniform(0.0, 0.05)
+    client.register_plugin(KillDuring(pid, {"stage"}, at=3, delay=delay))
+    cfg = {"daskptycho.schedule.exchange": "peer", "daskptycho.schedule.block_iterations": 2}
+    try:
+        with dask.config.set(cfg), caplog.at_level(logging.WARNING, logger="daskptycho"):
+            res = dp.reconstruct(ds, iterations=ITERATIONS, client=client, checkpoint=str(tmp_path / "out.zarr"),
+                                 checkpoint_every=EVERY, **GD)
+        fired = client.run_on_scheduler(_fired_at)
+    finally:
+        client.unregister_scheduler_plugin(KillDuring.name)
+    assert fired != "None", "no stage of iteration >= 3 was scheduled"
     _check_recovery(res, ref, victim, GD, caplog, EVERY)

@@ -76,6 +76,44 @@ def test_fused_task_count_grows_with_workers_not_tiles():
     assert counts[(6, 6)][1] < 20, counts
 
 
+def test_peer_stages_are_one_per_worker_and_block():
+    # peer exchange: a block of iterations without reductions between them is one stage per
+    # worker, one message per worker (its tiles' costs) and one cost per iteration, whatever the tiles
+    from daskptycho.schedule.graph import IterationGraph
+    from daskptycho.tasks.peer import PeerStage, Receive
+
+    for tiles, n_workers in [((2, 2), 2), ((6, 6), 2), ((6, 6), 3)]:
+        p, tiling, ctx, data = _setup(tiles)
+        keys = [t.key for t in tiling]
+        place = {k: f"w{i * n_workers // len(keys)}" for i, k in enumerate(keys)}
+        g, states, costs = IterationGraph(tag="t"), {t.key: None for t in tiling}, []
+        for it in range(4):
+            gi = gd_iteration(tiling, it, states, data, p.probe, ctx, tag="t")
+            g.tasks.update(gi.tasks)
+            g.placement.update(gi.placement)
+            states, costs = gi.outputs["states"], costs + gi.outputs["costs"]
+        fused, where = fuse_by_worker(g, 0, place, [*states.values(), *costs], external=lambda x: False, channel="t|0")
+        kinds = sorted(k[0] for k in fused.tasks)
+        assert kinds.count("stage") == n_workers and kinds.count("pick") == n_workers and kinds.count("cost") == 4, kinds
+        # every message a stage waits for is sent to its worker by another worker's stage
+        sent, waited = set(), set()
+        for k, task in fused.tasks.items():
+            if k[0] == "stage":
+                spec = task[1]
+                assert isinstance(spec, PeerStage)
+                w = place[fused.placement[k]]
+                sent |= {(a, m) for _, m, to in spec.sends for a in to if a != w}
+
+                def walk(x, w=w, waited=waited):
+                    if isinstance(x, Receive):
+                        waited.add((w, x.msg))
+                    elif isinstance(x, (tuple, list)):
+                        for y in x:
+                            walk(y, w, waited)
+                walk([t for _, t in spec.stage.tasks])
+        assert waited and waited == sent
+
+
 def test_fuse_setting():
     two = {(0, 0): "a", (0, 1): "b"}
     many = {(0, c): "a" for c in range(4)}

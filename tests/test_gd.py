@@ -95,7 +95,7 @@ def test_task_stream_shows_cross_direction_pipelining(pbtio3_12, client):
 
     ds = dp.open_dataset(pbtio3_12)
     # the tile graph's own tasks (a worker holding 4 tiles or more would run them fused)
-    with get_task_stream(client) as ts, dask.config.set({"daskptycho.schedule.fuse": "never"}):
+    with get_task_stream(client) as ts, dask.config.set({"daskptycho.schedule.fuse": "never", "daskptycho.schedule.exchange": "scheduler"}):
         dp.reconstruct(ds, engine="gd", tiles=(3, 3), iterations=3, slices=2, client=client)
     rounds = pipelining(ts.data, 3)
     assert len(rounds) == 3
@@ -117,7 +117,7 @@ def test_only_strips_cross_workers(pbtio3_12, client):
     strips, per-tile scalars and probe parts, never a tile's patch, buffer or data."""
     ds = dp.open_dataset(pbtio3_12)
     client.run(lambda dask_worker: dask_worker.transfer_incoming_log.clear())  # this run's transfers only
-    with dask.config.set({"daskptycho.schedule.fuse": "never"}):  # the tile graph's tasks (fused: tests/test_fuse.py)
+    with dask.config.set({"daskptycho.schedule.fuse": "never", "daskptycho.schedule.exchange": "scheduler"}):  # the tile graph's tasks (fused: tests/test_fuse.py)
         res = dp.reconstruct(ds, engine="gd", tiles=(3, 3), iterations=2, slices=2, client=client)
     tile_bytes = json.loads(res.attrs["memory"])["tile_bytes"]
     smallest_buffer = min(v["buffer"] for v in tile_bytes.values())

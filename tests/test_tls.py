@@ -4,6 +4,7 @@ throw-away CA) accepts only clients that hold them, and reconstructs through the
 from __future__ import annotations
 
 import datetime
+import gc
 import ipaddress
 
 import dask.config
@@ -63,6 +64,10 @@ def test_tls_cluster_from_certificate_files_refuses_plain_clients_and_reconstruc
             # nor does one asking for TLS without the certificates
             with pytest.raises((OSError, TimeoutError, TypeError, ValueError)):
                 Client(addr, timeout=2)
+            # finalise the two failed clients here: collected later, in whatever thread a garbage
+            # collection happens to run, their __del__ stops their event loops from inside the
+            # starting loop thread of the next client, which then never starts
+            gc.collect()
             # a second client with the certificate files (from the config) is let in
             with dp.connect(addr) as other:
                 assert other.client.submit(sum, [1, 2], pure=False).result() == 3

@@ -54,7 +54,7 @@ def exchange_mode():
     ``scheduler``, as tasks the scheduler places (the tile graph, or fused stages and their
     messages), or ``peer``: fused stages that send them worker to worker
     (:mod:`~daskptycho.tasks.peer`), one stage per worker and iteration."""
-    value = config.get("schedule.exchange", "scheduler") or "scheduler"
+    value = config.get("schedule.exchange", "peer") or "peer"
     if value not in EXCHANGE:
         raise OptionsError("schedule.exchange", f"is {value!r}; use one of {', '.join(EXCHANGE)} (daskptycho.yaml or DASK_DASKPTYCHO__SCHEDULE__EXCHANGE)")
     return value
@@ -178,6 +178,8 @@ class TiledRun(PinnedRun):
         self.exchange = exchange_mode()
         if self.exchange == "peer":
             self.drv.peer_exchange()
+            # a block's costs come out of the stages that also ran its updates
+            self.tiles_done_with_cost = len(set(self.workers.values())) > 1
         # not broadcast: a broadcast retries for ever towards a worker that left during it;
         # each worker fetches the (small) context with its first task instead
         self.ctx = c.scatter(context_for(self.problem, self.tiling, tiles=self.specs), hash=False)
@@ -201,7 +203,7 @@ class TiledRun(PinnedRun):
         o = self.problem.options
         if self.exchange != "peer":
             return [it]
-        k = config.get("schedule.block_iterations", 4)
+        k = config.get("schedule.block_iterations", 8)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise OptionsError("schedule.block_iterations", f"is {k!r}; use an integer >= 1 (daskptycho.yaml or DASK_DASKPTYCHO__SCHEDULE__BLOCK_ITERATIONS)")
         end = min(o.iterations, it + k)

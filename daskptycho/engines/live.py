@@ -136,17 +136,19 @@ class LiveView:
         """The preview tasks of ``image`` (from :meth:`preview`), to wait for with the costs."""
         return list(image["futures"].values()) if image else []
 
-    def publish(self, it, cost, image=None):
+    def publish(self, it, cost, image=None, tiles_done=False):
         """Send one iteration's live state to the scheduler: iteration, cost and the
         small phase image from :meth:`preview` (fetched here: a few KiB per tile).
 
-        Per-tile progress needs no message: the scheduler-side state watches the
-        tiles' progress tasks finish (:attr:`daskptycho.keys.Kind.progress`).
+        Per-tile progress needs no message where the tiles have tasks of their own: the
+        scheduler-side state watches their progress tasks finish
+        (:attr:`daskptycho.keys.Kind.progress`). ``tiles_done``: every tile finished
+        iteration ``it`` when its cost came (peer stages, whose tiles have no tasks).
         """
         live = self._state
         if not live:
             return
-        msg = {"engine": live["engine"], "iteration": int(it), "cost": float(cost)}
+        msg = {"engine": live["engine"], "iteration": int(it), "cost": float(cost), "tiles_done": bool(tiles_done)}
         if image is not None:
             keys = list(image["futures"])
             pieces = dict(zip(keys, self.drv.results([image["futures"][k] for k in keys], image["placement"])))

@@ -80,6 +80,8 @@ class PinnedRun:
     #: the grid of units the live page draws, and update tasks per unit per iteration
     live_grid = (1, 1)
     live_rounds = 1
+    #: an iteration's cost comes only once every unit has finished it (the live page's tile progress)
+    tiles_done_with_cost = False
 
     units: dict
 
@@ -157,7 +159,7 @@ class PinnedRun:
         cost = float(sum(got[:len(step.costs)]))  # rounds in a fixed order
         self.costs.append(cost)
         self.record(step.it, dict(zip(extras, got[len(step.costs):])))
-        self.live.publish(step.it, cost, step.image)
+        self.live.publish(step.it, cost, step.image, tiles_done=self.tiles_done_with_cost)
         if self.progress is not None:
             self.progress(step.it, cost)
         if step.it in self.saving:
