@@ -1,6 +1,7 @@
 """A grid of R x C tiles over the object field.
 
-Tile cores partition the object grid. Each probe position belongs to the tile whose
+Tile cores partition the object grid (with clipped windows: the part of it within one
+halo of the positions' centres). Each probe position belongs to the tile whose
 core holds its centre pixel. A tile's *extended region* is its core grown by one
 halo width per axis (the same for every tile, clipped to the grid), wide enough to
 hold the probe windows of the tile's positions. Because every tile uses the same
@@ -79,10 +80,11 @@ class Tiling:
         """Overlap of the extended regions of tiles ``a`` and ``b`` ((r, c) pairs), or None."""
         return intersect(self[a].extended, self[b].extended)
 
-    def stitch_cores(self, cores, xp=np):
-        """Assemble the full object (..., H, W) from each tile's core array."""
+    def stitch_cores(self, cores, xp=np, fill=0):
+        """Assemble the full object (..., H, W) from each tile's core array; pixels no core
+        holds (the border beyond clipped outer cores) get ``fill``."""
         first = next(iter(cores.values()))
-        out = xp.zeros(first.shape[:-2] + tuple(self.grid.shape), dtype=first.dtype)
+        out = xp.full(first.shape[:-2] + tuple(self.grid.shape), fill, dtype=first.dtype)
         for t in self.tiles:
             y0, y1, x0, x1 = t.core
             out[..., y0:y1, x0:x1] = cores[t.key]
@@ -118,7 +120,10 @@ def make_tiling(grid: ObjectGrid, corners, window, tiles, halo_px=None, clip_win
     clip_windows : bool
         Allow halos narrower than the windows: the tiles' windows then reach past their
         extended regions, where the engine treats the object as fixed (probe-support
-        halos, see :func:`daskptycho.engines.gd.halo_for`).
+        halos, see :func:`daskptycho.engines.gd.halo_for`). The outer cores then end one
+        halo beyond the outermost centres, with no halo outside them: the grid's border
+        beyond (which no window reaches, or only where the engine holds it fixed) belongs
+        to no tile and keeps the starting object.
 
     Raises
     ------
@@ -147,14 +152,23 @@ def make_tiling(grid: ObjectGrid, corners, window, tiles, halo_px=None, clip_win
             raise OptionsError("halo_m", f"a halo of {halo} px cannot hold the {window[0]}x{window[1]} probe windows; it needs at least {need} px")
     if (centre < 0).any() or (centre >= np.asarray(grid.shape)).any():
         raise OptionsError("positions", "a probe window centre lies outside the object grid; build the grid from the positions (object_grid)")
+    if clip_windows:
+        # nothing beyond a halo of the outermost centres is updated (windows reaching past a
+        # tile's extended region are held fixed there): the outer cores end there, and the
+        # border of the grid beyond them is held by no tile
+        row_edges = (max(0, int(lo[0]) - halo[0]), *row_edges[1:-1], min(grid.shape[0], int(hi[0]) + 1 + halo[0]))
+        col_edges = (max(0, int(lo[1]) - halo[1]), *col_edges[1:-1], min(grid.shape[1], int(hi[1]) + 1 + halo[1]))
+    # with clipped outer cores, an outer tile's extended region does not grow past its core
+    grow = (lambda first, last: (0 if first else 1, 0 if last else 1)) if clip_windows else (lambda first, last: (1, 1))
     tr = np.searchsorted(row_edges, centre[:, 0], side="right") - 1
     tc = np.searchsorted(col_edges, centre[:, 1], side="right") - 1
     out = []
     for i in range(r):
         for j in range(c):
             core = (row_edges[i], row_edges[i + 1], col_edges[j], col_edges[j + 1])
-            ext = (max(0, core[0] - halo[0]), min(grid.shape[0], core[1] + halo[0]),
-                   max(0, core[2] - halo[1]), min(grid.shape[1], core[3] + halo[1]))
+            (gt, gb), (gl, gr) = grow(i == 0, i == r - 1), grow(j == 0, j == c - 1)
+            ext = (max(0, core[0] - gt * halo[0]), min(grid.shape[0], core[1] + gb * halo[0]),
+                   max(0, core[2] - gl * halo[1]), min(grid.shape[1], core[3] + gr * halo[1]))
             own = np.flatnonzero((tr == i) & (tc == j))
             out.append(Tile(i, j, core, ext, own))
     return Tiling(grid, r, c, halo, row_edges, col_edges, tuple(out))

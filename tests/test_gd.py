@@ -209,7 +209,16 @@ def test_narrow_probe_halos_hold_less_and_stay_close_to_whole_windows(tmp_path, 
         return sum(v["object"] for v in json.loads(res.attrs["memory"])["tile_bytes"].values())
 
     assert held(narrow) < held(whole)
-    a, b = np.angle(whole.object.values[0]), np.angle(narrow.object.values[0])
+    # the tiles hold the field within a halo of the positions' centres; the grid's border beyond
+    # (which only the outer 1% of the probe reaches) keeps the starting object
+    cores = json.loads(narrow.attrs["tile_cores"]).values()
+    y0, y1 = min(c[0] for c in cores), max(c[1] for c in cores)
+    x0, x1 = min(c[2] for c in cores), max(c[3] for c in cores)
+    assert (y0, x0) > (0, 0) and (y1, x1) < narrow.object.values.shape[-2:]
+    border = np.ones(narrow.object.values.shape[-2:], bool)
+    border[y0:y1, x0:x1] = False
+    assert np.all(narrow.object.values[:, border] == 1)
+    a, b = np.angle(whole.object.values[0, y0:y1, x0:x1]), np.angle(narrow.object.values[0, y0:y1, x0:x1])
     # 1% of the probe's intensity falls beyond these halos: a few percent of phase error
     # (benchmarks/halos.py measures it against the fraction), not a wrong reconstruction
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.15

@@ -291,7 +291,8 @@ class TiledRun(PinnedRun):
                                                key=self.key("core", *t.key)) for t in self.tiling}
         probe = self.drv.client.submit(to_host, self.probe, key=self.key("host", "probe"), pure=False)
         got = self.drv.results([*cores.values(), probe], self.workers)
-        obj = self.tiling.stitch_cores({k: np.asarray(v) for k, v in zip(cores, got)})
+        # the border no tile holds keeps the starting object (tasks.tiles.initial_patch: ones)
+        obj = self.tiling.stitch_cores({k: np.asarray(v) for k, v in zip(cores, got)}, fill=1)
         t = self.tiling
         attrs = {
             "tiles": f"{t.rows}x{t.cols}",
