@@ -64,6 +64,7 @@ def _count_tasks(ds, tiles, mode, slices=1, block=1):
             states, costs = gi.outputs["states"], costs + gi.outputs["costs"]
         fused, _ = fuse_by_worker(g, 0, place, [*states.values(), *costs], external=lambda x: False, channel="t|0")
         return len(fused.tasks) / block
+
     g = gd_iteration(tiling, 0, {k: None for k in keys}, {k: None for k in keys}, None, ctx, tag="t")
     wanted = [*g.outputs["states"].values(), *g.outputs["costs"]]
     with dask.config.set({"daskptycho.schedule.fuse": mode}):
@@ -71,6 +72,36 @@ def _count_tasks(ds, tiles, mode, slices=1, block=1):
             return len(g.tasks)
     fused, _ = fuse_by_worker(g, 0, place, wanted, external=lambda x: False)
     return len(fused.tasks)
+
+
+def client_build_s(ds, tiles, block, repeats=3):
+    """The client's seconds to build and fuse one block of ``block`` iterations of a peer run
+    on ``tiles`` x ``tiles`` tiles over 2 workers (graph builders and fuse only: no cluster);
+    the median of ``repeats``."""
+    from daskptycho.engines import engine_options
+    from daskptycho.engines.gd import context_for, tiling_for
+    from daskptycho.engines.problem import prepare
+    from daskptycho.schedule.fuse import fuse_by_worker
+    from daskptycho.schedule.graph import IterationGraph
+    from daskptycho.schedule.passes import gd_iteration
+
+    p = prepare(ds, engine_options(engine="gd", tiles=(tiles, tiles), slices=1))
+    tiling = tiling_for(p)
+    keys = [t.key for t in tiling]
+    place = {k: f"w{i * 2 // len(keys)}" for i, k in enumerate(keys)}
+    ctx = context_for(p, tiling)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        g, states, costs = IterationGraph(tag="t"), {k: None for k in keys}, []
+        for i in range(block):
+            gi = gd_iteration(tiling, i, states, {k: None for k in keys}, None, ctx, tag="t")
+            g.tasks.update(gi.tasks)
+            g.placement.update(gi.placement)
+            states, costs = gi.outputs["states"], costs + gi.outputs["costs"]
+        fuse_by_worker(g, 0, place, [*states.values(), *costs], external=lambda x: False, channel="t|0")
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main(argv=None):
@@ -121,6 +152,10 @@ def main(argv=None):
                     row = {"schedule": label, "tiles": tiles ** 2, "workers": 2, "tasks_per_iteration": tasks,
                            "iteration_s": it_s, "seconds_per_task": it_s / tasks if it_s else None, "wall_s": wall,
                            "intervals_s": per_it}
+                    if mode == "peer":
+                        build = client_build_s(ds, tiles, block)
+                        row["client_build_s_per_iteration"] = build / block
+                        row["client_build_s_per_tile_iteration"] = build / block / tiles ** 2
                     if mode == "never":
                         row["model_scheduler_s"] = tasks * hop["per_task_s"]
                         row["model_over_measured"] = row["model_scheduler_s"] / it_s if it_s else None
@@ -136,6 +171,11 @@ def main(argv=None):
                        "checks": [{"tiles": r["tiles"], "predicted_s": r["tasks_per_iteration"] * per_task, "measured_s": r["iteration_s"],
                                    "predicted_over_measured": r["tasks_per_iteration"] * per_task / r["iteration_s"]} for r in graphs[1:]]}
         print("calibration", calibration, flush=True)
+    peer_rows = [r for r in rows if r["schedule"] == "peer exchange"]
+    if calibration is not None and peer_rows:
+        # the client builds and fuses every tile's tasks of a block (graph builders in Python):
+        # a serial floor per iteration that grows with the tiles
+        calibration["client_s_per_tile_iteration"] = peer_rows[0]["client_build_s_per_tile_iteration"]
     path = write(args.out, {"hop": hop, "rows": rows, "calibration": calibration, "scan": args.scan, "iterations": args.iterations,
                             "command": "python -m benchmarks many_tiles " + " ".join(argv or [])})
     print(path)

@@ -59,6 +59,10 @@ def item(d, name):
 
 
 def _hashable(x):
+    if isinstance(x, (str, int, float)) or x is None:
+        return True
+    if isinstance(x, (list, dict, set)) or hasattr(x, "__array__"):
+        return False  # literal data: arrays are never keys
     try:
         hash(x)
         return True
@@ -242,15 +246,17 @@ def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external, ch
                               lambda key, task, tile: _add_pick(fused, picks, key, task, tile), workers,
                               peer_msg=position.get if peer else None)
         body = [(k, stage.rewrite(tasks[k])) for k in stages[sid]]
-        # drop each value after its last reader in the stage, unless it leaves the stage
-        last = {}
-        for i, (_, task) in enumerate(body):
-            for r in _slot_reads(task, set()):
-                last[r] = i
+        # drop each value after its last reader in the stage, unless it leaves the stage (a peer
+        # stage runs its tasks out of order and finds the last reader as it goes)
         release = [[] for _ in body]
-        for i, (k, _) in enumerate(body):
-            if k not in exports[sid]:
-                release[last.get(k, i)].append(k)
+        if not peer:
+            last = {}
+            for i, (_, task) in enumerate(body):
+                for r in _slot_reads(task, set()):
+                    last[r] = i
+            for i, (k, _) in enumerate(body):
+                if k not in exports[sid]:
+                    release[last.get(k, i)].append(k)
         spec = StageSpec(tuple(body), tuple(sorted(exports[sid], key=position.get)), tuple(tuple(r) for r in release))
         key = ("stage", it, sid[1], workers.index(sid[0]))
         if not peer:
