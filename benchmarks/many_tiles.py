@@ -54,16 +54,7 @@ def _count_tasks(ds, tiles, mode, slices=1, block=1):
     place = {k: f"w{i * 2 // len(keys)}" for i, k in enumerate(keys)}
     ctx = context_for(p, tiling)
     if mode == "peer":
-        from daskptycho.schedule.graph import IterationGraph
-
-        g, states, costs = IterationGraph(tag="t"), {k: None for k in keys}, []
-        for i in range(block):
-            gi = gd_iteration(tiling, i, states, {k: None for k in keys}, None, ctx, tag="t")
-            g.tasks.update(gi.tasks)
-            g.placement.update(gi.placement)
-            states, costs = gi.outputs["states"], costs + gi.outputs["costs"]
-        fused, _ = fuse_by_worker(g, 0, place, [*states.values(), *costs], external=lambda x: False, channel="t|0")
-        return len(fused.tasks) / block
+        return len(_peer_block(tiling, ctx, place, block).tasks) / block
 
     g = gd_iteration(tiling, 0, {k: None for k in keys}, {k: None for k in keys}, None, ctx, tag="t")
     wanted = [*g.outputs["states"].values(), *g.outputs["costs"]]
@@ -81,9 +72,6 @@ def client_build_s(ds, tiles, block, repeats=3):
     from daskptycho.engines import engine_options
     from daskptycho.engines.gd import context_for, tiling_for
     from daskptycho.engines.problem import prepare
-    from daskptycho.schedule.fuse import fuse_by_worker
-    from daskptycho.schedule.graph import IterationGraph
-    from daskptycho.schedule.passes import gd_iteration
 
     p = prepare(ds, engine_options(engine="gd", tiles=(tiles, tiles), slices=1))
     tiling = tiling_for(p)
@@ -93,15 +81,26 @@ def client_build_s(ds, tiles, block, repeats=3):
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        g, states, costs = IterationGraph(tag="t"), {k: None for k in keys}, []
-        for i in range(block):
-            gi = gd_iteration(tiling, i, states, {k: None for k in keys}, None, ctx, tag="t")
-            g.tasks.update(gi.tasks)
-            g.placement.update(gi.placement)
-            states, costs = gi.outputs["states"], costs + gi.outputs["costs"]
-        fuse_by_worker(g, 0, place, [*states.values(), *costs], external=lambda x: False, channel="t|0")
+        _peer_block(tiling, ctx, place, block)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _peer_block(tiling, ctx, place, block):
+    """A peer run's fused graph of ``block`` gd iterations (as ``TiledRun.step`` builds it)."""
+    from daskptycho.schedule.fuse import fuse_by_worker
+    from daskptycho.schedule.graph import IterationGraph
+    from daskptycho.schedule.passes import gd_iteration
+
+    keys = [t.key for t in tiling]
+    g, states, costs = IterationGraph(tag="t"), {k: None for k in keys}, []
+    for i in range(block):
+        gi = gd_iteration(tiling, i, states, {k: None for k in keys}, None, ctx, tag="t")
+        g.tasks.update(gi.tasks)
+        g.placement.update(gi.placement)
+        states, costs = gi.outputs["states"], costs + gi.outputs["costs"]
+    fused, _ = fuse_by_worker(g, 0, place, [*states.values(), *costs], external=lambda x: False, channel="t|0")
+    return fused
 
 
 def main(argv=None):

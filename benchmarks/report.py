@@ -264,7 +264,9 @@ iteration at 4158 tiles take {gd_sched:.0f} min per 100 iterations on the schedu
 ({per_task_ms:.2f} ms per task, calibrated here), over 10x the paper's 2.2 min. With peer exchange
 (the default) the scheduler sees {peer_tasks:.0f} tasks per iteration at 4158 workers, one per
 GPU as dask-cuda starts them ({peer_sched:.1f} min per 100 iterations, hidden behind the compute;
-with one worker per node, 693 six-GPU workers, it would be {node_tasks:.0f}), and the strips' chains, now
+with one worker per node, 693 six-GPU workers, it would be {node_tasks:.0f}); the client, building
+and fusing the next block's graph in Python ({client_ms:.2f} ms per tile and iteration, measured
+by the many-tile benchmark), needs {peer_client:.1f} min per 100 iterations, another floor; and the strips' chains, now
 messages worker to worker, cost {peer_comm:.1f} min: predicted {peer_total:.1f} min against the paper's
 2.2 min. (3) *Memory* falls {mem_ratio:.1f}x from 6 to 4158 workers in the peer rows (the paper: 51x).
 Its floor is one position's adjoint working set, (S (K + 1) + 6 K) N^2 complex64 = {working_gb:.2f} GB at
@@ -316,6 +318,8 @@ def _why_different(d):
                                 gd_tasks=graph.get("tasks_per_iteration", "n/a"), gd_sched=graph.get("predicted_scheduler_minutes", nan),
                                 peer_tasks=peer.get("tasks_per_iteration", nan), peer_sched=peer.get("predicted_scheduler_minutes", nan),
                                 node_tasks=2 * 693 / d.get("block_iterations", 8) + 1,
+                                client_ms=d.get("client_s_per_tile_iteration", nan) * 1e3,
+                                peer_client=peer.get("predicted_client_minutes", nan),
                                 peer_comm=peer.get("predicted_comm_minutes", nan), peer_total=peer.get("predicted_minutes_100_it_v100", nan),
                                 mem_ratio=peer6.get("predicted_memory_gb", nan) / peer.get("predicted_memory_gb", nan) if peer else nan,
                                 working_gb=(100 * 2 + 6) * 1024 * 1024 * 8 / 1e9, ext_px=peer.get("extended_px_max", 0))
