@@ -205,7 +205,7 @@ def test_killed_worker_during_a_fused_run_gives_the_undisturbed_result(small_pbt
     ds = dp.open_dataset(small_pbtio3)
     ref = _reference(ds, client, "gd", **GD)
     progress, victim, fired = _killer(client)
-    with dask.config.set({"daskptycho.schedule.fuse": "always"}), caplog.at_level(logging.WARNING, logger="daskptycho"):
+    with dask.config.set({"daskptycho.schedule.fuse": "always", "daskptycho.schedule.exchange": "scheduler"}), caplog.at_level(logging.WARNING, logger="daskptycho"):
         res = dp.reconstruct(ds, iterations=ITERATIONS, client=client, progress=progress, checkpoint=str(tmp_path / "out.zarr"),
                              checkpoint_every=EVERY, **GD)
     assert fired == [victim]

@@ -131,14 +131,14 @@ def test_fused_runs_equal_tile_graph_runs(small_pbtio3, client, tmp_path):
     kw = dict(engine="gd", tiles=(3, 3), iterations=5, slices=2, refine_probe=True, probe_refine_start=2, client=client)
     out = {}
     for mode in ("never", "always"):
-        with dask.config.set({"daskptycho.schedule.fuse": mode}):
+        with dask.config.set({"daskptycho.schedule.fuse": mode, "daskptycho.schedule.exchange": "scheduler"}):
             out[mode] = dp.reconstruct(ds, checkpoint=str(tmp_path / f"{mode}.zarr"), checkpoint_every=2, **kw)
     for v in ("object", "probe", "cost"):
         np.testing.assert_array_equal(out["always"][v].values, out["never"][v].values)
-    with dask.config.set({"daskptycho.schedule.fuse": "always"}):
+    with dask.config.set({"daskptycho.schedule.fuse": "always", "daskptycho.schedule.exchange": "scheduler"}):
         hve = dp.reconstruct(ds, engine="hve", tiles=(2, 2), iterations=3, slices=2, client=client)
         more = dp.reconstruct(ds, checkpoint=str(tmp_path / "always.zarr"), resume=True, **dict(kw, iterations=7))
-    with dask.config.set({"daskptycho.schedule.fuse": "never"}):
+    with dask.config.set({"daskptycho.schedule.fuse": "never", "daskptycho.schedule.exchange": "scheduler"}):
         hve_ref = dp.reconstruct(ds, engine="hve", tiles=(2, 2), iterations=3, slices=2, client=client)
         more_ref = dp.reconstruct(ds, **dict(kw, iterations=7))
     np.testing.assert_array_equal(hve.object.values, hve_ref.object.values)
@@ -152,7 +152,7 @@ def test_fused_runs_move_what_the_tile_graph_moves(small_pbtio3, client):
 
     def moved(mode):
         client.run(lambda dask_worker: dask_worker.transfer_incoming_log.clear())
-        with dask.config.set({"daskptycho.schedule.fuse": mode}):
+        with dask.config.set({"daskptycho.schedule.fuse": mode, "daskptycho.schedule.exchange": "scheduler"}):
             dp.reconstruct(ds, engine="gd", tiles=(3, 3), iterations=3, slices=2, refine_probe=True, client=client)
         logs = client.run(lambda dask_worker: [dict(e["keys"]) for e in dask_worker.transfer_incoming_log])
         return {k: n for entries in logs.values() for e in entries for k, n in e.items()}
