@@ -127,8 +127,8 @@ def test_the_driver_aborts_an_attempt(client):
         fb.result(timeout=120)
 
 
-def test_stage_inputs_from_slots_and_messages():
-    # the dataflow order: a task waiting for a message lets a later ready task run first
+def test_a_tasks_reads_are_its_in_stage_values_and_messages():
+    # what a task of a peer stage reads: values computed earlier in the stage, and messages
     spec = StageSpec(((("a",), (np.add, Slot(0), 1)), (("b",), (np.multiply, Slot(None, ("a",)), 2))), (("b",),))
     assert peer._reads(spec.tasks[1][1], set(), set()) == ({("a",)}, set())
     assert peer._reads((np.add, peer.Receive(3), [Slot(None, "k")]), set(), set()) == ({"k"}, {3})
