@@ -163,3 +163,63 @@ def test_fused_runs_move_what_the_tile_graph_moves(small_pbtio3, client):
     assert "pick" in kinds
     total = lambda m: sum(n for k, n in m.items() if isinstance(k, tuple))  # noqa: E731
     assert total(fused) <= 1.1 * total(tile), (total(fused), total(tile))
+
+
+def test_a_rebound_block_is_the_block_built_anew():
+    # a later block made by rebinding the first one's fused graph has the keys, placement and
+    # dependencies that building and fusing it would give, its own channel and inputs, and
+    # its stages share the first block's bodies (nothing per tile is made again)
+    from dask.core import get_dependencies
+
+    from daskptycho.schedule.fuse import Input, Ref, item, rebind
+    from daskptycho.schedule.graph import IterationGraph
+    from daskptycho.tasks.peer import PeerStage
+
+    p, tiling, ctx, data = _setup((3, 3))
+    keys = [t.key for t in tiling]
+    place = {k: f"w{i * 2 // len(keys)}" for i, k in enumerate(keys)}
+
+    def block(start, n=3, refine=(False, True, True)):
+        g, states, probe, costs = IterationGraph(tag="t"), {k: Input(("state", k)) for k in keys}, Input("probe"), []
+        for it, r in zip(range(start, start + n), refine):
+            gi = gd_iteration(tiling, it, states, data, probe, ctx, refine_probe=r, tag="t")
+            g.tasks.update(gi.tasks)
+            g.placement.update(gi.placement)
+            states, probe, costs = gi.outputs["states"], gi.outputs["probe"], costs + gi.outputs["costs"]
+        wanted = [*states.values(), *costs, probe]
+        return fuse_by_worker(g, start, place, wanted, external=lambda x: isinstance(x, Input), channel=f"t|{start}")
+
+    first, first_where = block(0)
+    direct, direct_where = block(6)
+    inputs = {("state", k): Ref(("stage", 5, 0, 0, "t"), ("update", 5, *k, "t"), k) for k in keys}
+    inputs["probe"] = ("probe", 5, "t")
+    bound, where = rebind(first, first_where, 6, inputs, "t|6")
+    assert set(bound.tasks) == set(direct.tasks) and bound.placement == direct.placement
+    deps = {k: set(get_dependencies(bound.tasks, k)) for k in bound.tasks}
+    assert deps == {k: set(get_dependencies(direct.tasks, k)) for k in direct.tasks}
+    # the inputs: each tile's state read from the previous block's result by its worker's stage
+    read = {(x[1], x[2]) for k, t in bound.tasks.items() if k[0] == "stage" for x in t[2:] if isinstance(x, tuple) and x[0] is item}
+    assert read == {(r.source, r.name) for k, r in inputs.items() if k != "probe"}
+    assert any(_contains(t, ("probe", 5, "t")) for t in bound.tasks.values())
+    assert not any(isinstance(x, Input) for t in bound.tasks.values() for x in _flat(t))
+    for k, t in bound.tasks.items():
+        if k[0] == "stage":
+            spec, old = t[1], first.tasks[(k[0], k[1] - 6, *k[2:])][1]
+            assert isinstance(spec, PeerStage) and spec.channel == "t|6" and spec.stage is old.stage
+    # results: the rebound block's keys, the values named as in the first block's stages
+    assert {(r.source if isinstance(r, Ref) else r) for r in where.values()} == \
+        {(r.source if isinstance(r, Ref) else r) for r in direct_where.values()}
+
+
+def _flat(x):
+    if isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _flat(y)
+    else:
+        yield x
+
+
+def _contains(x, key):
+    if isinstance(x, tuple) and x == key:
+        return True
+    return isinstance(x, (tuple, list)) and any(_contains(y, key) for y in x)

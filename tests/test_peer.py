@@ -18,10 +18,11 @@ from daskptycho.errors import OptionsError, PeerExchangeError
 from daskptycho.tasks import peer
 from daskptycho.tasks.stage import Slot, StageSpec
 
-ITERATIONS = 5
+ITERATIONS = 7
 
 
-def _run(ds, client, exchange, block=3, **kw):
+def _run(ds, client, exchange, block=2, **kw):
+    # blocks of 2 over 7 iterations: later blocks reuse the first one's fused graph (rebound)
     cfg = {"daskptycho.schedule.exchange": exchange, "daskptycho.schedule.block_iterations": block}
     with dask.config.set(cfg):
         return dp.reconstruct(ds, iterations=ITERATIONS, client=client, **kw)

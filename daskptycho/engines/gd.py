@@ -14,7 +14,7 @@ from ..backend import to_host
 from ..errors import OptionsError
 from ..io.checkpoint import read_array, write_array
 from ..physics.probe import support_half_widths
-from ..schedule.fuse import Ref, fuse_by_worker
+from ..schedule.fuse import Input, Ref, fuse_by_worker, rebind
 from ..schedule.graph import IterationGraph
 from ..schedule.passes import gd_iteration
 from ..tasks import tiles as tt
@@ -166,11 +166,13 @@ class TiledRun(PinnedRun):
         self.cores = {t.key: _local_core(specs[t.key][1], t.core) for t in tiling}
         self.origins = {t.key: (t.core[0], t.core[2]) for t in tiling}
         self.states, self.probe, self.ctx = {}, None, None
-        self._ahead, self.exchange = {}, "scheduler"
+        self._ahead, self.exchange, self._blocks = {}, "scheduler", {}
         super().__init__(drv, problem, source, progress)
 
-    def build(self, it, refine):
-        """The :class:`~daskptycho.schedule.graph.IterationGraph` of iteration ``it``."""
+    def build_from(self, it, refine, states, probe):
+        """The :class:`~daskptycho.schedule.graph.IterationGraph` of iteration ``it`` from
+        the tiles' ``states`` and the ``probe`` (futures, keys or
+        :class:`~daskptycho.schedule.fuse.Input` objects)."""
         raise NotImplementedError
 
     def begin(self, meta):
@@ -217,40 +219,76 @@ class TiledRun(PinnedRun):
             return ahead
         o = self.problem.options
         block = self.block_of(it)
+        refine = tuple(o.refine_probe and i >= o.probe_refine_start for i in block)
+        if self.exchange == "peer" and len(set(self.workers.values())) > 1:
+            return self._peer_step(block, refine)
         # the block's iterations as one graph: each iteration's graph reads the previous one's keys
-        g = IterationGraph(tag=self.tag)
-        states, probe = self.states, self.probe
-        costs, new_probe = {}, None
-        for i in block:
-            refine = o.refine_probe and i >= o.probe_refine_start
-            gi = self.build(i, refine)
-            g.tasks.update(gi.tasks)
-            g.placement.update(gi.placement)
-            costs[i] = gi.outputs["costs"]
-            self.states = gi.outputs["states"]
-            if refine:
-                self.probe = new_probe = gi.outputs["probe"]
-        g.outputs.update(states=self.states)
-        self.states, self.probe = states, probe
-        wanted = [*g.outputs["states"].values(), *(c for i in block for c in costs[i])] + ([new_probe] if new_probe is not None else [])
-        peer = self.exchange == "peer" and len(set(self.workers.values())) > 1
-        if not peer and not fuse_for(self.workers):
+        g, out = self._block_graph(block, refine, self.states, self.probe)
+        wanted = out["wanted"]
+        if not fuse_for(self.workers):
             fut = self.drv.submit_graph(g, self.workers, wanted)
             got = {k: fut[k] for k in wanted}
         else:  # a few tasks per worker, however many tiles it holds (schedule/fuse.py)
-            fused, where = fuse_by_worker(g, it, self.workers, wanted, external=self.drv.is_future,
-                                          channel=f"{self.tag}|{it}" if peer else None,
+            fused, where = fuse_by_worker(g, it, self.workers, wanted, external=self.drv.is_future)
+            got = self._submit_fused(fused, where)
+        return self._took(block, out, got)
+
+    def _block_graph(self, block, refine, states, probe):
+        """The tile graph of ``block``'s iterations (each reading the previous one's keys)
+        from ``states`` and ``probe``, and what comes out of it: ``states`` ({tile: key}),
+        ``costs`` ({iteration: [keys]}), ``probe`` (key, or None without refinement) and
+        ``wanted`` (all of those)."""
+        g = IterationGraph(tag=self.tag)
+        costs, new_probe = {}, None
+        for i, r in zip(block, refine):
+            gi = self.build_from(i, r, states, probe)
+            g.tasks.update(gi.tasks)
+            g.placement.update(gi.placement)
+            costs[i] = gi.outputs["costs"]
+            states = gi.outputs["states"]
+            if r:
+                probe = new_probe = gi.outputs["probe"]
+        wanted = [*states.values(), *(c for i in block for c in costs[i])] + ([new_probe] if new_probe is not None else [])
+        return g, {"states": states, "costs": costs, "probe": new_probe, "wanted": wanted}
+
+    def _peer_step(self, block, refine):
+        """Submit a block with peer exchange. Its fused graph is built once per shape (the
+        number of iterations and where the probe is refined) and bound again to each
+        later block's inputs (:func:`~daskptycho.schedule.fuse.rebind`): a run's blocks
+        differ only in their keys' numbers, inputs and message channel."""
+        it, rounds = block[0], self.live_rounds
+        shape = (len(block), refine)
+        inputs = {("state", k): v for k, v in self.states.items()}
+        inputs["probe"] = self.probe
+        channel = f"{self.tag}|{it}"
+        if shape not in self._blocks:
+            g, out = self._block_graph(block, refine, {k: Input(("state", k)) for k in self.states}, Input("probe"))
+            fused, where = fuse_by_worker(g, it * rounds, self.workers, out["wanted"],
+                                          external=lambda x: isinstance(x, Input) or self.drv.is_future(x), channel=channel,
                                           peer_timeout_s=float(config.get("schedule.peer_timeout_s", 300)))
-            need = list(dict.fromkeys(w.source if isinstance(w, Ref) else w for w in where.values()))
-            fut = self.drv.submit_graph(fused, self.workers, need)
-            got = {k: Ref(fut[w.source], w.name, w.tile) if isinstance(w, Ref) else fut[w] for k, w in where.items()}
-        self.states = {k: got[v] for k, v in g.outputs["states"].items()}
-        if new_probe is not None:
-            self.probe = got[new_probe]
+            out["costs"] = [out["costs"][i] for i in block]  # by position in the block
+            self._blocks[shape] = (it, fused, where, out)
+        first, fused, where, out = self._blocks[shape]
+        fused, where = rebind(fused, where, (it - first) * rounds, inputs, channel)
+        got = self._submit_fused(fused, where)
+        return self._took(block, {**out, "costs": dict(zip(block, out["costs"]))}, got)
+
+    def _submit_fused(self, fused, where):
+        need = list(dict.fromkeys(w.source if isinstance(w, Ref) else w for w in where.values()))
+        fut = self.drv.submit_graph(fused, self.workers, need)
+        return {k: Ref(fut[w.source], w.name, w.tile) if isinstance(w, Ref) else fut[w] for k, w in where.items()}
+
+    def _took(self, block, out, got):
+        """Keep a submitted block's results: the tiles' states, the probe, and a
+        :class:`Step` per iteration (the later ones handed out as the run asks for them)."""
+        self.states = {k: got[v] for k, v in out["states"].items()}
+        if out["probe"] is not None:
+            self.probe = got[out["probe"]]
+        costs = out["costs"]
         # a block's later iterations are reported as they come; keep them all in flight
         self.lookahead = max(type(self).lookahead, len(block))
         self._ahead = {i: Step(i, [got[k] for k in costs[i]]) for i in block[1:]}
-        return Step(it, [got[k] for k in costs[it]])
+        return Step(block[0], [got[k] for k in costs[block[0]]])
 
     def _state(self, key):
         """Tile ``key``'s state as a future (a fused iteration's state is a value inside
@@ -308,7 +346,7 @@ class TiledRun(PinnedRun):
 
     def drop(self):
         self.states, self.probe, self.ctx = {}, None, None
-        self._ahead, self.lookahead = {}, type(self).lookahead
+        self._ahead, self.lookahead, self._blocks = {}, type(self).lookahead, {}
 
 
 class GDRun(TiledRun):
@@ -319,9 +357,9 @@ class GDRun(TiledRun):
         tiling = tiling_for(problem)
         super().__init__(drv, problem, source, progress, tiling, {t.key: (t.positions, t.extended) for t in tiling})
 
-    def build(self, it, refine):
+    def build_from(self, it, refine, states, probe):
         o = self.problem.options
-        return gd_iteration(self.tiling, it, self.states, self.data, self.probe, self.ctx, rounds=o.passes_per_iteration,
+        return gd_iteration(self.tiling, it, states, self.data, probe, self.ctx, rounds=o.passes_per_iteration,
                             refine_probe=refine, local_updates=o.local_updates, tag=self.tag)
 
 

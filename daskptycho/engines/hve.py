@@ -96,8 +96,8 @@ class HVERun(TiledRun):
         self.extended = {k: ext for k, (_, ext) in specs.items()}
         super().__init__(drv, problem, source, progress, tiling, specs)
 
-    def build(self, it, refine):
-        return hve_iteration(self.tiling, self.extended, it, self.states, self.data, self.probe, self.ctx,
+    def build_from(self, it, refine, states, probe):
+        return hve_iteration(self.tiling, self.extended, it, states, self.data, probe, self.ctx,
                              self.problem.n_positions, tag=self.tag)
 
 

@@ -31,6 +31,7 @@ where it lies with a ``pick`` task.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from dask.core import get_dependencies
@@ -39,7 +40,7 @@ from ..tasks.peer import PeerStage, Receive, run_peer_stage
 from ..tasks.stage import Slot, StageSpec, pick, run_stage
 from .graph import IterationGraph
 
-__all__ = ["Ref", "fuse_by_worker", "item"]
+__all__ = ["Input", "Ref", "fuse_by_worker", "item", "rebind"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,15 @@ class Ref:
     source: object
     name: object
     tile: object
+
+
+@dataclass(frozen=True)
+class Input:
+    """A named input of a block built once and bound again for every later block of the
+    same shape (:func:`rebind`): the graph builders take it where they take a future,
+    and :func:`fuse_by_worker` treats it as one (give ``external`` a test that says so)."""
+
+    name: object
 
 
 def item(d, name):
@@ -289,3 +299,58 @@ def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external, ch
     results = {w: Ref(stage_key[stage_of[w]], w, home[stage_of[w]]) if w in stage_of else w for w in wanted}
     fused.outputs = dict(graph.outputs)
     return fused, results
+
+
+def rebind(fused, results, shift, inputs, channel):
+    """``fused`` and ``results`` of :func:`fuse_by_worker`, made again for another block of
+    the same shape without building or fusing anything: every key's number moves by
+    ``shift``, each :class:`Input` becomes its value in ``inputs``, and the peer stages get
+    ``channel``.
+
+    The stages' bodies (their tasks, exports and messages) are shared, not copied: inside a
+    stage, values are named by the keys of the block the graph was built for, and the
+    engine reads them by those names. Only the tasks the scheduler sees are made anew, so
+    the client's work per block grows with the number of stages and reductions, not tiles.
+
+    Parameters
+    ----------
+    fused : IterationGraph
+        Built with :class:`Input` objects for the block's inputs.
+    results : dict ``{wanted key: Ref or key}``
+    shift : int
+        Added to the number after the kind in every key of ``fused`` (the keys
+        :func:`fuse_by_worker` makes and those of the graph builders are
+        ``(kind, number, ...)``, the number counting iterations or rounds).
+    inputs : dict ``{Input name: value}``
+        A :class:`Ref` becomes the task ``item(source, name)``: a stage result stays on its
+        worker and the stage reads the one value it needs from it.
+    channel : str or None
+        The peer stages' message namespace for this block.
+
+    Returns
+    -------
+    fused, results : as :func:`fuse_by_worker` returns them, for the new block.
+    """
+    keys = {k: (k[0], k[1] + shift, *k[2:]) for k in fused.tasks}
+
+    def bound(x):
+        if isinstance(x, Input):
+            v = inputs[x.name]
+            return (item, v.source, v.name) if isinstance(v, Ref) else v
+        if isinstance(x, PeerStage):
+            return dataclasses.replace(x, channel=str(channel))
+        if isinstance(x, tuple) and x and callable(x[0]):
+            return (x[0],) + tuple(bound(a) for a in x[1:])
+        if isinstance(x, list):
+            return [bound(a) for a in x]
+        if _hashable(x) and x in keys:
+            return keys[x]
+        return x
+
+    out = IterationGraph(tag=fused.tag)
+    out.tasks = {keys[k]: bound(t) for k, t in fused.tasks.items()}
+    out.placement = {keys[k]: tile for k, tile in fused.placement.items()}
+    out.outputs = dict(fused.outputs)
+    moved = {w: Ref(keys.get(r.source, r.source), r.name, r.tile) if isinstance(r, Ref) else keys.get(r, r)
+             for w, r in results.items()}
+    return out, moved
