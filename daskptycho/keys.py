@@ -62,7 +62,7 @@ TASKS = {
     "dm-summary": Kind("update"),
     "preview": Kind("update"), "core": Kind("update"), "nbytes": Kind("update"), "host": Kind("update"),
     # fused iterations (schedule/fuse.py): a worker's tasks of one stage, and one message between workers
-    "stage": Kind("grad", "tile"), "pick": Kind("passes"),
+    "stage": Kind("grad", "tile"), "pick": Kind("passes"), "stage-body": Kind("load", "load"),
     "checkpoint": Kind("update"), "checkpoint-object": Kind("update"), "checkpoint-probe": Kind("update"),
 }
 

@@ -171,9 +171,11 @@ def test_a_rebound_block_is_the_block_built_anew():
     # its stages share the first block's bodies (nothing per tile is made again)
     from dask.core import get_dependencies
 
-    from daskptycho.schedule.fuse import Input, Ref, item, rebind
+    import pickle
+
+    from daskptycho.schedule.fuse import Input, Ref, item, rebind, stage_bodies
     from daskptycho.schedule.graph import IterationGraph
-    from daskptycho.tasks.peer import PeerStage
+    from daskptycho.tasks.peer import PeerStage, run_peer_block
 
     p, tiling, ctx, data = _setup((3, 3))
     keys = [t.key for t in tiling]
@@ -206,6 +208,17 @@ def test_a_rebound_block_is_the_block_built_anew():
         if k[0] == "stage":
             spec, old = t[1], first.tasks[(k[0], k[1] - 6, *k[2:])][1]
             assert isinstance(spec, PeerStage) and spec.channel == "t|6" and spec.stage is old.stage
+    # with the stages' bodies kept on the workers, a block carries only their inputs
+    bodies = stage_bodies(first)
+    assert sorted(k[1:] for k in bodies.tasks) == sorted(k[1:] for k in first.tasks if k[0] == "stage")
+    assert all(bodies.placement[k] == first.placement[("stage", *k[1:])] for k in bodies.tasks)
+    held = {("stage", *k[1:]): f"held-{i}" for i, k in enumerate(bodies.tasks)}
+    light, _ = rebind(first, first_where, 6, inputs, "t|6", bodies=held)
+    for k, t in light.tasks.items():
+        if k[0] == "stage":
+            assert t[0] is run_peer_block and t[1] == held[(k[0], k[1] - 6, *k[2:])] and t[2] == "t|6"
+            assert t[3:] == bound.tasks[k][2:]
+    assert len(pickle.dumps(light.tasks)) * 5 < len(pickle.dumps(bound.tasks))
     # results: the rebound block's keys, the values named as in the first block's stages
     assert {(r.source if isinstance(r, Ref) else r) for r in where.values()} == \
         {(r.source if isinstance(r, Ref) else r) for r in direct_where.values()}

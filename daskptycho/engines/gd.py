@@ -14,7 +14,7 @@ from ..backend import to_host
 from ..errors import OptionsError
 from ..io.checkpoint import read_array, write_array
 from ..physics.probe import support_half_widths
-from ..schedule.fuse import Input, Ref, fuse_by_worker, rebind
+from ..schedule.fuse import Input, Ref, fuse_by_worker, rebind, stage_bodies
 from ..schedule.graph import IterationGraph
 from ..schedule.passes import gd_iteration
 from ..tasks import tiles as tt
@@ -255,7 +255,9 @@ class TiledRun(PinnedRun):
         """Submit a block with peer exchange. Its fused graph is built once per shape (the
         number of iterations and where the probe is refined) and bound again to each
         later block's inputs (:func:`~daskptycho.schedule.fuse.rebind`): a run's blocks
-        differ only in their keys' numbers, inputs and message channel."""
+        differ only in their keys' numbers, inputs and message channel. The stages' bodies
+        are kept on their workers, so a block's graph is a few small tasks per worker
+        whatever the number of tiles."""
         it, rounds = block[0], self.live_rounds
         shape = (len(block), refine)
         inputs = {("state", k): v for k, v in self.states.items()}
@@ -267,9 +269,13 @@ class TiledRun(PinnedRun):
                                           external=lambda x: isinstance(x, Input) or self.drv.is_future(x), channel=channel,
                                           peer_timeout_s=float(config.get("schedule.peer_timeout_s", 300)))
             out["costs"] = [out["costs"][i] for i in block]  # by position in the block
-            self._blocks[shape] = (it, fused, where, out)
-        first, fused, where, out = self._blocks[shape]
-        fused, where = rebind(fused, where, (it - first) * rounds, inputs, channel)
+            # the stages' bodies (every tile's tasks) go to their workers once and stay there
+            bodies = stage_bodies(fused)
+            held = self.drv.submit_graph(bodies, self.workers, list(bodies.tasks))
+            held = {("stage", *k[1:]): f for k, f in held.items()}
+            self._blocks[shape] = (it, fused, where, out, held)
+        first, fused, where, out, held = self._blocks[shape]
+        fused, where = rebind(fused, where, (it - first) * rounds, inputs, channel, bodies=held)
         got = self._submit_fused(fused, where)
         return self._took(block, {**out, "costs": dict(zip(block, out["costs"]))}, got)
 

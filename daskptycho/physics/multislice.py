@@ -16,6 +16,7 @@ from ..backend import empty, fft2, get_array_module, ifft2, is_gpu, scatter_add
 from .cost import cost_and_far_field_gradient
 from .dispatch import FFT_TALLY, aligned_stride, fftw_plans, kernels
 from .intensity import abs2, abs2_modes
+from .wave_checkpoints import checkpoint_interval, effective_interval, segments
 
 __all__ = ["window_index", "windows", "Windows", "forward", "backward", "far_field_intensity", "gradients"]
 
@@ -192,7 +193,90 @@ class _FusedCache:
         self.incident, self.obj, self.win = incident, obj, win
 
 
-def forward(obj, probe, index, kernel, keep=False, _ortho=True):
+class _CheckpointedCache:
+    """What :func:`backward` needs after a :func:`forward` with a wave checkpoint interval
+    ``c > 1`` (see :mod:`~daskptycho.physics.wave_checkpoints`).
+
+    Attributes
+    ----------
+    interval : int
+        c, in [2, S - 1].
+    checkpoints : dict {slice a: wave}
+        The incident wave of the first slice of every segment (slice 0's is the probe:
+        (J, K, N, N) broadcast on the NumPy path, (1, K, N, N) on the fused one).
+    tail, tail_patches : dict {slice: (J, K, N, N) wave}, {slice: (J, N, N) patch}
+        The last segment's other incident waves and (NumPy path) its object patches, as
+        the forward pass left them: :func:`backward` takes them out as it uses them.
+    obj, index, k_scaled, fused :
+        What recomputes a segment: the object (S, H, W), the windows, the scaled Fresnel
+        kernel, and whether the fused kernels (``fused`` is the compiled module) transmit.
+    """
+
+    def __init__(self, interval, checkpoints, tail, tail_patches, obj, index, k_scaled, fused):
+        self.interval, self.checkpoints, self.tail, self.tail_patches = interval, checkpoints, tail, tail_patches
+        self.obj, self.index, self.k_scaled, self.fused = obj, index, k_scaled, fused
+
+
+def _transmit(cache, s, psi, patch):
+    """The exit wave of slice ``s`` for incident ``psi``, a new SIMD-aligned array (J, K, N, N):
+    the same operation on either batched path as :func:`forward` runs, so recomputed waves
+    are the same bits."""
+    xp = get_array_module(psi)
+    if cache.fused is not None:
+        shape = (cache.index.corners.shape[0],) + psi.shape[1:]
+        return cache.fused.multiply_windows(psi, cache.obj[s], cache.index.corners, empty(shape, cache.obj.dtype, xp))
+    return xp.multiply(psi, patch[:, None], out=empty(psi.shape, np.result_type(psi.dtype, patch.dtype), xp))
+
+
+def _forward_checkpointed(cache, psi, n_slices):
+    """The forward pass keeping the checkpoints and the last segment's waves in ``cache``;
+    returns the last slice's exit wave."""
+    segs = segments(n_slices, cache.interval)
+    for a, b in segs:
+        cache.checkpoints[a] = psi
+        last = b == n_slices
+        # the object patches of one segment at a time (the NumPy path): the others are cut again when recomputed
+        patches = None if cache.fused is not None else _gather(cache.obj[a:b], cache.index)
+        for s in range(a, b):
+            patch = None if patches is None else patches[s - a]
+            if last:
+                if s > a:
+                    cache.tail[s] = psi
+                if patch is not None:
+                    cache.tail_patches[s] = patch
+            phi = _transmit(cache, s, psi, patch)
+            if s < n_slices - 1:
+                psi = _propagate_inplace(phi, cache.k_scaled)
+    return phi
+
+
+def _incident_backward(cache, n_slices):
+    """Yield ``(s, incident wave, patch)`` for s = S - 1 .. 0 after a checkpointed forward,
+    recomputing each earlier segment's waves from its checkpoint just before its first
+    slice is asked for; each wave is released once the caller has used it. ``patch`` is
+    None on the fused path (the kernels read the object in place)."""
+    segs = segments(n_slices, cache.interval)
+    for i in range(len(segs) - 1, -1, -1):
+        a, b = segs[i]
+        waves, patches = {a: cache.checkpoints[a]}, {}
+        if i == len(segs) - 1 and len(cache.tail) == b - a - 1:
+            # the forward pass's own waves: taken out of the cache, so each is freed after use
+            waves.update(cache.tail)
+            patches.update(cache.tail_patches)
+            cache.tail, cache.tail_patches = {}, {}
+        if len(waves) < b - a or (cache.fused is None and len(patches) < b - a):
+            cut = None if cache.fused is not None else _gather(cache.obj[a:b], cache.index)
+            patches = {} if cut is None else {s: cut[s - a] for s in range(a, b)}
+            psi = waves[a]
+            for s in range(a, b - 1):  # the forward pass again, from the checkpoint
+                psi = _propagate_inplace(_transmit(cache, s, psi, patches.get(s)), cache.k_scaled)
+                waves[s + 1] = psi
+            del psi, cut
+        for s in range(b - 1, a - 1, -1):
+            yield s, waves.pop(s), patches.pop(s, None)
+
+
+def forward(obj, probe, index, kernel, keep=False, _ortho=True, wave_checkpoints=1):
     """Far-field waves of every position and probe mode.
 
     Parameters
@@ -204,6 +288,10 @@ def forward(obj, probe, index, kernel, keep=False, _ortho=True):
         Fresnel transfer function between consecutive slices (FFT order).
     keep : bool
         Also return what :func:`gradients` needs (incident waves and patches).
+    wave_checkpoints : int >= 1
+        With ``keep``: keep the incident waves of every ``wave_checkpoints``-th slice only
+        (and the last segment's), for :func:`backward` to recompute the others from (see
+        :mod:`~daskptycho.physics.wave_checkpoints`); 1 keeps every slice's.
 
     Returns
     -------
@@ -211,7 +299,22 @@ def forward(obj, probe, index, kernel, keep=False, _ortho=True):
     """
     xp = get_array_module(obj, probe)
     n_slices = obj.shape[0]
+    interval = effective_interval(wave_checkpoints, n_slices) if keep else 1
     compiled, win = _fused_path(xp, index, obj, probe)
+    if interval > 1:
+        dtype = np.result_type(obj.dtype, probe.dtype)
+        k_scaled = _scaled_kernel(kernel, dtype)
+        if compiled is not None:
+            obj = np.ascontiguousarray(obj)
+            psi = np.ascontiguousarray(probe)[None]
+            cache = _CheckpointedCache(interval, {}, {}, {}, obj, win, k_scaled, compiled)
+        else:
+            n_pos = index.shape[0]
+            psi = xp.broadcast_to(probe[None], (n_pos,) + probe.shape)
+            cache = _CheckpointedCache(interval, {}, {}, {}, obj, index, k_scaled, None)
+        phi = _forward_checkpointed(cache, psi, n_slices)
+        far = fft2(phi, xp, out=phi, norm="ortho" if _ortho else "none")
+        return far, cache
     if compiled is not None:
         # no patches cut: each slice's windows are read in place by the kernel
         obj = np.ascontiguousarray(obj)
@@ -264,6 +367,10 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
     ----------
     g_far : complex array (J, K, N, N), FFT order
     cache : the second output of ``forward(..., keep=True)``
+        After a checkpointed forward (``wave_checkpoints > 1``) the waves between
+        checkpoints are recomputed here, segment by segment, and the last segment's
+        waves, left by the forward pass, are released as they are used (a second
+        call with the same cache recomputes them too).
     index : int array (J, N, N) from :func:`window_index`, or :class:`Windows`
     obj_shape : (S, H, W)
     kernel : complex array (N, N) or None
@@ -292,29 +399,38 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
         g_obj = out["object"]
         illum = out["illumination"]
     k_conj = _scaled_kernel(kernel.conj(), g.dtype) if n_slices > 1 else None
-    if isinstance(cache, _FusedCache):
-        return _backward_fused(g, cache, g_obj, illum, k_conj, probe_gradient, out)
-    incident, patches = cache
+    if isinstance(cache, _CheckpointedCache):
+        waves = _incident_backward(cache, n_slices)
+        if cache.fused is not None:
+            return _backward_fused(g, waves, cache.obj, cache.index, g_obj, illum, k_conj, probe_gradient, out)
+    elif isinstance(cache, _FusedCache):
+        waves = ((s, cache.incident[s], None) for s in range(n_slices - 1, -1, -1))
+        return _backward_fused(g, waves, cache.obj, cache.win, g_obj, illum, k_conj, probe_gradient, out)
+    else:
+        incident, patches = cache
+        waves = ((s, incident[s], patches[s]) for s in range(n_slices - 1, -1, -1))
     work = xp.empty_like(g)  # conj(incident) * g, reused for every slice
-    conj_patch = xp.empty(patches.shape[1:], dtype=patches.dtype)
-    il_buf = xp.empty(patches.shape[1:], dtype=g.real.dtype)  # |incident|^2, reused
-    for s in range(n_slices - 1, -1, -1):
-        psi = incident[s]
+    conj_patch = il_buf = p0 = None
+    for s, psi, patch in waves:
+        if conj_patch is None:
+            conj_patch = xp.empty(patch.shape, dtype=patch.dtype)
+            il_buf = xp.empty(patch.shape, dtype=g.real.dtype)  # |incident|^2, reused
         if s == 0:  # the probe itself, the same for every position
             il = xp.broadcast_to(abs2(psi[0], xp).sum(axis=0), il_buf.shape)
+            p0 = patch
         else:  # before ``work`` is filled: it is the scratch space of the squares
             il = abs2_modes(psi, xp, out=il_buf, scratch=work)
         xp.conjugate(psi, out=work)
         work *= g
         go = work[:, 0] if work.shape[1] == 1 else work.sum(axis=1)  # (J, N, N): sum over modes
         _scatter((g_obj[s:s + 1], illum[s:s + 1]), index, (go[None], il[None]))
-        xp.conjugate(patches[s], out=conj_patch)
+        xp.conjugate(patch, out=conj_patch)
         g *= conj_patch[:, None]  # gradient w.r.t. the incident wave
         if s > 0:
             _propagate_inplace(g, k_conj)
+        del psi, patch, il
     result = {"object": g_obj, "illumination": illum}
     if probe_gradient:
-        p0 = patches[0]
         gp = xp.sum(g, axis=0)
         pil = xp.sum(abs2(p0, xp), axis=0)
         if out is not None:
@@ -326,10 +442,14 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
     return result
 
 
-def _backward_fused(g, cache, g_obj, illum, k_conj, probe_gradient, out):
-    """:func:`backward` after a fused :func:`forward`: one kernel call per slice."""
+def _backward_fused(g, waves, obj, win, g_obj, illum, k_conj, probe_gradient, out):
+    """:func:`backward` after a fused :func:`forward`: one kernel call per slice.
+
+    ``waves`` yields ``(s, incident wave, _)`` for s = S - 1 .. 0 (waves (J, K, N, N) or,
+    slice 0's, the probe (1, K, N, N)); ``obj`` (S, H, W) C-contiguous; ``win`` :class:`Windows`.
+    """
     compiled = kernels()
-    k_modes, ny, nx = cache.incident[0].shape[1:]
+    k_modes, ny, nx = g.shape[1:]
     real = illum.dtype
     if probe_gradient:
         gp = out["probe"] if out is not None and "probe" in out else np.zeros((k_modes, ny, nx), dtype=g.dtype)
@@ -339,12 +459,12 @@ def _backward_fused(g, cache, g_obj, illum, k_conj, probe_gradient, out):
     if not (g.flags.c_contiguous and g_obj.flags.c_contiguous and illum.flags.c_contiguous
             and gp.flags.c_contiguous and pil.flags.c_contiguous):
         raise ValueError("the fused adjoint needs C-contiguous gradient and accumulator arrays")
-    corners = cache.win.corners
-    for s in range(g_obj.shape[0] - 1, -1, -1):
-        compiled.adjoint_slice(g, cache.incident[s], cache.obj[s], corners, g_obj[s], illum[s], gp, pil,
-                               bool(probe_gradient and s == 0))
+    corners = win.corners
+    for s, psi, _ in waves:
+        compiled.adjoint_slice(g, psi, obj[s], corners, g_obj[s], illum[s], gp, pil, bool(probe_gradient and s == 0))
         if s > 0:
             _propagate_inplace(g, k_conj)
+        del psi
     result = {"object": g_obj, "illumination": illum}
     if probe_gradient:
         result["probe"] = gp

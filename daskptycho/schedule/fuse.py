@@ -36,11 +36,11 @@ from dataclasses import dataclass
 
 from dask.core import get_dependencies
 
-from ..tasks.peer import PeerStage, Receive, run_peer_stage
+from ..tasks.peer import PeerStage, Receive, run_peer_block, run_peer_stage, stage_body
 from ..tasks.stage import Slot, StageSpec, pick, run_stage
 from .graph import IterationGraph
 
-__all__ = ["Input", "Ref", "fuse_by_worker", "item", "rebind"]
+__all__ = ["Input", "Ref", "fuse_by_worker", "item", "rebind", "stage_bodies"]
 
 
 @dataclass(frozen=True)
@@ -301,7 +301,19 @@ def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external, ch
     return fused, results
 
 
-def rebind(fused, results, shift, inputs, channel):
+def stage_bodies(fused):
+    """Tasks that keep each peer stage's body on its worker, ``("stage-body", *stage key
+    indices)`` placed like the stage: submitted once and handed to :func:`rebind` as
+    ``bodies``, a block's graph then carries no tile's task."""
+    bodies = IterationGraph(tag=None)
+    for k, task in fused.tasks.items():
+        if k[0] == "stage" and task[0] is run_peer_stage:
+            bodies.tasks[("stage-body", *k[1:])] = (stage_body, task[1])
+            bodies.placement[("stage-body", *k[1:])] = fused.placement[k]
+    return bodies
+
+
+def rebind(fused, results, shift, inputs, channel, bodies=None):
     """``fused`` and ``results`` of :func:`fuse_by_worker`, made again for another block of
     the same shape without building or fusing anything: every key's number moves by
     ``shift``, each :class:`Input` becomes its value in ``inputs``, and the peer stages get
@@ -326,6 +338,10 @@ def rebind(fused, results, shift, inputs, channel):
         worker and the stage reads the one value it needs from it.
     channel : str or None
         The peer stages' message namespace for this block.
+    bodies : dict, optional
+        ``{stage key of fused: future}`` of the tasks of :func:`stage_bodies`: those stages
+        read their body there (:func:`~daskptycho.tasks.peer.run_peer_block`) instead
+        of carrying it.
 
     Returns
     -------
@@ -347,8 +363,15 @@ def rebind(fused, results, shift, inputs, channel):
             return keys[x]
         return x
 
+    bodies = bodies or {}
+
+    def task(k, t):
+        if k in bodies:
+            return (run_peer_block, bodies[k], str(channel), *(bound(a) for a in t[2:]))
+        return bound(t)
+
     out = IterationGraph(tag=fused.tag)
-    out.tasks = {keys[k]: bound(t) for k, t in fused.tasks.items()}
+    out.tasks = {keys[k]: task(k, t) for k, t in fused.tasks.items()}
     out.placement = {keys[k]: tile for k, tile in fused.placement.items()}
     out.outputs = dict(fused.outputs)
     moved = {w: Ref(keys.get(r.source, r.source), r.name, r.tile) if isinstance(r, Ref) else keys.get(r, r)

@@ -36,6 +36,7 @@ import heapq
 import logging
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -226,6 +227,19 @@ def run_peer_stage(spec: PeerStage, *inputs):
     except BaseException as e:
         plugin.tell_abort(spec.peers, _tag_of(spec.channel), f"stage {spec.channel} on {worker.address} failed: {e!r}"[:500])
         raise
+
+
+def stage_body(spec: PeerStage):
+    """``spec`` itself: a task whose result keeps a stage's body on its worker, so that
+    every block after the first sends only the stage's inputs and channel
+    (:func:`run_peer_block`)."""
+    return spec
+
+
+def run_peer_block(spec: PeerStage, channel, *inputs):
+    """:func:`run_peer_stage` of a body kept on this worker (:func:`stage_body`), with the
+    message namespace ``channel`` of this block."""
+    return run_peer_stage(dataclasses.replace(spec, channel=str(channel)), *inputs)
 
 
 def _run(spec, inputs, plugin, timeout):
