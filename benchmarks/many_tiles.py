@@ -54,7 +54,7 @@ def _count_tasks(ds, tiles, mode, slices=1, block=1):
     place = {k: f"w{i * 2 // len(keys)}" for i, k in enumerate(keys)}
     ctx = context_for(p, tiling)
     if mode == "peer":
-        return len(_peer_block(tiling, ctx, place, block).tasks) / block
+        return len(_peer_block(tiling, ctx, place, block)[0].tasks) / block
 
     g = gd_iteration(tiling, 0, {k: None for k in keys}, {k: None for k in keys}, None, ctx, tag="t")
     wanted = [*g.outputs["states"].values(), *g.outputs["costs"]]
@@ -65,42 +65,67 @@ def _count_tasks(ds, tiles, mode, slices=1, block=1):
     return len(fused.tasks)
 
 
-def client_build_s(ds, tiles, block, repeats=3):
-    """The client's seconds to build and fuse one block of ``block`` iterations of a peer run
-    on ``tiles`` x ``tiles`` tiles over 2 workers (graph builders and fuse only: no cluster);
-    the median of ``repeats``."""
+def client_block_s(ds, tiles, block, tiles_per_worker=None, repeats=3):
+    """The client's seconds for the blocks of a peer run of ``block`` gd iterations on
+    ``tiles`` x ``tiles`` tiles (graph builders, fuse and serialisation in this process,
+    no cluster), as ``TiledRun`` makes them:
+
+    ``first_s``
+        the first block of a shape: build the tile graph, fuse it, serialise the stages'
+        bodies (sent once, :func:`~daskptycho.schedule.fuse.stage_bodies`);
+    ``later_s``
+        every later block: :func:`~daskptycho.schedule.fuse.rebind` and serialise the
+        rebound graph (the stages' inputs and channel, the reductions).
+
+    Over 2 workers, or ``tiles_per_worker`` tiles on each worker; medians of ``repeats``."""
+    import cloudpickle
+
     from daskptycho.engines import engine_options
     from daskptycho.engines.gd import context_for, tiling_for
     from daskptycho.engines.problem import prepare
+    from daskptycho.schedule.fuse import Ref, rebind, stage_bodies
 
     p = prepare(ds, engine_options(engine="gd", tiles=(tiles, tiles), slices=1))
     tiling = tiling_for(p)
     keys = [t.key for t in tiling]
-    place = {k: f"w{i * 2 // len(keys)}" for i, k in enumerate(keys)}
+    per = tiles_per_worker or -(-len(keys) // 2)
+    place = {k: f"w{i // per}" for i, k in enumerate(keys)}
     ctx = context_for(p, tiling)
-    times = []
-    for _ in range(repeats):
+    first, later = [], []
+    for rep in range(repeats):
         t0 = time.perf_counter()
-        _peer_block(tiling, ctx, place, block)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        fused, where = _peer_block(tiling, ctx, place, block)
+        bodies = stage_bodies(fused)
+        cloudpickle.dumps(bodies.tasks)
+        t1 = time.perf_counter()
+        held = {("stage", *k[1:]): f"body-{i}" for i, k in enumerate(bodies.tasks)}
+        inputs = {("state", k): Ref(("stage", block - 1, 0, place[k], "t"), ("update", block - 1, *k, "t"), k) for k in keys}
+        # the futures the engine passes (patterns, context, probe), here as stand-in keys
+        inputs.update({("data", k): ("data-future", *k) for k in keys}, probe=("probe-future",), ctx=("ctx-future",))
+        bound, _ = rebind(fused, where, block * (rep + 1), inputs, f"t|{block * (rep + 1)}", bodies=held)
+        cloudpickle.dumps(bound.tasks)
+        t2 = time.perf_counter()
+        first.append(t1 - t0)
+        later.append(t2 - t1)
+    return {"first_s": statistics.median(first), "later_s": statistics.median(later)}
 
 
 def _peer_block(tiling, ctx, place, block):
-    """A peer run's fused graph of ``block`` gd iterations (as ``TiledRun.step`` builds it)."""
-    from daskptycho.schedule.fuse import fuse_by_worker
+    """A peer run's fused graph of ``block`` gd iterations and where its results are (as
+    ``TiledRun`` builds it: the tiles' states and the probe are block inputs)."""
+    from daskptycho.schedule.fuse import Input, fuse_by_worker
     from daskptycho.schedule.graph import IterationGraph
     from daskptycho.schedule.passes import gd_iteration
 
     keys = [t.key for t in tiling]
-    g, states, costs = IterationGraph(tag="t"), {k: None for k in keys}, []
+    g, states, costs = IterationGraph(tag="t"), {k: Input(("state", k)) for k in keys}, []
+    data = {k: Input(("data", k)) for k in keys}
     for i in range(block):
-        gi = gd_iteration(tiling, i, states, {k: None for k in keys}, None, ctx, tag="t")
+        gi = gd_iteration(tiling, i, states, data, Input("probe"), Input("ctx"), tag="t")
         g.tasks.update(gi.tasks)
         g.placement.update(gi.placement)
         states, costs = gi.outputs["states"], costs + gi.outputs["costs"]
-    fused, _ = fuse_by_worker(g, 0, place, [*states.values(), *costs], external=lambda x: False, channel="t|0")
-    return fused
+    return fuse_by_worker(g, 0, place, [*states.values(), *costs], external=lambda x: isinstance(x, Input), channel="t|0")
 
 
 def main(argv=None):
@@ -152,9 +177,12 @@ def main(argv=None):
                            "iteration_s": it_s, "seconds_per_task": it_s / tasks if it_s else None, "wall_s": wall,
                            "intervals_s": per_it}
                     if mode == "peer":
-                        build = client_build_s(ds, tiles, block)
-                        row["client_build_s_per_iteration"] = build / block
-                        row["client_build_s_per_tile_iteration"] = build / block / tiles ** 2
+                        # the client's share: the first block of a shape is built and fused, later
+                        # ones rebound; here (2 workers) and with a tile per worker (Summit's layout)
+                        for layout, per in (("", None), ("_one_tile_per_worker", 1)):
+                            cb = client_block_s(ds, tiles, block, tiles_per_worker=per)
+                            row[f"client_first_block_s_per_tile_iteration{layout}"] = cb["first_s"] / block / tiles ** 2
+                            row[f"client_block_s_per_tile_iteration{layout}"] = cb["later_s"] / block / tiles ** 2
                     if mode == "never":
                         row["model_scheduler_s"] = tasks * hop["per_task_s"]
                         row["model_over_measured"] = row["model_scheduler_s"] / it_s if it_s else None
@@ -172,9 +200,12 @@ def main(argv=None):
         print("calibration", calibration, flush=True)
     peer_rows = [r for r in rows if r["schedule"] == "peer exchange"]
     if calibration is not None and peer_rows:
-        # the client builds and fuses every tile's tasks of a block (graph builders in Python):
-        # a serial floor per iteration that grows with the tiles
-        calibration["client_s_per_tile_iteration"] = peer_rows[0]["client_build_s_per_tile_iteration"]
+        # the client's work per later block (rebinding the first block's graph), a serial floor
+        # per iteration, and per first block of a shape (building and fusing every tile's
+        # tasks), once per run and shape; with one tile per worker as on the modelled machine
+        r0 = peer_rows[0]
+        calibration["client_s_per_tile_iteration"] = r0["client_block_s_per_tile_iteration_one_tile_per_worker"]
+        calibration["client_first_block_s_per_tile_iteration"] = r0["client_first_block_s_per_tile_iteration_one_tile_per_worker"]
     path = write(args.out, {"hop": hop, "rows": rows, "calibration": calibration, "scan": args.scan, "iterations": args.iterations,
                             "command": "python -m benchmarks many_tiles " + " ".join(argv or [])})
     print(path)

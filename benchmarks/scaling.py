@@ -230,7 +230,7 @@ def _overlap(a, b):
 
 def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta, workers=None, modes=1, engine="gd",
           hop=None, per_task=0.0, halo_px=None, schedule="tile graph", block=8, peer_hop_s=0.0, node_size=None, intra=None,
-          client_per_tile=0.0):
+          client_per_tile=0.0, client_first_per_tile=0.0, iterations=100):
     """Predicted seconds per iteration and bytes per worker for one tiling.
 
     ``hop``: ``{"same_worker_s": s, "alternating_s": s}``, the scheduler round trip of one
@@ -246,8 +246,12 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
     one cost per iteration. ``node_size`` workers in a row of the placement share a node,
     whose messages between its own workers go at ``intra = (alpha, beta)``.
 
-    ``client_per_tile``: the client's seconds per tile and iteration to build and fuse the
-    graph (measured by :mod:`benchmarks.many_tiles`), a serial floor like the scheduler's.
+    ``client_per_tile``: the client's seconds per tile and iteration to make a block's graph
+    (peer: rebinding the first block of its shape; measured by :mod:`benchmarks.many_tiles`),
+    a serial floor like the scheduler's. ``client_first_per_tile``: the same for the first
+    block of each shape (building and fusing every tile's tasks), paid once per run of
+    ``iterations`` before anything runs: ``first_blocks_s``, for the blocks of ``block``
+    iterations and the shorter last one.
     """
     t = tiling_of(corners, window, object_shape, tiles, halo_px if engine == "gd" else None)
     r, c = tiles
@@ -318,7 +322,8 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
     mem = (ext * slices * 20 + n_max * n2 * 4) * per_worker + working
     scheduler = tasks * per_task
     client = client_per_tile * r * c
-    return {"compute_s": compute, "comm_s": comm, "scheduler_s": scheduler, "tasks": tasks, "client_s": client,
+    first_blocks = client_first_per_tile * r * c * (block + iterations % block) if schedule == "peer" else 0.0
+    return {"compute_s": compute, "comm_s": comm, "scheduler_s": scheduler, "tasks": tasks, "client_s": client, "first_blocks_s": first_blocks,
             # the scheduler and the client (building the next graphs) work while the tiles compute:
             # their serial times per iteration are floors
             "iteration_s": max(compute + comm, scheduler, client), "memory_bytes": mem,
@@ -376,13 +381,14 @@ def main(argv=None):
     # (tasks with dependencies and data cost more than the trivial ones measure_hop times)
     many = os.path.join(RESULTS, "many_tiles.json")
     per_task_graph, per_task_source = hop["per_task_s"], "independent trivial tasks (measure_hop)"
-    client_per_tile = 0.0
+    client_per_tile = client_first_per_tile = 0.0
     if os.path.exists(many):
         with open(many) as f:
             cal = json.load(f).get("calibration")
         if cal:
             per_task_graph = cal["per_task_s"]
             client_per_tile = float(cal.get("client_s_per_tile_iteration", 0.0))
+            client_first_per_tile = float(cal.get("client_first_block_s_per_tile_iteration", 0.0))
             per_task_source = f"a {cal['from_tiles']}-tile gd iteration graph on 2 workers (benchmarks/many_tiles.py)"
     peer_hop_s = measure_peer_hop()
     block = int(dask.config.get("daskptycho.schedule.block_iterations", 8))
@@ -452,14 +458,15 @@ def main(argv=None):
                               engine=engine, hop={"same_worker_s": hop["same_worker_s"], "alternating_s": hop["same_worker_s"]},
                               per_task=per_task_graph, halo_px=halo, schedule=schedule, block=block, peer_hop_s=peer_hop_s,
                               node_size=SUMMIT_NODE["gpus"], intra=(SUMMIT_NODE["alpha_s"], SUMMIT_NODE["beta_bytes_per_s"]),
-                              client_per_tile=client_per_tile)
+                              client_per_tile=client_per_tile, client_first_per_tile=client_first_per_tile)
                 except Exception as e:  # noqa: BLE001 - a tiling that cannot be made is a result, not a crash
                     predictions.append({"dataset": name, "engine": engine, "workers": w, "schedule": schedule, "error": str(e)})
                     continue
                 paper = case[engine].get(w)
                 row = {"dataset": name, "engine": engine, "workers": w, "tiles": list(tiles), "schedule": schedule,
                        "halos": "whole windows" if halo is None else f"probe support ({halo[0]} px, the paper's)",
-                       "predicted_minutes_100_it_v100": m["iteration_s"] * 100 / 60,
+                       "predicted_minutes_100_it_v100": (m["iteration_s"] * 100 + m["first_blocks_s"]) / 60,
+                       "predicted_first_blocks_minutes": m["first_blocks_s"] / 60,
                        "predicted_compute_minutes": m["compute_s"] * 100 / 60, "predicted_comm_minutes": m["comm_s"] * 100 / 60,
                        "predicted_scheduler_minutes": m["scheduler_s"] * 100 / 60, "tasks_per_iteration": m["tasks"],
                        "predicted_client_minutes": m["client_s"] * 100 / 60,
@@ -478,6 +485,7 @@ def main(argv=None):
                         "best_us_per_fft_bench": floor["best_us_per_fft_cpu"].get(str(n_bench))},
         "loopback": loop, "hop": hop, "summit_assumed": SUMMIT, "summit_node_assumed": SUMMIT_NODE,
         "peer_message_s": peer_hop_s, "block_iterations": block, "client_s_per_tile_iteration": client_per_tile,
+        "client_first_block_s_per_tile_iteration": client_first_per_tile,
         "scheduler_per_task_s": per_task_graph, "scheduler_per_task_source": per_task_source,
         "validation": validation, "predictions": predictions,
         "command": "python -m benchmarks scaling " + " ".join(argv or []),

@@ -169,9 +169,9 @@ def test_a_rebound_block_is_the_block_built_anew():
     # a later block made by rebinding the first one's fused graph has the keys, placement and
     # dependencies that building and fusing it would give, its own channel and inputs, and
     # its stages share the first block's bodies (nothing per tile is made again)
-    from dask.core import get_dependencies
-
     import pickle
+
+    from dask.core import get_dependencies
 
     from daskptycho.schedule.fuse import Input, Ref, item, rebind, stage_bodies
     from daskptycho.schedule.graph import IterationGraph

@@ -32,11 +32,11 @@ graph) fails the stage with
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import logging
 import threading
 import time
-import dataclasses
 from dataclasses import dataclass
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -44,7 +44,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..errors import PeerExchangeError
 from .stage import Slot, StageSpec, evaluate
 
-__all__ = ["NAME", "PeerExchange", "Receive", "PeerStage", "run_peer_stage", "abort"]
+__all__ = ["NAME", "PeerExchange", "Receive", "PeerStage", "run_peer_stage", "run_peer_block", "stage_body", "abort"]
 
 #: the plugin's name on every worker, and the handlers it adds
 NAME = "daskptycho-peer"
