@@ -264,11 +264,13 @@ iteration at 4158 tiles take {gd_sched:.0f} min per 100 iterations on the schedu
 ({per_task_ms:.2f} ms per task, calibrated here), over 10x the paper's 2.2 min. With peer exchange
 (the default) the scheduler sees {peer_tasks:.0f} tasks per iteration at 4158 workers, one per
 GPU as dask-cuda starts them ({peer_sched:.1f} min per 100 iterations, hidden behind the compute;
-with one worker per node, 693 six-GPU workers, it would be {node_tasks:.0f}); the client, building
-and fusing the next block's graph in Python ({client_ms:.2f} ms per tile and iteration, measured
-by the many-tile benchmark), needs {peer_client:.1f} min per 100 iterations, another floor; and the strips' chains, now
-messages worker to worker, cost {peer_comm:.1f} min: predicted {peer_total:.1f} min against the paper's
-2.2 min. (3) *Memory* falls {mem_ratio:.1f}x from 6 to 4158 workers in the peer rows (the paper: 51x).
+with one worker per node, 693 six-GPU workers, it would be {node_tasks:.0f}); the client makes each
+later block by rebinding the first block of its shape ({client_us:.1f} us per tile and iteration,
+measured by the many-tile benchmark with a tile per worker: {peer_client:.2f} min per 100 iterations,
+a floor far below the compute), and builds and fuses the first block of each shape once, before
+anything runs ({first_ms:.2f} ms per tile and iteration: {peer_first:.1f} min per run, for a block of
+{block} iterations and the last, shorter one); the strips' chains, now messages worker to worker, cost
+{peer_comm:.1f} min: predicted {peer_total:.1f} min against the paper's 2.2 min. (3) *Memory* falls {mem_ratio:.1f}x from 6 to 4158 workers in the peer rows (the paper: 51x).
 Its floor is one position's adjoint working set, (S (K + 1) + 6 K) N^2 complex64 = {working_gb:.2f} GB at
 S = 100, N = 1024: the incident wave of every slice is kept for the backward pass. The paper's
 0.18 GB per GPU at 4158 is below that, so its code must recompute those waves (or keep fewer);
@@ -318,8 +320,10 @@ def _why_different(d):
                                 gd_tasks=graph.get("tasks_per_iteration", "n/a"), gd_sched=graph.get("predicted_scheduler_minutes", nan),
                                 peer_tasks=peer.get("tasks_per_iteration", nan), peer_sched=peer.get("predicted_scheduler_minutes", nan),
                                 node_tasks=2 * 693 / d.get("block_iterations", 8) + 1,
-                                client_ms=d.get("client_s_per_tile_iteration", nan) * 1e3,
+                                client_us=d.get("client_s_per_tile_iteration", nan) * 1e6,
                                 peer_client=peer.get("predicted_client_minutes", nan),
+                                first_ms=d.get("client_first_block_s_per_tile_iteration", nan) * 1e3,
+                                peer_first=peer.get("predicted_first_blocks_minutes", nan), block=d.get("block_iterations", 8),
                                 peer_comm=peer.get("predicted_comm_minutes", nan), peer_total=peer.get("predicted_minutes_100_it_v100", nan),
                                 mem_ratio=peer6.get("predicted_memory_gb", nan) / peer.get("predicted_memory_gb", nan) if peer else nan,
                                 working_gb=(100 * 2 + 6) * 1024 * 1024 * 8 / 1e9, ext_px=peer.get("extended_px_max", 0))
@@ -386,8 +390,19 @@ def section_many_tiles(d, lines):
               "the count grows with workers, not tiles), bit for bit the tile graph's result. What is left of its time is "
               "the client building and fusing the whole tile graph every iteration and the workers running their tiny "
               "tile tasks in turn. With peer exchange (the default) the strips between the two workers go worker to "
-              "worker and a block of iterations is one stage per worker: the client builds, fuses and submits a graph "
-              "once per block.", ""]
+              "worker and a block of iterations is one stage per worker. The client builds and fuses a block's graph "
+              "once per shape and sends the stages' bodies to their workers once; every later block is that graph "
+              "rebound to its inputs (`schedule.fuse.rebind`).", ""]
+    peer_rows = [r for r in rows if r["schedule"] == "peer exchange" and "client_block_s_per_tile_iteration" in r]
+    if peer_rows:
+        lines += ["The client's seconds per tile and iteration (graph builders, fuse, rebind and serialisation in the "
+                  "client process, no cluster; median of 3):", "",
+                  "| tiles | layout | first block of a shape (build, fuse) | every later block (rebind) |", "|---|---|---|---|"]
+        for r in peer_rows:
+            for layout, suffix in (("2 workers", ""), ("a tile per worker", "_one_tile_per_worker")):
+                lines.append(f"| {r['tiles']:,} | {layout} | {r['client_first_block_s_per_tile_iteration' + suffix] * 1e3:.3f} ms | "
+                             f"{r['client_block_s_per_tile_iteration' + suffix] * 1e3:.4f} ms |")
+        lines += [""]
     cal = d.get("calibration")
     lines += [f"Independent trivial tasks take {d['hop']['per_task_s'] * 1e3:.2f} ms each here; a real iteration graph's "
               "tasks carry dependencies and data, and cost more."]
