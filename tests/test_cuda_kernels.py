@@ -43,6 +43,59 @@ def test_reference_orchestration_equals_the_cpu_model(cost, slices, modes):
     assert float(got["cost"]) == pytest.approx(ref["cost"], rel=1e-6)
 
 
+@pytest.mark.parametrize("slices, modes", [(2, 1), (5, 2), (7, 1)])
+def test_reference_orchestration_with_wave_checkpoints_is_the_keep_all_result(slices, modes, monkeypatch):
+    """The orchestration recomputes each earlier segment's waves from its checkpoint with
+    the same kernels and FFTs: on the NumPy reference kernels the same bits, two more FFTs
+    per mode and position for each repeated propagation, and less memory held."""
+    import tracemalloc
+
+    from daskptycho import backend
+    from daskptycho.physics import wave_checkpoints as wc
+
+    obj, probe, corners, kernel, inten, rows, mask = _problem(slices=slices, modes=modes)
+    n = probe.shape[-1]
+    c32 = cuda.device_corners(corners, (n, n), obj.shape[1:], np)
+    tally = [0]
+    orig = backend._transform
+
+    def counting(a, forward, xp, out, norm):
+        tally[0] += int(np.prod(a.shape[:-2]))
+        return orig(a, forward, xp, out, norm)
+
+    monkeypatch.setattr(backend, "_transform", counting)
+
+    def run(interval):  # the problem as it is when called
+        before = tally[0]
+        tracemalloc.start()
+        try:
+            res = cuda.gradients(obj, probe, c32, kernel, inten, rows.astype(np.int32), mask, "amplitude",
+                                 wave_checkpoints=interval)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        return res, tally[0] - before, peak
+
+    ref, ffts_ref, peak_ref = run(1)
+    assert ffts_ref == len(corners) * wc.gradient_ffts(slices, modes, 1)
+    for interval in sorted({2, 3, slices}):
+        got, ffts, peak = run(interval)
+        assert float(got["cost"]) == float(ref["cost"])
+        for name in ("object", "illumination", "probe", "probe_illumination"):
+            np.testing.assert_array_equal(got[name], ref[name], err_msg=f"c={interval} {name}")
+        assert ffts - ffts_ref == 2 * modes * len(corners) * wc.recomputed_propagations(slices, interval)
+    if slices == 7:
+        # 32 slices: 5 checkpoints (and the probe) + 5 waves of a segment kept instead of 31
+        # (the reference kernels' own temporaries, ~17 waves here, come on top of both)
+        obj, probe, corners, kernel, inten, rows, mask = _problem(slices=32, modes=1, j=24)
+        c32 = cuda.device_corners(corners, (n, n), obj.shape[1:], np)
+        run(1)  # FFT plans made before memory is traced
+        (_, _, keep_all), (_, _, checkpointed) = run(1), run(6)
+        assert checkpointed < 0.7 * keep_all, (checkpointed, keep_all)
+    # a launch takes as many more positions as the smaller working set allows
+    assert wc.gradient_working_set(100, 1, (1024, 1024), 10, "cuda") < 0.21 * wc.gradient_working_set(100, 1, (1024, 1024), 1, "cuda")
+
+
 def test_reference_adjoint_slice_is_the_adjoint_of_window_multiply():
     # <A x, y> = <x, A^H y> for the map (obj) -> psi * obj[windows] with psi fixed
     obj, probe, corners, *_ = _problem(slices=1, modes=2)
@@ -232,6 +285,26 @@ def test_device_gradients_equal_the_cpu_model(cp, cost):
     assert isinstance(got["cost"], float) and got["cost"] == pytest.approx(ref["cost"], rel=1e-5)
     for name in ("object", "illumination", "probe", "probe_illumination"):
         np.testing.assert_allclose(got[name].get(), ref[name], rtol=1e-3, atol=1e-4 * np.abs(ref[name]).max(), err_msg=name)
+
+
+@pytest.mark.gpu
+def test_device_gradients_with_wave_checkpoints(cp):
+    """On the device the recomputed waves are the same bits, but the adjoint's float
+    atomics add in no fixed order, so two runs agree to float32 rounding only."""
+    obj, probe, corners, kernel, inten, rows, mask = _problem(slices=7, modes=2)
+    n = probe.shape[-1]
+    c = cuda.device_corners(corners, (n, n), obj.shape[1:], cp)
+    args = _both(cp, obj, probe) + [c] + _both(cp, kernel, inten, rows.astype(np.int32), mask)
+    ref = cuda.gradients(*args, wave_checkpoints=1)
+    for interval in (2, 3):
+        got = cuda.gradients(*args, wave_checkpoints=interval)
+        assert float(got["cost"]) == pytest.approx(float(ref["cost"]), rel=1e-6)
+        for name in ("object", "illumination", "probe", "probe_illumination"):
+            r = ref[name].get()
+            np.testing.assert_allclose(got[name].get(), r, rtol=1e-5, atol=1e-5 * np.abs(r).max(), err_msg=name)
+    free = cuda.launch_budget(cp)
+    assert cuda.positions_per_launch((n, n), 7, 2, cp, wave_checkpoints=3, budget_bytes=free) >= \
+        cuda.positions_per_launch((n, n), 7, 2, cp, wave_checkpoints=1, budget_bytes=free)
 
 
 @pytest.mark.gpu

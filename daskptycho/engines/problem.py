@@ -44,13 +44,19 @@ class Problem:
         return self.positions_m.shape[0]
 
     @property
-    def chunk(self):
-        """Positions per vectorised gradient call of the single-task engine: as many as
-        fit in its working-set budget (see :func:`~daskptycho.tasks.updates.working_set_budget`)."""
+    def working_set_budget_mib(self):
+        """The transient memory (MiB) of one gradient call of the single-task engine (see
+        :func:`~daskptycho.tasks.updates.working_set_budget`): sets the positions per call
+        and the wave checkpoint interval."""
         o = self.options
         state = self.n_positions * self.window[0] * self.window[1] * 4 + o.slices * self.grid.shape[0] * self.grid.shape[1] * 8
-        return positions_per_chunk(self.window, o.slices, self.probe.shape[0],
-                                   working_set_budget(state, o.working_set_mib, o.working_set_fraction))
+        return working_set_budget(state, o.working_set_mib, o.working_set_fraction)
+
+    @property
+    def chunk(self):
+        """Positions per vectorised gradient call of the single-task engine: as many as
+        fit in its working-set budget (:attr:`working_set_budget_mib`)."""
+        return positions_per_chunk(self.window, self.options.slices, self.probe.shape[0], self.working_set_budget_mib)
 
     def initial_object(self, xp=np):
         s = self.options.slices

@@ -259,8 +259,29 @@ def transform(plan, wave):
 
 
 @_jit
+def wave_slot(s, interval, n_segments):
+    """Where the incident wave of slice ``s`` >= 1 lives in :func:`position_gradients`'
+    scratch: a checkpoint (``s`` a multiple of ``interval``) in slots 0 .. n - 2, another
+    slice of a segment in the slots after them (reused by every segment). Interval 1:
+    slot ``s - 1``."""
+    r = s % interval
+    if r == 0:
+        return s // interval - 1
+    return n_segments - 1 + r - 1
+
+
+@_jit
+def propagate_window(psi, obj_s, cy, cx, out, plan_f, plan_b, k_fwd):
+    """``out = ifft(fft(psi * obj_s[window]) * k_fwd)``: the incident wave of the next slice."""
+    mul_window(psi, obj_s, cy, cx, out)
+    transform(plan_f, out)
+    scale_window(out, k_fwd)
+    transform(plan_b, out)
+
+
+@_jit
 def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, ws, poisson,
-                       g_obj, illum, probe_g, probe_il, with_probe, plan_f, plan_b, inc, wave, counts):
+                       g_obj, illum, probe_g, probe_il, with_probe, plan_f, plan_b, inc, wave, counts, interval):
     """Cost and gradients of the multislice model, summed over positions, one position at
     a time: its waves (K, N_y, N_x) stay in cache through every FFT.
 
@@ -269,7 +290,13 @@ def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, 
     (N_y, N_x): the Fresnel kernel and its conjugate, each times 1/(N_y N_x); s2 =
     1/(N_y N_x), ws = 2 s2; accumulators g_obj (S, H, W), illum (S, H, W), probe_g (K,
     N_y, N_x), probe_il (N_y, N_x); plan_f, plan_b: in-place FFTW plans of K transforms
-    of N_y x N_x; inc (max(S-1, 1), K, N_y, N_x) and wave (K, N_y, N_x): aligned scratch.
+    of N_y x N_x; inc (slots, K, N_y, N_x) and wave (K, N_y, N_x): aligned scratch;
+    counts (1,) int64: the FFTs run are added to ``counts[0]``.
+
+    ``interval`` c: the incident waves kept are slice c, 2c, ... 's and the last
+    segment's; the backward pass recomputes each earlier segment's other waves from its
+    checkpoint (the same operations, so the same bits) before its adjoint. ``inc`` needs
+    ``max(ceil(S / c) - 1 + c - 1, 1)`` slots (``max(S - 1, 1)`` for c = 1; c in [1, S - 1]).
     Returns the float64 cost.
     """
     n_slices = obj.shape[0]
@@ -281,17 +308,16 @@ def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, 
     w = np.empty(nx, dtype=illum.dtype)
     go = np.empty(nx, dtype=g_obj.dtype)
     il = np.empty(nx, dtype=illum.dtype)
+    n_segments = (n_slices + interval - 1) // interval
+    last_start = (n_segments - 1) * interval  # the last segment's waves are left by the forward pass
     cost = 0.0
     for i in range(corners.shape[0]):
         cy = corners[i, 0]
         cx = corners[i, 1]
         psi = probe
-        for s in range(n_slices - 1):  # the incident wave of slice s + 1, kept for the adjoint
-            nxt = inc[s]
-            mul_window(psi, obj[s], cy, cx, nxt)
-            transform(plan_f, nxt)
-            scale_window(nxt, k_fwd)
-            transform(plan_b, nxt)
+        for s in range(n_slices - 1):  # the incident wave of slice s + 1, kept for the adjoint (if a checkpoint or in the last segment)
+            nxt = inc[wave_slot(s + 1, interval, n_segments)]
+            propagate_window(psi, obj[s], cy, cx, nxt, plan_f, plan_b, k_fwd)
             counts[0] += 2 * n_modes
             psi = nxt
         mul_window(psi, obj[n_slices - 1], cy, cx, wave)
@@ -300,7 +326,16 @@ def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, 
         transform(plan_b, wave)  # now the gradient w.r.t. the last slice's exit wave
         counts[0] += 2 * n_modes
         for s in range(n_slices - 1, -1, -1):
-            psi = probe if s == 0 else inc[s - 1]
+            if interval > 1 and s < last_start and s % interval == interval - 1:
+                # the last slice of an earlier segment: its waves again, from the segment's checkpoint
+                a = s - (interval - 1)
+                psi = probe if a == 0 else inc[wave_slot(a, interval, n_segments)]
+                for t in range(a, s):
+                    nxt = inc[wave_slot(t + 1, interval, n_segments)]
+                    propagate_window(psi, obj[t], cy, cx, nxt, plan_f, plan_b, k_fwd)
+                    counts[0] += 2 * n_modes
+                    psi = nxt
+            psi = probe if s == 0 else inc[wave_slot(s, interval, n_segments)]
             adjoint_window(wave, psi, obj[s], cy, cx, g_obj[s], illum[s], probe_g, probe_il,
                            with_probe and s == 0, go, il)
             if s > 0:

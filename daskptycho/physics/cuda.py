@@ -44,10 +44,12 @@ import threading
 import numpy as np
 
 from ..backend import fft2, get_array_module, ifft2, is_gpu
+from .wave_checkpoints import effective_interval, gradient_working_set, segments
 
 __all__ = ["window_multiply", "cost_gradient", "adjoint_slice", "window_abs2_sum", "scatter_windows", "gather_windows",
            "dm_views_in", "dm_fourier", "dm_views_out", "dm_probe_sums", "gradients", "positions_per_launch",
-           "device_corners", "cached_corners", "memory_fraction", "free_device_bytes", "fft_unscaled"]
+           "device_corners", "cached_corners", "memory_fraction", "free_device_bytes", "fft_unscaled",
+           "launch_budget"]
 
 _TINY = 1e-30
 _THREADS = 256
@@ -681,24 +683,48 @@ def free_device_bytes(xp):
     return free + pool.free_bytes()
 
 
-def positions_per_launch(window, slices, modes, xp, extra_bytes_per_position=0):
-    """Positions one :func:`gradients` call may take on the device: its transient
-    memory (the incident waves of every slice but the first, the far field and the cost
-    map per position) within :func:`memory_fraction` of the free device memory. On the
-    host (NumPy), all of them (``None``)."""
+def launch_budget(xp):
+    """Bytes one :func:`gradients` or view-update launch may use: :func:`memory_fraction`
+    of the free device memory (None on the host: no limit)."""
     if not is_gpu(xp):
         return None
-    per_position = ((max(slices - 1, 0) + 2) * modes * 8 + 4) * window[0] * window[1] + extra_bytes_per_position
-    return max(1, int(free_device_bytes(xp) * memory_fraction() // per_position))
+    return free_device_bytes(xp) * memory_fraction()
 
 
-def gradients(obj, probe, corners, kernel, intensity, rows=None, mask=None, cost="amplitude", probe_gradient=True, out=None):
+def positions_per_launch(window, slices, modes, xp, extra_bytes_per_position=0, wave_checkpoints=1, budget_bytes=None):
+    """Positions one :func:`gradients` call may take on the device: its transient
+    memory per position (the incident waves it keeps, see
+    :func:`~daskptycho.physics.wave_checkpoints.gradient_working_set` with ``path="cuda"``,
+    plus the far field and the cost map) within ``budget_bytes`` (default
+    :func:`launch_budget`). On the host (NumPy), all of them (``None``).
+
+    Parameters
+    ----------
+    window : (N_y, N_x)
+    slices, modes : int
+    xp : numpy or cupy
+    extra_bytes_per_position : int
+    wave_checkpoints : int >= 1, the checkpoint interval the launches run
+    budget_bytes : float, optional
+    """
+    if not is_gpu(xp):
+        return None
+    per_position = gradient_working_set(slices, modes, window, wave_checkpoints, "cuda") + extra_bytes_per_position
+    budget = launch_budget(xp) if budget_bytes is None else budget_bytes
+    return max(1, int(budget // per_position))
+
+
+def gradients(obj, probe, corners, kernel, intensity, rows=None, mask=None, cost="amplitude", probe_gradient=True, out=None,
+              wave_checkpoints=1):
     """Cost, gradients and illumination of one batch of positions, on the device.
 
     The arithmetic of :func:`daskptycho.physics.multislice.gradients` (unnormalised
     FFTs, the scale folded into the cost), organised for a GPU: one kernel per slice
-    each way, FFTs in place, the incident waves of every slice kept, the patterns read
-    by row from the device-resident array.
+    each way, FFTs in place, the patterns read by row from the device-resident array.
+    The forward pass keeps the incident waves of every ``wave_checkpoints``-th slice and
+    of the last segment; the backward pass recomputes each earlier segment's waves from
+    its checkpoint (the same kernels and FFTs) just before going back through it, and
+    frees every wave once used (see :mod:`~daskptycho.physics.wave_checkpoints`).
 
     Parameters
     ----------
@@ -713,6 +739,8 @@ def gradients(obj, probe, corners, kernel, intensity, rows=None, mask=None, cost
     out : dict, optional: accumulators ``object`` (S, H, W) complex64, ``illumination``
         (S, H, W) float32 and, with ``probe_gradient``, ``probe`` (K, N_y, N_x) and
         ``probe_illumination`` (N_y, N_x): added into
+    wave_checkpoints : int >= 1
+        The checkpoint interval (1: every slice's incident wave kept, nothing recomputed).
 
     Returns
     -------
@@ -740,25 +768,42 @@ def gradients(obj, probe, corners, kernel, intensity, rows=None, mask=None, cost
     if n_slices > 1:
         k_fwd = (kernel * (1.0 / nn)).astype(xp.complex64)
         k_adj = xp.conj(k_fwd)
-    psi = probe[None]
-    incident = []
-    for s in range(n_slices):
-        incident.append(psi)
+
+    def transmit(s, psi):  # the exit wave of slice s, or with s < S - 1 the incident wave of s + 1
         phi = window_multiply(psi, obj[s], corners, xp.empty((j, k, ny, nx), dtype=xp.complex64))
-        if s < n_slices - 1:
-            phi = fft_unscaled(phi, True)
-            phi *= k_fwd
-            psi = fft_unscaled(phi, False)
-    far = fft_unscaled(phi, True)
+        if s == n_slices - 1:
+            return phi
+        phi = fft_unscaled(phi, True)
+        phi *= k_fwd
+        return fft_unscaled(phi, False)
+
+    segs = segments(n_slices, effective_interval(wave_checkpoints, n_slices))
+    checkpoints, tail = {}, {}  # {slice: incident waves}: each segment's first, the last segment's others
+    psi = probe[None]
+    for a, b in segs:
+        checkpoints[a] = psi
+        for s in range(a, b):
+            if b == n_slices and s > a:
+                tail[s] = psi
+            psi = transmit(s, psi)
+    far = fft_unscaled(psi, True)
+    del psi
     value = cost_gradient(far, intensity, rows, mask, 1.0 / math.sqrt(nn), cost == "poisson")
     g = fft_unscaled(far, False)
-    for s in range(n_slices - 1, -1, -1):
-        g = adjoint_slice(g, incident[s], obj[s], corners, g_obj[s], illum[s])
-        incident[s] = None  # each slice's waves are freed as soon as they are used
-        if s > 0:
-            g = fft_unscaled(g, True)
-            g *= k_adj
-            g = fft_unscaled(g, False)
+    del far
+    for i in range(len(segs) - 1, -1, -1):
+        a, b = segs[i]
+        waves = tail if i == len(segs) - 1 else {}
+        waves[a] = checkpoints.pop(a)
+        for s in range(a, b - 1):
+            if s + 1 not in waves:  # an earlier segment: its waves again, from its checkpoint
+                waves[s + 1] = transmit(s, waves[s])
+        for s in range(b - 1, a - 1, -1):
+            g = adjoint_slice(g, waves.pop(s), obj[s], corners, g_obj[s], illum[s])  # each wave freed once used
+            if s > 0:
+                g = fft_unscaled(g, True)
+                g *= k_adj
+                g = fft_unscaled(g, False)
     result = {"object": g_obj, "illumination": illum, "cost": value}
     if probe_gradient:
         gp = g.sum(axis=0)

@@ -18,7 +18,7 @@ from .dispatch import FFT_TALLY, aligned_stride, fftw_plans, kernels
 from .intensity import abs2, abs2_modes
 from .wave_checkpoints import checkpoint_interval, effective_interval, segments
 
-__all__ = ["window_index", "windows", "Windows", "forward", "backward", "far_field_intensity", "gradients"]
+__all__ = ["window_index", "windows", "Windows", "forward", "backward", "far_field_intensity", "gradients", "position_scratch_waves"]
 
 
 def window_index(corners, window, object_shape, xp=np):
@@ -492,10 +492,29 @@ def per_position_path(obj, probe):
             and fftw_plans(probe.shape) is not None and aligned_stride(probe.shape))
 
 
-def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, probe_gradient, out, rows):
+def position_scratch_waves(slices, interval=1):
+    """Waves of K modes (N_y x N_x) in the incident-wave scratch of the compiled
+    per-position model: for slices 1 .. S - 1, one slot per checkpoint but slice 0's
+    (the probe) and one per other slice of a segment (see
+    :mod:`~daskptycho.physics.wave_checkpoints`); at least 1.
+
+    Parameters
+    ----------
+    slices : int, S
+    interval : int >= 1, the wave checkpoint interval
+
+    Returns
+    -------
+    int, ``max(S - 1, 1)`` for interval 1, else ``max(ceil(S / c) - 1 + c - 1, 1)``
+    """
+    c = effective_interval(interval, slices)
+    return max(-(-slices // c) - 1 + c - 1, 1)
+
+
+def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, probe_gradient, out, rows, interval=1):
     """:func:`gradients` by :func:`daskptycho.physics._compiled.position_gradients`, or
     None when that path does not apply. Every shape and index is checked here: the
-    compiled loops do not check bounds."""
+    compiled loops do not check bounds. ``interval``: the effective wave checkpoint interval."""
     if intensity.dtype != np.float32 or not per_position_path(obj, probe):
         return None
     compiled, win = _fused_path(np, index, obj, probe)
@@ -532,14 +551,15 @@ def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, pr
         gp, pil = acc("probe", probe.shape, np.complex64), acc("probe_illumination", (ny, nx), np.float32)
     else:  # not written; the arguments keep their types
         gp, pil = np.zeros((1, 1, 1), dtype=np.complex64), np.zeros((1, 1), dtype=np.float32)
-    inc = empty((max(n_slices - 1, 1), k, ny, nx), np.complex64)
+    inc = empty((position_scratch_waves(n_slices, interval), k, ny, nx), np.complex64)
     wave = empty((k, ny, nx), np.complex64)
     plan_f, plan_b = fftw_plans(probe.shape)
     s2 = 1.0 / (ny * nx)
     counts = np.zeros(1, dtype=np.int64)
     value = compiled.position_gradients(np.ascontiguousarray(obj), np.ascontiguousarray(probe), corners, rows,
                                         np.ascontiguousarray(intensity), m, k_fwd, k_adj, s2, 2 * s2, cost == "poisson",
-                                        g_obj, illum, gp, pil, bool(probe_gradient), plan_f, plan_b, inc, wave, counts)
+                                        g_obj, illum, gp, pil, bool(probe_gradient), plan_f, plan_b, inc, wave, counts,
+                                        int(interval))
     FFT_TALLY["calls"] += 1
     FFT_TALLY["ffts"] += int(counts[0])
     FFT_TALLY["by_size"][nx] = FFT_TALLY["by_size"].get(nx, 0) + int(counts[0])
@@ -550,7 +570,8 @@ def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, pr
     return result
 
 
-def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude", probe_gradient=True, out=None, rows=None):
+def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude", probe_gradient=True, out=None, rows=None,
+              wave_checkpoints=None):
     """Cost, gradients and illumination for one batch of positions.
 
     Parameters
@@ -566,6 +587,13 @@ def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude",
     rows : int array (J,), optional
         Each position's pattern in ``intensity``, which is then (J_all, N, N); default:
         ``intensity`` holds exactly the J patterns, in order.
+    wave_checkpoints : int >= 1, optional
+        Keep the incident waves of every ``wave_checkpoints``-th slice only and recompute
+        the others in the adjoint (:mod:`~daskptycho.physics.wave_checkpoints`): less
+        memory per position, more FFTs, the same result. Default: the integer of
+        ``daskptycho.reconstruct.wave_checkpoints``, or 1 (every wave kept) under ``auto``,
+        which needs a memory budget: callers that have one pass
+        :func:`~daskptycho.physics.wave_checkpoints.checkpoint_interval`'s.
 
     Returns
     -------
@@ -574,6 +602,9 @@ def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude",
     if cost not in ("amplitude", "poisson"):
         raise ValueError(f"cost must be 'amplitude' or 'poisson', got {cost!r}")
     xp = get_array_module(obj, probe)
+    if wave_checkpoints is None:
+        wave_checkpoints = checkpoint_interval(obj.shape[0], probe.shape[0], probe.shape[-2:], None)
+    interval = effective_interval(wave_checkpoints, obj.shape[0])
     if is_gpu(xp) and obj.dtype == np.complex64 and probe.dtype == np.complex64 \
             and (isinstance(index, Windows) or _rectangular_on_device(index, obj.shape)):
         # the device path: custom kernels, patterns read by row on the device
@@ -583,17 +614,17 @@ def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude",
         corners = cuda.device_corners(win.corners, win.window, obj.shape[-2:], xp)
         rows_d = None if rows is None else xp.asarray(np.asarray(rows), dtype=xp.int32)
         result = cuda.gradients(obj, probe, corners, kernel, intensity.astype(xp.float32, copy=False), rows_d, mask, cost,
-                                probe_gradient, out)
+                                probe_gradient, out, wave_checkpoints=interval)
         result["cost"] = float(result["cost"])
         return result
-    result = _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, probe_gradient, out, rows)
+    result = _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, probe_gradient, out, rows, interval)
     if result is not None:
         return result
     if rows is not None:
         intensity = intensity[get_array_module(intensity).asarray(rows)]
     # unnormalised far field: the 1/sqrt(N_y N_x) of both far-field FFTs is applied to
     # the cost's (J, N, N) intensities and weights instead of two passes over the waves
-    far, cache = forward(obj, probe, index, kernel, keep=True, _ortho=False)
+    far, cache = forward(obj, probe, index, kernel, keep=True, _ortho=False, wave_checkpoints=interval)
     scale = 1.0 / np.sqrt(far.shape[-1] * far.shape[-2])
     value, g = cost_and_far_field_gradient(far, intensity, mask, cost, overwrite=True, far_scale=scale)
     result = backward(g, cache, index, obj.shape, kernel, probe_gradient, out, overwrite=True, _ortho=False)

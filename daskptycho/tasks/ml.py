@@ -50,7 +50,8 @@ def ml_step(state, data, it, problem):
         batches = [order[s:s + opts.batch_size] for s in range(0, j, opts.batch_size)]
     cost = 0.0
     for b in batches:
-        g = gradient_sum(obj, probe, problem.corners, problem.window, kernel, data, b, mask, opts.cost, problem.chunk, refine)
+        g = gradient_sum(obj, probe, problem.corners, problem.window, kernel, data, b, mask, opts.cost, problem.chunk, refine,
+                         budget_mib=problem.working_set_budget_mib)
         cost += g["cost"]
         obj = object_step(obj, g["object"], g["illumination"], opts.step, problem.eps_object(len(b)))
         if refine:

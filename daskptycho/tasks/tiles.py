@@ -93,13 +93,15 @@ def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_prob
 
     def gsum(obj, sel):
         if pad is None:
-            return gradient_sum(obj, probe, corners, ctx.window, kernel, data, sel, mask, ctx.cost, chunk, refine_probe, counted)
+            return gradient_sum(obj, probe, corners, ctx.window, kernel, data, sel, mask, ctx.cost, chunk, refine_probe, counted,
+                                budget_mib=budget)
         # windows reach past the tile (probe-support halos): the object there is held
         # fixed at the tile's edge values (the nearest it has), and the gradient there is dropped
         top, bottom, left, right = pad
         s, h, w = obj.shape
         big = xp.pad(obj, ((0, 0), (top, bottom), (left, right)), mode="edge")
-        g = gradient_sum(big, probe, corners, ctx.window, kernel, data, sel, mask, ctx.cost, chunk, refine_probe, counted)
+        g = gradient_sum(big, probe, corners, ctx.window, kernel, data, sel, mask, ctx.cost, chunk, refine_probe, counted,
+                         budget_mib=budget)
         for k in ("object", "illumination"):
             g[k] = g[k][:, top:top + h, left:left + w].copy()
         return g

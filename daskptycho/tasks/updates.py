@@ -11,6 +11,7 @@ import numpy as np
 from .. import physics
 from ..backend import get_array_module, is_gpu
 from ..physics import cuda
+from ..physics.wave_checkpoints import checkpoint_interval, gradient_working_set
 
 # Below this a vectorised call shrinks to one or two positions on a small tile and the
 # per-call overhead (Python, one FFT call per slice) outweighs the arithmetic.
@@ -25,18 +26,33 @@ def working_set_budget(state_bytes, cap_mib, fraction):
     return min(cap_mib, max(fraction * state_bytes / 2**20, MIN_WORKING_SET_MIB))
 
 
-def positions_per_chunk(window, slices, modes, budget_mib):
+def positions_per_chunk(window, slices, modes, budget_mib, wave_checkpoints=None):
     """How many positions one vectorised gradient call may take within ``budget_mib``.
 
     The call keeps, per position, the incident wave of every slice and mode and the
     object patch of every slice (for the adjoint), plus a few mode-sized temporaries
-    (far field, its gradient, FFT work arrays), all complex64.
+    (far field, its gradient, FFT work arrays), all complex64; with a wave checkpoint
+    interval, the waves and patches of the checkpoints and one segment only
+    (:func:`~daskptycho.physics.wave_checkpoints.gradient_working_set`, ``batched``).
+
+    Parameters
+    ----------
+    window : (N_y, N_x)
+    slices, modes : int
+    budget_mib : float
+    wave_checkpoints : int, optional
+        The interval the calls run; default: what :func:`gradient_sum` picks for this
+        budget (``daskptycho.reconstruct.wave_checkpoints``).
     """
-    per_position = (slices * (modes + 1) + 6 * modes) * window[0] * window[1] * 8
-    return max(1, int(budget_mib * 2**20 // per_position))
+    budget = budget_mib * 2**20
+    if wave_checkpoints is None:
+        wave_checkpoints = checkpoint_interval(slices, modes, window, budget, "batched")
+    per_position = gradient_working_set(slices, modes, window, wave_checkpoints, "batched")
+    return max(1, int(budget // per_position))
 
 
-def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, chunk, probe_gradient, counted=None):
+def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, chunk, probe_gradient, counted=None,
+                 budget_mib=None):
     """Sum of the gradients of the positions ``select`` over chunks of ``chunk``.
 
     Each chunk is one vectorised call of :func:`daskptycho.physics.gradients`;
@@ -55,6 +71,12 @@ def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, 
         ``select``). Gradients always sum over all of ``select``. A tile that holds
         positions owned by other tiles (hve) counts only its own, so the cost of an
         iteration counts every position once, as the other engines do.
+    budget_mib : float, optional
+        The call's working-set budget (:func:`working_set_budget`), which sets the wave
+        checkpoint interval under ``daskptycho.reconstruct.wave_checkpoints: auto``
+        (:func:`~daskptycho.physics.wave_checkpoints.checkpoint_interval`: every wave kept
+        when one position's fit); None: no limit. On a GPU the device's launch budget
+        (:func:`~daskptycho.physics.cuda.launch_budget`) sets it instead.
 
     Returns the dict of :func:`~daskptycho.physics.gradients`, summed.
     """
@@ -70,6 +92,8 @@ def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, 
     if is_gpu(xp):
         return _gradient_sum_device(obj, probe, corners, window, kernel, data, groups, mask, cost, probe_gradient, total)
     per_position = physics.multislice.per_position_path(obj, probe)
+    budget = None if budget_mib is None else budget_mib * 2**20
+    interval = checkpoint_interval(obj.shape[0], probe.shape[0], window, budget, "positions" if per_position else "batched")
     # the counted positions first, then the others (whose cost is dropped)
     for g, group in enumerate(groups):
         step = max(group.size, 1) if per_position else chunk  # per position: no chunks needed
@@ -78,9 +102,11 @@ def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, 
             # window corners, not flat indices: on the CPU patches are cut and added as slices
             win = physics.windows(corners[sel], window, obj.shape[-2:])
             if per_position:  # patterns read in place by row
-                c = physics.gradients(obj, probe, win, kernel, data, mask, cost, probe_gradient, out=total, rows=sel)["cost"]
+                c = physics.gradients(obj, probe, win, kernel, data, mask, cost, probe_gradient, out=total, rows=sel,
+                                      wave_checkpoints=interval)["cost"]
             else:
-                c = physics.gradients(obj, probe, win, kernel, data[xp.asarray(sel)], mask, cost, probe_gradient, out=total)["cost"]
+                c = physics.gradients(obj, probe, win, kernel, data[xp.asarray(sel)], mask, cost, probe_gradient, out=total,
+                                      wave_checkpoints=interval)["cost"]
             if g == 0:
                 cost_sum += c
     total["cost"] = cost_sum
@@ -89,20 +115,24 @@ def gradient_sum(obj, probe, corners, window, kernel, data, select, mask, cost, 
 
 def _gradient_sum_device(obj, probe, corners, window, kernel, data, groups, mask, cost, probe_gradient, total):
     """:func:`gradient_sum` on the GPU: the positions in launches as large as the device's
-    memory allows (:func:`~daskptycho.physics.cuda.positions_per_launch`), patterns read
-    by row where they lie, the cost summed on the device and read once at the end."""
+    memory allows (:func:`~daskptycho.physics.cuda.positions_per_launch`) at the wave
+    checkpoint interval that budget calls for, patterns read by row where they lie, the
+    cost summed on the device and read once at the end."""
     xp = get_array_module(obj)
     obj = obj.astype(xp.complex64, copy=False)
     probe = xp.asarray(probe).astype(xp.complex64, copy=False)
     data = data.astype(xp.float32, copy=False)
     dev_corners = cuda.cached_corners(corners, window, obj.shape[-2:], xp)
-    chunk = cuda.positions_per_launch(window, obj.shape[0], probe.shape[0], xp)
+    budget = cuda.launch_budget(xp)
+    interval = checkpoint_interval(obj.shape[0], probe.shape[0], window, budget, "cuda")
+    chunk = cuda.positions_per_launch(window, obj.shape[0], probe.shape[0], xp, wave_checkpoints=interval, budget_bytes=budget)
     cost_sum = xp.zeros((), dtype=xp.float64)
     for g, group in enumerate(groups):
         rows_all = xp.asarray(np.asarray(group, dtype=np.int32))  # one upload per group
         for start in range(0, rows_all.size, chunk):
             rows = rows_all[start:start + chunk]
-            c = cuda.gradients(obj, probe, dev_corners[rows], kernel, data, rows, mask, cost, probe_gradient, out=total)["cost"]
+            c = cuda.gradients(obj, probe, dev_corners[rows], kernel, data, rows, mask, cost, probe_gradient, out=total,
+                               wave_checkpoints=interval)["cost"]
             if g == 0:
                 cost_sum += c
     total["cost"] = float(cost_sum)  # the one synchronisation of the call
