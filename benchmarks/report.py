@@ -465,6 +465,34 @@ def section_halos(d, lines):
               "window; it has not been measured here on such a case.", ""]
 
 
+def section_wave_memory(d, lines):
+    """Wave checkpoints in the adjoint: memory against time on a thick sample (benchmarks/wave_memory.py)."""
+    c = d["case"]
+    lines += ["### Wave checkpoints in the adjoint: memory against time", "",
+              "The adjoint needs every slice's incident wave. With `daskptycho.reconstruct.wave_checkpoints` c > 1 the "
+              "forward pass keeps them only at slices 0, c, 2c, ... (and the last segment's), and the backward pass "
+              "recomputes each earlier segment from its checkpoint just before going back through it: about "
+              "ceil(S/c) + c waves per position instead of S, for (ceil(S/c) - 1)(c - 1) repeated propagations "
+              "(2 FFTs per mode each), the same bits. `auto` (the default) keeps every wave when one position's working "
+              "set fits the gradient call's budget (`working_set_mib`/`working_set_fraction` on a CPU, "
+              "`gpu.memory_fraction` of the free device memory on a GPU), else the least c that fits. "
+              f"`{d['command'].strip()}` (`benchmarks/results/wave_memory.json`, {d['machine']['date']}; {_load_line(d)}): "
+              f"{c['slices']} slices, {c['detector']} px windows, {c['modes']} probe mode(s), {c['positions']} positions; one "
+              f"gradient call: the compiled per-position model on all positions, the NumPy path on {c['numpy_chunk']} "
+              f"(median of {c['repeats']} warm calls; traced peak: `tracemalloc`, the accumulators made before the call).", "",
+              "| path | c | s per call | time vs c = 1 | traced peak MiB | peak vs c = 1 | scratch MiB | FFTs (model) | FFTs vs c = 1 |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        scratch = "" if r["scratch_bytes"] is None else f"{r['scratch_bytes'] / 2**20:.2f}"
+        name = "per-position (Numba)" if r["path"] == "positions" else f"NumPy ({r['positions_per_call']} positions)"
+        lines.append(f"| {name} | {r['interval']} | {r['s_per_call']:.3f} | {r['time_relative_to_keep_all']:.2f} | "
+                     f"{r['traced_peak_bytes'] / 2**20:.1f} | {r['peak_relative_to_keep_all']:.2f} | {scratch} | "
+                     f"{r['ffts']:,} ({r['model_ffts']:,}) | {r['ffts_relative_to_keep_all']:.2f} |")
+    lines += ["", "The per-position model's time follows its FFT count. The NumPy path's hardly moves: the elementwise "
+              "passes over a chunk's waves, not the FFTs, take most of its time (section 1), and the repeated "
+              "propagations add FFTs only. One run each; read the load average.", ""]
+
+
 def section_gpu(d, lines):
     """The GPU section: benchmarks/gpu.py's figures when a GPU run brought them back."""
     lines += ["## 5. GPU", ""]
@@ -544,6 +572,9 @@ def main(argv=None):
     default_run = _load("default_run")
     if default_run:
         section_default_run(default_run, lines)
+    wave_memory = _load("wave_memory")
+    if wave_memory:
+        section_wave_memory(wave_memory, lines)
     section_gpu(_load("gpu"), lines)
     tmp = DOC + ".tmp"
     with open(tmp, "w") as f:
