@@ -27,8 +27,19 @@ Model of one iteration on P workers, one tile each (tile (r, c) of an R x C grid
   batch), on the bounding box of those windows;
 * memory per worker: object patch + gradient buffer + illumination of the extended
   region (8 + 8 + 4 B per voxel), the tile's patterns (4 B per pixel) and the gradient's
-  working set (at least one position: ``(S (K + 1) + 6 K) N^2`` complex64, the stored
-  incident waves of the adjoint).
+  working set, at least one position, as the GPU path keeps it
+  (:func:`daskptycho.physics.wave_checkpoints.gradient_working_set`, ``path="cuda"``):
+  with the wave checkpoint interval c (``daskptycho.reconstruct.wave_checkpoints``),
+  ``(ceil(S / c) + min(c, S)) K`` complex64 waves of ``N^2`` (the kept checkpoints but the
+  probe, one segment's recomputed waves, the wave in flight and the gradient) and a
+  float32 cost map; c = 1 keeps every slice's incident wave, ``(S + 1) K`` waves
+  (the validation rows, CPU runs, count one position of the NumPy path instead:
+  ``(S (K + 1) + 6 K)`` waves). Recomputing multiplies the compute by the FFT ratio
+  ``1 + (ceil(S / c) - 1)(c - 1) / (2 S - 1)`` (per position and mode ``2 (2 S - 1)``
+  FFTs, 2 more per repeated propagation). The paper's rows give c = 1 and the c that
+  ``wave_checkpoints: auto`` picks on a 16 GB V100 (:data:`V100_BYTES`): every wave kept
+  when one position fits ``gpu.memory_fraction`` (0.5) of what the tile's state leaves
+  free, else the least c that fits (the least memory when none does).
 
 ``alpha`` and ``beta`` are measured here on loopback between two LocalCluster worker
 processes; for the paper's machine (Summit: 6 V100 per node, EDR InfiniBand 100 Gb/s per
@@ -72,6 +83,7 @@ SUMMIT = {"alpha_s": 20e-6, "beta_bytes_per_s": 2e9}
 # between the 6 GPUs of a Summit node: NVLink, 50 GB/s per link one way (the paper, section VI.A)
 SUMMIT_NODE = {"gpus": 6, "alpha_s": 10e-6, "beta_bytes_per_s": 50e9}
 V100_FFT_1024_S = 4 * 8 * 1024 * 1024 / 900e9  # two read+write passes of 8 MiB at 900 GB/s
+V100_BYTES = 16e9  # Summit's V100s: 16 GB of HBM2 each
 
 
 def _s(row):
@@ -230,7 +242,7 @@ def _overlap(a, b):
 
 def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta, workers=None, modes=1, engine="gd",
           hop=None, per_task=0.0, halo_px=None, schedule="tile graph", block=8, peer_hop_s=0.0, node_size=None, intra=None,
-          client_per_tile=0.0, client_first_per_tile=0.0, iterations=100):
+          client_per_tile=0.0, client_first_per_tile=0.0, iterations=100, wave_checkpoints=1, working_path="batched"):
     """Predicted seconds per iteration and bytes per worker for one tiling.
 
     ``hop``: ``{"same_worker_s": s, "alternating_s": s}``, the scheduler round trip of one
@@ -252,6 +264,9 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
     block of each shape (building and fusing every tile's tasks), paid once per run of
     ``iterations`` before anything runs: ``first_blocks_s``, for the blocks of ``block``
     iterations and the shorter last one.
+
+    ``wave_checkpoints``: the adjoint's checkpoint interval c; ``working_path``: whose
+    working set per position counts (:func:`gradient_terms`; ``"cuda"`` for GPU runs).
     """
     t = tiling_of(corners, window, object_shape, tiles, halo_px if engine == "gd" else None)
     r, c = tiles
@@ -276,7 +291,9 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
         per_tile[(tile.row, tile.col)] = (int(inside.sum()), tile)
     # tiles are placed in contiguous blocks on the workers: a worker computes its tiles in turn
     per_worker = max(1, math.ceil(r * c / workers))
-    compute = max(n for n, _ in per_tile.values()) * slices * c_pos_slice * per_worker
+    working, factor = gradient_terms(slices, modes, window, wave_checkpoints, working_path)
+    # c_pos_slice is calibrated with every wave kept: the repeated propagations scale it by their FFTs
+    compute = max(n for n, _ in per_tile.values()) * slices * c_pos_slice * per_worker * factor
     tiles_list = {k: v[1] for k, v in per_tile.items()}
     # the driver's placement (TileDriver.place_tiles): contiguous row-major blocks per worker
     order = sorted(tiles_list)
@@ -318,7 +335,6 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
         tasks = 3 * r * c + pieces + 1  # step, tile-cost, paste; core pieces; cost
     ext = max(_area(tile.extended) for tile in t) if engine == "gd" else max(_area(e) for e in (hve_ext or {0: t.tiles[0].extended}).values())
     n_max = max(n for n, _ in per_tile.values())
-    working = (slices * (modes + 1) + 6 * modes) * n2 * 8
     mem = (ext * slices * 20 + n_max * n2 * 4) * per_worker + working
     scheduler = tasks * per_task
     client = client_per_tile * r * c
@@ -327,7 +343,39 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
             # the scheduler and the client (building the next graphs) work while the tiles compute:
             # their serial times per iteration are floors
             "iteration_s": max(compute + comm, scheduler, client), "memory_bytes": mem,
+            "working_bytes": working, "compute_factor": factor, "wave_checkpoints": wave_checkpoints,
             "max_positions_per_tile": n_max, "extended_px_max": ext, "halo_px": list(t.halo)}
+
+
+def gradient_terms(slices, modes, window, wave_checkpoints=1, path="batched"):
+    """(bytes of one position's gradient working set, compute factor) at checkpoint interval
+    ``wave_checkpoints``: :func:`daskptycho.physics.wave_checkpoints.gradient_working_set` on
+    ``path``, and the FFTs of a position's gradient over those with every wave kept."""
+    from daskptycho.physics import wave_checkpoints as wc
+
+    working = wc.gradient_working_set(slices, modes, window, wave_checkpoints, path)
+    return working, wc.gradient_ffts(slices, modes, wave_checkpoints) / wc.gradient_ffts(slices, modes, 1)
+
+
+def with_wave_checkpoints(m, slices, modes, window, interval, path="cuda"):
+    """A :func:`model` result (made at interval 1) at another checkpoint interval: the
+    working set swapped, the compute scaled by its FFT factor (the other terms unchanged)."""
+    working, factor = gradient_terms(slices, modes, window, interval, path)
+    base_working, base_factor = gradient_terms(slices, modes, window, m["wave_checkpoints"], path)
+    compute = m["compute_s"] * factor / base_factor
+    return {**m, "compute_s": compute, "iteration_s": max(compute + m["comm_s"], m["scheduler_s"], m["client_s"]),
+            "memory_bytes": m["memory_bytes"] - base_working + working, "working_bytes": working, "compute_factor": factor,
+            "wave_checkpoints": interval}
+
+
+def auto_wave_checkpoints(m, slices, modes, window, device_bytes=V100_BYTES, fraction=0.5):
+    """The interval ``wave_checkpoints: auto`` picks on a GPU of ``device_bytes`` for a
+    :func:`model` result: the launch budget is ``fraction`` (``gpu.memory_fraction``) of
+    the memory the tile's state leaves free (:func:`daskptycho.physics.cuda.launch_budget`)."""
+    from daskptycho.physics import wave_checkpoints as wc
+
+    free = max(device_bytes - (m["memory_bytes"] - m["working_bytes"]), 0.0)
+    return wc.wave_checkpoint_interval(slices, modes, window, fraction * free, "cuda")
 
 
 def _halo_px(problem):
@@ -458,7 +506,8 @@ def main(argv=None):
                               engine=engine, hop={"same_worker_s": hop["same_worker_s"], "alternating_s": hop["same_worker_s"]},
                               per_task=per_task_graph, halo_px=halo, schedule=schedule, block=block, peer_hop_s=peer_hop_s,
                               node_size=SUMMIT_NODE["gpus"], intra=(SUMMIT_NODE["alpha_s"], SUMMIT_NODE["beta_bytes_per_s"]),
-                              client_per_tile=client_per_tile, client_first_per_tile=client_first_per_tile)
+                              client_per_tile=client_per_tile, client_first_per_tile=client_first_per_tile,
+                              working_path="cuda")
                 except Exception as e:  # noqa: BLE001 - a tiling that cannot be made is a result, not a crash
                     predictions.append({"dataset": name, "engine": engine, "workers": w, "schedule": schedule, "error": str(e)})
                     continue
@@ -474,6 +523,20 @@ def main(argv=None):
                        "predicted_memory_gb": m["memory_bytes"] / 1e9,
                        "paper_memory_gb": paper[0] if paper else None, "paper_minutes": paper[1] if paper else None,
                        "halo_px": m["halo_px"], "extended_px_max": m["extended_px_max"], "max_positions_per_tile": m["max_positions_per_tile"]}
+                if name == "large":  # every wave kept (the figures above), and the interval auto picks on a 16 GB V100
+                    c_auto = auto_wave_checkpoints(m, case["slices"], 1, (n, n))
+                    ma = with_wave_checkpoints(m, case["slices"], 1, (n, n), c_auto)
+                    row.update({"wave_checkpoints_c1_memory_gb": m["memory_bytes"] / 1e9,
+                                "wave_checkpoints_c1_minutes_100_it_v100": row["predicted_minutes_100_it_v100"],
+                                "wave_checkpoints_budget": "auto on a 16 GB V100: gpu.memory_fraction 0.5 of what the tile's state leaves free",
+                                "wave_checkpoints_auto": c_auto, "wave_checkpoints_auto_compute_factor": ma["compute_factor"],
+                                "wave_checkpoints_auto_memory_gb": ma["memory_bytes"] / 1e9,
+                                "wave_checkpoints_auto_minutes_100_it_v100": (ma["iteration_s"] * 100 + ma["first_blocks_s"]) / 60,
+                                "wave_checkpoints_by_interval": {
+                                    c: {"working_set_gb": mc["working_bytes"] / 1e9, "memory_gb": mc["memory_bytes"] / 1e9,
+                                        "compute_factor": mc["compute_factor"],
+                                        "minutes_100_it_v100": (mc["iteration_s"] * 100 + mc["first_blocks_s"]) / 60}
+                                    for c, mc in ((c, with_wave_checkpoints(m, case["slices"], 1, (n, n), c)) for c in (1, 2, 3, 10))}})
                 predictions.append(row)
                 print(f"{name:5s} {engine:3s} {w:5d} workers: {row['predicted_minutes_100_it_v100']:9.1f} min "
                       f"(paper {row['paper_minutes']}), {row['predicted_memory_gb']:.2f} GB (paper {row['paper_memory_gb']})", flush=True)
