@@ -133,3 +133,22 @@ def test_a_tasks_reads_are_its_in_stage_values_and_messages():
     spec = StageSpec(((("a",), (np.add, Slot(0), 1)), (("b",), (np.multiply, Slot(None, ("a",)), 2))), (("b",),))
     assert peer._reads(spec.tasks[1][1], set(), set()) == ({("a",)}, set())
     assert peer._reads((np.add, peer.Receive(3), [Slot(None, "k")]), set(), set()) == ({"k"}, {3})
+
+
+def test_mailbox_hands_each_stage_its_own_messages():
+    # two stages of one worker may share a block's channel: a poll takes only the messages
+    # it awaits, the others stay for the other stage, and an abort drops the tag's messages
+    box = peer._Mailbox()
+    box.put("t|0", 1, "a")
+    box.put("t|0", 2, "b")
+    box.put("t|8", 1, "next block")
+    assert box.poll("t|0", {2, 5}) == {2: "b"}
+    assert box.poll("t|0", {2, 5}) == {}
+    box.put("t|0", 5, "e")
+    assert box.poll("t|0", {1, 5}) == {1: "a", 5: "e"}
+    assert box.poll("t|8", {1}) == {1: "next block"}
+    box.put("u|0", 3, "other run")
+    box.abort("u", "lost worker")
+    assert box.poll("u|0", {3}) == {} and not box.box
+    with pytest.raises(PeerExchangeError, match="lost worker"):
+        box.check("u|0")

@@ -99,6 +99,7 @@ class _Mailbox:
     def __init__(self):
         self.cond = threading.Condition()
         self.box = {}
+        self.fresh = {}  # channel -> its messages that arrived and no stage has taken yet
         self.aborted = {}  # tag -> reason
 
     def put(self, channel, msg, value):
@@ -106,6 +107,7 @@ class _Mailbox:
             if _tag_of(channel) in self.aborted:
                 return
             self.box[(channel, msg)] = value
+            self.fresh.setdefault(channel, []).append(msg)
             self.cond.notify_all()
 
     def abort(self, tag, reason):
@@ -113,16 +115,23 @@ class _Mailbox:
             self.aborted[tag] = reason
             for k in [k for k in self.box if _tag_of(k[0]) == tag]:
                 del self.box[k]
+            for c in [c for c in self.fresh if _tag_of(c) == tag]:
+                del self.fresh[c]
             self.cond.notify_all()
 
     def poll(self, channel, msgs):
         """Pop and return ``{msg: value}`` of the messages among ``msgs`` that have arrived
-        (waiting up to ``wait`` for at least one is the caller's business)."""
-        got = {}
-        for m in msgs:
-            k = (channel, m)
-            if k in self.box:
-                got[m] = self.box.pop(k)
+        (waiting for one is the caller's business). Only the channel's unclaimed messages
+        are looked at, not every awaited one: a stage awaiting thousands of messages does
+        not scan them all after each of its tasks."""
+        got, left = {}, []
+        for m in self.fresh.pop(channel, ()):
+            if m in msgs:
+                got[m] = self.box.pop((channel, m))
+            else:  # for another stage of this worker on the same channel
+                left.append(m)
+        if left:
+            self.fresh[channel] = left
         return got
 
     def check(self, channel):
