@@ -240,20 +240,25 @@ def section_scaling(d, lines):
                      f"{v['predicted_comm_s']:.3f} | {_f(v.get('predicted_scheduler_s'), '.3f')} ({v.get('tasks', 'n/a')} tasks) | "
                      f"{v['ratio_measured_over_predicted']:.2f} |")
     lines += ["", "### Predictions for the paper's datasets (100 iterations, V100 assumption)", "",
-              "| dataset | engine | halos | schedule | workers | tiles | predicted min | (compute + comm) | scheduler min (tasks / it) | paper min | predicted GB/worker | paper GB/GPU | max positions per tile | extended tile px |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| dataset | engine | halos | schedule | workers | tiles | predicted min | (compute + comm) | scheduler min (tasks / it) | paper min | predicted GB/worker | same, wave checkpoints c = 10 (min) | paper GB/GPU | max positions per tile | extended tile px |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in d["predictions"]:
         sched = p.get("schedule", "tile graph")
         if "error" in p:
-            lines.append(f"| {p['dataset']} | {p['engine']} | {p.get('halos', 'whole windows')} | {sched} | {p['workers']} | | {p['error']} | | | | | | | |")
+            lines.append(f"| {p['dataset']} | {p['engine']} | {p.get('halos', 'whole windows')} | {sched} | {p['workers']} | | {p['error']} | | | | | | | | |")
             continue
         tasks = p.get("tasks_per_iteration", "n/a")
         tasks = f"{tasks:,.0f}" if isinstance(tasks, (int, float)) else tasks
         lines.append(f"| {p['dataset']} | {p['engine']} | {p.get('halos', 'whole windows')} | {sched} | {p['workers']} | {p['tiles'][0]}x{p['tiles'][1]} | {p['predicted_minutes_100_it_v100']:.1f} | "
                      f"{p['predicted_compute_minutes']:.1f} + {p['predicted_comm_minutes']:.1f} | "
                      f"{_f(p.get('predicted_scheduler_minutes'), '.1f')} ({tasks}) | {_f(p['paper_minutes'], '.1f')} | "
-                     f"{p['predicted_memory_gb']:.2f} | {_f(p['paper_memory_gb'])} | {p['max_positions_per_tile']} | {p['extended_px_max']} |")
+                     f"{p['predicted_memory_gb']:.2f} | {_c10(p)} | {_f(p['paper_memory_gb'])} | {p['max_positions_per_tile']} | {p['extended_px_max']} |")
     lines += ["", _why_different(d), ""]
+
+
+def _c10(p):
+    c10 = p.get("wave_checkpoints_by_interval", {}).get("10")
+    return f"{c10['memory_gb']:.2f} ({c10['minutes_100_it_v100']:.1f})" if c10 else ""
 
 
 WHY_DIFFERENT = """**Where and why the model differs from the paper.** (1) *Halos.* With whole-window
@@ -270,12 +275,15 @@ measured by the many-tile benchmark with a tile per worker: {peer_client:.2f} mi
 a floor far below the compute), and builds and fuses the first block of each shape once, before
 anything runs ({first_ms:.2f} ms per tile and iteration: {peer_first:.1f} min per run, for a block of
 {block} iterations and the last, shorter one); the strips' chains, now messages worker to worker, cost
-{peer_comm:.1f} min: predicted {peer_total:.1f} min against the paper's 2.2 min. (3) *Memory* falls {mem_ratio:.1f}x from 6 to 4158 workers in the peer rows (the paper: 51x).
-Its floor is one position's adjoint working set, (S (K + 1) + 6 K) N^2 complex64 = {working_gb:.2f} GB at
-S = 100, N = 1024: the incident wave of every slice is kept for the backward pass. The paper's
-0.18 GB per GPU at 4158 is below that, so its code must recompute those waves (or keep fewer);
-daskptycho does not, and the tiles at the scan's edge also hold the unscanned border of the object
-(the largest extended region at 4158 is {ext_px:,} px). (4) *Super-linear scaling.* The paper's 6-GPU
+{peer_comm:.1f} min: predicted {peer_total:.1f} min against the paper's 2.2 min. (3) *Memory* per worker, the peer rows: with
+every slice's incident wave kept (`daskptycho.reconstruct.wave_checkpoints` 1, what `auto` picks on a
+16 GB V100, where it fits) it falls {mem_ratio:.1f}x from 6 to 4158 workers (the paper: 51x), to
+{mem_c1:.2f} GB, whose floor is one position's adjoint working set ({working_c1:.2f} GB at S = 100,
+N = 1024). Recomputing the waves from every c-th slice (`wave_checkpoints` c, section "Wave
+checkpoints") lowers that floor: with c = 10 memory falls {mem_ratio_c10:.0f}x, to {mem_c10:.2f} GB at 4158
+workers (the paper: 0.18 GB), for {factor_c10:.2f}x the FFTs, and 4158 workers then take {minutes_c10:.2f} min
+per 100 iterations (the communication, not the compute, bounds them there). The largest extended
+region at 4158 is {ext_px:,} px. (4) *Super-linear scaling.* The paper's 6-GPU
 runtimes (360 and 5543 min) are 2-5x above a linear model because a GPU holding 1/6 of the problem
 runs out of cache and memory bandwidth headroom (the paper's own explanation for efficiencies of
 336-518%); the model is linear in positions per tile. (5) *The GPU per-position cost* is an
@@ -308,6 +316,9 @@ def _why_different(d):
                 return p
         return {}
 
+    def by_c(row, c, field):
+        return row.get("wave_checkpoints_by_interval", {}).get(c, {}).get(field, nan)
+
     graph = pick("large", "gd", 4158, "tile graph", True)
     peer = pick("large", "gd", 4158, "peer", True)
     peer6 = pick("large", "gd", 6, "peer", True)
@@ -326,7 +337,10 @@ def _why_different(d):
                                 peer_first=peer.get("predicted_first_blocks_minutes", nan), block=d.get("block_iterations", 8),
                                 peer_comm=peer.get("predicted_comm_minutes", nan), peer_total=peer.get("predicted_minutes_100_it_v100", nan),
                                 mem_ratio=peer6.get("predicted_memory_gb", nan) / peer.get("predicted_memory_gb", nan) if peer else nan,
-                                working_gb=(100 * 2 + 6) * 1024 * 1024 * 8 / 1e9, ext_px=peer.get("extended_px_max", 0))
+                                mem_c1=peer.get("predicted_memory_gb", nan), working_c1=by_c(peer, "1", "working_set_gb"),
+                                mem_c10=by_c(peer, "10", "memory_gb"), factor_c10=by_c(peer, "10", "compute_factor"),
+                                mem_ratio_c10=by_c(peer6, "10", "memory_gb") / by_c(peer, "10", "memory_gb"),
+                                minutes_c10=by_c(peer, "10", "minutes_100_it_v100"), ext_px=peer.get("extended_px_max", 0))
 
 
 GPU_READY = """What is ready:
