@@ -118,6 +118,12 @@ def _parser():
     s.add_argument("--flyscan-subpositions", type=_positive_int, metavar="N",
                    help="flyscan: sub-positions summed per exposure (default: 5)")
     s.add_argument("--seed", type=int, default=sim["seed"], help=f"random seed of the noise, jitter and modes (default: {sim['seed']})")
+    s.add_argument("--stream", dest="rate_hz", type=float, metavar="RATE",
+                   help="write the store progressively, RATE frames per second, as a growing store that readers can follow "
+                        "(daskptycho.io.stream); the command returns when the scan is finished (default: write it at once)")
+    s.add_argument("--chunk-frames", dest="chunk_frames", type=_positive_int, metavar="K",
+                   help="patterns per chunk along scan, the unit a growing store commits (default: about 4 MiB of patterns, "
+                        "and with --stream at most one second of frames)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing store")
 
     i = sub.add_parser("info", help="describe a dataset or result store", description="Print the geometry and contents of a store "
@@ -366,9 +372,14 @@ def _check_output_file(path, parameter, overwrite):
 
 
 def _cmd_simulate(a):
-    from .io.store import write_dataset
+    import math
+
+    from .io.store import default_scan_chunk, write_dataset
+    from .io.stream import check_rate, replay
     from .simulate import simulate
 
+    if a.rate_hz is not None:
+        check_rate(a.rate_hz)
     _refuse_existing(a.out, a.overwrite)
     kw = {"kind": a.kind, "scan": a.scan, "detector": a.detector, "probe_modes": a.probe_modes, "seed": a.seed}
     if a.noise_free:
@@ -379,7 +390,14 @@ def _cmd_simulate(a):
         if getattr(a, key) is not None:
             kw[key] = getattr(a, key)
     ds = simulate(**kw)
-    write_dataset(ds, a.out, overwrite=a.overwrite)
+    if a.rate_hz is not None:
+        n = ds.sizes["scan"]
+        # a commit at least every second unless asked otherwise: a reader following the scan waits no longer
+        k = a.chunk_frames or min(default_scan_chunk(n, ds.sizes["ky"] * ds.sizes["kx"] * 4), max(1, math.floor(a.rate_hz)))
+        print(f"streaming {n} patterns to {a.out} at {a.rate_hz:g} frames/s in chunks of {k}", flush=True)
+        replay(ds, a.out, a.rate_hz, chunk_frames=k, overwrite=a.overwrite)
+    else:
+        write_dataset(ds, a.out, overwrite=a.overwrite, scan_chunk=a.chunk_frames)
     print(f"wrote {a.out}: {ds.sizes['scan']} patterns of {ds.sizes['ky']}x{ds.sizes['kx']}, "
           f"object {ds.sizes['slice']}x{ds.sizes['y']}x{ds.sizes['x']}, pixel {ds.attrs['pixel_size_m']:.4g} m")
 
@@ -399,12 +417,40 @@ def _describe_checkpoint(path, ck):
     return "\n".join(lines)
 
 
+def _describe_growing(path, st):
+    from .io.stream import open_frames
+
+    expected = f" of {st.n_frames_expected} expected" if st.n_frames_expected else ""
+    age = st.heartbeat_age_s()
+    lines = [f"{path}: a growing daskptycho dataset (the scan is not finished)",
+             f"  frames committed: {st.frames_complete}{expected}, in chunks of {st.chunk_frames}",
+             f"  last commit: {st.last_commit_utc.isoformat() if st.last_commit_utc else 'none yet'}",
+             f"  writer heartbeat: {st.heartbeat_utc.isoformat() if st.heartbeat_utc else 'none'}"
+             + (f" ({age:.1f} s ago by this machine's clock)" if age is not None else "")]
+    if st.frames_complete:
+        ds = open_frames(path, check_values=False)
+        at = ds.attrs
+        lines.append(f"  radiation: {at['radiation']}, energy {at['energy_eV']:.6g} eV, pixel {at['pixel_size_m']:.6g} m, "
+                     f"patterns of {ds.sizes['ky']} x {ds.sizes['kx']} px")
+    lines.append("  read the committed frames: daskptycho.io.stream.open_frames(path); "
+                 "a writer that is gone: daskptycho.open_writer(path, resume=True) continues or finishes it")
+    return "\n".join(lines)
+
+
 def _describe(path):
+    from .errors import DatasetError
     from .io.store import RESULT_FORMAT_NAME, checkpoint_info, open_dataset, open_zarr
+    from .io.stream import stream_state
 
     ck = checkpoint_info(path)
     if ck is not None:
         return _describe_checkpoint(path, ck)
+    try:
+        st = stream_state(path)
+    except DatasetError:
+        st = None  # not a dataset store, or a damaged one: open_zarr below says which
+    if st is not None and st.streamed and not st.scan_finished:
+        return _describe_growing(path, st)
     raw = open_zarr(path)
     lines = []
     if raw.attrs.get("format") == RESULT_FORMAT_NAME:

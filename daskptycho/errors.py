@@ -115,3 +115,23 @@ class PeerExchangeError(DaskptychoError, RuntimeError):
     """A message between two workers' stages (``daskptycho.schedule.exchange: peer``) did
     not arrive: its run was aborted (a lost worker, an error in another stage), or it took
     longer than ``daskptycho.schedule.peer_timeout_s``."""
+
+
+class StreamStalledError(DaskptychoError, TimeoutError):
+    """A growing dataset store stopped changing: its writer neither committed frames nor
+    sent a heartbeat within the reader's timeout (or the store never appeared).
+
+    Parameters
+    ----------
+    message : str
+        The store, how many frames are committed and what can be done with them.
+    state : daskptycho.io.stream.StreamState
+        The last state read (``frames_complete`` frames stay readable).
+    """
+
+    def __init__(self, message: str, state=None):
+        self.state = state
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.state))

@@ -36,9 +36,10 @@ from . import physics
 from .errors import OptionsError
 from .geometry import object_grid
 from .io.store import build_dataset
+from .io.stream import check_rate, replay
 from .options import check_options
 
-__all__ = ["SimulationOptions", "simulate", "pbtio3_potential", "flyscan_offsets"]
+__all__ = ["SimulationOptions", "simulate", "simulate_stream", "pbtio3_potential", "flyscan_offsets"]
 
 # Projected-potential peak phase of one atom (rad, at 200 keV) is set so a Pb atom
 # gives ~0.35 rad; lighter atoms scale as Z**0.75 (roughly the Z dependence of
@@ -287,3 +288,36 @@ def simulate(options: SimulationOptions | dict | None = None, **kw):
         pixel_size_m=dx, truth_object=truth, truth_probe=probe, truth_grid=grid,
         slice_thickness_m=opts.slice_thickness_m, attrs=attrs,
     )
+
+
+def simulate_stream(path, rate_hz, *, chunk_frames=None, overwrite=False, progress=None, options: SimulationOptions | dict | None = None, **kw):
+    """Simulate a dataset and write it as a growing store, ``rate_hz`` frames per second:
+    an acquisition for tests and demos of reconstructions that follow a scan.
+
+    The whole dataset is simulated first (in memory), then replayed into ``path`` by
+    :func:`daskptycho.io.stream.replay`, in this process: run it in a thread or a
+    subprocess (``daskptycho simulate OUT --stream RATE``) to read the store meanwhile.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The store to create.
+    rate_hz : float
+        Frames per second.
+    chunk_frames : int, optional
+        Frames per chunk along ``scan`` (the unit of a commit).
+    overwrite : bool
+        Replace an existing store.
+    progress : callable, optional
+        ``progress(frames_complete, n_frames)`` after every commit.
+    options, **kw
+        As for :func:`simulate`.
+
+    Returns
+    -------
+    daskptycho.io.stream.StreamState
+        The finished store's state.
+    """
+    rate_hz = check_rate(rate_hz)  # before minutes of simulation
+    ds = simulate(options, **kw)
+    return replay(ds, path, rate_hz, chunk_frames=chunk_frames, overwrite=overwrite, progress=progress)

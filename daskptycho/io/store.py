@@ -54,7 +54,7 @@ SCHEMA = {
 _TMP_RE = re.compile(r"^\..+\.(tmp|result)-[0-9a-f]{8}(\.old)?$")
 
 
-def _atomic_write(ds: xr.Dataset, path, overwrite: bool, encoding=None):
+def atomic_write_store(ds: xr.Dataset, path, overwrite: bool, encoding=None):
     """Write ``ds`` to a temporary sibling of ``path`` and move it into place.
 
     Readers never see a partial store at ``path``: a killed write leaves only the
@@ -92,7 +92,9 @@ def _atomic_write(ds: xr.Dataset, path, overwrite: bool, encoding=None):
     return path
 
 
-def _scan_chunk(n_scan, pattern_bytes, target_bytes=4 * 2**20):
+def default_scan_chunk(n_scan, pattern_bytes, target_bytes=4 * 2**20):
+    """Patterns per chunk along ``scan``: about ``target_bytes`` (4 MiB) per chunk, at
+    least 1 and at most ``n_scan``; ``pattern_bytes`` is the size of one stored pattern."""
     return int(max(1, min(n_scan, target_bytes // max(pattern_bytes, 1))))
 
 
@@ -115,7 +117,7 @@ def write_dataset(ds: xr.Dataset, path, overwrite: bool = False, scan_chunk: int
     ds = ds.copy()
     ds.attrs.setdefault("format", FORMAT_NAME)
     n_scan, ny, nx = ds["intensity"].shape
-    chunk = scan_chunk or _scan_chunk(n_scan, ny * nx * 4)
+    chunk = scan_chunk or default_scan_chunk(n_scan, ny * nx * 4)
     encoding = {}
     for name, var in ds.variables.items():
         if "scan" in var.dims:
@@ -126,7 +128,7 @@ def write_dataset(ds: xr.Dataset, path, overwrite: bool = False, scan_chunk: int
             encoding[name] = {"chunks": chunks}
         ds[name].encoding = {}
     ds = ds.chunk({"scan": chunk})  # zarr chunks and dask chunks must line up
-    return _atomic_write(ds, path, overwrite, encoding)
+    return atomic_write_store(ds, path, overwrite, encoding)
 
 
 def write_result(ds: xr.Dataset, path, overwrite: bool = False):
@@ -135,12 +137,12 @@ def write_result(ds: xr.Dataset, path, overwrite: bool = False):
     ds.attrs.setdefault("format", RESULT_FORMAT_NAME)
     for name in ds.variables:
         ds[name].encoding = {}
-    return _atomic_write(ds, path, overwrite)
+    return atomic_write_store(ds, path, overwrite)
 
 
 # --------------------------------------------------------------------------- reading
 
-def _fail(e):
+def error_line(e):
     """One line naming an exception (its type and first line)."""
     msg = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
@@ -154,7 +156,7 @@ def _read_meta(path, name):
         with open(os.path.join(path, where), "rb") as f:
             meta = json.loads(f.read().decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DatasetError("metadata", f"{where} of the store cannot be read ({_fail(e)}); re-create the store") from None
+        raise DatasetError("metadata", f"{where} of the store cannot be read ({error_line(e)}); re-create the store") from None
     if not isinstance(meta, dict):
         raise DatasetError("metadata", f"{where} holds a JSON {type(meta).__name__}, not an object; re-create the store")
     return meta
@@ -243,7 +245,7 @@ def _check_layout_v2(path):
             with open(os.path.join(path, name, ".zarray"), "rb") as f:
                 meta = json.loads(f.read().decode("utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise DatasetError("metadata", f"{name}/.zarray of the store cannot be read ({_fail(e)}); re-create the store") from None
+            raise DatasetError("metadata", f"{name}/.zarray of the store cannot be read ({error_line(e)}); re-create the store") from None
         if not isinstance(meta, dict):
             raise DatasetError("metadata", f"{name}/.zarray is not a JSON object; re-create the store")
         if _pickled(meta):
@@ -282,7 +284,7 @@ def _check_dimension_sizes(arrays):
                            f"{'has' if per.get('intensity') == ref else 'have'} {ref}; expected one entry per {dim} point in every variable")
 
 
-def _chunk_key(meta, coords):
+def chunk_key(meta, coords):
     """The file name (relative to the array directory) of the chunk at ``coords``."""
     enc = meta.get("chunk_key_encoding") or {"name": "default"}
     name = enc.get("name", "default") if isinstance(enc, dict) else "default"
@@ -292,7 +294,7 @@ def _chunk_key(meta, coords):
     return sep.join(("c", *map(str, coords)))
 
 
-def _missing_chunk(path, name, meta):
+def missing_chunk(path, name, meta):
     """The key of the first chunk of array ``name`` that has no file, or None.
 
     Zarr reads a missing chunk as the fill value without a word; the stores
@@ -308,7 +310,7 @@ def _missing_chunk(path, name, meta):
         rel = os.path.relpath(root, base)
         present.update(f if rel == "." else os.path.join(rel, f).replace(os.sep, "/") for f in files)
     for coords in np.ndindex(*(math.ceil(n / c) for n, c in zip(shape, chunk_shape))):
-        key = _chunk_key(meta, coords)
+        key = chunk_key(meta, coords)
         if key not in present:
             return key
     return None
@@ -342,7 +344,7 @@ def _diagnose_read(path, arrays):
                 if len(dims) == 1 and dims[0] == name:
                     zarr.open_array(os.path.join(path, name), mode="r")[...]
             except Exception as e:  # noqa: BLE001 - whatever fails here is damage to this array's metadata or data
-                return DatasetError(name, f"cannot be opened ({_fail(e)}): its metadata or stored data is damaged; re-create or re-import the store")
+                return DatasetError(name, f"cannot be opened ({error_line(e)}): its metadata or stored data is damaged; re-create or re-import the store")
             finally:
                 shutil.rmtree(os.path.join(scratch, name))
     return None
@@ -406,6 +408,23 @@ def _checkpoint_problem(path, ck):
             f"resume=True{more}; to start afresh, with overwrite=True")
 
 
+def _refuse_unfinished_stream(path):
+    """A growing store whose writer has not finished (``attrs.stream.scan_finished`` false)
+    is not a dataset yet: its arrays may hold a chunk beyond the committed frames. Its
+    committed frames are read with :func:`daskptycho.io.stream.open_frames`."""
+    try:
+        with open(os.path.join(path, "zarr.json"), "rb") as f:
+            root = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # no root metadata or unreadable: the layout checks name the problem
+    stream = (root.get("attributes") or {}).get("stream") if isinstance(root, dict) and isinstance(root.get("attributes"), dict) else None
+    if isinstance(stream, dict) and stream.get("scan_finished") is not True:
+        raise DatasetError("attrs.stream", f"{path} is a growing store whose scan is not finished ({stream.get('frames_complete')} frames committed, "
+                           f"last commit {stream.get('last_commit_utc') or 'none yet'}): read the committed frames with "
+                           "daskptycho.io.stream.open_frames(path), wait for the writer to finish, or, if the writer is gone, "
+                           "finish the store with daskptycho.open_writer(path, resume=True).finish()")
+
+
 def open_zarr(path, required=()):
     """Open a store lazily after checking its layout; ``required``: arrays whose every
     chunk file must exist."""
@@ -422,10 +441,11 @@ def open_zarr(path, required=()):
         os.path.exists(os.path.join(path, "zarr.json")) or os.path.exists(os.path.join(path, ".zgroup"))
     ):
         raise DatasetError("store", f"{path} is not a Zarr store (no zarr.json): write one with daskptycho.write_dataset or import it with 'daskptycho import'")
+    _refuse_unfinished_stream(path)
     arrays = _check_layout(path) if os.path.exists(os.path.join(path, "zarr.json")) else _check_layout_v2(path)
     for name in required:
         if name in arrays:
-            key = _missing_chunk(path, name, arrays[name])
+            key = missing_chunk(path, name, arrays[name])
             if key is not None:
                 raise DatasetError(name, f"chunk file {name}/{key} is missing (Zarr would read it as fill values); re-create or re-import the store")
     try:
@@ -438,7 +458,7 @@ def open_zarr(path, required=()):
         err = _diagnose_read(path, arrays)
         if err is not None:
             raise err from None
-        raise DatasetError("metadata", f"the store's Zarr metadata cannot be read ({_fail(e)}); re-create the store") from None
+        raise DatasetError("metadata", f"the store's Zarr metadata cannot be read ({error_line(e)}); re-create the store") from None
 
 
 def open_dataset(path, check_values: bool = True) -> xr.Dataset:
@@ -554,7 +574,7 @@ def validate_dataset(ds: xr.Dataset, check_values: bool = True) -> None:
             else:
                 bad_finite, vmin = not np.isfinite(inten).all(), np.nanmin(inten)
         except Exception as e:  # noqa: BLE001 - truncated or corrupt chunks surface here: the reading boundary
-            raise DatasetError("intensity", f"data cannot be read ({_fail(e)}); a chunk is missing or corrupt: re-create or re-import the store") from None
+            raise DatasetError("intensity", f"data cannot be read ({error_line(e)}); a chunk is missing or corrupt: re-create or re-import the store") from None
         if bad_finite:
             raise DatasetError("intensity", "contains NaN or inf; expected finite measured intensities")
         if vmin < 0:
@@ -598,7 +618,7 @@ def _values(ds, name):
         # shipped to a distributed client that happens to be the default)
         return np.asarray(data.compute(scheduler="synchronous") if hasattr(data, "dask") else data)
     except Exception as e:  # noqa: BLE001 - any decoding failure of stored bytes is damage to the store
-        raise DatasetError(name, f"stored data cannot be read ({_fail(e)}); a chunk is missing or corrupt: re-create or re-import the store") from None
+        raise DatasetError(name, f"stored data cannot be read ({error_line(e)}); a chunk is missing or corrupt: re-create or re-import the store") from None
 
 
 # --------------------------------------------------------------------------- construction
