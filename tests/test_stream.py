@@ -107,7 +107,7 @@ def test_an_exception_leaves_the_store_unfinished_and_resume_completes_it(sim, t
     assert (st.frames_complete, st.scan_finished) == (8, False)  # frames 8, 9 were buffered, never committed
     with pytest.raises(DatasetError) as e:
         dp.open_dataset(path)
-    assert e.value.field == "attrs.stream" and "open_frames" in str(e.value) and "resume=True" in str(e.value)
+    assert e.value.field == "attrs.stream" and "open_frames" in str(e.value) and "open_writer" in str(e.value)
     view = stream.open_frames(path)
     np.testing.assert_array_equal(view["intensity"].values, inten[:8])
     np.testing.assert_array_equal(view["position"].values, pos[:8])
@@ -226,7 +226,7 @@ def test_a_killed_writer_leaves_its_committed_frames_readable(tmp_path):
     _assert_same_store(path, ref)
 
 
-def test_a_reader_before_the_first_frame(sim, tmp_path):
+def test_a_reader_before_the_first_frame(sim, tmp_path, capsys):
     path = tmp_path / "early.zarr"
     with pytest.raises(StreamStalledError, match="has not appeared"):
         stream.wait_for_frames(path, 1, timeout_s=0.3, poll_s=0.05)
@@ -241,6 +241,8 @@ def test_a_reader_before_the_first_frame(sim, tmp_path):
     from daskptycho.cli import main
 
     assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "a growing daskptycho dataset" in out and "frames committed: 0, in chunks of 4" in out
     with pytest.raises(DatasetError, match="no frame was appended"):
         w.finish()
     w.close()

@@ -421,8 +421,8 @@ def _refuse_unfinished_stream(path):
     if isinstance(stream, dict) and stream.get("scan_finished") is not True:
         raise DatasetError("attrs.stream", f"{path} is a growing store whose scan is not finished ({stream.get('frames_complete')} frames committed, "
                            f"last commit {stream.get('last_commit_utc') or 'none yet'}): read the committed frames with "
-                           "daskptycho.io.stream.open_frames(path), wait for the writer to finish, or, if the writer is gone, "
-                           "finish the store with daskptycho.open_writer(path, resume=True).finish()")
+                           "daskptycho.io.stream.open_frames(path) or wait for the writer to finish; if the writer is gone, "
+                           "reopen the store with daskptycho.open_writer and its resume option, and call finish()")
 
 
 def open_zarr(path, required=()):

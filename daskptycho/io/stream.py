@@ -341,8 +341,9 @@ def _open_static(path, scan_names):
         raise DatasetError("metadata", f"the store's Zarr metadata cannot be read ({error_line(e)}); re-create the store") from None
 
 
-def _frames_array(path, name, meta, n):
-    """A dask array of the first ``n`` entries of array ``name`` along ``scan``."""
+def _frames_array(path, name, meta, n, started=None):
+    """A dask array of the first ``n`` entries of array ``name`` along ``scan``; ``started``
+    (the stream's creation time) tells two stores written at the same path apart."""
     import dask.array as da
     from dask.base import tokenize
 
@@ -360,9 +361,10 @@ def _frames_array(path, name, meta, n):
     import zarr
 
     dtype = zarr.open_array(os.path.join(path, name), mode="r").dtype
-    reader = _FrameReader(path, name, meta, [n] + shape[1:], dtype)
+    reader = _FrameReader(os.path.abspath(path), name, meta, [n] + shape[1:], dtype)
     chunks = tuple(min(c, s) if s else 1 for c, s in zip(reader.chunks, reader.shape))
-    token = tokenize(os.path.abspath(path), name, n, json.dumps(meta, sort_keys=True))
+    # the same committed frames of the same store give the same keys, however far the store has grown
+    token = tokenize(reader.path, name, n, started, json.dumps({k: v for k, v in meta.items() if k != "shape"}, sort_keys=True))
     return da.from_array(reader, chunks=chunks, name=f"frames-{name}-{token}", lock=False, fancy=False,
                          asarray=False, meta=np.empty((0,) * reader.ndim, dtype=reader.dtype))
 
@@ -428,7 +430,8 @@ def open_frames(path, start=0, stop=None, *, check_values=True) -> xr.Dataset:
 
     data, coords = {}, {}
     for name in scan_names:
-        arr = _frames_array(path, name, metas[name], n)[start:stop]
+        started = root["attributes"][STREAM_ATTR].get("started_utc") if st.streamed else None
+        arr = _frames_array(path, name, metas[name], n, started)[start:stop]
         dims = tuple(metas[name]["dimension_names"])
         attrs = {k: v for k, v in (metas[name].get("attributes") or {}).items() if k != "_FillValue"}
         if name == "scan":
