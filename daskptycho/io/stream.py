@@ -170,6 +170,8 @@ def _state_from_root(path, root):
         raise DatasetError("metadata", f"{path}/zarr.json 'attributes' is not a JSON object; re-create the store")
     s = attrs.get(STREAM_ATTR)
     if s is None:
+        if not os.path.isfile(os.path.join(path, "intensity", "zarr.json")):
+            raise DatasetError("intensity", f"{path} holds no intensity array: not a dataset store (a result or checkpoint?)")
         meta = _read_json(os.path.join(path, "intensity", "zarr.json"), "intensity/zarr.json")
         shape = meta.get("shape")
         try:
@@ -345,22 +347,22 @@ def _frames_array(path, name, meta, n, started=None):
     """A dask array of the first ``n`` entries of array ``name`` along ``scan``; ``started``
     (the stream's creation time) tells two stores written at the same path apart."""
     import dask.array as da
+    import zarr
     from dask.base import tokenize
 
     shape = meta.get("shape")
     if not (isinstance(shape, list) and shape and isinstance(shape[0], int)):
         raise DatasetError("metadata", f"{name}/zarr.json has shape {shape!r}; re-create the store")
-    if n == 0:
-        import zarr
-
-        return da.empty((0,) + tuple(shape[1:]), dtype=zarr.open_array(os.path.join(path, name), mode="r").dtype)
     if shape[0] < n:
         raise DatasetError(name, f"has {shape[0]} entries along scan but {n} frames are committed; the store is damaged: re-create it")
     if (meta.get("dimension_names") or [None])[0] != "scan":
         raise DatasetError(name, f"has dims {meta.get('dimension_names')}; expected 'scan' first")
-    import zarr
-
-    dtype = zarr.open_array(os.path.join(path, name), mode="r").dtype
+    try:
+        dtype = zarr.open_array(os.path.join(path, name), mode="r").dtype
+    except Exception as e:  # noqa: BLE001 - the reading boundary: damaged array metadata
+        raise DatasetError(name, f"cannot be opened ({error_line(e)}): its metadata is damaged; re-create the store") from None
+    if n == 0:
+        return da.empty((0,) + tuple(shape[1:]), dtype=dtype)
     reader = _FrameReader(os.path.abspath(path), name, meta, [n] + shape[1:], dtype)
     chunks = tuple(min(c, s) if s else 1 for c, s in zip(reader.chunks, reader.shape))
     # the same committed frames of the same store give the same keys, however far the store has grown
@@ -483,9 +485,14 @@ def check_rate(rate_hz):
 class StreamWriter:
     """Appends frames to a growing store in whole chunks; made by :func:`open_writer`.
 
+    One writer per store, used from one thread.
+
     Attributes
     ----------
     path : str
+    window : (int, int)
+        ``(N_y, N_x)`` pixels of a pattern.
+    pixel_size_m : float
     chunk_frames : int
         Frames per chunk along ``scan``.
     frames_complete : int
