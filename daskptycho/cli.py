@@ -41,6 +41,16 @@ def _modes(text):
     return "auto" if text == "auto" else _positive_int(text)
 
 
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
 def _positive_int(text):
     try:
         v = int(text)
@@ -184,6 +194,16 @@ def _parser():
                    f"iterations, 0 = never (default: {d('checkpoint_every')})")
     r.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out, up to --iterations in total")
     r.add_argument("--quiet", action="store_true", help="no progress: neither the cluster's start, the progress bar nor the timing line")
+    r.add_argument("--follow", action="store_true", help="the store is still being written (daskptycho simulate --stream, "
+                   "daskptycho.open_writer): reconstruct in rounds over the frames committed so far, each round from the last, "
+                   "until the writer finishes the scan, then --iterations-after more")
+    r.add_argument("--iterations-after", type=_positive_int, metavar="N", help="with --follow: iterations over every frame once "
+                   "the scan is finished (default: --iterations)")
+    r.add_argument("--round-iterations", type=_positive_int, metavar="N", help="with --follow: iterations of each round while "
+                   f"frames arrive (default: {config.get('follow.round_iterations', 5)})")
+    r.add_argument("--follow-timeout", dest="follow_timeout", type=_positive_float, metavar="S", help="with --follow: seconds "
+                   "without a commit or heartbeat after which the writer counts as stopped and the result so far is written "
+                   f"(default: {config.get('follow.timeout_s', 60)})")
 
     g = sub.add_parser("graph", help="draw one iteration's task graph (and a real run's timeline)",
                        description="Render one gradient-decomposition iteration's task graph (SVG) and, with --timeline, "
@@ -534,6 +554,16 @@ def _cmd_reconstruct(a):
     workers = engine_options(**kw).workers
     cluster_options = {k: getattr(a, k) for k in ("jobs", "scheduler_file", "tls") if getattr(a, k) is not None}
     check_connect(a.cluster, workers=workers, device=a.device, **cluster_options)
+    given = [d for d in ("iterations_after", "round_iterations", "follow_timeout") if getattr(a, d) is not None]
+    if given and not a.follow:
+        from .errors import OptionsError
+
+        raise OptionsError(given[0], "applies only with --follow")
+    follow_kw = {k: v for k, v in (("iterations_after", a.iterations_after), ("round_iterations", a.round_iterations),
+                                   ("timeout_s", a.follow_timeout)) if v is not None}
+    if a.follow:
+        _follow_store(a, kw, follow_kw, cluster_options)
+        return
     ds = open_dataset(a.store)
     if a.pad_px is None and "recommended_pad_px" in ds.attrs:
         kw["pad_px"] = int(ds.attrs["recommended_pad_px"])
@@ -553,6 +583,34 @@ def _cmd_reconstruct(a):
         write_result(res, a.out, overwrite=a.overwrite)
     _report_timing(a, bar, res)
     print(f"wrote {a.out}: cost {res.cost.values[0]:.6g} -> {res.cost.values[-1]:.6g} in {res.sizes['iteration']} iterations")
+
+
+def _follow_store(a, kw, follow_kw, cluster_options):
+    """``reconstruct --follow``: rounds over a growing store (:func:`daskptycho.follow`)."""
+    import contextlib
+
+    from .cluster import log_to_stderr
+    from .errors import OptionsError
+    from .follow import follow
+    from .io.store import write_result
+
+    if "checkpoint" in kw:
+        raise OptionsError("checkpoint_every", "is not available with --follow (each round starts from the last)")
+    follow_kw.setdefault("iterations_after", kw.get("iterations"))
+
+    def said(r):
+        if not a.quiet:
+            state = "scan finished" if r["scan_finished"] else "scan going on"
+            print(f"round at iteration {r['first_iteration']}: {r['frames_used']} frames ({state}), "
+                  f"{r['iterations']} iterations in {r['seconds']:.3g} s", file=sys.stderr)
+
+    with contextlib.nullcontext() if a.quiet else log_to_stderr():
+        res = follow(a.store, cluster=a.cluster, cluster_options=cluster_options, on_round=said, **follow_kw, **kw)
+    write_result(res, a.out, overwrite=a.overwrite)
+    rounds = json.loads(res.attrs["follow_rounds"])
+    how = "the scan finished" if res.attrs["scan_finished"] else "the writer stopped before finishing the scan: the result so far"
+    print(f"wrote {a.out}: {len(rounds)} rounds, {int(res.frames_used.values[-1])} frames, cost {res.cost.values[-1]:.6g} "
+          f"after {res.sizes['iteration']} iterations ({how})")
 
 
 def _report_timing(a, bar, res):

@@ -14,6 +14,7 @@ import time
 
 from .. import config
 from ..cluster import check_connect
+from ..errors import OptionsError
 from ..io.checkpoint import Checkpoint, check_resume
 from ..io.patterns import load_patterns
 from ..io.store import open_dataset, validate_dataset
@@ -29,7 +30,8 @@ from .registry import ENGINES, engine_options
 __all__ = ["reconstruct", "engine_options", "ENGINES", "EngineOptions", "GDOptions", "MLOptions", "HVEOptions", "DMOptions"]
 
 
-def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, report=None, cluster=None, cluster_options=None, **kwargs):
+def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, report=None, cluster=None, cluster_options=None,
+                start=None, **kwargs):
     """Reconstruct an object (and probe) from a dataset.
 
     Parameters
@@ -57,6 +59,10 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
     report : str, optional
         Write a Dask performance report (HTML, with the task timeline) of the run.
     options : dict or EngineOptions, optional
+    start : xarray.Dataset, optional
+        An earlier result (of the same data, or of part of it) to start from: its object,
+        placed on this run's grid by its coordinates (ones where it has none), and its
+        probe. :func:`daskptycho.follow` starts each round this way.
     **kwargs
         The engine's options (:class:`GDOptions`, :class:`MLOptions`, :class:`HVEOptions`,
         :class:`DMOptions`): ``iterations``, ``batch_size`` (None = full batch),
@@ -82,7 +88,11 @@ def reconstruct(ds, engine=None, *, client=None, progress=None, options=None, re
         known = ("jobs", "scheduler_file", "tls")
         check_connect(cluster, workers=opts.workers, device=opts.device,
                       **{k: v for k, v in (cluster_options or {}).items() if k in known})
-    problem = prepare(ds, opts)
+    if start is not None and opts.resume:
+        raise OptionsError("start", "and resume both give the starting state: pass one of them")
+    if start is not None and getattr(opts, "probe_modes", None) == "auto":
+        raise OptionsError("start", "fixes the probe modes; probe_modes='auto' chooses them: pass probe_modes as a number")
+    problem = prepare(ds, opts, start)
     meta = _checkpoint_start(opts)
     t0 = time.perf_counter()
     with Driver(client, workers=opts.workers, report=report, cluster=cluster, device=opts.device, **(cluster_options or {})) as drv:

@@ -141,7 +141,8 @@ class DMRun(PinnedRun):
             self.updates = []
             self.probe = c.scatter(self.problem.probe, hash=False)
             self.mixing = None
-            self.obj = self.drv.submit_pinned(dt.initial_object, shape, worker=self.home_worker, key=self.key("dm-object-init"))
+            self.obj = self.drv.submit_pinned(dt.initial_object, shape, self.problem.start_object, worker=self.home_worker,
+                                              key=self.key("dm-object-init"))
         else:
             pc, oc, fr = ck.read(meta, "probe_change"), ck.read(meta, "object_change"), ck.read(meta, "fractions")
             self.updates = [{"probe_change": pc[i], "object_change": float(oc[i]), "fractions": fr[i]} for i in range(self.first)]
@@ -153,7 +154,8 @@ class DMRun(PinnedRun):
             for p in self.parts:
                 w = self.workers[p]
                 if meta is None:  # each part makes its crop and views itself: the object is not sent around
-                    self.crops[p] = self.drv.submit_pinned(dt.initial_crop, shape, self.regions[p], o.device, worker=w,
+                    self.crops[p] = self.drv.submit_pinned(dt.initial_crop, shape, self.regions[p], o.device,
+                                                           self.problem.start_patch(self.regions[p]), worker=w,
                                                            key=self.key("crop-init", *p))
                     self.views[p] = self.drv.submit_pinned(dt.init_views, self.probe, self.crops[p], self.ctx, p, worker=w,
                                                            key=self.key("views-init", *p))

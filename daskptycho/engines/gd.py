@@ -191,8 +191,8 @@ class TiledRun(PinnedRun):
             for key, (_, ext) in self.specs.items():
                 w = self.workers[key]
                 if meta is None:
-                    self.states[key] = self.drv.submit_pinned(tt.initial_patch, o.slices, ext, o.device, worker=w,
-                                                              key=self.key("init", *key))
+                    self.states[key] = self.drv.submit_pinned(tt.initial_patch, o.slices, ext, o.device, self.problem.start_patch(ext),
+                                                              worker=w, key=self.key("init", *key))
                 else:  # each tile reads its own patch: the object never passes through the client
                     self.states[key] = self.drv.submit_pinned(read_array, meta["group"], _tile_name(key), None, o.device, worker=w,
                                                               key=self.key("restore", *key))

@@ -38,6 +38,7 @@ class Problem:
     slice_thickness_m: float
     wavelength_m: float
     mean_counts: float               # mean total counts per pattern
+    start_object: np.ndarray | None = None  # (S or L, H, W) complex64 on ``grid``: the starting object (None: ones)
 
     @property
     def n_positions(self):
@@ -59,8 +60,18 @@ class Problem:
         return positions_per_chunk(self.window, self.options.slices, self.probe.shape[0], self.working_set_budget_mib)
 
     def initial_object(self, xp=np):
+        if self.start_object is not None:
+            return xp.asarray(self.start_object).copy()
         s = self.options.slices
         return xp.ones((s,) + self.grid.shape, dtype=np.complex64)
+
+    def start_patch(self, region):
+        """The starting object's ``region`` ``(y0, y1, x0, x1)`` of the grid (a host copy),
+        or None when the run starts from ones (each worker then makes its own)."""
+        if self.start_object is None:
+            return None
+        y0, y1, x0, x1 = region
+        return np.ascontiguousarray(self.start_object[:, y0:y1, x0:x1])
 
     def eps_object(self, n_positions):
         """Preconditioner floor: ``regularization`` times the mean illumination that
@@ -111,8 +122,11 @@ def _initial_probe(ds, opts, window, dx, lam, mean_counts):
     return probe.astype(np.complex64)
 
 
-def prepare(ds, options) -> Problem:
-    """Validate options against the dataset and compute the fixed geometry."""
+def prepare(ds, options, start=None) -> Problem:
+    """Validate options against the dataset and compute the fixed geometry.
+
+    ``start``: a result (:func:`result_dataset`) whose object and probe start the run
+    (:func:`start_from`)."""
     opts = options
     if ds.attrs.get("geometry") == "near-field":
         raise DatasetError("geometry", "is 'near-field' (Fresnel number {:.3g}): the engines here model far-field diffraction "
@@ -147,7 +161,57 @@ def prepare(ds, options) -> Problem:
         mean_counts *= ny * nx / max(int(mask.sum()), 1)
     probe = _initial_probe(ds, opts, window, dx, lam, mean_counts)
     kernel = physics.fresnel_kernel(window, dx, lam, thickness)
-    return Problem(opts, grid, window, positions, corners, probe, kernel, mask, float(thickness), lam, mean_counts)
+    start_object = None
+    if start is not None:
+        start_object, probe = start_from(start, grid, probe, opts.object_modes if opts.engine == "dm" else opts.slices)
+    return Problem(opts, grid, window, positions, corners, probe, kernel, mask, float(thickness), lam, mean_counts, start_object)
+
+
+def start_from(result, grid, probe, layers):
+    """The object and probe a run starts from, taken from an earlier ``result`` (an
+    :class:`xarray.Dataset` with ``object`` (layer, y, x) on metre coordinates and
+    ``probe`` (mode, py, px)): the object placed on ``grid`` by its coordinates (to the
+    nearest pixel; ones where it has none), the probe as it is.
+
+    Parameters
+    ----------
+    grid : ObjectGrid
+        This run's grid (same pixel size as the result's).
+    probe : complex64 (K, N, N)
+        This run's own starting probe (its shape is what the result's must have).
+    layers : int
+        The object's slices (or dm's object modes) this run has.
+
+    Returns
+    -------
+    object : complex64 (layers, H, W)
+    probe : complex64 (K, N, N)
+    """
+    for name in ("object", "probe"):
+        if name not in getattr(result, "data_vars", {}):
+            raise OptionsError("start", f"has no {name!r} variable; pass an earlier result of daskptycho.reconstruct")
+    obj = np.asarray(result["object"].values, dtype=np.complex64)
+    if obj.shape[0] != layers:
+        raise OptionsError("start", f"its object has {obj.shape[0]} slices (or modes); this run has {layers}: start from a "
+                           "result of the same slices and object modes")
+    y, x = np.asarray(result["y"].values), np.asarray(result["x"].values)
+    dx = grid.pixel_size_m
+    step = float(y[1] - y[0]) if y.size > 1 else float(x[1] - x[0]) if x.size > 1 else dx
+    if not np.isclose(step, dx, rtol=1e-6):
+        raise OptionsError("start", f"its pixel size is {step:g} m, this run's {dx:g} m: start from a result of the same data")
+    start_probe = np.asarray(result["probe"].values, dtype=np.complex64)
+    if start_probe.shape != probe.shape:
+        raise OptionsError("start", f"its probe is {start_probe.shape}, this run's {probe.shape}: start from a result with "
+                           "the same window and probe modes")
+    out = np.ones((layers,) + tuple(grid.shape), dtype=np.complex64)
+    oy = int(round((y[0] - grid.origin_m[0]) / dx))
+    ox = int(round((x[0] - grid.origin_m[1]) / dx))
+    # the overlap of the result's pixels [oy, oy + h) x [ox, ox + w) with the grid's
+    y0, y1 = max(oy, 0), min(oy + obj.shape[1], grid.shape[0])
+    x0, x1 = max(ox, 0), min(ox + obj.shape[2], grid.shape[1])
+    if y0 < y1 and x0 < x1:
+        out[:, y0:y1, x0:x1] = obj[:, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+    return out, start_probe
 
 
 def result_dataset(problem: Problem, obj, probe, costs, ds, extra_attrs=None, extra_vars=None):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .store import open_dataset
+from .stream import open_frames, stream_state
 
 
 def load_patterns(ds, scan_indices=None):
@@ -34,5 +35,9 @@ def load_patterns(ds, scan_indices=None):
 
 
 def load_patterns_from_store(path, scan_indices=None):
-    """Read patterns straight from a store; runs on the worker that owns them."""
+    """Read patterns straight from a store; runs on the worker that owns them. A store
+    still being written (:mod:`daskptycho.io.stream`) is read through its committed
+    frames, so a worker can take its frames while the acquisition goes on."""
+    if not stream_state(path).scan_finished:
+        return load_patterns(open_frames(path, check_values=False), scan_indices)
     return load_patterns(open_dataset(path, check_values=False), scan_indices)

@@ -51,17 +51,21 @@ def init_views(probe, crop, ctx: DMContext, part):
     return views
 
 
-def initial_object(shape):
-    """The starting object (L, H, W): ones, and weak (0.1) extra modes so they can grow."""
+def initial_object(shape, start=None):
+    """The starting object (L, H, W): ones, and weak (0.1) extra modes so they can grow;
+    or ``start``, a given starting object (host array (L, H, W))."""
+    if start is not None:
+        return np.array(start, dtype=np.complex64)
     obj = np.ones(shape, np.complex64)
     obj[1:] *= 0.1
     return obj
 
 
-def initial_crop(shape, region, device="cpu"):
-    """A part's crop of :func:`initial_object` (L, h, w), made on its worker from the shape alone."""
+def initial_crop(shape, region, device="cpu", start=None):
+    """A part's crop of :func:`initial_object` (L, h, w), made on its worker from the shape
+    alone, or ``start``, that crop of a given starting object (host array (L, h, w))."""
     y0, y1, x0, x1 = region
-    return array_module(device).asarray(initial_object((shape[0], y1 - y0, x1 - x0)))
+    return array_module(device).asarray(initial_object((shape[0], y1 - y0, x1 - x0), start))
 
 
 def crop_object(obj_or_update, region=None, device="cpu"):

@@ -64,10 +64,13 @@ def load_tile_patterns(source, scan_indices, device="cpu"):
     return array_module(device).asarray(data)
 
 
-def initial_patch(slices, region, device="cpu"):
+def initial_patch(slices, region, device="cpu", start=None):
     """The tile's extended region of the starting object (S, h, w): ones, the
     :meth:`~daskptycho.engines.problem.Problem.initial_object`, made on the worker from
-    the shape alone (the whole object never travels)."""
+    the shape alone (the whole object never travels), or ``start``, the region of a
+    given starting object (host array (S, h, w))."""
+    if start is not None:
+        return array_module(device).asarray(np.asarray(start, dtype=np.complex64)).copy()
     y0, y1, x0, x1 = region
     return array_module(device).ones((int(slices), y1 - y0, x1 - x0), dtype=np.complex64)
 
