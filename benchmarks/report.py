@@ -507,6 +507,31 @@ def section_wave_memory(d, lines):
               "propagations add FFTs only. One run each; read the load average.", ""]
 
 
+def section_follow(d, lines):
+    """Reconstructing while the scan is measured (benchmarks/follow.py)."""
+    rows = d["rows"]
+    first = rows[0]
+    lines += ["## Reconstructing while the scan is measured (issue 18)", "",
+              f"`{d['command'].strip()}` (`benchmarks/results/follow.json`, {d['machine']['date']}; {_load_line(d)}): a simulated "
+              f"X-ray scan of {first['frames']} frames (32 px) written as a growing store in chunks of {first['chunk_frames']} at each "
+              "rate, by a thread of the benchmark's process, while `daskptycho.follow` (defaults: gd 2x2 on 2 workers) reconstructs "
+              "it in rounds of 2 iterations, then 20 after the scan. A frame's delay runs from its commit (the writer's callback) "
+              "to the start of the first round that uses it; its iterations are those that ran meanwhile. The offline run is the "
+              "same 20 iterations on the finished store.", "",
+              "| frames/s | acquisition s | rounds during the scan | frames in use before the scan ended | delay s (median, max) | "
+              "delay iterations (median, max) | keeps up | phase correlation: follow / offline |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['rate_hz']:g} | {r['acquisition_s']:.1f} | {r['rounds_during_scan']} | "
+                     f"{r['frames_used_before_the_end']} of {r['frames']} | {r['delay_s_median']:.2f}, {r['delay_s_max']:.2f} | "
+                     f"{r['delay_iterations_median']:.0f}, {r['delay_iterations_max']} | {'yes' if r['keeps_up'] else 'no'} | "
+                     f"{r['phase_correlation_follow']:.3f} / {r['phase_correlation_offline']:.3f} |")
+    kept = d.get("highest_rate_kept_up_hz")
+    lines += ["", f"Highest rate kept up here: **{kept:g} frames/s** (every frame in use within two rounds of its commit, and "
+              "at least 75% of the scan in the live image before the scan ended)." if kept else
+              "No rate measured was kept up.", ""]
+
+
 def section_gpu(d, lines):
     """The GPU section: benchmarks/gpu.py's figures when a GPU run brought them back."""
     lines += ["## 5. GPU", ""]
@@ -589,6 +614,9 @@ def main(argv=None):
     wave_memory = _load("wave_memory")
     if wave_memory:
         section_wave_memory(wave_memory, lines)
+    follow = _load("follow")
+    if follow:
+        section_follow(follow, lines)
     section_gpu(_load("gpu"), lines)
     tmp = DOC + ".tmp"
     with open(tmp, "w") as f:
