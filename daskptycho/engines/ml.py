@@ -15,8 +15,8 @@ import numpy as np
 
 from ..io.checkpoint import write_state
 from ..schedule.graph import IterationGraph
-from ..tasks.ml import ml_init, ml_restore, ml_state_on_host, ml_step
-from .options import EngineOptions, Number, option
+from ..tasks.ml import ml_init, ml_restore, ml_state_on_host, ml_step, state_names
+from .options import EngineOptions, Number, boolean, option
 from .problem import Problem
 from .run import PinnedRun, RunOutput, Step
 
@@ -35,12 +35,27 @@ class MLOptions(EngineOptions):
         None: all of them (full batch, exact gradient descent).
     workers : int or None
         Workers of an embedded cluster: 1 (the run has one unit).
+    position_correction : bool
+        Refine the scan positions (:mod:`daskptycho.physics.positions`): every
+        ``position_correction_every`` iterations from ``position_correction_start``
+        (0-based), each position's cost at its window and +-1 pixel along y and x gives
+        a sub-pixel estimate of where its pattern fits best; windows are cut at the
+        rounded estimates. The object grid gets a margin of
+        ``ceil(position_max_shift_px) + 1`` pixels beyond ``pad_px``.
+    position_correction_start, position_correction_every : int
+        First iteration that refines positions, and iterations between refinements.
+    position_max_shift_px : float
+        Most a position may move from the store's, per axis, object pixels.
     """
 
     ENGINE = "ml"
     engine: str = "ml"
     workers: int | None = option(Number(True, 1, none=True), 1)
     batch_size: int | None = option(Number(True, 1, none=True), config_key="batch_size")
+    position_correction: bool = option(boolean, config_key="position_correction")
+    position_correction_start: int = option(Number(True, 0), config_key="position_correction_start")
+    position_correction_every: int = option(Number(True, 1), config_key="position_correction_every")
+    position_max_shift_px: float = option(Number(False, 0, closed=False), config_key="position_max_shift_px")
 
 
 class MLRun(PinnedRun):
@@ -60,7 +75,8 @@ class MLRun(PinnedRun):
             if meta is None:
                 self.state = self.drv.submit_pinned(ml_init, self.ctx, worker=w, key=self.key("init", *UNIT))
             else:
-                self.state = self.drv.submit_pinned(ml_restore, meta["group"], worker=w, key=self.key("restore", *UNIT))
+                self.state = self.drv.submit_pinned(ml_restore, meta["group"], "cpu", state_names(self.problem.options), worker=w,
+                                                    key=self.key("restore", *UNIT))
 
     def step(self, it):
         g = IterationGraph(tag=self.tag)
@@ -75,11 +91,14 @@ class MLRun(PinnedRun):
 
     def checkpoint_arrays(self):
         shape = (self.problem.options.slices,) + tuple(self.problem.grid.shape)
-        return {"object": (shape, np.complex64), "probe": (self.problem.probe.shape, np.complex64)}
+        arrays = {"object": (shape, np.complex64), "probe": (self.problem.probe.shape, np.complex64)}
+        if "positions" in state_names(self.problem.options):
+            arrays["positions"] = ((self.problem.n_positions, 2), np.float64)
+        return arrays
 
     def checkpoint_writes(self, path, it):
         # the worker holding the state writes it; only the byte count comes back
-        return [self.drv.submit_pinned(write_state, path, self.state, ("object", "probe"), worker=self.workers[UNIT],
+        return [self.drv.submit_pinned(write_state, path, self.state, state_names(self.problem.options), worker=self.workers[UNIT],
                                        key=self.key("checkpoint", it, *UNIT))], {}
 
     def finish(self):
@@ -87,10 +106,51 @@ class MLRun(PinnedRun):
         (state,) = self.drv.results([host], self.workers)
         memory = self.memory({UNIT: self.state})
         return RunOutput(np.asarray(state["object"]), np.asarray(state["probe"]), self.costs,
-                         {"memory": json.dumps(memory), "recoveries": json.dumps(self.recoveries)})
+                         {"memory": json.dumps(memory), "recoveries": json.dumps(self.recoveries)},
+                         result_variables(self.problem, state))
 
     def drop(self):
         self.state = self.ctx = None
+
+
+def positions_in_metres(problem: Problem, positions_px):
+    """Probe centres (J, 2) in pixel coordinates of the problem's grid, in metres (the
+    frame of the store's ``position``)."""
+    g = problem.grid
+    return np.asarray(g.origin_m, dtype=np.float64) + np.asarray(positions_px, dtype=np.float64) * g.pixel_size_m
+
+
+def result_variables(problem: Problem, state):
+    """The result's variables besides object, probe and cost: ``position_refined`` (scan,
+    yx) metres, with position correction."""
+    if "positions" not in state:
+        return {}
+    import xarray as xr
+
+    return {"position_refined": xr.DataArray(
+        positions_in_metres(problem, state["positions"]), dims=("scan", "yx"),
+        coords={"scan": np.arange(problem.n_positions), "yx": np.array(["y", "x"], dtype=object)},
+        attrs={"units": "m", "long_name": "probe centre after position correction (same frame as the input's position)"})}
+
+
+def run_ml_state(problem: Problem, data, progress=None, state=None):
+    """Run the reference engine in this process (no cluster).
+
+    Returns
+    -------
+    state : dict of host arrays
+        ``object`` complex64 (S, H, W), ``probe`` (K, N, N), with position correction
+        ``positions`` float64 (J, 2) (pixel coordinates, :func:`positions_in_metres`).
+    costs : list of float
+    """
+    state = state or ml_init(problem)
+    costs = []
+    for it in range(problem.options.iterations):
+        state = ml_step(state, data, it, problem)
+        costs.append(state["cost"])
+        if progress is not None:
+            progress(it, state["cost"])
+    return ml_state_on_host(state), costs
 
 
 def run_ml(problem: Problem, data, progress=None, state=None):
@@ -100,14 +160,7 @@ def run_ml(problem: Problem, data, progress=None, state=None):
     -------
     obj : complex64 array (S, H, W); probe : (K, N, N); costs : list of float
     """
-    state = state or ml_init(problem)
-    costs = []
-    for it in range(problem.options.iterations):
-        state = ml_step(state, data, it, problem)
-        costs.append(state["cost"])
-        if progress is not None:
-            progress(it, state["cost"])
-    state = ml_state_on_host(state)
+    state, costs = run_ml_state(problem, data, progress, state)
     return state["object"], state["probe"], costs
 
 

@@ -17,6 +17,7 @@ import xarray as xr
 from .. import physics
 from ..errors import DatasetError, OptionsError
 from ..geometry import ObjectGrid, object_grid
+from ..physics.positions import position_margin_px
 from ..tasks.updates import positions_per_chunk, working_set_budget
 from ..tiling import halo_from_metres, make_tiling
 from ..version import __version__
@@ -143,7 +144,9 @@ def prepare(ds, options, start=None) -> Problem:
     else:
         thickness = opts.slice_thickness_m or ds.attrs.get("slice_thickness_m") or 0.0
     positions = np.asarray(ds["position"].values, dtype=np.float64)
-    grid = object_grid(positions, window, dx, opts.pad_px)
+    # position correction moves windows up to position_max_shift_px (and evaluates one pixel beyond): room on the grid
+    margin = position_margin_px(opts.position_max_shift_px) if getattr(opts, "position_correction", False) else 0
+    grid = object_grid(positions, window, dx, opts.pad_px + margin)
     corners = grid.window_corners(positions, window)
     # options that depend on the scan are checked here, before any cluster starts
     if isinstance(opts, TiledOptions):
