@@ -148,10 +148,18 @@ class LiveState(SchedulerPlugin):
     def __init__(self):
         self.reset("", 0, (1, 1), 1)
 
+    def follow_status(self, status):
+        """Frames of a scan being followed (:func:`daskptycho.follow`): ``acquired``
+        (committed by the writer), ``used`` (by the running round), ``round``,
+        ``scan_finished``; None ends it."""
+        self.follow = None if status is None else dict(status)
+        self.version += 1
+
     def reset(self, engine, iterations, tiles, rounds):
         self.engine, self.iterations, self.tiles, self.rounds = engine, int(iterations), tuple(tiles), max(1, int(rounds))
         self.iteration, self.costs, self.image, self.stride = -1, [], None, 1
         self.tile_done = {}
+        self.follow = None  # a followed scan's frames, told by its round once the run has begun
         self.started = time.time()
         self.version = getattr(self, "version", 0) + 1
 
@@ -205,6 +213,12 @@ def begin_run(engine, iterations, tiles, rounds=1, dask_scheduler=None):
     Returns whether the scheduler's dashboard serves the page."""
     live_state(dask_scheduler, create=True).reset(engine, iterations, tiles, rounds)
     return ensure_page(dask_scheduler)
+
+
+def follow_status(status, dask_scheduler=None):
+    """Store a followed scan's frames (``Client.run_on_scheduler``; see :meth:`LiveState.follow_status`)."""
+    live_state(dask_scheduler, create=True).follow_status(status)
+    return True
 
 
 def receive(msg, dask_scheduler=None):
@@ -290,8 +304,14 @@ def daskptycho_doc(scheduler, extra, doc):
         tile_cmap["transform"].update(low=front - 2.5, high=max(front, 0) + 0.5)
         tile_src.data = {"x": xs, "y": ys, "done": done, "label": label}
         last = f", cost {live.costs[-1][1]:.4g}" if live.costs else ""
+        scan = ""
+        if live.follow:  # a scan being followed: its rounds are runs of their own
+            f = live.follow
+            per = f", cost per frame {live.costs[-1][1] / max(f['used'], 1):.4g}" if live.costs else ""
+            state = "scan finished" if f.get("scan_finished") else "scan going on"
+            scan = f"<br>round {f['round'] + 1}: {f['used']} of {f['acquired']} frames acquired in use ({state}){per}"
         title.text = (f"<h2>daskptycho: engine <b>{live.engine}</b>, iteration {live.iteration + 1} of "
-                      f"{live.iterations} done{last}</h2>")
+                      f"{live.iterations} done{last}{scan}</h2>")
 
     update()
     doc.add_periodic_callback(update, 500)

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import xarray as xr
 
-from . import config
+from . import config, dashboard
 from .cluster import connect
 from .engines import engine_options, reconstruct
 from .errors import OptionsError, StreamStalledError
@@ -148,7 +148,11 @@ def _rounds(path, client, kwargs, after, per_round, start_frames, timeout, poll,
             age = (datetime.datetime.now(datetime.UTC) - st.last_commit_utc).total_seconds()
         started = time.monotonic() - t0
 
-        def step(it, cost, first=first):
+        status = {"acquired": frames, "used": frames, "round": len(rounds), "scan_finished": last}
+
+        def step(it, cost, first=first, status=status):
+            if it == 0:  # the round's run has begun (and reset the page): tell it the frames
+                _tell_page(client, status)
             if progress is not None:
                 progress(first + it, cost)
 
@@ -169,12 +173,24 @@ def _rounds(path, client, kwargs, after, per_round, start_frames, timeout, poll,
             on_round({**record, "result": res})
         if last:
             break
-        if stream_state(path).frames_complete == frames:  # nothing new: wait a little before iterating on
+        now = stream_state(path)
+        _tell_page(client, {"acquired": now.frames_complete, "used": frames, "round": len(rounds) - 1, "scan_finished": now.scan_finished})
+        if now.frames_complete == frames:  # nothing new: wait a little before iterating on
             try:
                 wait_for_frames(path, frames + 1, timeout_s=min(timeout, max(poll, 1.0)), poll_s=poll)
             except StreamStalledError:
                 pass
     return _assemble(result, costs, used, rounds, last and not stopped, stopped)
+
+
+def _tell_page(client, status):
+    """The live page's frame counts (the page is optional: a scheduler without it is fine)."""
+    if not config.get("dashboard.live", True):
+        return
+    try:
+        client.run_on_scheduler(dashboard.follow_status, status)
+    except Exception as e:  # noqa: BLE001 - the page is a view; the reconstruction goes on without it
+        log.debug("no live page for the followed scan: %s", e)
 
 
 def _assemble(result, costs, used, rounds, finished, stopped):

@@ -51,6 +51,11 @@ def test_following_a_streamed_scan_matches_the_offline_run(tmp_path, client):
         out, err = writer.communicate(timeout=300)
     assert writer.returncode == 0, err
     assert res.attrs["scan_finished"] and not res.attrs["writer_stopped"]
+    # the live page knows the frames acquired and in use
+    from daskptycho.dashboard import live_state
+
+    page = client.run_on_scheduler(lambda dask_scheduler: live_state(dask_scheduler).follow)
+    assert page["acquired"] == page["used"] == SCAN[0] * SCAN[1] and page["scan_finished"]
     _no_frame_lost_or_repeated(res, SCAN[0] * SCAN[1])
     assert _rounds(res)[-1]["iterations"] == 20
     ds = dp.open_dataset(path)
