@@ -109,6 +109,10 @@ def test_quickstart(kernel_env, tmp_path):
     assert "dask-backed: True" in text
     r = float(re.search(r"phase correlation with the truth: r = ([0-9.]+)", text).group(1))
     assert r > 0.9, text
+    # the streaming section: rounds while the scan goes on, the last over every frame
+    assert re.search(r"round from iteration \d+: \d+ frames, scan finished", text), text
+    r_live = float(re.search(r"followed scan: phase correlation with the truth r = ([0-9.]+)", text).group(1))
+    assert r_live > 0.9, text
     assert images >= 3  # the mean pattern, the phase-vs-truth figure, the cost
     out = tmp_path / "quickstart-output"
     assert "Dask Performance Report" in (out / "quickstart-report.html").read_text()
