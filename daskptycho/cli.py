@@ -173,7 +173,9 @@ def _parser():
     r.add_argument("--partitions", type=_positive_int, metavar="K", help="parts of the scan, dm only (default: one per worker)")
     r.add_argument("--partition", choices=["blocks", "index"],
                    help=f"dm only: spatially contiguous blocks or an even split by index (default: {d('partition')})")
-    r.add_argument("--beta", type=float, help=f"dm only: the difference-map parameter beta, 0 < beta <= 1 (default: {d('beta'):g})")
+    r.add_argument("--beta", type=float, help=f"dm only: the relaxation of the view update, 0 < beta <= 1 (default: {d('beta'):g})")
+    r.add_argument("--view-update", choices=["raar", "dm"],
+                   help=f"dm only: relaxed averaged alternating reflections (no drift on noisy data) or the paper's eq. 3 (default: {d('view_update')})")
     r.add_argument("--cost", choices=["amplitude", "poisson"], help=f"the cost minimised (default: {d('cost')})")
     r.add_argument("--seed", type=int, help=f"random seed of the initial guesses and minibatch orders (default: {d('seed')})")
     rows, cols = d("tiles")
@@ -536,7 +538,7 @@ def _cmd_info(a):
 
 #: reconstruct's flags that are options of :func:`daskptycho.reconstruct` (same names)
 _RECONSTRUCT_OPTIONS = ("engine", "iterations", "batch_size", "slices", "slice_thickness_m", "step", "refine_probe", "probe_modes",
-                        "object_modes", "partitions", "partition", "beta", "cost", "seed", "tiles", "halo", "halo_fraction", "pad_px",
+                        "object_modes", "partitions", "partition", "beta", "view_update", "cost", "seed", "tiles", "halo", "halo_fraction", "pad_px",
                         "workers", "device", "position_correction", "position_correction_start", "position_correction_every",
                         "position_max_shift_px")
 

@@ -27,7 +27,15 @@ class DMOptions(EngineOptions):
     probe_modes : int, "auto" or None
         "auto" grows the modes until the weakest carries under 1% of the power.
     beta : float
-        The difference-map parameter, 0 < beta <= 1 (the paper uses 0.8).
+        The relaxation of the view update, 0 < beta <= 1 (default 0.8): eq. 3's
+        parameter (the paper uses 0.8), and RAAR's.
+    view_update : {"raar", "dm"}
+        How the views are updated (config ``daskptycho.reconstruct.view_update``, default
+        "raar"): "raar", relaxed averaged alternating reflections (Luke 2005: eq. 3
+        plus a pull of the views towards ``P O`` by ``1 - beta``,
+        :func:`~daskptycho.physics.dm.raar_update_views`), which does not drift on
+        noisy data; "dm", the paper's eq. 3, whose error against the truth rises again
+        after about 40 iterations on noisy fly scans (``docs/difference-map.md``).
     object_modes : int
     partitions : int or None
         Parts of the scan (default: one per worker, at most one per position).
@@ -44,6 +52,7 @@ class DMOptions(EngineOptions):
     engine: str = "dm"
     probe_modes: int | str | None = option(lambda n, v: v if v == "auto" else modes(n, v), None)
     beta: float = option(Number(False, 0, closed=False), 0.8)
+    view_update: str = option(Choice(("raar", "dm")), config_key="view_update")
     object_modes: int = option(Number(True, 1), 1)
     partitions: int | None = option(Number(True, 1, none=True), None)
     partition: str = option(Choice(("blocks", "index")), "blocks")
@@ -124,7 +133,7 @@ class DMRun(PinnedRun):
         self.regions = {p: part_region(problem.corners[idx], problem.window) for p, idx in self.units.items()}
         corners = {p: problem.corners[idx] - np.array([self.regions[p][0], self.regions[p][2]]) for p, idx in self.units.items()}
         self.context = dt.DMContext(mask=problem.mask, window=problem.window, corners=corners, regions=self.regions,
-                                    grid_shape=problem.grid.shape, beta=o.beta, regularization=o.regularization, device=o.device,
+                                    grid_shape=problem.grid.shape, beta=o.beta, view_update=o.view_update, regularization=o.regularization, device=o.device,
                                     working_set=(o.working_set_mib, o.working_set_fraction))
         self.views, self.crops, self.updates = {}, {}, []
         self.probe = self.obj = self.mixing = self.ctx = None

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from ..backend import fft2, get_array_module, ifft2, scatter_add
 
-__all__ = ["exit_waves", "fourier_constraint", "dm_update_views", "dm_probe_sums", "dm_object_sums", "dm_partial_sums",
-           "fourier_error", "relative_change"]
+__all__ = ["exit_waves", "fourier_constraint", "dm_update_views", "raar_update_views", "update_views", "VIEW_UPDATES",
+           "overlap_projection", "dm_probe_sums", "dm_object_sums", "dm_partial_sums", "fourier_error", "relative_change"]
 
 
 def exit_waves(probe, obj, index):
@@ -46,6 +46,75 @@ def dm_update_views(psi, probe, obj, index, intensity, mask=None, beta=0.8):
     """Eq. 3: ``psi += beta (F^-1 F_c[2 P O - psi] - P O)``; returns the new views."""
     po = exit_waves(probe, obj, index)
     return psi + beta * (fourier_constraint(2 * po - psi, intensity, mask) - po)
+
+
+def raar_update_views(psi, probe, obj, index, intensity, mask=None, beta=0.8):
+    """Relaxed averaged alternating reflections (Luke 2005) on the views; returns the new views.
+
+    With ``P_O psi = P O`` (the overlap projection: the probe and object fitted to the
+    views, eqs. 5 and 6), ``P_F`` the Fourier projection of eq. 4 and ``R = 2 P - I``::
+
+        psi <- [beta/2 (R_F R_O + I) + (1 - beta) P_O] psi
+             = psi + beta (P_F[2 P O - psi] - P O) - (1 - beta) (psi - P O)
+
+    that is eq. 3 plus a pull of the views towards ``P O`` by ``1 - beta``: the
+    relaxation goes with the projection applied first, as in Luke's
+    ``[beta/2 (R_S R_M + I) + (1 - beta) P_M]``. At ``beta = 1`` it is eq. 3 with
+    ``beta = 1``. On noisy data there is no view both sets hold; eq. 3 then keeps moving
+    the views away from ``P O``, while the pull keeps them near it (measured in
+    ``docs/difference-map.md``). Same transforms as eq. 3: one pair per view.
+
+    Parameters
+    ----------
+    psi : (J, K, L, N, N) complex
+        The views.
+    probe : (K, N, N) complex
+    obj : (L, H, W) complex
+    index : (J, N, N) int
+        Flat object indices of each window.
+    intensity : (J, N, N) real
+        Measured counts, FFT order.
+    mask : (N, N) bool, FFT order, optional
+    beta : float
+        0 < beta <= 1.
+    """
+    po = exit_waves(probe, obj, index)
+    return psi + beta * (fourier_constraint(2 * po - psi, intensity, mask) - po) - (1 - beta) * (psi - po)
+
+
+#: the view updates of engine ``dm``, by the name its ``view_update`` option takes
+VIEW_UPDATES = {"dm": dm_update_views, "raar": raar_update_views}
+
+
+def update_views(psi, probe, obj, index, intensity, mask=None, beta=0.8, kind="dm"):
+    """The view update ``kind`` (a key of :data:`VIEW_UPDATES`): eq. 3 (``"dm"``) or
+    :func:`raar_update_views` (``"raar"``); returns the new views (J, K, L, N, N)."""
+    return VIEW_UPDATES[kind](psi, probe, obj, index, intensity, mask, beta)
+
+
+def overlap_projection(psi, probe, index, obj_shape):
+    """``P_O psi`` for a fixed probe: the object of eq. 6 (no floor) fitted to the views,
+    then its exit waves (eq. 2). An orthogonal projection onto the views of the form
+    ``P O``; object pixels no window touches are zero.
+
+    Parameters
+    ----------
+    psi : (J, K, L, N, N) complex
+    probe : (K, N, N) complex
+    index : (J, N, N) int
+    obj_shape : (L, H, W)
+
+    Returns
+    -------
+    views : (J, K, L, N, N) complex128
+    obj : (L, H, W) complex128
+        The fitted object.
+    """
+    xp = get_array_module(psi)
+    s = dm_object_sums(psi, probe, index, obj_shape)
+    den = s["object_den"]
+    obj = xp.where(den > 0, s["object_num"] / xp.where(den > 0, den, 1.0), 0)
+    return exit_waves(probe.astype(xp.complex128), obj, index), obj
 
 
 def dm_probe_sums(psi, obj, index):

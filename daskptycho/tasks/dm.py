@@ -21,6 +21,8 @@ class DMContext:
     corners : dict ``{part: int array (J_p, 2)}``, window corners relative to the part's region
     regions : dict ``{part: (y0, y1, x0, x1)}``, the object region each part's windows touch
     grid_shape : (H, W) of the whole object
+    beta : float, the relaxation of the view update (0 < beta <= 1)
+    view_update : {"raar", "dm"}, the view update (:data:`daskptycho.physics.dm.VIEW_UPDATES`)
     """
 
     mask: np.ndarray | None
@@ -29,6 +31,7 @@ class DMContext:
     regions: dict
     grid_shape: tuple
     beta: float = 0.8
+    view_update: str = "raar"
     regularization: float = 1e-3
     device: str = "cpu"
     working_set: tuple = (32, 0.25)  # (cap in MiB, fraction of the part's state) per vectorised call
@@ -85,7 +88,7 @@ def crop_object(obj_or_update, region=None, device="cpu"):
 
 def part_step(views, data, probe, crop, mixing, ctx: DMContext, part):
     """One DM view update on a part: Fourier error of the current model, the view
-    update (eq. 3), and the part's sums of eq. 6 (object).
+    update (eq. 3, or RAAR: ``ctx.view_update``), and the part's sums of eq. 6 (object).
 
     Returns a dict: ``views`` (stays on the worker), ``partial`` (travels to the
     reduction: object sums on the part's region), ``error``.
@@ -110,17 +113,17 @@ def part_step(views, data, probe, crop, mixing, ctx: DMContext, part):
         sl = slice(start, start + chunk)
         index = window_index(corners[sl], ctx.window, crop.shape[-2:], xp)
         error += dm.fourier_error(probe, crop, index, data[sl], mask)
-        views[sl] = dm.dm_update_views(views[sl], probe, crop, index, data[sl], mask, ctx.beta)
+        views[sl] = dm.update_views(views[sl], probe, crop, index, data[sl], mask, ctx.beta, ctx.view_update)
         dm.dm_object_sums(views[sl], probe, index, crop.shape, out=sums)
     partial = {k: to_numpy(v) for k, v in sums.items()}
     partial["region"] = ctx.regions[part]
     return {"views": views, "partial": partial, "error": error}
 
 
-def _views_per_launch(views, xp):
-    """Positions per launch of the device kernels: a work array of views of that many
-    positions within the device's memory budget."""
-    per_position = views[0].nbytes + 4 * views.shape[-1] * views.shape[-2]
+def _views_per_launch(views, xp, work_arrays=1):
+    """Positions per launch of the device kernels: ``work_arrays`` work arrays of views of
+    that many positions within the device's memory budget."""
+    per_position = work_arrays * views[0].nbytes + 4 * views.shape[-1] * views.shape[-2]
     return max(1, int(cuda.memory_fraction() * cuda.free_device_bytes(xp) // per_position))
 
 
@@ -128,7 +131,9 @@ def _part_step_device(views, data, probe, crop, mask, ctx: DMContext, part):
     """:func:`part_step` on the GPU: each launch of positions makes ``P O`` and ``2 P O -
     psi`` in one work array, transforms it in place, and updates the views and adds the
     object sums in one kernel (:mod:`daskptycho.physics.cuda`); nothing leaves the device
-    but the Fourier error, read once at the end."""
+    but the Fourier error, read once at the end. RAAR (``ctx.view_update == "raar"``)
+    first moves the views to ``beta psi + (1 - beta) P O`` (a second work array holds
+    ``P O``), so that the kernel's eq. 3 step gives :func:`~daskptycho.physics.dm.raar_update_views`."""
     xp = get_array_module(views)
     views = xp.ascontiguousarray(views)  # after the modes' mixing (einsum) it may be a strided view; the kernels write it flat
     probe = probe.astype(xp.complex64, copy=False)
@@ -138,8 +143,10 @@ def _part_step_device(views, data, probe, crop, mask, ctx: DMContext, part):
     num = xp.zeros(crop.shape, dtype=xp.complex128)
     den = xp.zeros(crop.shape[1:], dtype=xp.float64)
     error = xp.zeros((), dtype=xp.float64)
-    chunk = min(_views_per_launch(views, xp), max(views.shape[0], 1))
+    raar = ctx.view_update == "raar"
+    chunk = min(_views_per_launch(views, xp, 2 if raar else 1), max(views.shape[0], 1))
     work = xp.empty((chunk,) + views.shape[1:], dtype=xp.complex64)
+    po_work = xp.empty_like(work) if raar else None
     for start in range(0, views.shape[0], chunk):
         psi, c, meas = views[start:start + chunk], corners[start:start + chunk], data[start:start + chunk]
         w = work[:psi.shape[0]]
@@ -150,6 +157,11 @@ def _part_step_device(views, data, probe, crop, mask, ctx: DMContext, part):
         w = cuda.fft_unscaled(cuda.dm_views_in(psi, probe, crop, c, w, True), True)
         cuda.dm_fourier(w, meas, mask, False)
         w = cuda.fft_unscaled(w, False)
+        if raar:  # psi + beta (w - P O) from beta psi + (1 - beta) P O is the RAAR update
+            po = cuda.dm_views_in(psi, probe, crop, c, po_work[:psi.shape[0]], False)
+            po *= np.float32(1 - ctx.beta)
+            psi *= np.float32(ctx.beta)
+            psi += po
         cuda.dm_views_out(psi, w, probe, crop, c, ctx.beta, num, den)
     partial = {"object_num": num, "object_den": den, "region": ctx.regions[part]}
     return {"views": views, "partial": partial, "error": float(error)}
