@@ -286,3 +286,163 @@ def test_dm_moves_only_crops_and_region_sums_and_pipelines(image_store, client):
     assert max(per_iteration.values()) <= budget, (per_iteration, budget)
     assert ahead[0] and max(ahead[0]) >= 1 and max(ahead[1]) >= 2, ahead  # it + 1 in flight when it is reported
     assert DMRun.lookahead >= 1
+
+
+# --------------------------------------------------------------------------- the view update: RAAR (issue 17)
+
+def _tiny_views(seed=5, modes=2):
+    """A tiny consistent problem: object (1, 20, 20), probe (modes, 8, 8), 6 windows, views
+    P O plus noise (so that they are not a fixed point), and intensities of the noise-free
+    views."""
+    rng = np.random.default_rng(seed)
+    obj = np.exp(1j * rng.random((1, 20, 20))) * (0.5 + rng.random((1, 20, 20)))
+    probe = rng.standard_normal((modes, 8, 8)) + 1j * rng.standard_normal((modes, 8, 8))
+    corners = np.array([[0, 0], [0, 6], [5, 3], [6, 12], [12, 2], [12, 12]])
+    idx = window_index(corners, (8, 8), (20, 20))
+    po = dm.exit_waves(probe, obj, idx)
+    inten = np.sum(np.abs(np.fft.fft2(po, norm="ortho")) ** 2, axis=(1, 2))
+    psi = po + 0.3 * (rng.standard_normal(po.shape) + 1j * rng.standard_normal(po.shape))
+    return psi, probe, corners, idx, inten
+
+
+def _np_overlap(psi, probe, corners, shape):
+    """An independent P_O for a fixed probe: per-pixel least squares of the object over
+    every window (loops and np.add.at), then its views. Returns (views, object)."""
+    num = np.zeros(shape, np.complex128)
+    den = np.zeros(shape, np.float64)
+    n = probe.shape[-1]
+    for j, (y, x) in enumerate(corners):
+        num[y:y + n, x:x + n] += np.sum(probe.conj() * psi[j, :, 0], axis=0)
+        den[y:y + n, x:x + n] += np.sum(np.abs(probe) ** 2, axis=0)
+    obj = np.where(den > 0, num / np.where(den > 0, den, 1), 0)
+    views = np.stack([probe * obj[y:y + n, x:x + n] for y, x in corners])[:, :, None]
+    return views, obj[None]
+
+
+def _np_fourier(psi, inten):
+    """An independent P_F: the far field's modulus summed over the modes set to the measured one."""
+    far = np.fft.fft2(psi, norm="ortho")
+    total = np.sum(np.abs(far) ** 2, axis=(1, 2), keepdims=True)
+    return np.fft.ifft2(far * np.sqrt(inten[:, None, None] / total), norm="ortho")
+
+
+def _inner(a, b):
+    return np.vdot(a.ravel(), b.ravel())
+
+
+def test_overlap_and_fourier_maps_are_projections():
+    """P_O (eq. 6 then eq. 2, fixed probe) is an orthogonal projection: idempotent and
+    self-adjoint, and the library's equals an independent one; P_F (eq. 4) is idempotent."""
+    psi, probe, corners, idx, inten = _tiny_views()
+    other = _tiny_views(seed=6)[0]
+    p_o, _ = _np_overlap(psi, probe, corners, (20, 20))
+    lib, _ = dm.overlap_projection(psi, probe, idx, (1, 20, 20))
+    np.testing.assert_allclose(lib, p_o, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dm.overlap_projection(lib, probe, idx, (1, 20, 20))[0], lib, rtol=1e-10, atol=1e-12)
+    p_o_other = dm.overlap_projection(other, probe, idx, (1, 20, 20))[0]
+    assert _inner(lib, other) == pytest.approx(_inner(psi, p_o_other), rel=1e-10)  # <P x, y> = <x, P y>
+    assert np.linalg.norm(lib - psi) > 0.1 * np.linalg.norm(psi)  # the noisy views are not in the set
+    p_f = dm.fourier_constraint(psi, inten)
+    np.testing.assert_allclose(p_f, _np_fourier(psi, inten), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dm.fourier_constraint(p_f, inten), p_f, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.8, 1.0])
+def test_raar_update_equals_the_formula(beta):
+    """The view update "raar" is ``[beta/2 (R_F R_O + I) + (1 - beta) P_O] psi`` (R = 2 P - I),
+    from independent NumPy projections; at beta = 1 it is eq. 3 with beta = 1, below it differs."""
+    psi, probe, corners, idx, inten = _tiny_views()
+    p_o, obj = _np_overlap(psi, probe, corners, (20, 20))
+    r_o = 2 * p_o - psi
+    r_f_r_o = 2 * _np_fourier(r_o, inten) - r_o
+    want = beta / 2 * (r_f_r_o + psi) + (1 - beta) * p_o
+    got = dm.raar_update_views(psi, probe, obj, idx, inten, None, beta)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(dm.update_views(psi, probe, obj, idx, inten, None, beta, "raar"), got)
+    plain = dm.dm_update_views(psi, probe, obj, idx, inten, None, beta)
+    if beta == 1.0:
+        np.testing.assert_allclose(got, plain, rtol=1e-12, atol=1e-12)
+    else:
+        assert np.linalg.norm(got - plain) > 1e-3 * np.linalg.norm(plain)
+    # a consistent solution stays put
+    po_true = dm.exit_waves(probe, obj, idx)
+    inten_true = np.sum(np.abs(np.fft.fft2(po_true, norm="ortho")) ** 2, axis=(1, 2))
+    np.testing.assert_allclose(dm.raar_update_views(po_true, probe, obj, idx, inten_true, None, beta), po_true, atol=1e-10)
+
+
+def _part_inputs(view_update, modes=2):
+    psi, probe, corners, idx, inten = _tiny_views(modes=modes)
+    part = (0, 0)
+    ctx = dt.DMContext(mask=None, window=(8, 8), corners={part: corners}, regions={part: (0, 20, 0, 20)}, grid_shape=(20, 20),
+                       view_update=view_update)
+    crop = _np_overlap(psi, probe, corners, (20, 20))[1].astype(np.complex64)
+    return psi.astype(np.complex64), inten.astype(np.float32), probe.astype(np.complex64), crop, ctx, part
+
+
+@pytest.mark.parametrize("view_update", ["raar", "dm"])
+def test_part_step_takes_the_view_update_of_its_context(view_update):
+    """A part's step applies ``ctx.view_update``; "dm" is eq. 3 bit for bit."""
+    views, data, probe, crop, ctx, part = _part_inputs(view_update)
+    idx = window_index(ctx.corners[part], ctx.window, crop.shape[-2:])
+    want = dm.VIEW_UPDATES[view_update](views.copy(), probe, crop, idx, data, None, ctx.beta)
+    got = dt.part_step(views.copy(), data, probe, crop, None, ctx, part)
+    np.testing.assert_array_equal(got["views"], want)
+    sums = dm.dm_object_sums(want, probe, idx, crop.shape)
+    np.testing.assert_allclose(got["partial"]["object_num"], sums["object_num"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("view_update", ["raar", "dm"])
+def test_device_part_step_matches_the_host_one(view_update, monkeypatch):
+    """The GPU part step's arithmetic (the kernels' host fallbacks, 4 positions per launch
+    over 6): RAAR moves the views to beta psi + (1 - beta) P O before the kernel's eq. 3
+    step, which gives the same views and object sums as the host path."""
+    views, data, probe, crop, ctx, part = _part_inputs(view_update)
+    host = dt.part_step(views.copy(), data, probe, crop, None, ctx, part)
+    monkeypatch.setattr(dt, "_views_per_launch", lambda views, xp, work_arrays=1: 4)
+    dev = dt._part_step_device(views.copy(), data, probe, crop, None, ctx, part)
+    scale = np.abs(host["views"]).max()
+    np.testing.assert_allclose(dev["views"], host["views"], atol=1e-5 * scale)
+    np.testing.assert_allclose(dev["partial"]["object_num"], host["partial"]["object_num"], rtol=1e-4,
+                               atol=1e-5 * np.abs(host["partial"]["object_num"]).max())
+    assert dev["error"] == pytest.approx(host["error"], rel=1e-4)
+
+
+def test_view_update_option_defaults_and_refusals():
+    assert engine_options(engine="dm").view_update == "raar"
+    assert engine_options(engine="dm", view_update="dm").view_update == "dm"
+    with pytest.raises(dp.OptionsError, match="view_update"):
+        engine_options(engine="dm", view_update="hio")
+    with pytest.raises(dp.OptionsError, match="view_update"):
+        engine_options(engine="gd", view_update="raar")
+    from daskptycho.cli import _parser
+
+    a = _parser().parse_args(["reconstruct", "in.zarr", "--out", "out.zarr", "--engine", "dm", "--view-update", "dm"])
+    assert a.view_update == "dm"
+
+
+@pytest.fixture(scope="module")
+def noisy_fly_store(tmp_path_factory):
+    """A small fly scan at a low dose (0.1 photons/A^2), where eq. 3 drifts within 60 iterations."""
+    path = tmp_path_factory.mktemp("dm") / "fly-noisy.zarr"
+    dp.write_dataset(dp.simulate(kind="flyscan", scan=(8, 8), detector=32, seed=2, dose=0.1), path)
+    return path
+
+
+def test_raar_does_not_drift_on_noisy_data_and_four_modes_beat_one(noisy_fly_store, client):
+    """Error against the truth at iteration 60 no worse than at 20 with "raar" (1 and 4 modes;
+    4 modes better than 1), where eq. 3 ("dm") with 4 modes rises on the same data."""
+    from daskptycho.metrics import error_map
+
+    ds = dp.open_dataset(noisy_fly_store)
+    pad = int(ds.attrs["recommended_pad_px"])
+
+    def error(n, **kw):
+        res = dp.reconstruct(ds, engine="dm", iterations=n, pad_px=pad, partitions=2, client=client, **kw)
+        return float(error_map(res.object, ds.truth_object, ds.position.values).mean())
+
+    raar = {m: (error(20, probe_modes=m), error(60, probe_modes=m)) for m in (1, 4)}
+    for m, (early, late) in raar.items():
+        assert late <= early + 1e-3, (m, raar)
+    assert raar[4][1] < raar[1][1], raar
+    early, late = error(20, probe_modes=4, view_update="dm"), error(60, probe_modes=4, view_update="dm")
+    assert late > early + 0.01, (early, late)  # the case does show the drift
