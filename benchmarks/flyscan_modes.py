@@ -1,12 +1,14 @@
 """dm on simulated fly-scan data: 1 against 4 probe modes, same iterations.
 
-    python -m benchmarks flyscan_modes [--iterations 20]
+    python -m benchmarks flyscan_modes [--iterations 20] [--view-update raar|dm]
 
 A 16x16 X-ray fly scan (64 px patterns, motion over one 10 px step per exposure,
 5 sub-positions, Poisson noise at the default dose), 2 parts on a 2-worker
 LocalCluster. Reports the mean error against the truth over the scanned field
 (``daskptycho.metrics.error_map``, after the best constant phase), the phase
-correlation, the final Fourier error and the probe power fractions.
+correlation, the final Fourier error and the probe power fractions. ``--view-update``:
+dm's view update (default: the engine's, ``raar``); ``benchmarks/dm_drift.py`` follows
+both over 100 iterations.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from .common import write
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks flyscan_modes")
     p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--view-update", choices=["raar", "dm"], default=None, help="dm's view update (default: the engine's)")
     a = p.parse_args(argv)
 
     from distributed import Client
 
     import daskptycho as dp
     from daskptycho.cluster import local_cluster
+    from daskptycho.engines import engine_options
     from daskptycho.metrics import error_map, phase_correlation
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,9 +47,11 @@ def main(argv=None):
         shifted = np.stack([np.roll(probe, o, axis=1) for o in ds.attrs["flyscan_offsets_px"]])
         true_fractions = orthogonalize_modes(shifted)[1]
         rows = []
+        view_update = a.view_update or engine_options(engine="dm").view_update
         with local_cluster(2) as cl, Client(cl) as c:
             for m in (1, 4):
-                res = dp.reconstruct(ds, engine="dm", iterations=a.iterations, probe_modes=m, pad_px=pad, partitions=2, client=c)
+                res = dp.reconstruct(ds, engine="dm", iterations=a.iterations, probe_modes=m, view_update=view_update, pad_px=pad,
+                                     partitions=2, client=c)
                 r, _ = phase_correlation(res.object, ds.truth_object, ds.position.values)
                 rows.append({"probe_modes": m, "error_vs_truth": float(error_map(res.object, ds.truth_object, ds.position.values).mean()),
                              "phase_pearson_r": r, "fourier_error_first": float(res.cost.values[0]),
@@ -53,7 +59,7 @@ def main(argv=None):
                              "power_fractions": res.probe_power_fraction.values.tolist()})
                 print(rows[-1], flush=True)
     path = write("flyscan_modes", {"dataset": "flyscan 16x16, 64 px, 5 sub-positions over a 10 px step, default dose",
-                                   "iterations": a.iterations, "true_mode_fractions": true_fractions.tolist(), "rows": rows})
+                                   "iterations": a.iterations, "view_update": view_update, "true_mode_fractions": true_fractions.tolist(), "rows": rows})
     print(f"wrote {path}")
 
 

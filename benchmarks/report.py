@@ -565,6 +565,32 @@ def section_positions(d, lines):
     lines += [""]
 
 
+def section_dm_drift(d, lines):
+    """dm over 100 iterations on noisy fly scans, both view updates (benchmarks/dm_drift.py)."""
+    lines += ["## dm on noisy fly scans: error against the truth per iteration (issue 17)", "",
+              f"`{d['command'].strip()}` (`benchmarks/results/dm_drift.json`, {d['machine']['date']}; {_load_line(d)}): "
+              f"{d['dataset']}, {d['partitions']} parts on {d['workers']} workers. Mean `error_map` against the truth over the "
+              "scanned field (after the best constant phase; in brackets after the best complex scale, which the data do not "
+              "fix). `raar` is the default view update, `dm` the paper's eq. 3 (docs/difference-map.md).", "",
+              "| dataset | view update | probe modes | " + " | ".join(f"it {n}" for n in sorted({r['iterations'] for r in d['rows']})) + " |",
+              "|---|---|---|" + "---|" * len({r['iterations'] for r in d['rows']})]
+    its = sorted({r["iterations"] for r in d["rows"]})
+    for label in dict.fromkeys(r["dataset"] for r in d["rows"]):
+        for variant in dict.fromkeys(r["view_update"] for r in d["rows"]):
+            for m in sorted({r["probe_modes"] for r in d["rows"]}):
+                at = {r["iterations"]: r for r in d["rows"] if r["dataset"] == label and r["view_update"] == variant and r["probe_modes"] == m}
+                cells = [f"{at[n]['error_vs_truth']:.4f} ({at[n]['error_after_scale']:.4f})" if n in at else "" for n in its]
+                lines.append(f"| {label} | {variant} | {m} | " + " | ".join(cells) + " |")
+    verdicts = []
+    for s in d["summary"]:
+        if "drifts" in s:
+            verdicts.append(f"{s['view_update']} {s['probe_modes']} mode{'s' if s['probe_modes'] > 1 else ''} at {s['dataset'].split(' (')[0]}: "
+                            f"{'**drifts**' if s['drifts'] else 'no drift'}")
+        else:
+            verdicts.append(f"{s['view_update']} at {s['dataset'].split(' (')[0]}: 4 modes {'beat' if s['four_modes_beat_one'] else '**do not beat**'} 1")
+    lines += ["", "Iteration " + str(its[-1]) + " against 40: " + "; ".join(verdicts) + ".", ""]
+
+
 def section_gpu(d, lines):
     """The GPU section: benchmarks/gpu.py's figures when a GPU run brought them back."""
     lines += ["## 5. GPU", ""]
@@ -653,6 +679,9 @@ def main(argv=None):
     positions = _load("positions")
     if positions:
         section_positions(positions, lines)
+    dm_drift = _load("dm_drift")
+    if dm_drift:
+        section_dm_drift(dm_drift, lines)
     section_gpu(_load("gpu"), lines)
     tmp = DOC + ".tmp"
     with open(tmp, "w") as f:
