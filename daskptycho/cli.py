@@ -158,14 +158,14 @@ def _parser():
     r.add_argument("--refine-probe", action="store_true", default=None,
                    help=f"also refine the probe, from iteration {d('probe_refine_start')} (default: {'on' if d('refine_probe') else 'off'})")
     r.add_argument("--position-correction", action="store_true", default=None,
-                   help=f"ml only: refine the scan positions (each position's cost at its window and one pixel either side; "
+                   help=f"ml and gd: refine the scan positions (each position's cost at its window and one pixel either side; gd: each tile its own; "
                         f"docs/position-correction.md) (default: {'on' if d('position_correction') else 'off'})")
     r.add_argument("--position-correction-start", type=int, metavar="N",
-                   help=f"ml: first iteration (0-based) that refines the positions (default: {d('position_correction_start')})")
+                   help=f"ml/gd: first iteration (0-based) that refines the positions (default: {d('position_correction_start')})")
     r.add_argument("--position-correction-every", type=int, metavar="N",
-                   help=f"ml: iterations between position refinements (default: {d('position_correction_every')})")
+                   help=f"ml/gd: iterations between position refinements (default: {d('position_correction_every')})")
     r.add_argument("--position-max-shift", dest="position_max_shift_px", type=float, metavar="PX",
-                   help="ml: most a position may move from the store's, per axis, in object pixels; about 3x the expected "
+                   help="ml/gd: most a position may move from the store's, per axis, in object pixels; about 3x the expected "
                         f"rms error (default: {d('position_max_shift_px'):g})")
     r.add_argument("--probe-modes", type=_modes, metavar="K", help="incoherent probe modes; dm also takes 'auto' (grow the modes until "
                    "the weakest carries under 1%%) (default: as many as the store's probe guess has, 1 without one)")

@@ -44,9 +44,11 @@ TASKS = {
     "crop-init": Kind("load", "load"), "views-init": Kind("load", "load"),
     "crop-restore": Kind("load", "load"), "views-restore": Kind("load", "load"),
     "dm-object-init": Kind("load", "load"), "dm-object-restore": Kind("load", "load"),
+    "init-positions": Kind("load", "load"), "restore-positions": Kind("load", "load"),
     # gradients and what is taken from them
     "grad": Kind("grad", "grad"), "tile-cost": Kind("grad"), "hve-step": Kind("grad", "hve"),
     "ml-iteration": Kind("grad", "grad", progress=True),
+    "positions": Kind("grad", "grad"),  # a tile refining (or keeping) its own scan positions
     "dm-views": Kind("grad", "grad"), "dm-partial": Kind("grad"), "dm-error": Kind("grad"),
     "dm-state": Kind("grad", "update", progress=True), "dm-probe-partial": Kind("grad", "probe"),
     # exchanges and reductions
@@ -64,6 +66,7 @@ TASKS = {
     # fused iterations (schedule/fuse.py): a worker's tasks of one stage, and one message between workers
     "stage": Kind("grad", "tile"), "pick": Kind("passes"), "stage-body": Kind("load", "load"),
     "checkpoint": Kind("update"), "checkpoint-object": Kind("update"), "checkpoint-probe": Kind("update"),
+    "checkpoint-positions": Kind("update"),
 }
 
 #: Colours of the drawings' classes (:attr:`Kind.drawn_as`).

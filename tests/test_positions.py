@@ -1,9 +1,13 @@
 """Scan-position correction: the per-position cost and its parabolic refinement
-(daskptycho.physics.positions), engine ml recovering known position errors, the options
-(refused by the engines that do not refine positions), checkpoints and the command line."""
+(daskptycho.physics.positions), engines ml and gd (tile-local) recovering known position
+errors, the options (refused by the engines that do not refine positions), checkpoints
+and the command line."""
 
 from __future__ import annotations
 
+import json
+
+import dask
 import numpy as np
 import pytest
 
@@ -175,20 +179,21 @@ def test_ml_without_position_correction_carries_no_positions(image):
 
 # --------------------------------------------------------------------------- options
 
-@pytest.mark.parametrize("engine", ["gd", "hve", "dm"])
+@pytest.mark.parametrize("engine", ["hve", "dm"])
 @pytest.mark.parametrize("key, value", [("position_correction", True), ("position_max_shift_px", 2.0),
                                         ("position_correction_start", 3), ("position_correction_every", 2)])
 def test_engines_without_position_correction_refuse_its_options(engine, key, value):
     with pytest.raises(OptionsError) as e:
         engine_options(engine=engine, **{key: value})
-    assert e.value.parameter == key and "'ml'" in str(e.value)
+    assert e.value.parameter == key and "'gd' and 'ml'" in str(e.value)
 
 
+@pytest.mark.parametrize("engine", ["ml", "gd"])
 @pytest.mark.parametrize("key, value", [("position_correction", "yes"), ("position_max_shift_px", 0), ("position_max_shift_px", -1.0),
                                         ("position_correction_start", -1), ("position_correction_every", 0)])
-def test_bad_position_options_are_refused_by_name(key, value):
+def test_bad_position_options_are_refused_by_name(engine, key, value):
     with pytest.raises(OptionsError) as e:
-        engine_options(engine="ml", **{key: value})
+        engine_options(engine=engine, **{key: value})
     assert e.value.parameter == key
 
 
@@ -236,9 +241,136 @@ def test_cli_position_correction(perturbed_store, tmp_path, capsys):
     assert "position_refined" in res and '"position_max_shift_px": 2.0' in res.attrs["options"]
     assert main(["info", str(out)]) == 0
     capsys.readouterr()
-    assert main(["reconstruct", str(perturbed_store), "--out", str(tmp_path / "g.zarr"), "--engine", "gd", "--position-correction"]) == 2
+    assert main(["reconstruct", str(perturbed_store), "--out", str(tmp_path / "g.zarr"), "--engine", "hve", "--position-correction"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("daskptycho: error: --position-correction") and "'ml'" in err[0], err
+    assert len(err) == 1 and err[0].startswith("daskptycho: error: --position-correction") and "'gd' and 'ml'" in err[0], err
     assert main(["reconstruct", str(perturbed_store), "--out", str(tmp_path / "m.zarr"), "--engine", "ml",
                  "--position-max-shift", "0"]) == 2
     assert "--position-max-shift" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- engine gd: tile-local correction
+
+def test_gd_halos_grow_by_the_margin_and_each_tile_refines_its_own_positions_in_the_graph(image):
+    from daskptycho.engines.gd import context_for, tiling_for
+    from daskptycho.schedule.passes import gd_iteration
+    from daskptycho.tasks import tiles as tt
+
+    for halo in ("probe", "window"):
+        off = tiling_for(prepare(image, engine_options(engine="gd", tiles=(2, 2), halo=halo, halo_fraction=0.9)))
+        on = tiling_for(prepare(image, engine_options(engine="gd", tiles=(2, 2), halo=halo, halo_fraction=0.9, position_correction=True,
+                                                      position_max_shift_px=2.5)))
+        assert tuple(np.subtract(on.halo, off.halo)) == (4, 4)  # ceil(2.5) + 1
+        assert [t.positions.size for t in on] == [t.positions.size for t in off]
+    problem = prepare(image, engine_options(engine="gd", tiles=(2, 2), position_correction=True))
+    tiling = tiling_for(problem)
+    ctx = context_for(problem, tiling)
+    start = problem.grid.pixel_coordinates(problem.positions_m)
+    for t in tiling:  # each tile's context holds its own positions, and its region's origin
+        np.testing.assert_array_equal(ctx.position_start[t.key], start[t.positions])
+        assert ctx.origins[t.key] == (t.extended[0], t.extended[2])
+    states = {t.key: f"state-{t.row}-{t.col}" for t in tiling}
+    data = {t.key: f"data-{t.row}-{t.col}" for t in tiling}
+    plain = gd_iteration(tiling, 3, states, data, "probe", "ctx", tag="x")
+    assert "positions" not in plain.outputs and not any(k[0] == "positions" for k in plain.tasks)
+    assert all(len(v) == 9 for k, v in plain.tasks.items() if k[0] == "grad")  # today's tile_gradient call
+    pos = {t.key: f"positions-{t.row}-{t.col}" for t in tiling}
+    for mode, func in ((0, tt.kept_positions), (1, tt.tile_positions), (2, tt.tile_positions)):
+        g = gd_iteration(tiling, 3, states, data, "probe", "ctx", tag="x", positions=pos, refine_positions=mode)
+        for t in tiling:
+            key = ("positions", 3, *t.key, "x")
+            task = g.tasks[key]
+            assert g.placement[key] == t.key and g.outputs["positions"][t.key] == key and task[0] is func
+            # it reads its own tile's positions, state and patterns only
+            assert task[1:] == (pos[t.key],) if mode == 0 else task[1:4] == (states[t.key], data[t.key], pos[t.key])
+            if mode:
+                assert task[-2:] == (t.key, mode == 2)
+            assert g.tasks[("grad", 3, *t.key, "x")][-1] == key  # the gradient cuts its windows there
+
+
+def test_a_tile_refines_every_position_it_owns_on_its_patch_even_where_windows_reach_past_it(image):
+    from daskptycho.engines.gd import context_for, tiling_for
+    from daskptycho.tasks.tiles import tile_positions
+
+    ds = image
+    problem = prepare(ds, engine_options(engine="gd", tiles=(2, 2), halo_fraction=0.9, position_correction=True))
+    tiling = tiling_for(problem)
+    ctx = context_for(problem, tiling)
+    assert ctx.pads  # narrow probe halos: windows reach past the tiles
+    obj, probe, data = ds["truth_object"].values, ds["truth_probe"].values, load_patterns(ds)
+    m = (problem.grid.shape[0] - obj.shape[1]) // 2
+    big = np.ones((1,) + problem.grid.shape, dtype=np.complex64)
+    big[:, m:m + obj.shape[1], m:m + obj.shape[2]] = obj
+    truth = problem.grid.pixel_coordinates(ds["position"].values)
+    est = truth + np.random.default_rng(5).uniform(-0.45, 0.45, truth.shape)
+    for t in tiling:
+        y0, y1, x0, x1 = t.extended
+        patch = np.ascontiguousarray(big[:, y0:y1, x0:x1])
+        own = t.positions
+        new = est[own]
+        for _ in range(6):
+            new = tile_positions(patch, data[own], new, probe, ctx, t.key, False)
+        assert new.shape == (own.size, 2) and np.isfinite(new).all()
+        assert np.sqrt(np.mean((new - truth[own]) ** 2)) < 0.5 * np.sqrt(np.mean((est[own] - truth[own]) ** 2))
+
+
+def test_gd_recovers_most_of_a_1px_rms_position_error_on_its_tiles_in_both_exchange_modes(image, client):
+    ds, dx = image, image.attrs["pixel_size_m"]
+    bad = perturbed(ds, 1.0, seed=1)  # the ml test's data
+    before = rms_error_px(bad["position"].values, ds["position"].values, dx)
+    kw = dict(engine="gd", tiles=(2, 2), iterations=50, client=client)
+    peer = dp.reconstruct(bad, position_correction=True, **kw)
+    with dask.config.set({"daskptycho.schedule.exchange": "scheduler"}):
+        scheduler = dp.reconstruct(bad, position_correction=True, **kw)
+    for v in ("object", "probe", "cost", "position_refined"):
+        np.testing.assert_array_equal(peer[v].values, scheduler[v].values, err_msg=v)
+    after = rms_error_px(peer["position_refined"].values, ds["position"].values, dx)
+    assert after < 0.3 * before, (before, after)
+    off = dp.reconstruct(bad, **kw)
+    assert "position_refined" not in off
+    err_off, r_off = registered_error(off["object"], ds["truth_object"], ds["position"].values)
+    err_on, r_on = registered_error(peer["object"], ds["truth_object"], ds["position"].values)
+    assert err_on < 0.9 * err_off and r_on > r_off, (err_on, err_off, r_on, r_off)
+
+
+def test_gd_on_one_tile_with_whole_windows_is_ml_with_position_correction(image, client):
+    bad = perturbed(image, 1.0, seed=2)
+    kw = dict(iterations=12, position_correction=True, position_correction_start=3, position_correction_every=2, client=client)
+    ml = dp.reconstruct(bad, engine="ml", **kw)
+    gd = dp.reconstruct(bad, engine="gd", tiles=(1, 1), halo="window", **kw)
+    assert gd.attrs["tiles"] == "1x1" and gd["object"].shape == ml["object"].shape
+    np.testing.assert_allclose(gd["position_refined"].values, ml["position_refined"].values, rtol=0, atol=1e-6 * image.attrs["pixel_size_m"])
+    np.testing.assert_allclose(gd["object"].values, ml["object"].values, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(gd["cost"].values, ml["cost"].values, rtol=1e-6)
+
+
+GD = dict(engine="gd", slices=2, tiles=(2, 2), halo_fraction=0.9, position_correction=True, position_correction_start=1,
+          position_correction_every=2)
+
+
+def test_gd_resume_with_position_correction_is_bit_exact_and_each_tile_keeps_its_own_positions(perturbed_store, client, tmp_path):
+    from daskptycho.engines.gd import tiling_for
+    from daskptycho.io.checkpoint import Checkpoint, read_array
+
+    ds = dp.open_dataset(perturbed_store)
+    whole = dp.reconstruct(ds, iterations=6, client=client, **GD)
+    out = str(tmp_path / "out.zarr")
+    dp.reconstruct(ds, iterations=3, client=client, checkpoint=out, checkpoint_every=3, **GD)
+    rest = dp.reconstruct(ds, iterations=6, client=client, checkpoint=out, resume=True, checkpoint_every=3, **GD)
+    assert rest.attrs["resumed_from_iteration"] == 3
+    for v in ("object", "probe", "cost", "position_refined"):
+        np.testing.assert_array_equal(whole[v].values, rest[v].values, err_msg=v)
+    # narrow probe halos (windows reach past the tiles) and each tile writes exactly the positions it owns
+    problem = prepare(ds, engine_options(**GD))
+    tiling = tiling_for(problem)
+    assert json.loads(whole.attrs["tile_extended"]) == {f"{t.row},{t.col}": list(t.extended) for t in tiling}
+    meta = Checkpoint(out).latest()
+    assert int(meta["completed"]) == 6
+    refined = problem.grid.pixel_coordinates(whole["position_refined"].values)
+    start = problem.grid.pixel_coordinates(ds["position"].values)
+    assert np.abs(refined - start).max() > 0.1  # they moved
+    for t in tiling:
+        held = read_array(meta["group"], f"positions-{t.row}-{t.col}")
+        assert held.shape == (t.positions.size, 2) and held.dtype == np.float64
+        np.testing.assert_allclose(held, refined[t.positions], rtol=0, atol=1e-9)
+    assert np.isfinite(whole["position_refined"].values).all()

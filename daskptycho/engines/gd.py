@@ -13,20 +13,24 @@ from .. import config
 from ..backend import to_host
 from ..errors import OptionsError
 from ..io.checkpoint import read_array, write_array
+from ..physics.positions import position_margin_px
 from ..physics.probe import support_half_widths
 from ..schedule.fuse import Input, Ref, fuse_by_worker, rebind, stage_bodies
 from ..schedule.graph import IterationGraph
 from ..schedule.passes import gd_iteration
 from ..tasks import tiles as tt
+from ..tasks.ml import refines_positions
 from ..tasks.stage import take
+from ..tasks.tiles import window_pads
 from ..tiling import halo_from_metres, make_tiling
-from .options import Number, TiledOptions, boolean, option
+from .ml import result_variables
+from .options import Number, PositionOptions, TiledOptions, boolean, option
 from .problem import Problem
 from .run import PinnedRun, RunOutput, Step
 
 
 @dataclass(kw_only=True)
-class GDOptions(TiledOptions):
+class GDOptions(TiledOptions, PositionOptions):
     """Options of engine ``gd`` (image gradient decomposition).
 
     Attributes
@@ -37,6 +41,11 @@ class GDOptions(TiledOptions):
         exactly full-batch gradient descent.
     passes_per_iteration : int
         Pass rounds per iteration (the paper's T).
+
+    The position-correction options are :class:`~daskptycho.engines.options.PositionOptions`'s:
+    each tile refines the positions it owns on its own extended patch
+    (:func:`~daskptycho.tasks.tiles.tile_positions`), and its halo grows by
+    ``ceil(position_max_shift_px) + 1`` pixels (:func:`tiling_for`).
     """
 
     ENGINE = "gd"
@@ -101,23 +110,28 @@ def halo_for(problem: Problem):
     return tuple(min(n, r + int(np.ceil(spread))) for n, r in zip(need, support))
 
 
+def corrects_positions(problem: Problem):
+    """Whether the run refines the scan positions (gd's ``position_correction``)."""
+    return bool(getattr(problem.options, "position_correction", False))
+
+
 def tiling_for(problem: Problem):
-    """The tile grid of a run: cores over the scanned field, halos from :func:`halo_for`."""
+    """The tile grid of a run: cores over the scanned field, halos from :func:`halo_for`.
+
+    With position correction every halo (``"window"``'s too) grows by
+    ``ceil(position_max_shift_px) + 1`` pixels
+    (:func:`~daskptycho.physics.positions.position_margin_px`), as the object grid does:
+    a position keeps its tile wherever it moves, and the part of its window the halo held
+    before it moved stays inside the tile's extended region (window pixels beyond it are
+    the patch's edge values, as for any window reaching past a probe halo)."""
     o = problem.options
-    return make_tiling(problem.grid, problem.corners, problem.window, o.tiles, halo_for(problem), clip_windows=True)
-
-
-def window_pads(corners_rel, window, shape):
-    """How far windows (corners relative to an extended region of ``shape``) reach past it:
-    ``(top, bottom, left, right)`` pixels, or None when they all lie inside."""
-    if len(corners_rel) == 0:
-        return None
-    ny, nx = window
-    h, w = shape
-    top, left = (max(0, int(-corners_rel[:, a].min())) for a in (0, 1))
-    bottom = max(0, int((corners_rel[:, 0] + ny).max()) - h)
-    right = max(0, int((corners_rel[:, 1] + nx).max()) - w)
-    return (top, bottom, left, right) if top or bottom or left or right else None
+    halo = halo_for(problem)
+    if corrects_positions(problem):
+        ny, nx = problem.window
+        need = (max(ny // 2, ny - ny // 2 - 1), max(nx // 2, nx - nx // 2 - 1)) if halo is None else halo
+        m = position_margin_px(o.position_max_shift_px)
+        halo = (need[0] + m, need[1] + m)
+    return make_tiling(problem.grid, problem.corners, problem.window, o.tiles, halo, clip_windows=True)
 
 
 def context_for(problem: Problem, tiling, tiles=None):
@@ -140,11 +154,18 @@ def context_for(problem: Problem, tiling, tiles=None):
     owned = {t.key: t.positions for t in tiling}
     counted = {k: np.isin(pos, owned[k]) for k, (pos, _) in tiles.items()}
     counted = None if all(c.all() for c in counted.values()) else counted
+    corrections = {}
+    if corrects_positions(problem):
+        # each tile's own positions (the store's, grid pixel coordinates) and its region's origin
+        start = problem.grid.pixel_coordinates(problem.positions_m).astype(np.float64)
+        corrections = dict(origins={k: (int(ext[0]), int(ext[2])) for k, (_, ext) in tiles.items()},
+                           position_start={k: start[pos] for k, (pos, _) in tiles.items()},
+                           position_max_shift_px=float(o.position_max_shift_px))
     return tt.TileContext(
         kernel=problem.kernel, mask=problem.mask, window=problem.window, corners=rel, cost=o.cost,
         working_set=(o.working_set_mib, o.working_set_fraction), step=o.step, probe_step=o.probe_step, regularization=o.regularization,
         eps_per_position=problem.eps_object(1), device=o.device, local_batch=o.batch_size,
-        hve_minibatch=o.engine == "hve" and o.batch_size is not None, counted=counted, pads=pads or None,
+        hve_minibatch=o.engine == "hve" and o.batch_size is not None, counted=counted, pads=pads or None, **corrections,
     )
 
 
@@ -166,14 +187,29 @@ class TiledRun(PinnedRun):
         self.cores = {t.key: _local_core(specs[t.key][1], t.core) for t in tiling}
         self.origins = {t.key: (t.core[0], t.core[2]) for t in tiling}
         self.states, self.probe, self.ctx = {}, None, None
+        # with position correction: each tile's estimates of the positions it owns (float64
+        # (J_t, 2), grid pixel coordinates), a value on its worker threaded through the graph
+        # like its state; never gathered before the end of the run
+        self.corrects, self.positions = corrects_positions(problem), {}
         self._ahead, self.exchange, self._blocks = {}, "scheduler", {}
         super().__init__(drv, problem, source, progress)
 
-    def build_from(self, it, refine, states, probe):
+    def build_from(self, it, refine, states, probe, **positions):
         """The :class:`~daskptycho.schedule.graph.IterationGraph` of iteration ``it`` from
         the tiles' ``states`` and the ``probe`` (futures, keys or
-        :class:`~daskptycho.schedule.fuse.Input` objects)."""
+        :class:`~daskptycho.schedule.fuse.Input` objects); with position correction also
+        the keywords ``positions`` (each tile's, like ``states``) and ``refine_positions``
+        (:meth:`position_mode`)."""
         raise NotImplementedError
+
+    def position_mode(self, it):
+        """What iteration ``it`` does with the positions: 0 keeps them, 1 refines them, 2
+        searches the whole-pixel windows first and refines (the first refinement), as
+        engine ml (:func:`~daskptycho.tasks.ml.refines_positions`)."""
+        o = self.problem.options
+        if not refines_positions(o, it):
+            return 0
+        return 2 if it == o.position_correction_start else 1
 
     def begin(self, meta):
         o, c = self.problem.options, self.drv.client
@@ -196,6 +232,16 @@ class TiledRun(PinnedRun):
                 else:  # each tile reads its own patch: the object never passes through the client
                     self.states[key] = self.drv.submit_pinned(read_array, meta["group"], _tile_name(key), None, o.device, worker=w,
                                                               key=self.key("restore", *key))
+            self.positions = {}
+            for key in self.specs if self.corrects else ():
+                # each tile makes (or reads) its own positions: none pass through the client
+                w = self.workers[key]
+                if meta is None:
+                    self.positions[key] = self.drv.submit_pinned(tt.start_positions, self.ctx, key, worker=w,
+                                                                 key=self.key("init-positions", *key))
+                else:
+                    self.positions[key] = self.drv.submit_pinned(read_array, meta["group"], _positions_name(key), None, "cpu", worker=w,
+                                                                 key=self.key("restore-positions", *key))
 
     def block_of(self, it):
         """The iterations submitted together from ``it``: with peer exchange up to
@@ -220,10 +266,11 @@ class TiledRun(PinnedRun):
         o = self.problem.options
         block = self.block_of(it)
         refine = tuple(o.refine_probe and i >= o.probe_refine_start for i in block)
+        moves = tuple(self.position_mode(i) for i in block) if self.corrects else None
         if self.exchange == "peer" and len(set(self.workers.values())) > 1:
-            return self._peer_step(block, refine)
+            return self._peer_step(block, refine, moves)
         # the block's iterations as one graph: each iteration's graph reads the previous one's keys
-        g, out = self._block_graph(block, refine, self.states, self.probe)
+        g, out = self._block_graph(block, refine, self.states, self.probe, self.positions if self.corrects else None, moves)
         wanted = out["wanted"]
         if not fuse_for(self.workers):
             fut = self.drv.submit_graph(g, self.workers, wanted)
@@ -233,25 +280,31 @@ class TiledRun(PinnedRun):
             got = self._submit_fused(fused, where)
         return self._took(block, out, got)
 
-    def _block_graph(self, block, refine, states, probe):
+    def _block_graph(self, block, refine, states, probe, positions=None, moves=None):
         """The tile graph of ``block``'s iterations (each reading the previous one's keys)
-        from ``states`` and ``probe``, and what comes out of it: ``states`` ({tile: key}),
-        ``costs`` ({iteration: [keys]}), ``probe`` (key, or None without refinement) and
+        from ``states`` and ``probe`` (and with position correction each tile's
+        ``positions``, ``moves`` saying what each iteration does with them), and what comes
+        out of it: ``states`` ({tile: key}), ``costs`` ({iteration: [keys]}), ``probe``
+        (key, or None without refinement), ``positions`` ({tile: key} or None) and
         ``wanted`` (all of those)."""
         g = IterationGraph(tag=self.tag)
         costs, new_probe = {}, None
-        for i, r in zip(block, refine):
-            gi = self.build_from(i, r, states, probe)
+        for n, (i, r) in enumerate(zip(block, refine)):
+            extra = {} if positions is None else {"positions": positions, "refine_positions": moves[n]}
+            gi = self.build_from(i, r, states, probe, **extra)
             g.tasks.update(gi.tasks)
             g.placement.update(gi.placement)
             costs[i] = gi.outputs["costs"]
             states = gi.outputs["states"]
+            if positions is not None:
+                positions = gi.outputs["positions"]
             if r:
                 probe = new_probe = gi.outputs["probe"]
         wanted = [*states.values(), *(c for i in block for c in costs[i])] + ([new_probe] if new_probe is not None else [])
-        return g, {"states": states, "costs": costs, "probe": new_probe, "wanted": wanted}
+        wanted += list(positions.values()) if positions is not None else []
+        return g, {"states": states, "costs": costs, "probe": new_probe, "positions": positions, "wanted": wanted}
 
-    def _peer_step(self, block, refine):
+    def _peer_step(self, block, refine, moves=None):
         """Submit a block with peer exchange. Its fused graph is built once per shape (the
         number of iterations and where the probe is refined) and bound again to each
         later block's inputs (:func:`~daskptycho.schedule.fuse.rebind`): a run's blocks
@@ -259,12 +312,14 @@ class TiledRun(PinnedRun):
         are kept on their workers, so a block's graph is a few small tasks per worker
         whatever the number of tiles."""
         it, rounds = block[0], self.live_rounds
-        shape = (len(block), refine)
+        shape = (len(block), refine, moves)
         inputs = {("state", k): v for k, v in self.states.items()}
         inputs["probe"] = self.probe
+        inputs.update({("positions", k): v for k, v in self.positions.items()})
         channel = f"{self.tag}|{it}"
         if shape not in self._blocks:
-            g, out = self._block_graph(block, refine, {k: Input(("state", k)) for k in self.states}, Input("probe"))
+            positions = {k: Input(("positions", k)) for k in self.positions} if moves is not None else None
+            g, out = self._block_graph(block, refine, {k: Input(("state", k)) for k in self.states}, Input("probe"), positions, moves)
             fused, where = fuse_by_worker(g, it * rounds, self.workers, out["wanted"],
                                           external=lambda x: isinstance(x, Input) or self.drv.is_future(x), channel=channel,
                                           peer_timeout_s=float(config.get("schedule.peer_timeout_s", 300)))
@@ -288,6 +343,8 @@ class TiledRun(PinnedRun):
         """Keep a submitted block's results: the tiles' states, the probe, and a
         :class:`Step` per iteration (the later ones handed out as the run asks for them)."""
         self.states = {k: got[v] for k, v in out["states"].items()}
+        if out.get("positions") is not None:
+            self.positions = {k: got[v] for k, v in out["positions"].items()}
         if out["probe"] is not None:
             self.probe = got[out["probe"]]
         costs = out["costs"]
@@ -296,15 +353,16 @@ class TiledRun(PinnedRun):
         self._ahead = {i: Step(i, [got[k] for k in costs[i]]) for i in block[1:]}
         return Step(block[0], [got[k] for k in costs[block[0]]])
 
-    def _state(self, key):
-        """Tile ``key``'s state as a future (a fused iteration's state is a value inside
-        its worker's stage result: taken out there, by a task on that worker)."""
-        st = self.states[key]
+    def _state(self, key, kind="state"):
+        """Tile ``key``'s state (``kind="positions"``: its positions) as a future (a fused
+        iteration's state is a value inside its worker's stage result: taken out there, by
+        a task on that worker)."""
+        st = (self.positions if kind == "positions" else self.states)[key]
         if not isinstance(st, Ref):
             return st
         self._takes = getattr(self, "_takes", 0) + 1
         return self.drv.submit_pinned(take, st.source, st.name, worker=self.workers[key],
-                                      key=self.key("pick", "state", self._takes, *key))
+                                      key=self.key("pick", kind, self._takes, *key))
 
     def _state_futures(self):
         return {k: self._state(k) for k in self.states}
@@ -318,11 +376,15 @@ class TiledRun(PinnedRun):
         s = self.problem.options.slices
         arrays = {_tile_name(k): ((s, ext[1] - ext[0], ext[3] - ext[2]), np.complex64) for k, (_, ext) in self.specs.items()}
         arrays["probe"] = (self.problem.probe.shape, np.complex64)
+        if self.corrects:  # each tile's own positions, in the order of its patterns
+            arrays.update({_positions_name(k): ((len(pos), 2), np.float64) for k, (pos, _) in self.specs.items()})
         return arrays
 
     def checkpoint_writes(self, path, it):
         writes = [self.drv.submit_pinned(write_array, path, _tile_name(k), self._state(k), worker=self.workers[k],
                                          key=self.key("checkpoint", it, *k)) for k in self.specs]
+        writes += [self.drv.submit_pinned(write_array, path, _positions_name(k), self._state(k, "positions"), worker=self.workers[k],
+                                          key=self.key("checkpoint-positions", it, *k)) for k in self.positions]
         writes.append(self.drv.client.submit(write_array, path, "probe", self.probe, key=self.key("checkpoint-probe", it), pure=False))
         return writes, {}
 
@@ -334,7 +396,14 @@ class TiledRun(PinnedRun):
         cores = {t.key: self.drv.submit_pinned(tt.core_of, self.states[t.key], self.cores[t.key], worker=self.workers[t.key],
                                                key=self.key("core", *t.key)) for t in self.tiling}
         probe = self.drv.client.submit(to_host, self.probe, key=self.key("host", "probe"), pure=False)
-        got = self.drv.results([*cores.values(), probe], self.workers)
+        positions = {k: self._state(k, "positions") for k in self.positions}
+        got = self.drv.results([*cores.values(), *positions.values(), probe], self.workers)
+        variables = {}
+        if self.corrects:  # the tiles' refined positions, in scan order
+            refined = np.full((self.problem.n_positions, 2), np.nan)
+            for k, v in zip(positions, got[len(cores):len(cores) + len(positions)]):
+                refined[self.units[k]] = np.asarray(v)
+            variables = result_variables(self.problem, {"positions": refined})
         # the border no tile holds keeps the starting object (tasks.tiles.initial_patch: ones)
         obj = self.tiling.stitch_cores({k: np.asarray(v) for k, v in zip(cores, got)}, fill=1)
         t = self.tiling
@@ -348,10 +417,10 @@ class TiledRun(PinnedRun):
             "memory": json.dumps(self.memory(self.states)),
             "recoveries": json.dumps(self.recoveries),
         }
-        return RunOutput(obj, np.asarray(got[-1]), self.costs, attrs)
+        return RunOutput(obj, np.asarray(got[-1]), self.costs, attrs, variables)
 
     def drop(self):
-        self.states, self.probe, self.ctx = {}, None, None
+        self.states, self.probe, self.ctx, self.positions = {}, None, None, {}
         self._ahead, self.lookahead, self._blocks = {}, type(self).lookahead, {}
 
 
@@ -363,14 +432,19 @@ class GDRun(TiledRun):
         tiling = tiling_for(problem)
         super().__init__(drv, problem, source, progress, tiling, {t.key: (t.positions, t.extended) for t in tiling})
 
-    def build_from(self, it, refine, states, probe):
+    def build_from(self, it, refine, states, probe, positions=None, refine_positions=0):
         o = self.problem.options
         return gd_iteration(self.tiling, it, states, self.data, probe, self.ctx, rounds=o.passes_per_iteration,
-                            refine_probe=refine, local_updates=o.local_updates, tag=self.tag)
+                            refine_probe=refine, local_updates=o.local_updates, tag=self.tag, positions=positions,
+                            refine_positions=refine_positions)
 
 
 def _tile_name(key):
     return f"tile-{key[0]}-{key[1]}"
+
+
+def _positions_name(key):
+    return f"positions-{key[0]}-{key[1]}"
 
 
 def _local_core(ext, core):

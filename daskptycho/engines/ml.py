@@ -16,7 +16,7 @@ import numpy as np
 from ..io.checkpoint import write_state
 from ..schedule.graph import IterationGraph
 from ..tasks.ml import ml_init, ml_restore, ml_state_on_host, ml_step, state_names
-from .options import EngineOptions, Number, boolean, option
+from .options import Number, PositionOptions, option
 from .problem import Problem
 from .run import PinnedRun, RunOutput, Step
 
@@ -25,7 +25,7 @@ UNIT = (0, 0)
 
 
 @dataclass(kw_only=True)
-class MLOptions(EngineOptions):
+class MLOptions(PositionOptions):
     """Options of engine ``ml`` (the single-task reference).
 
     Attributes
@@ -35,27 +35,14 @@ class MLOptions(EngineOptions):
         None: all of them (full batch, exact gradient descent).
     workers : int or None
         Workers of an embedded cluster: 1 (the run has one unit).
-    position_correction : bool
-        Refine the scan positions (:mod:`daskptycho.physics.positions`): every
-        ``position_correction_every`` iterations from ``position_correction_start``
-        (0-based), each position's cost at its window and +-1 pixel along y and x gives
-        a sub-pixel estimate of where its pattern fits best; windows are cut at the
-        rounded estimates. The object grid gets a margin of
-        ``ceil(position_max_shift_px) + 1`` pixels beyond ``pad_px``.
-    position_correction_start, position_correction_every : int
-        First iteration that refines positions, and iterations between refinements.
-    position_max_shift_px : float
-        Most a position may move from the store's, per axis, object pixels.
+
+    The position-correction options are :class:`~daskptycho.engines.options.PositionOptions`'s.
     """
 
     ENGINE = "ml"
     engine: str = "ml"
     workers: int | None = option(Number(True, 1, none=True), 1)
     batch_size: int | None = option(Number(True, 1, none=True), config_key="batch_size")
-    position_correction: bool = option(boolean, config_key="position_correction")
-    position_correction_start: int = option(Number(True, 0), config_key="position_correction_start")
-    position_correction_every: int = option(Number(True, 1), config_key="position_correction_every")
-    position_max_shift_px: float = option(Number(False, 0, closed=False), config_key="position_max_shift_px")
 
 
 class MLRun(PinnedRun):

@@ -172,6 +172,32 @@ class EngineOptions:
 
 
 @dataclass(kw_only=True)
+class PositionOptions(EngineOptions):
+    """Options of the engines that refine the scan positions (``ml``, ``gd``).
+
+    Attributes
+    ----------
+    position_correction : bool
+        Refine the scan positions (:mod:`daskptycho.physics.positions`): every
+        ``position_correction_every`` iterations from ``position_correction_start``
+        (0-based), each position's cost at its window and +-1 pixel along y and x gives
+        a sub-pixel estimate of where its pattern fits best; windows are cut at the
+        rounded estimates. The object grid gets a margin of
+        ``ceil(position_max_shift_px) + 1`` pixels beyond ``pad_px`` (gd: so does each
+        tile's halo). See docs/position-correction.md.
+    position_correction_start, position_correction_every : int
+        First iteration that refines positions, and iterations between refinements.
+    position_max_shift_px : float
+        Most a position may move from the store's, per axis, object pixels.
+    """
+
+    position_correction: bool = option(boolean, config_key="position_correction")
+    position_correction_start: int = option(Number(True, 0), config_key="position_correction_start")
+    position_correction_every: int = option(Number(True, 1), config_key="position_correction_every")
+    position_max_shift_px: float = option(Number(False, 0, closed=False), config_key="position_max_shift_px")
+
+
+@dataclass(kw_only=True)
 class TiledOptions(EngineOptions):
     """Options of the engines that split the object into tiles pinned to workers.
 

@@ -131,7 +131,8 @@ def round_positions(tiling, rounds):
     return {t.key: np.array_split(np.arange(t.positions.size), rounds) for t in tiling}
 
 
-def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_probe=False, local_updates=False, tag=None):
+def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_probe=False, local_updates=False, tag=None,
+                 positions=None, refine_positions=0):
     """The task graph of one gradient-decomposition iteration (pure: no client).
 
     Parameters
@@ -151,24 +152,42 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
         (Alg. 1, lines 5-9); off: pure batch mode, exactly full-batch gradient descent.
     tag : hashable, optional
         Appended to every key (see :class:`~daskptycho.schedule.graph.IterationGraph`).
+    positions : dict ``{(r, c): key/future/value}``, optional
+        Position correction: each tile's estimates of the positions it owns (float64
+        (J_t, 2), grid pixel coordinates). At the start of the iteration each tile
+        refines them on its own patch, on its own worker (``("positions", s, r, c)``,
+        :func:`~daskptycho.tasks.tiles.tile_positions`), or keeps them
+        (:func:`~daskptycho.tasks.tiles.kept_positions`, so they come out of the same
+        stage as the tile's state); its gradients cut their windows there. None (the
+        default): the store's positions, ``context.corners``, and the graph without them.
+    refine_positions : {0, 1, 2}
+        0 keeps the positions, 1 refines them, 2 searches the whole-pixel windows first.
 
     Returns
     -------
     IterationGraph with outputs ``states`` ({tile: key}), ``probe`` (key or the input),
-    ``costs`` (list of keys, one per round).
+    ``costs`` (list of keys, one per round), ``positions`` ({tile: key} or None).
     """
     g = IterationGraph(tag=tag)
     states = dict(states)
     groups = round_positions(tiling, rounds)
     costs = []
+    where = ()
+    if positions is not None:
+        s = it * rounds
+        positions = {t.key: g.add(("positions", s, *t.key), (
+            tt.tile_positions, states[t.key], data[t.key], positions[t.key], probe, context, t.key, refine_positions == 2)
+            if refine_positions else (tt.kept_positions, positions[t.key]), t.key) for t in tiling}
     for rnd in range(rounds):
         s = it * rounds + rnd
         n_round = int(sum(groups[t.key][rnd].size for t in tiling))
         grads = {}
         for t in tiling:
+            if positions is not None:
+                where = (positions[t.key],)
             grads[t.key] = g.add(("grad", s, *t.key), (
                 tt.tile_gradient, states[t.key], data[t.key], groups[t.key][rnd], probe, context, t.key,
-                refine_probe, local_updates), t.key)
+                refine_probe, local_updates, *where), t.key)
         _, final = accumulate_passes(tiling, s, grads, g)
         tile_costs = [g.add(("tile-cost", s, *t.key), (operator.getitem, grads[t.key], "cost"), t.key) for t in tiling]
         costs.append(g.add(("cost", s), (sum, tile_costs)))
@@ -186,4 +205,6 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
                 tt.tile_update, states[t.key], local, b.base, list(b.strips), b.patches, context, n_round), t.key)
         probe = new_probe
     g.outputs.update(states=states, probe=probe, costs=costs)
+    if positions is not None:
+        g.outputs["positions"] = positions
     return g

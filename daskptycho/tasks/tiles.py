@@ -12,6 +12,8 @@ import numpy as np
 
 from ..backend import array_module, get_array_module, to_numpy
 from ..io.patterns import load_patterns_from_store
+from ..physics.positions import refine_positions, search_positions, window_corners_of
+from .ml import POSITION_STEP
 from .updates import gradient_sum, object_step, object_step_consuming, positions_per_chunk, probe_step, working_set_budget
 
 
@@ -29,6 +31,15 @@ class TileContext:
     counted : dict ``{(r, c): bool array (J_t,)}`` or None
         Which of a tile's positions it owns, where tiles share positions (hve): only
         those count in its cost. None: every tile owns all its positions.
+    origins : dict ``{(r, c): (y0, x0)}`` or None
+        Each tile's extended region's first pixel on the object grid (position
+        correction: the tile's positions are in grid pixel coordinates).
+    position_start : dict ``{(r, c): float64 array (J_t, 2)}`` or None
+        With position correction: the store's probe centres of each tile's positions,
+        grid pixel coordinates (the reference of ``position_max_shift_px``); None: the
+        positions are not refined.
+    position_max_shift_px : float
+        Most a position may move from its ``position_start``, per axis, pixels.
     """
 
     kernel: np.ndarray
@@ -46,6 +57,9 @@ class TileContext:
     hve_minibatch: bool = False
     counted: dict | None = None
     pads: dict | None = None  # {(r, c): (top, bottom, left, right)}: how far the tile's windows reach past it
+    origins: dict | None = None
+    position_start: dict | None = None
+    position_max_shift_px: float = 0.0
 
     def xp(self):
         return array_module(self.device)
@@ -75,8 +89,38 @@ def initial_patch(slices, region, device="cpu", start=None):
     return array_module(device).ones((int(slices), y1 - y0, x1 - x0), dtype=np.complex64)
 
 
-def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_probe, local_updates):
+def window_pads(corners_rel, window, shape):
+    """How far windows (corners relative to an extended region of ``shape``) reach past it:
+    ``(top, bottom, left, right)`` pixels, or None when they all lie inside."""
+    if len(corners_rel) == 0:
+        return None
+    ny, nx = window
+    h, w = shape
+    top, left = (max(0, int(-corners_rel[:, a].min())) for a in (0, 1))
+    bottom = max(0, int((corners_rel[:, 0] + ny).max()) - h)
+    right = max(0, int((corners_rel[:, 1] + nx).max()) - w)
+    return (top, bottom, left, right) if top or bottom or left or right else None
+
+
+def tile_corners(positions, ctx: TileContext, tile, shape):
+    """The window corners of a tile's refined ``positions`` (float64 (J_t, 2), grid pixel
+    coordinates) relative to its extended region of ``shape`` (h, w), and how far they
+    reach past it (:func:`window_pads`; the corners are then relative to the region padded
+    by that much), as :func:`~daskptycho.engines.gd.context_for` makes them for the
+    store's positions."""
+    rel = window_corners_of(positions, ctx.window) - np.asarray(ctx.origins[tile], dtype=np.int64)
+    pad = window_pads(rel, ctx.window, shape)
+    if pad is not None:
+        rel = rel + np.array([pad[0], pad[2]])
+    return rel, pad
+
+
+def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_probe, local_updates, positions=None):
     """Gradient buffer of one tile's positions ``local`` (indices into its patterns).
+
+    ``positions``: with position correction, the tile's refined probe centres (float64
+    (J_t, 2), grid pixel coordinates; :func:`tile_positions`): the windows are cut at
+    their rounded values instead of ``ctx.corners``.
 
     Returns a dict with ``object`` and ``illumination`` (the buffer, (S, h, w)),
     ``cost``, and with ``refine_probe`` the probe gradient parts; with
@@ -86,13 +130,16 @@ def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_prob
     kernel = xp.asarray(ctx.kernel)
     mask = None if ctx.mask is None else xp.asarray(ctx.mask)
     probe = xp.asarray(probe)
-    corners = ctx.corners[tile]
+    if positions is None:
+        corners = ctx.corners[tile]
+        pad = None if ctx.pads is None else ctx.pads.get(tile)
+    else:
+        corners, pad = tile_corners(positions, ctx, tile, state.shape[-2:])
     local = np.asarray(local, dtype=np.int64)
     budget = working_set_budget(state.nbytes + data.nbytes, *ctx.working_set)
     chunk = positions_per_chunk(ctx.window, state.shape[0], probe.shape[0], budget)
 
     counted = None if ctx.counted is None else ctx.counted[tile]
-    pad = None if ctx.pads is None else ctx.pads.get(tile)
 
     def gsum(obj, sel):
         if pad is None:
@@ -125,6 +172,73 @@ def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_prob
         total = gsum(state, local)
     total["local_object"] = obj
     return total
+
+
+def start_positions(ctx: TileContext, tile):
+    """A tile's starting probe-centre estimates: the store's (float64 (J_t, 2), grid pixel
+    coordinates), made on the tile's worker from the context."""
+    return np.array(ctx.position_start[tile], dtype=np.float64)
+
+
+def kept_positions(positions):
+    """The tile's positions unchanged (an iteration that does not refine them: the block's
+    positions then come out of the same stage as its states)."""
+    return positions
+
+
+def tile_positions(state, data, positions, probe, ctx: TileContext, tile, search):
+    """One refinement of a tile's own positions on its own extended patch (its state).
+
+    The same arithmetic as engine ml's (:func:`~daskptycho.tasks.ml.refine_ml_positions`):
+    with ``search`` (the first refinement) every whole-pixel window within
+    ``position_max_shift_px`` first (:func:`~daskptycho.physics.positions.search_positions`),
+    then the parabolic step (:func:`~daskptycho.physics.positions.refine_positions`). The
+    windows are cut from the patch padded with its edge values where they reach past it,
+    the object :func:`tile_gradient` uses there, so every position the tile owns is
+    refined, and keeps its tile wherever it moves.
+
+    Parameters
+    ----------
+    state : complex array (S, h, w), the tile's extended patch
+    data : real array (J_t, N, N), the tile's patterns (FFT order)
+    positions : float64 array (J_t, 2), the current estimates (grid pixel coordinates)
+    probe : complex array (K, N, N)
+    search : bool, search the whole-pixel windows first
+
+    Returns
+    -------
+    float64 array (J_t, 2), the refined estimates (grid pixel coordinates, host memory)
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    if positions.shape[0] == 0:
+        return positions.copy()
+    xp = get_array_module(state)
+    origin = np.asarray(ctx.origins[tile], dtype=np.float64)
+    est = positions - origin
+    start = np.asarray(ctx.position_start[tile], dtype=np.float64) - origin
+    max_shift = float(ctx.position_max_shift_px)
+    radius = int(np.ceil(max_shift))
+    reach = radius if search else 1
+    rel = window_corners_of(est, ctx.window)
+    s, h, w = state.shape
+    ny, nx = ctx.window
+    top, left = (max(0, reach - int(rel[:, a].min())) for a in (0, 1))
+    bottom = max(0, int(rel[:, 0].max()) + reach + ny - h)
+    right = max(0, int(rel[:, 1].max()) + reach + nx - w)
+    obj = state
+    if top or bottom or left or right:  # as tile_gradient: the object beyond the patch is its edge
+        obj = xp.pad(state, ((0, 0), (top, bottom), (left, right)), mode="edge")
+    shift = np.array([top, left], dtype=np.float64)
+    est, start = est + shift, start + shift
+    kernel = xp.asarray(ctx.kernel)
+    mask = None if ctx.mask is None else xp.asarray(ctx.mask)
+    probe = xp.asarray(probe)
+    budget = working_set_budget(state.nbytes + data.nbytes, *ctx.working_set)
+    chunk = positions_per_chunk(ctx.window, s, probe.shape[0], budget)
+    if search:
+        est = search_positions(obj, probe, kernel, data, est, start, radius, mask, ctx.cost, max_shift, chunk=chunk)
+    est = refine_positions(obj, probe, kernel, data, est, start, mask, ctx.cost, max_shift, step=POSITION_STEP, chunk=chunk)
+    return est - shift + origin
 
 
 def _overlap(a, b):
