@@ -1,4 +1,4 @@
-"""Scan-position correction in engine ml: known random position errors, recovered.
+"""Scan-position correction in engines ml and gd: known random position errors, recovered.
 
     python -m benchmarks positions [--iterations 50] [--seeds 3] [--scan 16]
 
@@ -15,6 +15,14 @@ the grid of perturbed positions lies a fraction of a pixel off the truth's latti
 the time in this process (no cluster). Then the design's ablation at 1 px rms: without
 the first refinement's whole-pixel search, and with the continuous mean shift removed
 after every refinement (what Pty-Chi and PtychoShelves do by default).
+
+Then engine gd (2x2 tiles, each refining its own positions on its own patch) on a 2-worker
+LocalCluster at 1 px rms, the same draws: on the test image (whose probe-support halos
+are whole windows), and on a narrow-probe scan of it (``semiangle_rad=2.5e-3``,
+``defocus_m=20e-6``, ``halo_fraction=0.99``: windows reach past the tiles, where the
+patch's edge values stand in) beside ml on the same draws; the first draw also with
+``daskptycho.schedule.exchange: scheduler``, which must give the same bits as the default
+peer exchange. gd's time is the whole ``reconstruct`` call on the cluster.
 """
 
 from __future__ import annotations
@@ -86,6 +94,64 @@ def _run(ds, bad, iterations, **kw):
     return out
 
 
+def _run_gd(ds, bad, client, iterations, exchange=None, **kw):
+    import dask
+
+    import daskptycho as dp
+
+    cfg = {"daskptycho.schedule.exchange": exchange} if exchange else {}
+    t0 = time.perf_counter()
+    with dask.config.set(cfg):
+        res = dp.reconstruct(bad, engine="gd", tiles=(2, 2), iterations=iterations, client=client, **kw)
+    seconds = time.perf_counter() - t0
+    err, r, shift = _registered(res["object"], ds["truth_object"], ds["position"].values)
+    out = {"seconds": seconds, "object_error": err, "phase_pearson_r": r, "registration_px": list(shift),
+           "final_cost": float(res["cost"].values[-1]), "halo_px": list(res.attrs["halo_px"])}
+    if "position_refined" in res:
+        out["rms_after_px"] = _rms_px(res["position_refined"].values, ds["position"].values, ds.attrs["pixel_size_m"])
+    return out, res
+
+
+def _gd_rows(ds, a):
+    """gd with and without correction at 1 px rms on the test image and a narrow-probe scan of it."""
+    import hashlib
+
+    from distributed import Client
+
+    import daskptycho as dp
+    from daskptycho.cluster import local_cluster
+
+    def digest(res):
+        return hashlib.sha256(b"".join(res[v].values.tobytes() for v in ("object", "probe", "cost", "position_refined"))).hexdigest()[:16]
+
+    narrow = dp.simulate(kind="image", scan=(a.scan, a.scan), detector=64, max_angle_rad=7.75e-3, semiangle_rad=2.5e-3, defocus_m=20e-6)
+    cases = (("image", ds, {}), ("narrow probe", narrow, {"halo_fraction": 0.99}))
+    rows = []
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        _run_gd(ds, ds, client, 2, position_correction=True, position_correction_start=0)  # warm the workers up
+        for label, data, kw in cases:
+            dx = data.attrs["pixel_size_m"]
+            for seed in range(1, a.seeds + 1):
+                bad = _perturbed(data, 1.0, seed)
+                before = _rms_px(bad["position"].values, data["position"].values, dx)
+                row = {"dataset": label, "rms_px": 1.0, "seed": seed, "rms_before_px": before, **kw}
+                row["gd_off"], _ = _run_gd(data, bad, client, a.iterations, **kw)
+                row["gd_on"], res = _run_gd(data, bad, client, a.iterations, position_correction=True, **kw)
+                row["gd_on"]["recovered"] = 1 - row["gd_on"]["rms_after_px"] / before
+                if label != "image":  # ml on the same draw (the image's are in the rows above)
+                    row["ml_off"] = _run(data, bad, a.iterations)
+                    row["ml_on"] = _run(data, bad, a.iterations, position_correction=True)
+                    row["ml_on"]["recovered"] = 1 - row["ml_on"]["rms_after_px"] / before
+                if seed == 1:
+                    sched, other = _run_gd(data, bad, client, a.iterations, exchange="scheduler", position_correction=True, **kw)
+                    row["scheduler_exchange_seconds"] = sched["seconds"]
+                    row["scheduler_exchange_bit_identical"] = digest(other) == digest(res)
+                rows.append(row)
+                print({k: (v if not isinstance(v, dict) else {x: v[x] for x in ("object_error", "rms_after_px", "seconds") if x in v})
+                       for k, v in row.items()}, flush=True)
+    return rows
+
+
 def _variant(name):
     """Replace ml's refinement by an ablated one (``None``: the shipped method); returns the undo."""
     import daskptycho.tasks.ml as tml
@@ -149,9 +215,10 @@ def main(argv=None):
             ablation.append({"variant": name, "seed": seed, "rms_before_px": before, "rms_after_px": on["rms_after_px"],
                              "recovered": 1 - on["rms_after_px"] / before, "object_error": on["object_error"]})
             print(ablation[-1], flush=True)
+    gd = _gd_rows(ds, a)
     path = write("positions", {
         "dataset": f"image {a.scan}x{a.scan}, 64 px patterns, 4 px step, noise-free; Gaussian position errors per coordinate",
-        "iterations": a.iterations, "seeds": a.seeds, "rows": rows, "ablation": ablation,
+        "iterations": a.iterations, "seeds": a.seeds, "rows": rows, "ablation": ablation, "gd": gd,
         "loadavg_start": load0, "loadavg_end": os.getloadavg(),
         "command": "python -m benchmarks positions " + " ".join(argv or [])})
     print(f"wrote {path}")

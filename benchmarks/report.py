@@ -535,7 +535,7 @@ def section_follow(d, lines):
 
 
 def section_positions(d, lines):
-    """Scan-position correction in ml (benchmarks/positions.py)."""
+    """Scan-position correction in ml and gd (benchmarks/positions.py)."""
     lines += ["## Scan-position correction (issue 17)", "",
               f"`{d['command'].strip()}` (`benchmarks/results/positions.json`, {d['machine']['date']}; {_load_line(d)}): "
               f"{d['dataset']}; ml full batch, {d['iterations']} iterations, in one process, without and with "
@@ -563,6 +563,23 @@ def section_positions(d, lines):
         errors = ", ".join(format(a["object_error"], ".4f") for a in rows)
         lines.append(f"| {v} | {recovered} | {errors} |")
     lines += [""]
+    if d.get("gd"):
+        ml = {r["seed"]: r["on_max_shift_3"] for r in d["rows"] if r["rms_px"] == 1.0 and "on_max_shift_3" in r}
+        lines += ["Engine gd, 2x2 tiles on a 2-worker LocalCluster, each tile refining the positions it owns on its own patch "
+                  "(docs/position-correction.md), at 1 px rms (the same draws), max shift 3; ml's recovery on the same draw "
+                  "beside it. `narrow probe`: a probe much smaller than its window (`halo_fraction=0.99`: windows reach past "
+                  "the tiles). Time: the whole `reconstruct` call, off / on.", "",
+                  "| dataset | seed | halo px (on) | before (px) | after (px) | recovered | ml recovered | object error off / on | "
+                  "s off / on | scheduler exchange |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in d["gd"]:
+            off, on = r["gd_off"], r["gd_on"]
+            m = r.get("ml_on") or ml.get(r["seed"])
+            same = r.get("scheduler_exchange_bit_identical")
+            sched = "" if same is None else f"{'same bits' if same else '**differs**'}, {r['scheduler_exchange_seconds']:.1f} s"
+            lines.append(f"| {r['dataset']} | {r['seed']} | {on['halo_px'][0]} | {r['rms_before_px']:.3f} | {on['rms_after_px']:.3f} | "
+                         f"{on['recovered']:.0%} | {format(m['recovered'], '.0%') if m else ''} | "
+                         f"{off['object_error']:.4f} / {on['object_error']:.4f} | {off['seconds']:.1f} / {on['seconds']:.1f} | {sched} |")
+        lines += [""]
 
 
 def section_dm_drift(d, lines):
