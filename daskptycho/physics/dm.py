@@ -79,7 +79,15 @@ def raar_update_views(psi, probe, obj, index, intensity, mask=None, beta=0.8):
         0 < beta <= 1.
     """
     po = exit_waves(probe, obj, index)
-    return psi + beta * (fourier_constraint(2 * po - psi, intensity, mask) - po) - (1 - beta) * (psi - po)
+    # in place: no more view-sized temporaries than eq. 3 (the chunks are sized for those)
+    new = fourier_constraint(2 * po - psi, intensity, mask)
+    new -= po
+    new *= beta
+    new += psi
+    pull = psi - po
+    pull *= 1 - beta
+    new -= pull
+    return new
 
 
 #: the view updates of engine ``dm``, by the name its ``view_update`` option takes
