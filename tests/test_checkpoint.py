@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -110,3 +111,19 @@ def test_cli_checkpoint_every_and_resume(small_pbtio3, tmp_path, capsys):
     res = dp.open_result(out)
     assert res.sizes["iteration"] == 3 and res.attrs["resumed_from_iteration"] == 2
     assert Checkpoint(out).latest()["completed"] == 3
+
+
+def test_a_checkpoint_of_an_older_version_resumes_when_new_options_keep_their_defaults():
+    # options added since the checkpoint was made are not in its record: left at their
+    # defaults (what the older version did) they pass; set otherwise they are named
+    from daskptycho.engines import engine_options
+    from daskptycho.io.checkpoint import check_resume
+
+    defaults = dataclasses.asdict(engine_options(engine="gd"))
+    older = {k: v for k, v in defaults.items() if k != "position_correction"}
+    meta = {"engine": "gd", "completed": 2, "options": json.dumps(older, default=str)}
+    check_resume(meta, dict(defaults, iterations=5), "gd", "ck.zarr", defaults=defaults)
+    with pytest.raises(dp.OptionsError, match="'position_correction'"):
+        check_resume(meta, dict(defaults, iterations=5, position_correction=True), "gd", "ck.zarr", defaults=defaults)
+    with pytest.raises(dp.OptionsError, match="'position_correction'"):  # without the defaults: strict, as before
+        check_resume(meta, dict(defaults, iterations=5), "gd", "ck.zarr")

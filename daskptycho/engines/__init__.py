@@ -119,7 +119,8 @@ def _checkpoint_start(opts):
         ck.clear()
         return None
     meta = ck.latest()
-    check_resume(meta, dataclasses.asdict(opts), opts.engine, opts.checkpoint)
+    check_resume(meta, dataclasses.asdict(opts), opts.engine, opts.checkpoint,
+                 defaults=dataclasses.asdict(engine_options(engine=opts.engine)))
     if not opts.checkpoint_every:  # go on checkpointing as the interrupted run did
         opts.checkpoint_every = int(meta["options"].get("checkpoint_every") or 0)
     ck.prune()

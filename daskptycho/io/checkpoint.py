@@ -246,7 +246,7 @@ def read_state(group, names, device="cpu"):
 
 # ---------------------------------------------------------------------- resuming
 
-def check_resume(meta, options, engine, store):
+def check_resume(meta, options, engine, store, defaults=None):
     """Check a checkpoint against the options of the run that resumes it.
 
     Parameters
@@ -254,6 +254,10 @@ def check_resume(meta, options, engine, store):
     meta : dict or None, :meth:`Checkpoint.latest`
     options : dict, every option of the resuming run
     engine : str
+    defaults : dict, optional
+        The engine's option defaults: an option the checkpoint does not record (made by
+        an older daskptycho) passes when the run leaves it at its default, which is
+        what that version did.
 
     Raises
     ------
@@ -268,8 +272,11 @@ def check_resume(meta, options, engine, store):
     current = _jsonable(options)
     if meta.get("engine") != engine:
         raise OptionsError("engine", f"the checkpoint in {store} is of engine {meta.get('engine')!r}, this run {engine!r}; resume with the same engine")
+    defaults = _jsonable(defaults or {})
     for key in sorted(set(stored) | set(current)):
         if key in RESUMABLE:
+            continue
+        if key not in stored and key in defaults and current.get(key) == defaults[key]:
             continue
         if stored.get(key) != current.get(key):
             raise OptionsError(key, f"is {current.get(key)!r} but the checkpoint in {store} was made with {stored.get(key)!r}; "
