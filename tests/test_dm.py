@@ -446,3 +446,14 @@ def test_raar_does_not_drift_on_noisy_data_and_four_modes_beat_one(noisy_fly_sto
     assert raar[4][1] < raar[1][1], raar
     early, late = error(20, probe_modes=4, view_update="dm"), error(60, probe_modes=4, view_update="dm")
     assert late > early + 0.01, (early, late)  # the case does show the drift
+
+
+def test_a_checkpoint_made_before_view_update_resumes_only_with_eq_3():
+    from daskptycho.engines.dm import check_resume_view_update
+
+    older = {"options": json.dumps({"engine": "dm", "beta": 0.8})}
+    check_resume_view_update(older, "dm")
+    with pytest.raises(dp.OptionsError, match="view_update.*'dm'"):
+        check_resume_view_update(older, "raar")
+    check_resume_view_update({"options": json.dumps({"view_update": "raar"})}, "raar")
+    check_resume_view_update(None, "raar")

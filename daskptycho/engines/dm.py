@@ -97,6 +97,32 @@ def partition_positions(problem: Problem, k, how="blocks"):
     return parts
 
 
+def check_resume_view_update(meta, view_update):
+    """Refuse to resume with another view update than the checkpoint's.
+
+    A checkpoint records its options; one made before ``view_update`` existed was made
+    by eq. 3 (``"dm"``), though the default is now ``"raar"``, so it resumes only with
+    ``view_update="dm"``.
+
+    Parameters
+    ----------
+    meta : dict or None
+        The checkpoint's attributes (:func:`~daskptycho.engines.run.resume_meta`); None: not resuming.
+    view_update : str
+        The resuming run's.
+    """
+    if meta is None:
+        return
+    stored = meta.get("options") or {}
+    if isinstance(stored, str):
+        stored = json.loads(stored)
+    made_with = stored.get("view_update", "dm")
+    if made_with != view_update:
+        raise OptionsError("view_update", f"is {view_update!r} but the checkpoint was made with {made_with!r}"
+                           f"{' (the paper eq. 3: it predates the option)' if 'view_update' not in stored else ''}; "
+                           f"resume with view_update={made_with!r}")
+
+
 def part_region(corners, window):
     """The object region ``(y0, y1, x0, x1)`` a part's windows (top-left ``corners``, (J, 2),
     of shape ``window``) touch: its crop of the object."""
@@ -124,6 +150,7 @@ class DMRun(PinnedRun):
     def __init__(self, drv, problem, source, progress=None):
         o = problem.options
         meta = resume_meta(problem)
+        check_resume_view_update(meta, o.view_update)
         # a resumed run keeps the checkpoint's partitions (its views are per part)
         k = o.partitions or (int(meta["partitions"]) if meta else min(len(drv.worker_addresses), problem.n_positions))
         self.parts_idx = partition_positions(problem, k, o.partition)
