@@ -98,6 +98,16 @@ def _one_rate(client, tmp, rate, scan, chunk, iterations_after, per_round):
     }
 
 
+def highest_kept_up(rows):
+    """The highest rate up to which every rate measured kept up (None if the slowest did not)."""
+    best = None
+    for r in sorted(rows, key=lambda r: r["rate_hz"]):
+        if not r["keeps_up"]:
+            break
+        best = r["rate_hz"]
+    return best
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks follow")
     ap.add_argument("--rates", default="25,50,100,200,400", help="acquisition rates, frames per second")
@@ -118,8 +128,7 @@ def main(argv=None):
             row = _one_rate(client, tmp, rate, args.scan, args.chunk, args.iterations_after, args.round_iterations)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
-    kept = [r["rate_hz"] for r in rows if r["keeps_up"]]
-    path = write("follow", {"rows": rows, "highest_rate_kept_up_hz": max(kept) if kept else None,
+    path = write("follow", {"rows": rows, "highest_rate_kept_up_hz": highest_kept_up(rows),
                             "loadavg_start": load0, "loadavg_end": os.getloadavg(),
                             "command": "python -m benchmarks follow " + " ".join(argv or [])})
     print(path)

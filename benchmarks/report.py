@@ -528,7 +528,7 @@ def section_follow(d, lines):
                      f"{r['delay_iterations_median']:.0f}, {r['delay_iterations_max']} | {'yes' if r['keeps_up'] else 'no'} | "
                      f"{r['phase_correlation_follow']:.3f} / {r['phase_correlation_offline']:.3f} |")
     kept = d.get("highest_rate_kept_up_hz")
-    lines += ["", f"Highest rate kept up here: **{kept:g} frames/s** (after the first round, 95% of the frames in use within two rounds "
+    lines += ["", f"Highest rate up to which every rate measured kept up here: **{kept:g} frames/s** (after the first round, 95% of the frames in use within two rounds "
               "of their commit, and at least 75% of the scan in the live image before the scan ended). The first round waits until "
               "the frames reach every tile (a raster's first rows do not)." if kept else
               "No rate measured was kept up.", ""]
