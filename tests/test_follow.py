@@ -83,13 +83,18 @@ def test_a_reader_started_before_the_first_frame_waits_for_it(tmp_path, client):
     _no_frame_lost_or_repeated(got["res"], SCAN[0] * SCAN[1])
 
 
-def test_a_writer_that_stops_gives_the_result_so_far(tmp_path, client):
-    path = tmp_path / "stopped.zarr"
+def _stopped_writer(path, frames, chunk):
+    """A store whose writer committed ``frames`` frames and stopped without finishing."""
     sim = _simulation()
-    w = open_writer(path, like=sim, chunk_frames=32, n_frames=sim.sizes["scan"])
-    w.append(sim.intensity.values[:96], sim.position.values[:96])
+    w = open_writer(path, like=sim, chunk_frames=chunk, n_frames=sim.sizes["scan"])
+    w.append(sim.intensity.values[:frames], sim.position.values[:frames])
     w.flush()
     w.close()  # not finished: no more commits or heartbeats
+
+
+def test_a_writer_that_stops_gives_the_result_so_far(tmp_path, client):
+    path = tmp_path / "stopped.zarr"
+    _stopped_writer(path, 96, 32)
     res = dp.follow(str(path), engine="ml", iterations_after=5, round_iterations=2, client=client, timeout_s=2)
     assert res.attrs["writer_stopped"] and not res.attrs["scan_finished"]
     assert res["frames_used"].values[-1] == 96
@@ -98,11 +103,7 @@ def test_a_writer_that_stops_gives_the_result_so_far(tmp_path, client):
 
 def test_a_damaged_committed_chunk_is_named(tmp_path, client):
     path = tmp_path / "damaged.zarr"
-    sim = _simulation()
-    w = open_writer(path, like=sim, chunk_frames=64, n_frames=sim.sizes["scan"])
-    w.append(sim.intensity.values[:128], sim.position.values[:128])
-    w.flush()
-    w.close()
+    _stopped_writer(path, 128, 64)
     chunk = sorted((path / "intensity" / "c").rglob("*"))
     victim = [p for p in chunk if p.is_file()][0]
     victim.write_bytes(victim.read_bytes()[:10])  # a truncated chunk file
