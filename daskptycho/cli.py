@@ -610,6 +610,14 @@ def _follow_store(a, kw, follow_kw, cluster_options):
     if "checkpoint" in kw:
         raise OptionsError("checkpoint_every", "is not available with --follow (each round starts from the last)")
     follow_kw.setdefault("iterations_after", kw.get("iterations"))
+    if a.pad_px is None:  # as without --follow: the store's recommended margin, once the writer has made the store
+        from . import config
+        from .io.stream import open_frames, wait_for_frames
+
+        wait_for_frames(a.store, 1, timeout_s=follow_kw.get("timeout_s", config.get("follow.timeout_s", 60)))
+        attrs = open_frames(a.store, 0, 0, check_values=False).attrs
+        if "recommended_pad_px" in attrs:
+            kw["pad_px"] = int(attrs["recommended_pad_px"])
 
     def said(r):
         if not a.quiet:

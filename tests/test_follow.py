@@ -138,3 +138,16 @@ def test_start_continues_a_run_exactly(tmp_path, client):
         np.testing.assert_array_equal(rest.cost.values, whole.cost.values[2:])
     with pytest.raises(OptionsError, match="start"):
         dp.reconstruct(ds, engine="ml", iterations=1, client=client, start=first, slices=2, slice_thickness_m=1e-6)
+
+
+def test_the_command_line_follows_a_finished_store_in_one_round(tmp_path):
+    # an ordinary (finished) store: one round of --iterations-after, the store's recommended margin as without --follow
+    store, out = tmp_path / "fly.zarr", tmp_path / "r.zarr"
+    dp.write_dataset(dp.simulate(kind="flyscan", scan=(6, 6), detector=16), store)
+    r = subprocess.run([sys.executable, "-m", "daskptycho", "reconstruct", str(store), "--out", str(out), "--follow", "--engine", "ml",
+                        "--iterations-after", "3", "--workers", "1", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "1 rounds, 36 frames" in r.stdout and "the scan finished" in r.stdout
+    res = dp.open_result(out)
+    assert json.loads(res.attrs["options"])["pad_px"] == dp.open_dataset(store).attrs["recommended_pad_px"]
+    assert res.sizes["iteration"] == 3 and bool(res.attrs["scan_finished"])
