@@ -53,27 +53,6 @@ def _rms_px(position_m, truth_m, dx):
     return float(np.sqrt(np.mean(d ** 2)))
 
 
-def _registered(obj, truth, position, reach=3):
-    """(mean error_map, phase correlation, shift) at the best whole-pixel registration."""
-    from daskptycho.metrics import error_map, phase_correlation
-
-    dx = float(truth.y[1] - truth.y[0])
-    y0, x0 = float(truth.y[0]), float(truth.x[0])
-    y = y0 + np.rint((obj.y.values - y0) / dx) * dx
-    x = x0 + np.rint((obj.x.values - x0) / dx) * dx
-    best = None
-    for a in range(-reach, reach + 1):
-        for b in range(-reach, reach + 1):
-            o = obj.assign_coords(y=y + a * dx, x=x + b * dx)
-            try:
-                e = float(error_map(o, truth, position).mean())
-            except KeyError:  # shifted beyond the result's grid
-                continue
-            if best is None or e < best[0]:
-                best = (e, phase_correlation(o, truth, position)[0], (a, b))
-    return best
-
-
 def _run(ds, bad, iterations, **kw):
     from daskptycho.engines import engine_options
     from daskptycho.engines.ml import positions_in_metres, run_ml_state
@@ -86,7 +65,9 @@ def _run(ds, bad, iterations, **kw):
     state, costs = run_ml_state(problem, data)
     seconds = time.perf_counter() - t0
     res = result_dataset(problem, state["object"], state["probe"], costs, bad)
-    err, r, shift = _registered(res["object"], ds["truth_object"], ds["position"].values)
+    from daskptycho.metrics import registered_error
+
+    err, r, shift = registered_error(res["object"], ds["truth_object"], ds["position"].values)
     dx = ds.attrs["pixel_size_m"]
     out = {"seconds": seconds, "object_error": err, "phase_pearson_r": r, "registration_px": list(shift), "final_cost": costs[-1]}
     if "positions" in state:
@@ -104,7 +85,9 @@ def _run_gd(ds, bad, client, iterations, exchange=None, **kw):
     with dask.config.set(cfg):
         res = dp.reconstruct(bad, engine="gd", tiles=(2, 2), iterations=iterations, client=client, **kw)
     seconds = time.perf_counter() - t0
-    err, r, shift = _registered(res["object"], ds["truth_object"], ds["position"].values)
+    from daskptycho.metrics import registered_error
+
+    err, r, shift = registered_error(res["object"], ds["truth_object"], ds["position"].values)
     out = {"seconds": seconds, "object_error": err, "phase_pearson_r": r, "registration_px": list(shift),
            "final_cost": float(res["cost"].values[-1]), "halo_px": list(res.attrs["halo_px"])}
     if "position_refined" in res:

@@ -63,6 +63,37 @@ def error_map(obj: xr.DataArray, truth: xr.DataArray, position, margin_m=0.0):
     return err
 
 
+def registered_error(obj: xr.DataArray, truth: xr.DataArray, position, reach=3):
+    """Mean :func:`error_map` and :func:`phase_correlation` at the best whole-pixel
+    registration of ``obj`` on ``truth``.
+
+    A scan's common translation is free (the object moves with it) and the grid of a
+    reconstruction from perturbed (or refined) positions lies a fraction of a pixel off the
+    truth's lattice: the result's pixels are put on the truth's lattice, then shifted by up to
+    ``reach`` pixels each way, and the shift of least error is kept.
+
+    Returns
+    -------
+    (error, correlation, (dy, dx)) : float, float, (int, int) pixels; None if no shift
+    leaves the scanned field inside the result.
+    """
+    dx = float(truth.y[1] - truth.y[0])
+    y0, x0 = float(truth.y[0]), float(truth.x[0])
+    y = y0 + np.rint((obj.y.values - y0) / dx) * dx
+    x = x0 + np.rint((obj.x.values - x0) / dx) * dx
+    best = None
+    for a in range(-reach, reach + 1):
+        for b in range(-reach, reach + 1):
+            o = obj.assign_coords(y=y + a * dx, x=x + b * dx)
+            try:
+                e = float(error_map(o, truth, position).mean())
+            except KeyError:  # shifted beyond the result's grid
+                continue
+            if best is None or e < best[0]:
+                best = (e, phase_correlation(o, truth, position)[0], (a, b))
+    return best
+
+
 def seam_ratio(result, truth: xr.DataArray, position, width_px=2):
     """Reconstruction error within ``width_px`` of internal tile borders divided by
     the error elsewhere, over the scanned field (1 = no seams).

@@ -18,7 +18,7 @@ from daskptycho.engines.ml import positions_in_metres, run_ml_state
 from daskptycho.engines.problem import prepare, result_dataset
 from daskptycho.errors import OptionsError
 from daskptycho.io.patterns import load_patterns
-from daskptycho.metrics import error_map, phase_correlation
+from daskptycho.metrics import registered_error as metrics_registered_error
 from daskptycho.physics.positions import (
     STENCIL,
     parabolic_minimum,
@@ -49,28 +49,9 @@ def rms_error_px(position_m, truth_m, dx):
     return float(np.sqrt(np.mean(d ** 2)))
 
 
-def registered_error(obj, truth, position, reach=2):
-    """Mean :func:`error_map` and phase correlation at the best whole-pixel registration.
-
-    A scan's common translation is free (the object moves with it) and the object grid of
-    perturbed positions lies a fraction of a pixel off the truth's lattice: the result's
-    pixels are put on the truth's lattice, then shifted by up to ``reach`` pixels.
-    """
-    dx = float(truth.y[1] - truth.y[0])
-    y0, x0 = float(truth.y[0]), float(truth.x[0])
-    y = y0 + np.rint((obj.y.values - y0) / dx) * dx
-    x = x0 + np.rint((obj.x.values - x0) / dx) * dx
-    best = None
-    for a in range(-reach, reach + 1):
-        for b in range(-reach, reach + 1):
-            o = obj.assign_coords(y=y + a * dx, x=x + b * dx)
-            try:
-                e = float(error_map(o, truth, position).mean())
-            except KeyError:  # shifted beyond the result's grid
-                continue
-            if best is None or e < best[0]:
-                best = (e, phase_correlation(o, truth, position)[0])
-    return best
+def registered_error(obj, truth, position):
+    """Mean error and phase correlation at the best whole-pixel registration (metrics)."""
+    return metrics_registered_error(obj, truth, position, reach=2)[:2]
 
 
 # --------------------------------------------------------------------------- the physics
@@ -374,3 +355,14 @@ def test_gd_resume_with_position_correction_is_bit_exact_and_each_tile_keeps_its
         assert held.shape == (t.positions.size, 2) and held.dtype == np.float64
         np.testing.assert_allclose(held, refined[t.positions], rtol=0, atol=1e-9)
     assert np.isfinite(whole["position_refined"].values).all()
+
+
+def test_registered_error_finds_a_whole_pixel_shift():
+    # the truth itself, its coordinates moved by 2 pixels: registration finds the shift back
+    ds = dp.simulate(kind="image", scan=(8, 8), detector=32)
+    truth = ds["truth_object"]
+    dx = float(truth.y[1] - truth.y[0])
+    moved = truth.assign_coords(y=truth.y + 2 * dx)
+    err, r, shift = metrics_registered_error(moved, truth, ds["position"].values, reach=3)
+    assert shift == (-2, 0) and err < 1e-6 and r > 0.9999
+    assert metrics_registered_error(moved, truth, ds["position"].values, reach=1)[0] > 1e-3  # out of reach
