@@ -678,27 +678,13 @@ def main(argv=None):
                   "benchmarks/peers/.venv/bin/python benchmarks/peers/ptychi_vs_daskptycho.py`.", ""]
     if scaling:
         section_scaling(scaling, lines)
-    many = _load("many_tiles")
-    if many:
-        section_many_tiles(many, lines)
-    halos = _load("halos")
-    if halos:
-        section_halos(halos, lines)
-    default_run = _load("default_run")
-    if default_run:
-        section_default_run(default_run, lines)
-    wave_memory = _load("wave_memory")
-    if wave_memory:
-        section_wave_memory(wave_memory, lines)
-    follow = _load("follow")
-    if follow:
-        section_follow(follow, lines)
-    positions = _load("positions")
-    if positions:
-        section_positions(positions, lines)
-    dm_drift = _load("dm_drift")
-    if dm_drift:
-        section_dm_drift(dm_drift, lines)
+    # the sections of benchmarks that have run, in this order
+    for name, section in (("many_tiles", section_many_tiles), ("halos", section_halos), ("default_run", section_default_run),
+                          ("wave_memory", section_wave_memory), ("follow", section_follow), ("positions", section_positions),
+                          ("dm_drift", section_dm_drift)):
+        d = _load(name)
+        if d:
+            section(d, lines)
     section_gpu(_load("gpu"), lines)
     tmp = DOC + ".tmp"
     with open(tmp, "w") as f:
