@@ -508,7 +508,8 @@ def _describe(path):
     if "geometry_reason" in at:
         lines.append(f"  geometry decided: {at['geometry_reason']}")
     if geometry == "near-field":
-        lines.append("  note: the engines here model far-field diffraction; 'reconstruct' refuses near-field data")
+        lines.append("  note: near-field data: engines ml, gd and hve reconstruct it with a Fresnel propagation to the detector "
+                     "(dm refuses it); see docs/near-field.md")
     for key, label in (("detector_distance_m", "detector distance"), ("detector_pixel_size_m", "detector pixel"),
                        ("source_distance_m", "source-sample distance"), ("effective_distance_m", "effective distance")):
         if key in at:
@@ -733,7 +734,8 @@ def _cmd_import(a):
     write_dataset(ds, a.out, overwrite=a.overwrite)
     print(f"wrote {a.out}: {ds.sizes['scan']} patterns of {ds.sizes['ky']}x{ds.sizes['kx']} from {a.input} ({fmt})")
     if ds.attrs.get("geometry") == "near-field":
-        print(f"near-field data (Fresnel number {ds.attrs['fresnel_number']:.3g}): kept for exchange; the engines here model far-field diffraction")
+        print(f"near-field data (Fresnel number {ds.attrs['fresnel_number']:.3g}): reconstruct it with engine ml or gd "
+              "(a Fresnel propagation to the detector; see docs/near-field.md)")
 
 
 def _cmd_export(a):

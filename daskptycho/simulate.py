@@ -8,6 +8,15 @@ patterns of several sub-positions (see :func:`flyscan_offsets`); Poisson noise b
 default. Every kind writes the ground truth (``truth_object`` on the reconstruction
 grid, and ``truth_probe``) into the same store.
 
+Near field (``geometry="near-field"``, kind ``image`` only): the exit wave goes to the
+detector by the Fresnel propagation over ``distance_m`` (default: a pixel Fresnel
+number ``dx^2 / (lambda z)`` of 0.1, about that of the PETRA III P25 data) instead of a
+Fourier transform; the probe is a broad beam filling the window with a smooth random
+phase and amplitude structure (as a near-field beam's optics and diffuser give it), on
+the pixel ``dx = lambda / (2 max_angle_rad)``. The store records ``geometry``,
+``effective_distance_m``, ``magnification`` (1: a plane wave) and the Fresnel numbers,
+as :func:`daskptycho.io.cxi.read_cxi` does.
+
 Fly-scan motion model
 ---------------------
 With a scan step of ``s = rint(step_m / dx)`` pixels and ``n = flyscan_subpositions``,
@@ -39,7 +48,7 @@ from .io.store import build_dataset
 from .io.stream import check_rate, replay
 from .options import check_options
 
-__all__ = ["SimulationOptions", "simulate", "simulate_stream", "pbtio3_potential", "flyscan_offsets"]
+__all__ = ["SimulationOptions", "simulate", "simulate_stream", "pbtio3_potential", "flyscan_offsets", "near_field_beam"]
 
 # Projected-potential peak phase of one atom (rad, at 200 keV) is set so a Pb atom
 # gives ~0.35 rad; lighter atoms scale as Z**0.75 (roughly the Z dependence of
@@ -73,6 +82,8 @@ class SimulationOptions:
     jitter_m: float = 0.0           # rms random error of the positions
     seed: int = 0
     flyscan_subpositions: int | None = None  # flyscan: sub-positions per exposure (default 5)
+    geometry: str = "far-field"     # or "near-field" (kind "image" only): Fresnel propagation to the detector
+    distance_m: float | None = None  # near field: sample-detector distance (default: pixel Fresnel number 0.1)
 
     def __post_init__(self):
         self.scan = tuple(int(v) for v in np.broadcast_to(np.asarray(self.scan), (2,)))
@@ -93,6 +104,12 @@ class SimulationOptions:
             self.flyscan_subpositions = int(n)
         elif self.flyscan_subpositions is not None:
             raise OptionsError("flyscan_subpositions", f"only applies to kind='flyscan' (kind is {self.kind!r})")
+        if self.geometry not in ("far-field", "near-field"):
+            raise OptionsError("geometry", f"got {self.geometry!r}; expected 'far-field' or 'near-field'")
+        if self.geometry == "near-field" and self.kind != "image":
+            raise OptionsError("geometry", f"'near-field' is simulated for kind='image' only (kind is {self.kind!r})")
+        if self.distance_m is not None and (self.geometry != "near-field" or not self.distance_m > 0):
+            raise OptionsError("distance_m", f"got {self.distance_m!r}; expected a positive number, with geometry='near-field' only")
         if min(self.scan) < 1:
             raise OptionsError("scan", f"got {self.scan}; expected at least 1x1 positions")
         if self.detector < 8 or self.detector % 2:
@@ -241,7 +258,12 @@ def simulate(options: SimulationOptions | dict | None = None, **kw):
         absorption = np.repeat(-np.log(amp2d)[None] / opts.slices, opts.slices, axis=0)
     truth = np.exp(1j * phase - absorption).astype(np.complex64)
 
-    probe = physics.aperture_probe(window, dx, lam, opts.semiangle_rad, opts.defocus_m, opts.cs_m)
+    near = opts.geometry == "near-field"
+    if near:
+        distance = opts.distance_m or dx * dx / (0.1 * lam)
+        probe = near_field_beam(window, rng)
+    else:
+        probe = physics.aperture_probe(window, dx, lam, opts.semiangle_rad, opts.defocus_m, opts.cs_m)
     if opts.dose is not None:
         scale = opts.dose * (opts.step_m * 1e10) ** 2  # particles per pattern
     else:
@@ -249,6 +271,8 @@ def simulate(options: SimulationOptions | dict | None = None, **kw):
     probe = physics.probe_modes(probe, opts.probe_modes, seed=opts.seed) * np.float32(np.sqrt(scale))
 
     kernel = physics.fresnel_kernel(window, dx, lam, opts.slice_thickness_m)
+    if near:  # the detector's Fresnel propagation travels with the slice kernel
+        kernel = physics.propagation.propagators(kernel, physics.propagation.detector_kernel(window, dx, lam, distance))
     from .tasks.updates import positions_per_chunk
 
     chunk = positions_per_chunk(window, opts.slices, opts.probe_modes, 64)
@@ -269,10 +293,17 @@ def simulate(options: SimulationOptions | dict | None = None, **kw):
         "probe_defocus_m": opts.defocus_m,
         "probe_cs_m": opts.cs_m,
         "probe_modes": opts.probe_modes,
-        "geometry": "far-field",
+        "geometry": opts.geometry,
         "simulation": opts.kind,
         "simulation_options": repr(dataclasses.asdict(opts)),
     }
+    if near:
+        from .radiation import fresnel_number
+
+        attrs.update({"effective_distance_m": float(distance), "detector_distance_m": float(distance), "magnification": 1.0,
+                      "fresnel_number": fresnel_number(n * dx, lam, distance), "fresnel_number_pixel": fresnel_number(dx, lam, distance)})
+        for key in ("probe_semiangle_rad", "probe_defocus_m", "probe_cs_m"):  # not what formed this probe
+            attrs.pop(key)
     if opts.kind == "flyscan":
         attrs.update({
             "flyscan_subpositions": int(offsets_px.size),
@@ -288,6 +319,39 @@ def simulate(options: SimulationOptions | dict | None = None, **kw):
         pixel_size_m=dx, truth_object=truth, truth_probe=probe, truth_grid=grid,
         slice_thickness_m=opts.slice_thickness_m, attrs=attrs,
     )
+
+
+def near_field_beam(window, rng, phase_rad=1.0, amplitude_contrast=0.2, width_px=None):
+    """A near-field illumination: a broad beam filling ``window`` with a smooth random
+    phase (rms ``phase_rad``) and amplitude (rms ``amplitude_contrast``) structure on a
+    super-Gaussian envelope (FWHM about 85% of the window), ``sum |P|^2 = 1``.
+
+    Parameters
+    ----------
+    window : (int, int)
+        (N_y, N_x), pixels.
+    rng : numpy.random.Generator
+    width_px : float, optional
+        Correlation length of the structure, pixels (default: N / 8).
+
+    Returns
+    -------
+    complex64 array (N_y, N_x)
+    """
+    from scipy import ndimage
+
+    ny, nx = window
+    width = width_px or max(ny, nx) / 8
+
+    def smooth():
+        f = ndimage.gaussian_filter(rng.normal(size=window), width, mode="wrap")
+        return f / (f.std() + 1e-30)
+
+    yy, xx = np.meshgrid((np.arange(ny) - ny // 2) / (0.425 * ny), (np.arange(nx) - nx // 2) / (0.425 * nx), indexing="ij")
+    envelope = np.exp(-np.log(2) * (yy ** 2 + xx ** 2) ** 3)
+    probe = envelope * (1 + amplitude_contrast * smooth()) * np.exp(1j * phase_rad * smooth())
+    probe /= np.sqrt(np.sum(np.abs(probe) ** 2))
+    return probe.astype(np.complex64)
 
 
 def simulate_stream(path, rate_hz, *, chunk_frames=None, overwrite=False, progress=None, options: SimulationOptions | dict | None = None, **kw):

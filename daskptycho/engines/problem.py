@@ -34,12 +34,15 @@ class Problem:
     positions_m: np.ndarray          # (J, 2)
     corners: np.ndarray              # (J, 2) int, window top-left on the grid
     probe: np.ndarray                # (K, N, N) complex64, initial
-    kernel: np.ndarray               # (N, N) complex64, Fresnel kernel between slices
+    kernel: np.ndarray               # (N, N) complex64, Fresnel kernel between slices; near field (2, N, N):
+                                     # that and the detector transfer function stacked (physics.propagation.propagators)
     mask: np.ndarray | None          # (N, N) bool, FFT order
     slice_thickness_m: float
     wavelength_m: float
     mean_counts: float               # mean total counts per pattern
     start_object: np.ndarray | None = None  # (S or L, H, W) complex64 on ``grid``: the starting object (None: ones)
+    geometry: str = "far-field"      # or "near-field": the store's ``geometry``
+    detector_kernel: np.ndarray | None = None  # near field: (N, N) complex64, detector transfer function (FFT order)
 
     @property
     def n_positions(self):
@@ -92,9 +95,13 @@ def fast_axis_step(positions_m, pixel_size_m):
     return axis, float(np.median(d[:, axis]))
 
 
-def _initial_probe(ds, opts, window, dx, lam, mean_counts):
+def _initial_probe(ds, opts, window, dx, lam, mean_counts, detector=None, mask=None):
     if "probe" in ds:
         probe = np.asarray(ds["probe"].values, dtype=np.complex64)
+    elif detector is not None:  # near field: from the measured frames (see docs/near-field.md)
+        mean = ds["intensity"].mean("scan")
+        mean = np.fft.ifftshift(np.asarray(mean.compute() if hasattr(mean.data, "compute") else mean, dtype=np.float64))
+        probe = physics.probe.near_field_probe(mean, detector, mask, NEAR_FIELD_PROBE)[None]
     else:
         need = ("probe_semiangle_rad", "probe_defocus_m")
         for a in need:
@@ -123,16 +130,71 @@ def _initial_probe(ds, opts, window, dx, lam, mean_counts):
     return probe.astype(np.complex64)
 
 
+# The initial probe of a near-field store without a stored probe: "backpropagated" (the
+# mean measured amplitude propagated back to the sample) or "flat" (see
+# physics.probe.near_field_probe); chosen on the PETRA III P25 data (docs/near-field.md).
+NEAR_FIELD_PROBE = "backpropagated"
+
+
+def near_field_options(ds, opts):
+    """The options of a run on a near-field store (``geometry == "near-field"``): checked,
+    and with what the near-field model needs switched on.
+
+    - ``dm`` is refused (its model is far-field only).
+    - ``gd``/``hve``: the near-field probe fills its window, so the halos hold whole
+      windows: ``halo="probe"`` becomes ``"window"``; a ``halo_m`` narrower than half a
+      window is refused.
+    - Without a ``probe`` in the store the initial probe is a guess from the frames
+      (:func:`~daskptycho.physics.probe.near_field_probe`): ``refine_probe`` is turned on
+      (from ``probe_refine_start``).
+
+    Returns
+    -------
+    EngineOptions
+        ``opts`` itself when nothing changes, else a changed copy.
+
+    Raises
+    ------
+    OptionsError
+        ``engine="dm"``; ``halo_m`` narrower than half a window.
+    DatasetError
+        No ``effective_distance_m`` attribute.
+    """
+    if opts.engine == "dm":
+        raise OptionsError("engine", "is 'dm', whose difference-map model is far-field only, and this store is near-field "
+                           "(geometry attribute): reconstruct it with engine='ml' or engine='gd'")
+    z = ds.attrs.get("effective_distance_m")
+    if z is None or not np.isfinite(float(z)) or float(z) <= 0:
+        raise DatasetError("attrs.effective_distance_m", f"is {z!r}: a near-field store needs the effective sample-detector "
+                           "distance (metres; z2 / M for a cone beam); import the data with 'daskptycho import' (read_cxi), "
+                           "which records it, or set the attribute")
+    changes = {}
+    if isinstance(opts, TiledOptions):
+        ny, nx = ds["intensity"].shape[-2:]
+        need = (max(ny // 2, ny - ny // 2 - 1), max(nx // 2, nx - nx // 2 - 1))
+        if opts.halo_m is not None:
+            got = halo_from_metres(opts.halo_m, float(ds.attrs["pixel_size_m"]))
+            if got[0] < need[0] or got[1] < need[1]:
+                raise OptionsError("halo_m", f"gives halos of {got} pixels; a near-field probe fills its {ny}x{nx} window, so "
+                                   f"the halos must hold whole windows ({need} pixels): leave halo_m unset (halo='window' "
+                                   "is then chosen) or pass at least {:.3g} m".format(max(need) * float(ds.attrs["pixel_size_m"])))
+        elif opts.halo != "window":
+            changes["halo"] = "window"
+    if "probe" not in ds and not opts.refine_probe:
+        changes["refine_probe"] = True
+    return dataclasses.replace(opts, **changes) if changes else opts
+
+
 def prepare(ds, options, start=None) -> Problem:
     """Validate options against the dataset and compute the fixed geometry.
 
     ``start``: a result (:func:`result_dataset`) whose object and probe start the run
-    (:func:`start_from`)."""
+    (:func:`start_from`). A near-field store (``geometry == "near-field"``) gets the
+    near-field detector propagation and the options of :func:`near_field_options`."""
     opts = options
-    if ds.attrs.get("geometry") == "near-field":
-        raise DatasetError("geometry", "is 'near-field' (Fresnel number {:.3g}): the engines here model far-field diffraction "
-                           "(exit wave to detector by a Fourier transform) and would need a Fresnel propagator to the detector; "
-                           "reconstruct far-field data only".format(float(ds.attrs.get("fresnel_number", float("nan")))))
+    near = ds.attrs.get("geometry") == "near-field"
+    if near:
+        opts = near_field_options(ds, opts)
     dx = float(ds.attrs["pixel_size_m"])
     lam = float(ds.attrs["wavelength_m"])
     n_scan, ny, nx = ds["intensity"].shape
@@ -162,12 +224,18 @@ def prepare(ds, options, start=None) -> Problem:
         raise DatasetError("intensity", "all patterns are zero; expected measured counts")
     if mask is not None:
         mean_counts *= ny * nx / max(int(mask.sum()), 1)
-    probe = _initial_probe(ds, opts, window, dx, lam, mean_counts)
+    detector = None
+    if near:  # Fresnel scaling: the plane-wave propagation over z2 / M on the demagnified pixel
+        detector = physics.propagation.detector_kernel(window, dx, lam, float(ds.attrs["effective_distance_m"]))
+    probe = _initial_probe(ds, opts, window, dx, lam, mean_counts, detector, mask)
     kernel = physics.fresnel_kernel(window, dx, lam, thickness)
+    if near:
+        kernel = physics.propagation.propagators(kernel, detector)
     start_object = None
     if start is not None:
         start_object, probe = start_from(start, grid, probe, opts.object_modes if opts.engine == "dm" else opts.slices)
-    return Problem(opts, grid, window, positions, corners, probe, kernel, mask, float(thickness), lam, mean_counts, start_object)
+    return Problem(opts, grid, window, positions, corners, probe, kernel, mask, float(thickness), lam, mean_counts, start_object,
+                   "near-field" if near else "far-field", detector)
 
 
 def start_from(result, grid, probe, layers):
@@ -251,6 +319,8 @@ def result_dataset(problem: Problem, obj, probe, costs, ds, extra_attrs=None, ex
         "slice_thickness_m": problem.slice_thickness_m,
         "mean_counts_per_pattern": problem.mean_counts,
     })
+    if problem.geometry == "near-field":
+        out.attrs["geometry"] = problem.geometry
     for name, var in (extra_vars or {}).items():
         out[name] = var
     out.attrs.update(extra_attrs or {})

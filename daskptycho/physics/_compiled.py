@@ -281,7 +281,8 @@ def propagate_window(psi, obj_s, cy, cx, out, plan_f, plan_b, k_fwd):
 
 @_jit
 def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, ws, poisson,
-                       g_obj, illum, probe_g, probe_il, with_probe, plan_f, plan_b, inc, wave, counts, interval):
+                       g_obj, illum, probe_g, probe_il, with_probe, plan_f, plan_b, inc, wave, counts, interval,
+                       near, d_fwd, d_adj):
     """Cost and gradients of the multislice model, summed over positions, one position at
     a time: its waves (K, N_y, N_x) stay in cache through every FFT.
 
@@ -297,6 +298,11 @@ def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, 
     segment's; the backward pass recomputes each earlier segment's other waves from its
     checkpoint (the same operations, so the same bits) before its adjoint. ``inc`` needs
     ``max(ceil(S / c) - 1 + c - 1, 1)`` slots (``max(S - 1, 1)`` for c = 1; c in [1, S - 1]).
+
+    ``near``: near-field detector: the exit wave goes to the detector by ``IFFT(d_fwd
+    FFT(.))`` and the gradient comes back by ``IFFT(d_adj FFT(.))`` (``d_fwd``, ``d_adj``
+    (N_y, N_x): the detector transfer function and its conjugate, each times 1/(N_y N_x);
+    then s2 = 1, ws = 2); far field (False): ``d_fwd``, ``d_adj`` are not read.
     Returns the float64 cost.
     """
     n_slices = obj.shape[0]
@@ -322,7 +328,14 @@ def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, 
             psi = nxt
         mul_window(psi, obj[n_slices - 1], cy, cx, wave)
         transform(plan_f, wave)
+        if near:  # on to the detector plane
+            scale_window(wave, d_fwd)
+            transform(plan_b, wave)
         cost += cost_window(wave, data[rows[i]], mask, real(s2), real(ws), poisson, model, term, w)
+        if near:  # back from the detector plane
+            transform(plan_f, wave)
+            scale_window(wave, d_adj)
+            counts[0] += 2 * n_modes
         transform(plan_b, wave)  # now the gradient w.r.t. the last slice's exit wave
         counts[0] += 2 * n_modes
         for s in range(n_slices - 1, -1, -1):

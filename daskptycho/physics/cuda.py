@@ -44,6 +44,7 @@ import threading
 import numpy as np
 
 from ..backend import fft2, get_array_module, ifft2, is_gpu
+from .propagation import split_propagators
 from .wave_checkpoints import effective_interval, gradient_working_set, segments
 
 __all__ = ["window_multiply", "cost_gradient", "adjoint_slice", "window_abs2_sum", "scatter_windows", "gather_windows",
@@ -731,7 +732,10 @@ def gradients(obj, probe, corners, kernel, intensity, rows=None, mask=None, cost
     obj : complex64 (S, H, W)
     probe : complex64 (K, N_y, N_x)
     corners : int32 (J, 2), window corners on ``obj`` (:func:`device_corners`)
-    kernel : complex64 (N_y, N_x) or None: the Fresnel transfer function (FFT order)
+    kernel : complex64 (N_y, N_x) or None: the Fresnel transfer function (FFT order); or
+        (2, N_y, N_x): that and the near-field detector transfer function stacked
+        (:func:`~daskptycho.physics.propagation.propagators`): the exit wave then goes to
+        the detector by ``IFFT(H_d FFT(.))`` (two more FFTs each way, unscaled cost)
     intensity : float32 (J_all, N_y, N_x), measured, FFT order
     rows : int32 (J,) or None: each position's row of ``intensity`` (None: row j)
     mask : bool (N_y, N_x) or None, FFT order
@@ -750,6 +754,7 @@ def gradients(obj, probe, corners, kernel, intensity, rows=None, mask=None, cost
     if cost not in ("amplitude", "poisson"):
         raise ValueError(f"cost must be 'amplitude' or 'poisson', got {cost!r}")
     xp = get_array_module(obj)
+    kernel, detector = split_propagators(kernel)
     n_slices = obj.shape[0]
     k, ny, nx = probe.shape
     j = corners.shape[0]
@@ -788,7 +793,15 @@ def gradients(obj, probe, corners, kernel, intensity, rows=None, mask=None, cost
             psi = transmit(s, psi)
     far = fft_unscaled(psi, True)
     del psi
-    value = cost_gradient(far, intensity, rows, mask, 1.0 / math.sqrt(nn), cost == "poisson")
+    if detector is None:
+        value = cost_gradient(far, intensity, rows, mask, 1.0 / math.sqrt(nn), cost == "poisson")
+    else:  # near field: on to the detector (unitary), the cost unscaled, and back
+        d_fwd = (detector * (1.0 / nn)).astype(xp.complex64)
+        far *= d_fwd
+        far = fft_unscaled(far, False)
+        value = cost_gradient(far, intensity, rows, mask, 1.0, cost == "poisson")
+        far = fft_unscaled(far, True)
+        far *= xp.conj(d_fwd)
     g = fft_unscaled(far, False)
     del far
     for i in range(len(segs) - 1, -1, -1):

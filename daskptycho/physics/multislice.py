@@ -6,6 +6,13 @@ whose flat indices into ``obj[s]`` are ``index[j]`` (see :func:`window_index`).
 The incident wave on slice 0 is the probe (K modes); after each slice but the last
 it is propagated by the Fresnel kernel; the exit wave of the last slice goes to the
 far field by an orthonormal FFT. Modes are mutually incoherent: intensities add.
+
+Near field: with a detector transfer function ``H_d`` (``kernel`` given as the stacked
+propagators of :func:`~daskptycho.physics.propagation.propagators`) the exit wave goes
+to the detector by the unitary Fresnel propagation ``IFFT(H_d FFT(exit))`` instead
+(:func:`~daskptycho.physics.propagation.detector_kernel`, which also puts the
+detector wave in FFT order), and the adjoint starts with ``IFFT(conj(H_d) FFT(g))``.
+Everything else (slices, windows, cost, the fused elementwise kernels) is the same.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from ..backend import empty, fft2, get_array_module, ifft2, is_gpu, scatter_add
 from .cost import cost_and_far_field_gradient
 from .dispatch import FFT_TALLY, aligned_stride, fftw_plans, kernels
 from .intensity import abs2, abs2_modes
+from .propagation import split_propagators
 from .wave_checkpoints import checkpoint_interval, effective_interval, segments
 
 __all__ = ["window_index", "windows", "Windows", "forward", "backward", "far_field_intensity", "gradients", "position_scratch_waves"]
@@ -276,16 +284,35 @@ def _incident_backward(cache, n_slices):
             yield s, waves.pop(s), patches.pop(s, None)
 
 
+def _to_detector(phi, detector, xp, ortho):
+    """The exit waves ``phi`` (J, K, N_y, N_x) taken to the detector in place: far field
+    (``detector`` None) an FFT, orthonormal or (``ortho`` False) unnormalised; near field
+    the unitary ``IFFT(H_d FFT(phi))`` (no scale left over in either case of ``ortho``)."""
+    if detector is None:
+        return fft2(phi, xp, out=phi, norm="ortho" if ortho else "none")
+    return _propagate_inplace(phi, _scaled_kernel(detector, phi.dtype))
+
+
+def _from_detector(g_far, detector, xp, ortho, overwrite):
+    """The adjoint of :func:`_to_detector` applied to ``g_far`` (in place with ``overwrite``)."""
+    if detector is None:
+        return ifft2(g_far, xp, out=g_far if overwrite else None, norm="ortho" if ortho else "none")
+    g = g_far if overwrite else g_far.copy()
+    return _propagate_inplace(g, _scaled_kernel(detector.conj(), g.dtype))
+
+
 def forward(obj, probe, index, kernel, keep=False, _ortho=True, wave_checkpoints=1):
-    """Far-field waves of every position and probe mode.
+    """Far-field (or near-field detector) waves of every position and probe mode.
 
     Parameters
     ----------
     obj : complex array (S, H, W)
     probe : complex array (K, N, N)
     index : int array (J, N, N) from :func:`window_index`, or :class:`Windows`
-    kernel : complex array (N, N) or None
-        Fresnel transfer function between consecutive slices (FFT order).
+    kernel : complex array (N, N) or (2, N, N), or None
+        Fresnel transfer function between consecutive slices (FFT order); or, near
+        field, that and the detector's stacked
+        (:func:`~daskptycho.physics.propagation.propagators`).
     keep : bool
         Also return what :func:`gradients` needs (incident waves and patches).
     wave_checkpoints : int >= 1
@@ -295,9 +322,11 @@ def forward(obj, probe, index, kernel, keep=False, _ortho=True, wave_checkpoints
 
     Returns
     -------
-    far : complex array (J, K, N, N), FFT order (zero frequency at [0, 0])
+    far : complex array (J, K, N, N), FFT order (zero frequency at [0, 0]; near field:
+        the detector wave, ``ifftshift`` of the centred frame)
     """
     xp = get_array_module(obj, probe)
+    kernel, detector = split_propagators(kernel)
     n_slices = obj.shape[0]
     interval = effective_interval(wave_checkpoints, n_slices) if keep else 1
     compiled, win = _fused_path(xp, index, obj, probe)
@@ -313,8 +342,7 @@ def forward(obj, probe, index, kernel, keep=False, _ortho=True, wave_checkpoints
             psi = xp.broadcast_to(probe[None], (n_pos,) + probe.shape)
             cache = _CheckpointedCache(interval, {}, {}, {}, obj, index, k_scaled, None)
         phi = _forward_checkpointed(cache, psi, n_slices)
-        far = fft2(phi, xp, out=phi, norm="ortho" if _ortho else "none")
-        return far, cache
+        return _to_detector(phi, detector, xp, _ortho), cache
     if compiled is not None:
         # no patches cut: each slice's windows are read in place by the kernel
         obj = np.ascontiguousarray(obj)
@@ -327,7 +355,7 @@ def forward(obj, probe, index, kernel, keep=False, _ortho=True, wave_checkpoints
             phi = compiled.multiply_windows(psi, obj[s], win.corners, empty(shape, obj.dtype, xp))
             if s < n_slices - 1:
                 psi = _propagate_inplace(phi, k_scaled)
-        far = fft2(phi, xp, out=phi, norm="ortho" if _ortho else "none")
+        far = _to_detector(phi, detector, xp, _ortho)
         return (far, _FusedCache(incident, obj, win)) if keep else far
     patches = _gather(obj, index)  # (S, J, N, N)
     dtype = np.result_type(obj.dtype, probe.dtype)
@@ -341,7 +369,7 @@ def forward(obj, probe, index, kernel, keep=False, _ortho=True, wave_checkpoints
         if s < n_slices - 1:
             psi = _propagate_inplace(phi, k_scaled)
     # _ortho=False (for gradients): unnormalised, the scale goes into the cost's (J, N, N) terms
-    far = fft2(phi, xp, out=phi, norm="ortho" if _ortho else "none")
+    far = _to_detector(phi, detector, xp, _ortho)
     if keep:
         return far, (incident, patches)
     return far
@@ -349,7 +377,8 @@ def forward(obj, probe, index, kernel, keep=False, _ortho=True, wave_checkpoints
 
 def far_field_intensity(obj, probe, index, kernel):
     """Model diffraction intensity (J, N, N), summed over modes, **centred**
-    (zero frequency at ``(N // 2, N // 2)``), as stored in a dataset."""
+    (zero frequency at ``(N // 2, N // 2)``), as stored in a dataset. With near-field
+    propagators as ``kernel`` (see :func:`forward`): the detector frames as recorded."""
     xp = get_array_module(obj, probe)
     far = forward(obj, probe, index, kernel)
     inten = xp.sum(abs2(far, xp), axis=1)
@@ -373,7 +402,7 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
         call with the same cache recomputes them too).
     index : int array (J, N, N) from :func:`window_index`, or :class:`Windows`
     obj_shape : (S, H, W)
-    kernel : complex array (N, N) or None
+    kernel : complex array (N, N) or (2, N, N) (near field, see :func:`forward`), or None
     out : dict, optional
         Accumulators to add into (``object``, ``illumination`` of shape (S, H, W)
         and, with ``probe_gradient``, ``probe``, ``probe_illumination``), so a sum
@@ -389,8 +418,9 @@ def backward(g_far, cache, index, obj_shape, kernel, probe_gradient=True, out=No
     these are ``out``'s arrays, added into.
     """
     xp = get_array_module(g_far)
-    # adjoint of the orthonormal FFT (_ortho=False: g_far already carries the scale)
-    g = ifft2(g_far, xp, out=g_far if overwrite else None, norm="ortho" if _ortho else "none")
+    kernel, detector = split_propagators(kernel)
+    # adjoint of the orthonormal FFT (_ortho=False: g_far already carries the scale), or of the near-field propagation
+    g = _from_detector(g_far, detector, xp, _ortho, overwrite)
     n_slices = obj_shape[0]
     if out is None:
         g_obj = xp.zeros(obj_shape, dtype=g_far.dtype)
@@ -511,10 +541,13 @@ def position_scratch_waves(slices, interval=1):
     return max(-(-slices // c) - 1 + c - 1, 1)
 
 
-def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, probe_gradient, out, rows, interval=1):
+def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, probe_gradient, out, rows, interval=1,
+                            detector=None):
     """:func:`gradients` by :func:`daskptycho.physics._compiled.position_gradients`, or
     None when that path does not apply. Every shape and index is checked here: the
-    compiled loops do not check bounds. ``interval``: the effective wave checkpoint interval."""
+    compiled loops do not check bounds. ``interval``: the effective wave checkpoint interval;
+    ``kernel`` the slice kernel (N_y, N_x) or None, ``detector`` the near-field detector
+    transfer function (N_y, N_x) or None (far field)."""
     if intensity.dtype != np.float32 or not per_position_path(obj, probe):
         return None
     compiled, win = _fused_path(np, index, obj, probe)
@@ -536,6 +569,14 @@ def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, pr
         k_adj = np.ascontiguousarray(_scaled_kernel(kernel.conj(), np.complex64))
     else:
         k_fwd = k_adj = np.ones((ny, nx), dtype=np.complex64)
+    near = detector is not None
+    if near:
+        if detector.shape != (ny, nx):
+            raise ValueError(f"the detector transfer function must be ({ny}, {nx}), got {detector.shape}")
+        d_fwd = np.ascontiguousarray(_scaled_kernel(detector, np.complex64))
+        d_adj = np.ascontiguousarray(_scaled_kernel(detector.conj(), np.complex64))
+    else:  # not read
+        d_fwd = d_adj = k_fwd
 
     def acc(name, shape, dtype):
         a = out.get(name) if out is not None else None
@@ -554,12 +595,12 @@ def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, pr
     inc = empty((position_scratch_waves(n_slices, interval), k, ny, nx), np.complex64)
     wave = empty((k, ny, nx), np.complex64)
     plan_f, plan_b = fftw_plans(probe.shape)
-    s2 = 1.0 / (ny * nx)
+    s2 = 1.0 if near else 1.0 / (ny * nx)  # near field: the detector wave comes out of a unitary propagation
     counts = np.zeros(1, dtype=np.int64)
     value = compiled.position_gradients(np.ascontiguousarray(obj), np.ascontiguousarray(probe), corners, rows,
                                         np.ascontiguousarray(intensity), m, k_fwd, k_adj, s2, 2 * s2, cost == "poisson",
                                         g_obj, illum, gp, pil, bool(probe_gradient), plan_f, plan_b, inc, wave, counts,
-                                        int(interval))
+                                        int(interval), near, d_fwd, d_adj)
     FFT_TALLY["calls"] += 1
     FFT_TALLY["ffts"] += int(counts[0])
     FFT_TALLY["by_size"][nx] = FFT_TALLY["by_size"].get(nx, 0) + int(counts[0])
@@ -579,7 +620,8 @@ def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude",
     obj : complex array (S, H, W)
     probe : complex array (K, N, N)
     index : int array (J, N, N) from :func:`window_index`, or :class:`Windows`
-    kernel : complex array (N, N) or None
+    kernel : complex array (N, N) or None, or (2, N, N): the slice kernel and the
+        near-field detector transfer function stacked (see :func:`forward`)
     intensity : real array (J, N, N), measured, **FFT order** (ifftshifted)
     mask : bool array (N, N) or None, FFT order
     cost : "amplitude" or "poisson"
@@ -617,15 +659,18 @@ def gradients(obj, probe, index, kernel, intensity, mask=None, cost="amplitude",
                                 probe_gradient, out, wave_checkpoints=interval)
         result["cost"] = float(result["cost"])
         return result
-    result = _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, probe_gradient, out, rows, interval)
+    slice_kernel, detector = split_propagators(kernel)
+    result = _gradients_per_position(obj, probe, index, slice_kernel, intensity, mask, cost, probe_gradient, out, rows,
+                                     interval, detector)
     if result is not None:
         return result
     if rows is not None:
         intensity = intensity[get_array_module(intensity).asarray(rows)]
     # unnormalised far field: the 1/sqrt(N_y N_x) of both far-field FFTs is applied to
     # the cost's (J, N, N) intensities and weights instead of two passes over the waves
+    # (near field: the detector propagation is unitary, nothing to fold)
     far, cache = forward(obj, probe, index, kernel, keep=True, _ortho=False, wave_checkpoints=interval)
-    scale = 1.0 / np.sqrt(far.shape[-1] * far.shape[-2])
+    scale = 1.0 if detector is not None else 1.0 / np.sqrt(far.shape[-1] * far.shape[-2])
     value, g = cost_and_far_field_gradient(far, intensity, mask, cost, overwrite=True, far_scale=scale)
     result = backward(g, cache, index, obj.shape, kernel, probe_gradient, out, overwrite=True, _ortho=False)
     result["cost"] = value

@@ -16,7 +16,9 @@ from ..backend import get_array_module, ifft2, to_numpy
 from .propagation import spatial_frequencies
 
 __all__ = ["aperture_probe", "electron_probe", "xray_probe", "probe_modes", "blurred_modes", "motion_modes",
-           "orthogonalize_modes", "support_half_widths"]
+           "orthogonalize_modes", "support_half_widths", "near_field_probe", "NEAR_FIELD_PROBES"]
+
+NEAR_FIELD_PROBES = ("backpropagated", "flat")
 
 
 def aperture_probe(shape, pixel_size_m, wavelength_m, semiangle_rad, defocus_m=0.0, cs_m=0.0,
@@ -252,3 +254,59 @@ def support_half_widths(probe, fraction=0.999):
                     break
         out.append(int(r))
     return tuple(out)
+
+
+def near_field_probe(mean_frame, detector, mask=None, kind="backpropagated"):
+    """An initial probe for near-field (Fresnel) ptychography, from the measured frames.
+
+    A far-field probe guess (an aperture's focus) says nothing about a near-field
+    illumination, which fills the window. Two guesses:
+
+    ``"backpropagated"``
+        The mean measured amplitude ``sqrt(mean_j I_j)`` taken as the detector wave (zero
+        phase) and propagated back to the sample plane by the adjoint of the detector
+        propagation, ``IFFT(conj(H_d) FFT(.))``. Averaged over the scan the object's
+        holograms wash out, so this is close to the empty-beam hologram: its bright and
+        dark regions (the beam's extent, the optics' stripes) are in the right places,
+        its phase is only the propagation's.
+    ``"flat"``
+        A uniform amplitude: the empty beam of an ideal plane wave.
+
+    Either needs probe refinement (``refine_probe``); the reconstruction engines turn it
+    on for near-field stores without a stored probe (see ``docs/near-field.md``).
+
+    Parameters
+    ----------
+    mean_frame : real array (N_y, N_x)
+        The mean measured frame, **FFT order** (``numpy.fft.ifftshift`` of the stored,
+        centred frame), counts.
+    detector : complex array (N_y, N_x)
+        The detector transfer function, FFT order
+        (:func:`~daskptycho.physics.propagation.detector_kernel`).
+    mask : bool array (N_y, N_x) or None
+        Valid pixels, FFT order; invalid ones take the mean of the valid ones.
+    kind : {"backpropagated", "flat"}
+
+    Returns
+    -------
+    complex64 array (N_y, N_x)
+        Centred on the window (real space, natural order), with ``sum |P|^2`` the mean
+        total counts of a frame (the model's unitary propagation keeps that power).
+    """
+    if kind not in NEAR_FIELD_PROBES:
+        raise ValueError(f"kind must be one of {NEAR_FIELD_PROBES}, got {kind!r}")
+    xp = get_array_module(mean_frame, detector)
+    frame = xp.maximum(xp.asarray(mean_frame, dtype=xp.float64), 0)
+    if mask is not None:
+        good = xp.asarray(mask, dtype=bool)
+        frame = xp.where(good, frame, frame[good].mean() if bool(good.any()) else 0.0)
+    power = float(frame.sum())
+    if kind == "flat":
+        probe = xp.ones(frame.shape, dtype=xp.complex128)
+    else:
+        amplitude = xp.sqrt(frame).astype(xp.complex128)
+        probe = xp.fft.ifft2(xp.fft.fft2(amplitude) * xp.conj(xp.asarray(detector, dtype=xp.complex128)))
+    norm = float(xp.sum(xp.abs(probe) ** 2))
+    if norm > 0 and power > 0:
+        probe *= np.sqrt(power / norm)
+    return probe.astype(np.complex64)
