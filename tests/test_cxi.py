@@ -15,7 +15,7 @@ from scipy import constants
 
 import daskptycho as dp
 from daskptycho.cli import main
-from daskptycho.errors import DatasetError, OutputExistsError
+from daskptycho.errors import DatasetError, OptionsError, OutputExistsError
 from daskptycho.io.cxi import read_cxi, read_cxi_result, write_cxi
 
 # vendored with the project (data/README.md): these tests run on every clone, never skip
@@ -84,11 +84,12 @@ def test_real_file_cone_beam_fresnel_scaling():
     assert 80 < ext_px.min() and ext_px.max() < 130  # the ~20 um scan spans about one 100 px field
 
 
-def test_real_file_refused_by_reconstruct(tmp_path):
+def test_real_file_refused_by_dm(tmp_path):
     ds = read_cxi(REAL)
-    with pytest.raises(DatasetError) as e:
-        dp.reconstruct(ds, engine="ml", iterations=1)
-    assert e.value.field == "geometry" and "far-field" in str(e.value)
+    # ml and gd reconstruct it (tests/test_near_field.py); dm's model is far-field only
+    with pytest.raises(OptionsError) as e:
+        dp.reconstruct(ds, engine="dm", iterations=1)
+    assert e.value.option == "engine" and "far-field" in str(e.value) and "near-field" in str(e.value)
     # a near-field store exported to CXI comes back the same
     back = read_cxi(write_cxi(ds, tmp_path / "nf.cxi"))
     assert back.attrs["geometry"] == "near-field" and back.attrs["pixel_size_m"] == ds.attrs["pixel_size_m"]

@@ -199,3 +199,19 @@ def test_petra_near_field_imported_and_reconstructed(client):
     cost = res.cost.values
     assert np.all(np.diff(cost) < 0), cost
     assert cost[-1] < 0.6 * cost[0]
+
+
+def test_device_gradients_near_field_match_the_reference(small_problem):
+    """:func:`daskptycho.physics.cuda.gradients`' near-field branch, run on NumPy arrays (its
+    kernels' host references): the same cost and gradients as the NumPy model."""
+    from daskptycho.physics import cuda
+
+    _, obj, probe, win, k, det = small_problem
+    kern = propagators(k, det)
+    intensity = (np.abs(multislice.forward(obj * np.float32(0.9), probe, win, kern)) ** 2).sum(axis=1).astype(np.float32)
+    with dask.config.set({"daskptycho.kernels": "numpy"}):
+        ref = multislice.gradients(obj, probe, win, kern, intensity)
+    got = cuda.gradients(obj, probe, cuda.device_corners(win.corners, win.window, obj.shape[-2:], np), kern, intensity)
+    assert np.isclose(float(got["cost"]), ref["cost"], rtol=1e-5)
+    for name in ("object", "probe", "illumination", "probe_illumination"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-5 * np.abs(ref[name]).max())
