@@ -127,6 +127,11 @@ def _parser():
     s.add_argument("--noise-free", action="store_true", help="no Poisson noise, whatever the kind")
     s.add_argument("--flyscan-subpositions", type=_positive_int, metavar="N",
                    help="flyscan: sub-positions summed per exposure (default: 5)")
+    s.add_argument("--geometry", default=sim["geometry"], choices=["far-field", "near-field"],
+                   help="near-field (--kind image only): Fresnel propagation to the detector, a broad structured beam "
+                        f"(docs/near-field.md) (default: {sim['geometry']})")
+    s.add_argument("--distance", dest="distance_m", type=float, metavar="M",
+                   help="near field: sample-detector distance in metres (default: a pixel Fresnel number of 0.1)")
     s.add_argument("--seed", type=int, default=sim["seed"], help=f"random seed of the noise, jitter and modes (default: {sim['seed']})")
     s.add_argument("--stream", dest="rate_hz", type=float, metavar="RATE",
                    help="write the store progressively, RATE frames per second, as a growing store that readers can follow "
@@ -413,12 +418,14 @@ def _cmd_simulate(a):
     if a.rate_hz is not None:
         check_rate(a.rate_hz)
     _refuse_existing(a.out, a.overwrite)
-    kw = {"kind": a.kind, "scan": a.scan, "detector": a.detector, "probe_modes": a.probe_modes, "seed": a.seed}
+    kw = {"kind": a.kind, "scan": a.scan, "detector": a.detector, "probe_modes": a.probe_modes, "seed": a.seed,
+          "geometry": a.geometry}
     if a.noise_free:
         kw["dose"] = None
     elif a.dose is not None:
         kw["dose"] = a.dose
-    for key in ("step_m", "slices", "slice_thickness_m", "energy_eV", "semiangle_rad", "defocus_m", "flyscan_subpositions"):
+    for key in ("step_m", "slices", "slice_thickness_m", "energy_eV", "semiangle_rad", "defocus_m", "flyscan_subpositions",
+                "distance_m"):
         if getattr(a, key) is not None:
             kw[key] = getattr(a, key)
     ds = simulate(**kw)

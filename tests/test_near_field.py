@@ -140,7 +140,7 @@ def test_simulated_near_field_frames_are_the_model(near_ds):
 
 def test_ml_reconstructs_a_simulated_near_field_object(near_ds, client):
     ds = near_ds
-    res = dp.reconstruct(ds, engine="ml", iterations=100, client=client)
+    res = dp.reconstruct(ds, engine="ml", iterations=100, batch_size=None, client=client)
     assert res.attrs["geometry"] == "near-field"
     cost = res.cost.values
     assert cost[-1] < 0.005 * cost[0]
@@ -152,19 +152,19 @@ def test_ml_reconstructs_a_simulated_near_field_object(near_ds, client):
 
 def test_near_field_probe_guess_turns_probe_refinement_on(near_ds):
     ds = near_ds.drop_vars("probe")
-    problem = prepare(ds, engine_options(engine="ml", iterations=30))
+    problem = prepare(ds, engine_options(engine="ml", iterations=30, batch_size=None, refine_probe=False))
     assert problem.options.refine_probe
     # the guess: the mean frame propagated back, with the frames' mean power
     assert np.isclose(np.sum(np.abs(problem.probe) ** 2), problem.mean_counts, rtol=1e-3)
     obj, probe, cost = run_ml(problem, load_patterns(ds))
     assert cost[-1] < 0.1 * cost[0]
     # a stored probe keeps the caller's choice
-    assert not prepare(near_ds, engine_options(engine="ml")).options.refine_probe
+    assert not prepare(near_ds, engine_options(engine="ml", refine_probe=False)).options.refine_probe
 
 
 def test_gd_equals_ml_near_field_with_whole_window_halos(near_ds, client):
     ds = near_ds
-    kw = dict(iterations=4, refine_probe=True, probe_refine_start=1)
+    kw = dict(iterations=4, refine_probe=True, probe_refine_start=1, batch_size=None)
     problem = prepare(ds, engine_options(engine="ml", **kw))
     ref_obj, ref_probe, ref_cost = run_ml(problem, load_patterns(ds))
     assert prepare(ds, engine_options(engine="gd", tiles=(2, 2))).options.halo == "window"  # chosen, not refused
@@ -177,6 +177,8 @@ def test_gd_equals_ml_near_field_with_whole_window_halos(near_ds, client):
 def test_near_field_refusals(near_ds):
     with pytest.raises(OptionsError, match="engine.*far-field only"):
         prepare(near_ds, engine_options(engine="dm"))
+    with pytest.raises(OptionsError, match="engine.*'hve'.*refine"):
+        prepare(near_ds.drop_vars("probe"), engine_options(engine="hve", tiles=(2, 2), refine_probe=False))
     with pytest.raises(OptionsError, match="halo_m.*whole windows"):
         prepare(near_ds, engine_options(engine="gd", tiles=(2, 2), halo_m=5 * near_ds.attrs["pixel_size_m"]))
     ds = near_ds.copy()
@@ -195,7 +197,7 @@ def test_petra_near_field_imported_and_reconstructed(client):
     assert ds.attrs["geometry"] == "near-field"
     assert np.isclose(ds.attrs["magnification"], (3.65e-3 + 1.12) / 3.65e-3)
     assert np.isclose(ds.attrs["pixel_size_m"], 55e-6 / ds.attrs["magnification"])
-    res = dp.reconstruct(ds, engine="ml", iterations=8, probe_refine_start=2, client=client)
+    res = dp.reconstruct(ds, engine="ml", iterations=8, probe_refine_start=2, batch_size=None, client=client)
     cost = res.cost.values
     assert np.all(np.diff(cost) < 0), cost
     assert cost[-1] < 0.6 * cost[0]

@@ -140,7 +140,8 @@ def near_field_options(ds, opts):
     """The options of a run on a near-field store (``geometry == "near-field"``): checked,
     and with what the near-field model needs switched on.
 
-    - ``dm`` is refused (its model is far-field only).
+    - ``dm`` is refused (its model is far-field only); so is ``hve`` without a stored
+      probe (it cannot refine the guess).
     - ``gd``/``hve``: the near-field probe fills its window, so the halos hold whole
       windows: ``halo="probe"`` becomes ``"window"``; a ``halo_m`` narrower than half a
       window is refused.
@@ -156,7 +157,8 @@ def near_field_options(ds, opts):
     Raises
     ------
     OptionsError
-        ``engine="dm"``; ``halo_m`` narrower than half a window.
+        ``engine="dm"``; ``engine="hve"`` without a stored probe; ``halo_m`` narrower than
+        half a window.
     DatasetError
         No ``effective_distance_m`` attribute.
     """
@@ -181,6 +183,10 @@ def near_field_options(ds, opts):
         elif opts.halo != "window":
             changes["halo"] = "window"
     if "probe" not in ds and not opts.refine_probe:
+        if opts.engine == "hve":
+            raise OptionsError("engine", "is 'hve', which does not refine the probe, and this near-field store has no 'probe' "
+                               "variable: its initial probe is only a guess from the frames; use engine='gd' or 'ml' (they "
+                               "refine it), or store a probe guess in the dataset")
         changes["refine_probe"] = True
     return dataclasses.replace(opts, **changes) if changes else opts
 
