@@ -159,7 +159,7 @@ def fly_modes(n, dx, lam, p=FLY):
     zern = (np.ones_like(r), kx / kmax, ky / kmax, 2 * r ** 2 - 1)
     modes = []
     for z, power in zip(zern, p["mode_powers"]):
-        f = pupil * z * np.exp(1j * chi)
+        f = pupil * z * np.exp(-1j * chi)  # daskptycho's (and abTEM's) sign: positive defocus_m = underfocus
         psi = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(f)))
         modes.append(psi * np.sqrt(power / np.sum(np.abs(psi) ** 2)))
     return np.array(modes)
@@ -362,6 +362,7 @@ def run_daskptycho(name, engine, client, stages=STAGES, **options):
             row["errors"][str(n)] = score(name, res)
             done = n
             print(f"{name} daskptycho {engine} {options or ''} it {n}: {row['errors'][str(n)]} ({row['seconds'][str(n)]:.0f} s)", flush=True)
+        row["run_s"] = sum(row["seconds"].values())
         row["probe_power_fraction"] = res["probe_power_fraction"].values.tolist()
         row["final_cost"] = float(res["cost"].values[-1])
     finally:
@@ -389,6 +390,7 @@ def run_ptychi(name, modes=1, stages=STAGES, batch_size=PTYCHI_BATCH, threads=1)
                 row["errors"][str(n)] = score(name, z[f"object_{n}"])
                 row["seconds"][str(n)] = meta["seconds"][str(n)]
                 print(f"{name} Pty-Chi modes={modes} it {n}: {row['errors'][str(n)]}", flush=True)
+        row["run_s"] = max(meta["seconds"].values())  # cumulative: the task's epochs
         row["versions"] = meta["versions"]
         row["wall_s"] = time.perf_counter() - t0
     return row

@@ -608,6 +608,45 @@ def section_dm_drift(d, lines):
     lines += ["", "Iteration " + str(its[-1]) + " against 40: " + "; ".join(verdicts) + ".", ""]
 
 
+def section_independent(d, lines):
+    """The independent quality benchmark (benchmarks/independent.py, docs/quality.md)."""
+    lines += ["## Quality on independent data (issue 17)", "",
+              f"`{d['command'].strip()}` (`benchmarks/results/independent.json`, {d['machine']['date']}; {_load_line(d)}). "
+              "Data daskptycho did not simulate: `thin` and `thick` PbTiO3 4D-STEM made by abTEM (1 and 20 reconstruction "
+              "slices), `flyscan` an X-ray fly scan with 4 incoherent probe modes and motion blur written by the benchmark "
+              "itself; the method, sizes and doses are in docs/quality.md. Error: phase NRMSE of the projected phase over the "
+              "scanned field after the best whole-pixel registration and the best global phase offset (0 = perfect, 1 = no "
+              "better than a flat phase); in brackets the complex (phase-wrapped) error of the projected transmission after "
+              "the best complex scale. The same scorer for both codes. daskptycho: `reconstruct(store, engine=..., "
+              f"iterations=..., slices=...)` and nothing else unless the options say so; Pty-Chi: LSQML, its defaults with "
+              f"probe optimisation on, batch {d.get('ptychi_batch_size', 100)}, 1 thread.", ""]
+    its = sorted({int(n) for r in d["rows"] for n in r.get("errors", {})})
+    lines += ["| case | code | engine | options | " + " | ".join(f"it {n}" for n in its) + " | phase r (last) | s (last) |",
+              "|---|---|---|---|" + "---|" * len(its) + "---|---|"]
+    for r in d["rows"]:
+        opts = ", ".join(f"{k}={v}" for k, v in r.get("options", {}).items()) or "defaults"
+        if "failed" in r:
+            lines.append(f"| {r['case']} | {r['code']} | {r['engine']} | {opts} | failed: {r['failed'][:150]} |" + " |" * (len(its) + 1))
+            continue
+        e = r["errors"]
+        cells = [f"{e[str(n)]['phase_nrmse']:.3f} ({e[str(n)]['complex_error']:.3f})" if str(n) in e else "" for n in its]
+        last = e[max(e, key=int)]
+        total = r.get("run_s")
+        if total is None and r.get("seconds"):  # Pty-Chi's are cumulative, daskptycho's per stage
+            total = max(r["seconds"].values()) if r["code"] != "daskptycho" else sum(r["seconds"].values())
+        lines.append(f"| {r['case']} | {r['code']} | {r['engine']} | {opts} | " + " | ".join(cells) +
+                     f" | {last['phase_r']:.3f} | {_f(total, '.0f')} |")
+    unwrapped = [r for r in d["rows"] if r["case"] == "thick" and "errors" in r]
+    if unwrapped:
+        lines += ["", "thick, the projected phase as the sum of the slices' phases without wrapping (per-slice phases "
+                  "stay below pi there): " + "; ".join(
+                      f"{r['code']} {r['engine']}: {r['errors'][max(r['errors'], key=int)]['phase_nrmse_unwrapped']:.3f}"
+                      for r in unwrapped) + "."]
+    lines += ["", "s: wall seconds of the whole run (daskptycho: the `reconstruct` calls, loading and the cluster's tasks "
+              "included; Pty-Chi: its task's epochs, without starting Python and torch). Data: " + "; ".join(f"{k}: {v['patterns'][0]} patterns of {v['patterns'][1]} px, {v['slices']} slice(s), "
+                                               f"{v['mean_counts']:.3g} counts per pattern" for k, v in d["data"].items()) + ".", ""]
+
+
 def section_gpu(d, lines):
     """The GPU section: benchmarks/gpu.py's figures when a GPU run brought them back."""
     lines += ["## 5. GPU", ""]
@@ -681,7 +720,7 @@ def main(argv=None):
     # the sections of benchmarks that have run, in this order
     for name, section in (("many_tiles", section_many_tiles), ("halos", section_halos), ("default_run", section_default_run),
                           ("wave_memory", section_wave_memory), ("follow", section_follow), ("positions", section_positions),
-                          ("dm_drift", section_dm_drift)):
+                          ("dm_drift", section_dm_drift), ("independent", section_independent)):
         d = _load(name)
         if d:
             section(d, lines)
