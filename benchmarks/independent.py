@@ -410,6 +410,18 @@ def plan(case, quick=False):
     return runs
 
 
+def _tree_state():
+    """The commit the run's daskptycho came from, and whether daskptycho/ had uncommitted
+    changes (the repository is shared: the engines' defaults can be mid-change)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "daskptycho"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.split("\n")
+        return {"commit": head, "daskptycho_uncommitted": [d.strip() for d in dirty if d.strip()]}
+    except (OSError, subprocess.CalledProcessError) as e:
+        return {"error": str(e)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks independent")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated of thin,thick,flyscan")
@@ -441,7 +453,7 @@ def main(argv=None):
     command = "python -m benchmarks independent " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def save(partial):
-        payload = {"loadavg_start": load0, "loadavg_end": os.getloadavg(), "data": data, "rows": rows, "command": command,
+        payload = {"daskptycho_tree": _tree_state(), "loadavg_start": load0, "loadavg_end": os.getloadavg(), "data": data, "rows": rows, "command": command,
                    "ptychi_batch_size": PTYCHI_BATCH}
         if partial:
             payload["partial"] = True

@@ -620,6 +620,12 @@ def section_independent(d, lines):
               "the best complex scale. The same scorer for both codes. daskptycho: `reconstruct(store, engine=..., "
               f"iterations=..., slices=...)` and nothing else unless the options say so; Pty-Chi: LSQML, its defaults with "
               f"probe optimisation on, batch {d.get('ptychi_batch_size', 100)}, 1 thread.", ""]
+    tree = d.get("daskptycho_tree") or {}
+    if tree.get("commit"):
+        dirty = tree.get("daskptycho_uncommitted")
+        lines += [f"daskptycho from commit `{tree['commit'][:10]}`" + (
+            f", **with uncommitted changes** in {', '.join(x.split()[-1] for x in dirty)} (the engines' defaults were being changed "
+            "in the same working tree: rerun for the committed state)" if dirty else "") + ".", ""]
     its = sorted({int(n) for r in d["rows"] for n in r.get("errors", {})})
     lines += ["| case | code | engine | options | " + " | ".join(f"it {n}" for n in its) + " | phase r (last) | s (last) |",
               "|---|---|---|---|" + "---|" * len(its) + "---|---|"]
