@@ -611,7 +611,8 @@ def section_dm_drift(d, lines):
 def section_independent(d, lines):
     """The independent quality benchmark (benchmarks/independent.py, docs/quality.md)."""
     lines += ["## Quality on independent data (issue 17)", "",
-              f"`{d['command'].strip()}` (`benchmarks/results/independent.json`, {d['machine']['date']}; {_load_line(d)}). "
+              f"`python -m benchmarks independent` (`benchmarks/results/independent.json`; the last invocation `{d['command'].strip()}` "
+              f"on {d['machine']['date']}, {_load_line(d)}; a run of some `--cases` keeps the other cases' rows from the runs before). "
               "Data daskptycho did not simulate: `thin` and `thick` PbTiO3 4D-STEM made by abTEM (1 and 20 reconstruction "
               "slices), `flyscan` an X-ray fly scan with 4 incoherent probe modes and motion blur written by the benchmark "
               "itself; the method, sizes and doses are in docs/quality.md. Error: phase NRMSE of the projected phase over the "
@@ -635,7 +636,8 @@ def section_independent(d, lines):
             lines.append(f"| {r['case']} | {r['code']} | {r['engine']} | {opts} | failed: {r['failed'][:150]} |" + " |" * (len(its) + 1))
             continue
         e = r["errors"]
-        cells = [f"{e[str(n)]['phase_nrmse']:.3f} ({e[str(n)]['complex_error']:.3f})" if str(n) in e else "" for n in its]
+        key = "phase_nrmse_unwrapped" if r["case"] == "thick" else "phase_nrmse"  # see below the table
+        cells = [f"{e[str(n)][key]:.3f} ({e[str(n)]['complex_error']:.3f})" if str(n) in e else "" for n in its]
         last = e[max(e, key=int)]
         total = r.get("run_s")
         if total is None and r.get("seconds"):  # Pty-Chi's are cumulative, daskptycho's per stage
@@ -644,9 +646,10 @@ def section_independent(d, lines):
                      f" | {last['phase_r']:.3f} | {_f(total, '.0f')} |")
     unwrapped = [r for r in d["rows"] if r["case"] == "thick" and "errors" in r]
     if unwrapped:
-        lines += ["", "thick, the projected phase as the sum of the slices' phases without wrapping (per-slice phases "
-                  "stay below pi there): " + "; ".join(
-                      f"{r['code']} {r['engine']}: {r['errors'][max(r['errors'], key=int)]['phase_nrmse_unwrapped']:.3f}"
+        lines += ["", "thick: the table gives the phase NRMSE *unwrapped* (the slices' phases summed as they are; the truth's "
+                  "slices stay below pi each), because the total projected phase spans many radians and a wrapped difference, "
+                  "at most pi, divided by its spread understates the error; the wrapped one, at the last iteration: " + "; ".join(
+                      f"{r['code']} {r['engine']}: {r['errors'][max(r['errors'], key=int)]['phase_nrmse']:.3f}"
                       for r in unwrapped) + "."]
     lines += ["", "s: wall seconds of the whole run (daskptycho: the `reconstruct` calls, loading and the cluster's tasks "
               "included; Pty-Chi: its task's epochs, without starting Python and torch). Data: " + "; ".join(f"{k}: {v['patterns'][0]} patterns of {v['patterns'][1]} px, {v['slices']} slice(s), "
