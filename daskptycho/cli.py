@@ -41,6 +41,26 @@ def _modes(text):
     return "auto" if text == "auto" else _positive_int(text)
 
 
+def _batch_size(text):
+    """``--batch-size``: N, ``auto`` or ``full`` (full batch: the option's None)."""
+    if text in ("auto", "full"):
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, 'auto' or 'full', got {text!r}") from None
+
+
+def _fraction(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return v
+
+
 def _positive_float(text):
     try:
         v = float(text)
@@ -154,14 +174,18 @@ def _parser():
     r.add_argument("--engine", help=f"ml | gd | hve | dm (default: {d('engine')})")
     r.add_argument("--iterations", type=_positive_int, metavar="N",
                    help=f"iterations in total (with --resume: including those already done) (default: {d('iterations')})")
-    r.add_argument("--batch-size", type=_positive_int, metavar="N", help="positions per update, ml/gd/hve "
-                   f"(default: {d('batch_size') or 'full batch, exact gradient descent'})")
+    r.add_argument("--batch-size", type=_batch_size, metavar="N|auto|full",
+                   help="positions per update, ml/gd/hve: N, auto (4 equal minibatches per iteration; gd: per tile, as pass rounds) "
+                        f"or full (full batch, exact gradient descent) (default: {d('batch_size') or 'full'})")
+    r.add_argument("--minibatch-fraction", type=_fraction, metavar="F",
+                   help="ml/gd: share of the iterations run in minibatches, the rest full batch "
+                        f"(default: {d('minibatch_fraction')})")
     r.add_argument("--slices", type=_positive_int, metavar="N", help=f"object slices (multislice when > 1; dm: 1 only) (default: {d('slices')})")
     r.add_argument("--slice-thickness", dest="slice_thickness_m", type=float, metavar="M",
                    help="slice thickness in metres (default: the store's slice_thickness_m; needed with --slices > 1 otherwise)")
     r.add_argument("--step", type=float, help=f"object step, 1 = preconditioned Newton-like step (default: {d('step'):g})")
-    r.add_argument("--refine-probe", action="store_true", default=None,
-                   help=f"also refine the probe, from iteration {d('probe_refine_start')} (default: {'on' if d('refine_probe') else 'off'})")
+    r.add_argument("--refine-probe", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"ml/gd: also refine the probe, from iteration {d('probe_refine_start')} (default: {'on' if d('refine_probe') else 'off'})")
     r.add_argument("--position-correction", action="store_true", default=None,
                    help=f"ml and gd: refine the scan positions (each position's cost at its window and one pixel either side; gd: each tile its own; "
                         f"docs/position-correction.md) (default: {'on' if d('position_correction') else 'off'})")
@@ -293,7 +317,7 @@ def flag_map(parser, command):
         for action in getattr(parser.commands.get(name), "_actions", ()):
             if not action.option_strings or action.dest == "help":
                 continue
-            flags[action.dest] = max(action.option_strings, key=len)
+            flags[action.dest] = max((f for f in action.option_strings if not f.startswith("--no-")), key=len)
             (switches.add if action.nargs == 0 else switches.discard)(action.dest)
         for param, flag in _ALIASES.get(name, {}).items():
             flags.setdefault(param, flag)
@@ -545,7 +569,7 @@ def _cmd_info(a):
 
 
 #: reconstruct's flags that are options of :func:`daskptycho.reconstruct` (same names)
-_RECONSTRUCT_OPTIONS = ("engine", "iterations", "batch_size", "slices", "slice_thickness_m", "step", "refine_probe", "probe_modes",
+_RECONSTRUCT_OPTIONS = ("engine", "iterations", "batch_size", "minibatch_fraction", "slices", "slice_thickness_m", "step", "refine_probe", "probe_modes",
                         "object_modes", "partitions", "partition", "beta", "view_update", "cost", "seed", "tiles", "halo", "halo_fraction", "pad_px",
                         "workers", "device", "position_correction", "position_correction_start", "position_correction_every",
                         "position_max_shift_px")
@@ -567,6 +591,8 @@ def _cmd_reconstruct(a):
         if path:
             _check_output_file(path, parameter, a.overwrite)
     kw = {k: getattr(a, k) for k in _RECONSTRUCT_OPTIONS if getattr(a, k) is not None}
+    if kw.get("batch_size") == "full":
+        kw["batch_size"] = None
     if a.checkpoint_every is not None or a.resume:  # the checkpoints live in the result store
         kw.update(checkpoint=a.out, resume=a.resume)
         if a.checkpoint_every is not None:

@@ -28,6 +28,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 import daskptycho as dp
 from daskptycho.errors import RecoveryError
+from daskptycho.tasks.updates import AUTO_MINIBATCHES
 
 # the scheduler plugin below travels to the scheduler by value, whatever its sys.path
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -120,7 +121,8 @@ MOMENTS = {
 
 class KillDuring(SchedulerPlugin):
     """On the scheduler: SIGKILL the process ``pid`` ``delay`` seconds after the first
-    task named in ``names`` of iteration ``at`` or later is sent to a worker (once)."""
+    task named in ``names`` of iteration (gd: pass round) ``at`` or later is sent to a
+    worker (once)."""
 
     name = "daskptycho-test-kill"
 
@@ -150,7 +152,10 @@ def test_worker_killed_at_any_moment_of_an_iteration(small_pbtio3, client, tmp_p
     victim, pid = _victim(client)
     seed = f"{engine}-{moment}-{os.environ.get('FAULT_SEED', '0')}"
     delay = random.Random(seed).uniform(0.0, 0.05)  # into the phase, not only at its first task
-    client.register_plugin(KillDuring(pid, MOMENTS[moment], at=3, delay=delay))
+    # gd's iteration tasks count pass rounds: 4 per iteration here (the default minibatch
+    # rounds); checkpoints count iterations
+    at = 3 * (AUTO_MINIBATCHES if engine == "gd" and moment != "checkpoint-write" else 1)
+    client.register_plugin(KillDuring(pid, MOMENTS[moment], at=at, delay=delay))
     # the tile graph, whose tasks open each moment (a peer run: test_worker_killed_inside_a_peer_stage)
     try:
         with dask.config.set({"daskptycho.schedule.exchange": "scheduler"}), caplog.at_level(logging.WARNING, logger="daskptycho"):
@@ -233,7 +238,7 @@ def test_worker_killed_inside_a_peer_stage(small_pbtio3, client, tmp_path, caplo
     ref = _reference(ds, client, "gd", **GD)
     victim, pid = _victim(client)
     delay = random.Random(f"peer-{os.environ.get('FAULT_SEED', '0')}").uniform(0.0, 0.05)
-    client.register_plugin(KillDuring(pid, {"stage"}, at=3, delay=delay))
+    client.register_plugin(KillDuring(pid, {"stage"}, at=3 * AUTO_MINIBATCHES, delay=delay))  # stages are numbered by pass round
     cfg = {"daskptycho.schedule.exchange": "peer", "daskptycho.schedule.block_iterations": 2}
     try:
         with dask.config.set(cfg), caplog.at_level(logging.WARNING, logger="daskptycho"):

@@ -26,6 +26,7 @@ def pbtio3_12(tmp_path_factory):
 
 
 def _ml(ds, **kw):
+    kw.setdefault("batch_size", None)  # the exact reference: full-batch gradient descent
     return run_ml(prepare(ds, engine_options(**kw)), load_patterns(ds))
 
 
@@ -33,7 +34,7 @@ def _ml(ds, **kw):
 def test_gd_batch_mode_is_full_batch_gradient_descent(pbtio3_12, client, tiles):
     ds = dp.open_dataset(pbtio3_12)
     ref_obj, _, ref_cost = _ml(ds, iterations=5, slices=2)
-    res = dp.reconstruct(ds, engine="gd", tiles=tiles, iterations=5, local_updates=False, slices=2, halo="window", client=client)
+    res = dp.reconstruct(ds, engine="gd", tiles=tiles, iterations=5, batch_size=None, slices=2, halo="window", client=client)
     rel = np.linalg.norm(res.object.values - ref_obj) / np.linalg.norm(ref_obj)
     assert rel < 1e-4, rel
     np.testing.assert_allclose(res.cost.values, ref_cost, rtol=1e-4)
@@ -47,7 +48,7 @@ def test_gd_batch_mode_is_full_batch_gradient_descent(pbtio3_12, client, tiles):
 def test_gd_with_probe_refinement_matches_ml(pbtio3_12, client):
     ds = dp.open_dataset(pbtio3_12).load()
     ds.attrs["probe_defocus_m"] *= 1.2
-    kw = dict(iterations=4, slices=2, refine_probe=True, probe_refine_start=1, probe_step=1.0)
+    kw = dict(iterations=4, slices=2, refine_probe=True, probe_refine_start=1, probe_step=1.0, batch_size=None)
     ref_obj, ref_probe, _ = _ml(ds, **kw)
     res = dp.reconstruct(ds, engine="gd", tiles=(2, 3), client=client, halo="window", **kw)
     assert np.linalg.norm(res.probe.values - ref_probe) / np.linalg.norm(ref_probe) < 1e-4
@@ -66,7 +67,8 @@ def test_gd_rounds_and_local_updates_converge(pbtio3_12, client):
 
 def test_hve_reconstructs_and_holds_more_per_tile(pbtio3_12, client):
     ds = dp.open_dataset(pbtio3_12)
-    gd = dp.reconstruct(ds, engine="gd", tiles=(2, 2), iterations=10, slices=2, client=client)
+    # full batch: the first iteration's cost is then measured at the starting object by both
+    gd = dp.reconstruct(ds, engine="gd", tiles=(2, 2), iterations=10, slices=2, batch_size=None, client=client)
     hve = dp.reconstruct(ds, engine="hve", tiles=(2, 2), iterations=10, slices=2, client=client)
     r_gd, _ = phase_correlation(gd.object, ds.truth_object, ds.position.values)
     r_hve, _ = phase_correlation(hve.object, ds.truth_object, ds.position.values)
@@ -96,7 +98,7 @@ def test_task_stream_shows_cross_direction_pipelining(pbtio3_12, client):
     ds = dp.open_dataset(pbtio3_12)
     # the tile graph's own tasks (a worker holding 4 tiles or more would run them fused)
     with get_task_stream(client) as ts, dask.config.set({"daskptycho.schedule.fuse": "never", "daskptycho.schedule.exchange": "scheduler"}):
-        dp.reconstruct(ds, engine="gd", tiles=(3, 3), iterations=3, slices=2, client=client)
+        dp.reconstruct(ds, engine="gd", tiles=(3, 3), iterations=3, slices=2, batch_size=None, client=client)
     rounds = pipelining(ts.data, 3)
     assert len(rounds) == 3
     assert any(v["pipelined"] for v in rounds.values()), rounds

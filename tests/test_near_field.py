@@ -104,7 +104,7 @@ def test_near_field_gradient_finite_difference(small_problem, kernels, cost):
         for name, base, grad in (("object", obj, g["object"]), ("probe", probe, g["probe"])):
             d = _crandn(rng, base.shape) * np.float32(1e-3)
 
-            def cost_at(v):
+            def cost_at(v, name=name):
                 o, p = (v, probe) if name == "object" else (obj, v)
                 return multislice.gradients(o, p, win, kern, intensity, cost=cost)["cost"]
 

@@ -189,7 +189,8 @@ def perturbed_store(tmp_path_factory):
     return path
 
 
-KW = dict(engine="ml", slices=2, position_correction=True, position_correction_start=2, position_correction_every=2, batch_size=16)
+KW = dict(engine="ml", slices=2, position_correction=True, position_correction_start=2, position_correction_every=2, batch_size=16,
+          minibatch_fraction=1.0)  # minibatches throughout: the resumed run extends the total
 
 
 def test_resume_with_position_correction_is_bit_exact_and_the_result_keeps_the_positions(perturbed_store, client, tmp_path):
@@ -316,7 +317,8 @@ def test_gd_recovers_most_of_a_1px_rms_position_error_on_its_tiles_in_both_excha
 
 def test_gd_on_one_tile_with_whole_windows_is_ml_with_position_correction(image, client):
     bad = perturbed(image, 1.0, seed=2)
-    kw = dict(iterations=12, position_correction=True, position_correction_start=3, position_correction_every=2, client=client)
+    kw = dict(iterations=12, position_correction=True, position_correction_start=3, position_correction_every=2, batch_size=None,
+              client=client)
     ml = dp.reconstruct(bad, engine="ml", **kw)
     gd = dp.reconstruct(bad, engine="gd", tiles=(1, 1), halo="window", **kw)
     assert gd.attrs["tiles"] == "1x1" and gd["object"].shape == ml["object"].shape

@@ -64,6 +64,9 @@ class DMOptions(EngineOptions):
             raise OptionsError("beta", f"got {self.beta!r}; expected 0 < beta <= 1 (the paper uses 0.8)")
         if self.slices != 1:
             raise OptionsError("slices", "the difference map is a 2-D method: use slices=1 (engine='gd' or engine='ml' for multislice)")
+        if self.object_amplitude_max not in ("auto", None):
+            raise OptionsError("object_amplitude_max", "the difference map's object update does not clip amplitudes: leave it 'auto' "
+                               "(engine='ml' or 'gd' clip them)")
         if (self.checkpoint_every or self.resume) and self.probe_modes == "auto":
             raise OptionsError("probe_modes", "'auto' runs several reconstructions and cannot be checkpointed; give the number of modes")
 

@@ -22,25 +22,33 @@ from ..tasks import tiles as tt
 from ..tasks.ml import refines_positions
 from ..tasks.stage import take
 from ..tasks.tiles import window_pads
+from ..tasks.updates import minibatches
 from ..tiling import halo_from_metres, make_tiling
 from .ml import result_variables
-from .options import Number, PositionOptions, TiledOptions, boolean, option
+from .options import MinibatchOptions, Number, PositionOptions, TiledOptions, boolean, option
 from .problem import Problem
 from .run import PinnedRun, RunOutput, Step
 
 
 @dataclass(kw_only=True)
-class GDOptions(TiledOptions, PositionOptions):
+class GDOptions(MinibatchOptions, TiledOptions, PositionOptions):
     """Options of engine ``gd`` (image gradient decomposition).
 
     Attributes
     ----------
     local_updates : bool
         Step each tile after each minibatch of ``batch_size`` of its own positions
-        (None: all of them) between passes (Alg. 1, lines 5-9); off: batch mode,
-        exactly full-batch gradient descent.
-    passes_per_iteration : int
-        Pass rounds per iteration (the paper's T).
+        (None: all of them) between passes (Alg. 1, lines 5-9). Off (default): the
+        minibatches are pass rounds instead (``passes_per_iteration``).
+    passes_per_iteration : int or "auto"
+        Pass rounds per iteration (the paper's T): each round takes an interleaved share
+        of every tile's positions, exchanges the strips and steps every tile, so T rounds
+        are the minibatch updates of T minibatches spread over the whole object.
+        ``"auto"`` (default): in the minibatch iterations
+        (:meth:`~daskptycho.engines.options.MinibatchOptions.batch_at`) as many rounds as
+        the largest tile's positions make minibatches of ``batch_size``
+        (:func:`~daskptycho.tasks.updates.minibatches`; ``"auto"``: 4), 1 after them (and
+        always 1 with ``local_updates``), so the run ends in batch mode.
 
     The position-correction options are :class:`~daskptycho.engines.options.PositionOptions`'s:
     each tile refines the positions it owns on its own extended patch
@@ -50,8 +58,17 @@ class GDOptions(TiledOptions, PositionOptions):
 
     ENGINE = "gd"
     engine: str = "gd"
+
+    def rounds_at(self, it, tile_positions):
+        """Pass rounds of iteration ``it`` (0-based) when the largest tile holds
+        ``tile_positions`` positions (see ``passes_per_iteration``)."""
+        if self.passes_per_iteration != "auto":
+            return self.passes_per_iteration
+        if self.local_updates:  # batch_size sets the tiles' local minibatches instead
+            return 1
+        return minibatches(tile_positions, self.batch_at(it))
     local_updates: bool = option(boolean, False)
-    passes_per_iteration: int = option(Number(True, 1), 1)
+    passes_per_iteration: int | str = option(lambda n, v: v if v == "auto" else Number(True, 1)(n, v), "auto")
 
 
 FUSE = ("auto", "always", "never")
@@ -161,11 +178,13 @@ def context_for(problem: Problem, tiling, tiles=None):
         corrections = dict(origins={k: (int(ext[0]), int(ext[2])) for k, (_, ext) in tiles.items()},
                            position_start={k: start[pos] for k, (pos, _) in tiles.items()},
                            position_max_shift_px=float(o.position_max_shift_px))
+    # hve's minibatches are the baseline's independent tile runs, taken only when asked for
+    local_batch = None if (o.engine == "hve" and o.batch_size == "auto") else o.batch_size
     return tt.TileContext(
         kernel=problem.kernel, mask=problem.mask, window=problem.window, corners=rel, cost=o.cost,
         working_set=(o.working_set_mib, o.working_set_fraction), step=o.step, probe_step=o.probe_step, regularization=o.regularization,
-        eps_per_position=problem.eps_object(1), device=o.device, local_batch=o.batch_size,
-        hve_minibatch=o.engine == "hve" and o.batch_size is not None, counted=counted, pads=pads or None, **corrections,
+        eps_per_position=problem.eps_object(1), device=o.device, local_batch=local_batch,
+        hve_minibatch=o.engine == "hve" and local_batch is not None, amplitude_max=o.amplitude_max(), counted=counted, pads=pads or None, **corrections,
     )
 
 
@@ -183,7 +202,11 @@ class TiledRun(PinnedRun):
         self.tiling, self.specs = tiling, specs
         self.units = {k: pos for k, (pos, _) in specs.items()}
         self.live_grid = (tiling.rows, tiling.cols)
-        self.live_rounds = problem.options.passes_per_iteration if problem.options.engine == "gd" else 1
+        # round numbers per iteration: the most rounds any iteration has (gd: the first's)
+        self.tile_positions = max(len(pos) for pos, _ in specs.values())
+        o = problem.options
+        self.live_rounds = max(o.rounds_at(0, self.tile_positions), o.rounds_at(o.iterations - 1, self.tile_positions)) \
+            if o.engine == "gd" else 1
         self.cores = {t.key: _local_core(specs[t.key][1], t.core) for t in tiling}
         self.origins = {t.key: (t.core[0], t.core[2]) for t in tiling}
         self.states, self.probe, self.ctx = {}, None, None
@@ -201,6 +224,11 @@ class TiledRun(PinnedRun):
         the keywords ``positions`` (each tile's, like ``states``) and ``refine_positions``
         (:meth:`position_mode`)."""
         raise NotImplementedError
+
+    def block_kind(self, block):
+        """What else than its length, probe and position refinement sets the graph of a
+        block's iterations (part of the shape a rebound block must share): nothing here."""
+        return ()
 
     def position_mode(self, it):
         """What iteration ``it`` does with the positions: 0 keeps them, 1 refines them, 2
@@ -312,7 +340,7 @@ class TiledRun(PinnedRun):
         are kept on their workers, so a block's graph is a few small tasks per worker
         whatever the number of tiles."""
         it, rounds = block[0], self.live_rounds
-        shape = (len(block), refine, moves)
+        shape = (len(block), refine, moves, self.block_kind(block))
         inputs = {("state", k): v for k, v in self.states.items()}
         inputs["probe"] = self.probe
         inputs.update({("positions", k): v for k, v in self.positions.items()})
@@ -432,11 +460,15 @@ class GDRun(TiledRun):
         tiling = tiling_for(problem)
         super().__init__(drv, problem, source, progress, tiling, {t.key: (t.positions, t.extended) for t in tiling})
 
+    def block_kind(self, block):
+        """The pass rounds of each of the block's iterations (minibatches)."""
+        return tuple(self.problem.options.rounds_at(i, self.tile_positions) for i in block)
+
     def build_from(self, it, refine, states, probe, positions=None, refine_positions=0):
         o = self.problem.options
-        return gd_iteration(self.tiling, it, states, self.data, probe, self.ctx, rounds=o.passes_per_iteration,
+        return gd_iteration(self.tiling, it, states, self.data, probe, self.ctx, rounds=o.rounds_at(it, self.tile_positions),
                             refine_probe=refine, local_updates=o.local_updates, tag=self.tag, positions=positions,
-                            refine_positions=refine_positions)
+                            refine_positions=refine_positions, stride=self.live_rounds)
 
 
 def _tile_name(key):

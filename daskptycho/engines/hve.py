@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import OptionsError
 from ..schedule.hve import hve_iteration
 from .gd import TiledRun, halo_for, tiling_for
-from .options import TiledOptions
+from .options import TiledOptions, boolean, option
 from .problem import Problem, fast_axis_step
 
 
@@ -31,6 +31,7 @@ class HVEOptions(TiledOptions):
 
     ENGINE = "hve"
     engine: str = "hve"
+    refine_probe: bool = option(boolean, False)  # the baseline keeps the probe (config's default is ml's and gd's)
 
     def check(self):
         super().check()

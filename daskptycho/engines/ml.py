@@ -16,7 +16,7 @@ import numpy as np
 from ..io.checkpoint import write_state
 from ..schedule.graph import IterationGraph
 from ..tasks.ml import ml_init, ml_restore, ml_state_on_host, ml_step, state_names
-from .options import Number, PositionOptions, option
+from .options import MinibatchOptions, Number, PositionOptions, option
 from .problem import Problem
 from .run import PinnedRun, RunOutput, Step
 
@@ -25,24 +25,21 @@ UNIT = (0, 0)
 
 
 @dataclass(kw_only=True)
-class MLOptions(PositionOptions):
+class MLOptions(MinibatchOptions, PositionOptions):
     """Options of engine ``ml`` (the single-task reference).
 
     Attributes
     ----------
-    batch_size : int or None
-        Positions per update, in a random order drawn from ``(seed, iteration)``;
-        None: all of them (full batch, exact gradient descent).
     workers : int or None
         Workers of an embedded cluster: 1 (the run has one unit).
 
-    The position-correction options are :class:`~daskptycho.engines.options.PositionOptions`'s.
+    The minibatch options are :class:`~daskptycho.engines.options.MinibatchOptions`'s, the
+    position-correction options :class:`~daskptycho.engines.options.PositionOptions`'s.
     """
 
     ENGINE = "ml"
     engine: str = "ml"
     workers: int | None = option(Number(True, 1, none=True), 1)
-    batch_size: int | None = option(Number(True, 1, none=True), config_key="batch_size")
 
 
 class MLRun(PinnedRun):

@@ -85,6 +85,13 @@ def modes(name, v):
     return Number(True, 1)(name, v)
 
 
+def batch_size_rule(name, v):
+    """``None`` (full batch), ``"auto"`` or a positive integer."""
+    if v is None or v == "auto":
+        return v
+    return Number(True, 1)(name, v)
+
+
 def option(rule, default=dataclasses.MISSING, config_key=None, doc=""):
     """A field with its rule (and its default, or the config key that gives it)."""
     meta = {"rule": rule, "doc": doc}
@@ -119,6 +126,11 @@ class EngineOptions:
         if the store gives none.
     probe_modes : int or None
         Incoherent probe modes (None: as many as the store's probe guess has).
+    object_amplitude_max : float, "auto" or None
+        ml, gd, hve: after each object step, amplitudes above this are scaled down to it
+        (a passive object transmits at most the wave it receives: 1 on the store's
+        scale). ``"auto"`` (default): 1 for multislice (``slices > 1``), where it
+        measurably helps thick samples, else None (docs/convergence.md).
     working_set_mib, working_set_fraction : float
         Most transient memory of one vectorised gradient call, and at most this
         fraction of the state of the task's tile.
@@ -146,6 +158,8 @@ class EngineOptions:
     probe_modes: int | None = option(modes, None)
     working_set_mib: float = option(Number(False, 0, closed=False), config_key="working_set_mib")
     working_set_fraction: float = option(Number(False, 0, closed=False), config_key="working_set_fraction")
+    object_amplitude_max: float | str | None = option(
+        lambda n, v: v if v in ("auto", None) else Number(False, 0, closed=False)(n, v), config_key="object_amplitude_max")
     device: str = option(Choice(("cpu", "gpu")), "cpu")
     workers: int | None = option(Number(True, 1, none=True), None)
     checkpoint: str | None = option(path, None)
@@ -163,6 +177,12 @@ class EngineOptions:
             if rule is not None:
                 setattr(self, f.name, rule(f.name, getattr(self, f.name)))
         self.check()
+
+    def amplitude_max(self):
+        """``object_amplitude_max`` resolved: a number, or None (no clipping)."""
+        if self.object_amplitude_max == "auto":
+            return 1.0 if self.slices > 1 else None
+        return self.object_amplitude_max
 
     def check(self):
         """The rules between fields (each engine adds its own)."""
@@ -198,6 +218,40 @@ class PositionOptions(EngineOptions):
 
 
 @dataclass(kw_only=True)
+class MinibatchOptions(EngineOptions):
+    """Options of the engines that update in minibatches (``ml``, ``gd``).
+
+    Attributes
+    ----------
+    batch_size : int, "auto" or None
+        Positions per update, split into equal minibatches
+        (:func:`~daskptycho.tasks.updates.minibatches`): ml draws them from a random
+        order seeded by ``(seed, iteration)``; gd steps each tile after each of its own
+        minibatches, interleaved over the tile. ``"auto"`` (default):
+        :data:`~daskptycho.tasks.updates.AUTO_MINIBATCHES` (4) minibatches per iteration
+        (gd: per tile). None: full batch (exact gradient descent; gd then equals ml).
+    minibatch_fraction : float
+        The share of the iterations that run in minibatches (the first
+        ``ceil(fraction * iterations)``); the rest run full batch, which averages out
+        the noise each minibatch's step carries into the object (docs/convergence.md).
+    """
+
+    batch_size: int | str | None = option(batch_size_rule, config_key="batch_size")
+    minibatch_fraction: float = option(Number(False, 0, high=1), config_key="minibatch_fraction")
+
+    def minibatch_iterations(self):
+        """How many of the first iterations run in minibatches (0 with ``batch_size=None``)."""
+        if self.batch_size is None:
+            return 0
+        return int(math.ceil(self.minibatch_fraction * self.iterations - 1e-9))
+
+    def batch_at(self, it):
+        """The batch size of iteration ``it`` (0-based): ``batch_size`` during the
+        minibatch iterations, None (full batch) after them."""
+        return self.batch_size if it < self.minibatch_iterations() else None
+
+
+@dataclass(kw_only=True)
 class TiledOptions(EngineOptions):
     """Options of the engines that split the object into tiles pinned to workers.
 
@@ -216,13 +270,13 @@ class TiledOptions(EngineOptions):
         The share of the probe's intensity a ``"probe"`` halo holds (0 < f <= 1).
     halo_m : float or None
         Halo of each tile, in metres; overrides ``halo`` (None: as ``halo`` says).
-    batch_size : int or None
-        Positions per update inside a tile; None: all of the tile's at once (in batch
-        mode, the default, the tiles' gradients make one full-batch update).
+    batch_size : int, "auto" or None
+        Positions per update inside a tile (engine gd: :class:`MinibatchOptions`; hve:
+        an integer runs its independent tile minibatches, ``"auto"`` and None full batch).
     """
 
     tiles: tuple = option(tile_grid, config_key="tiles")
     halo: str = option(Choice(("probe", "window")), config_key="halo")
     halo_fraction: float = option(Number(False, 0, closed=False, high=1), config_key="halo_fraction")
     halo_m: float | None = option(Number(False, 0, closed=False, none=True), None)
-    batch_size: int | None = option(Number(True, 1, none=True), config_key="batch_size")
+    batch_size: int | str | None = option(batch_size_rule, config_key="batch_size")

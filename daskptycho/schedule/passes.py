@@ -127,12 +127,13 @@ def materialise(tiling, s, final, graph):
 
 def round_positions(tiling, rounds):
     """``{(r, c): [local index arrays, one per round]}``: each tile's positions
-    split into ``rounds`` contiguous groups in acquisition order."""
-    return {t.key: np.array_split(np.arange(t.positions.size), rounds) for t in tiling}
+    split into ``rounds`` interleaved groups (every ``rounds``-th in acquisition order), so
+    that each round's positions spread over the whole tile, as a minibatch's do."""
+    return {t.key: [np.arange(k, t.positions.size, rounds) for k in range(rounds)] for t in tiling}
 
 
 def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_probe=False, local_updates=False, tag=None,
-                 positions=None, refine_positions=0):
+                 positions=None, refine_positions=0, stride=None):
     """The task graph of one gradient-decomposition iteration (pure: no client).
 
     Parameters
@@ -144,7 +145,12 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
     probe : key/future/value: the probe (K, N, N)
     context : key/future/value: a :class:`~daskptycho.tasks.tiles.TileContext`
     rounds : int
-        Pass rounds per iteration (the paper's T).
+        Pass rounds of this iteration (the paper's T), each over an interleaved share of
+        every tile's positions (:func:`round_positions`): minibatches when > 1.
+    stride : int, optional
+        Round numbers each iteration takes (default ``rounds``; the most rounds an
+        iteration of the run has): round ``rnd`` is ``s = it * stride + stride - rounds
+        + rnd``, so the last round of an iteration is always ``(it + 1) * stride - 1``.
     refine_probe : bool
         Sum the probe gradient over tiles (tree reduction) and update the probe.
     local_updates : bool
@@ -173,13 +179,15 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
     groups = round_positions(tiling, rounds)
     costs = []
     where = ()
+    stride = rounds if stride is None else stride
+    first = it * stride + stride - rounds
     if positions is not None:
-        s = it * rounds
+        s = first
         positions = {t.key: g.add(("positions", s, *t.key), (
             tt.tile_positions, states[t.key], data[t.key], positions[t.key], probe, context, t.key, refine_positions == 2)
             if refine_positions else (tt.kept_positions, positions[t.key]), t.key) for t in tiling}
     for rnd in range(rounds):
-        s = it * rounds + rnd
+        s = first + rnd
         n_round = int(sum(groups[t.key][rnd].size for t in tiling))
         grads = {}
         for t in tiling:

@@ -2,8 +2,9 @@
 worker holding the whole object and every pattern.
 
 Full batch (``batch_size=None``) is exact gradient descent with a diagonal
-preconditioner; minibatches visit the positions in a random order drawn from
-``(seed, iteration)``, so any iteration can be replayed.
+preconditioner; minibatches (the first iterations with the default ``batch_size="auto"``:
+:meth:`~daskptycho.engines.options.MinibatchOptions.batch_at`) visit the positions in equal
+batches of a random order drawn from ``(seed, iteration)``, so any iteration can be replayed.
 
 With ``position_correction`` the state also carries ``positions``: each probe centre's
 continuous estimate in pixel coordinates of the object grid (float64 (J, 2), host
@@ -18,7 +19,7 @@ import numpy as np
 from ..backend import array_module, to_host
 from ..io.checkpoint import read_state
 from ..physics.positions import refine_positions, search_positions, window_corners_of
-from .updates import gradient_sum, object_step, probe_step
+from .updates import gradient_sum, minibatches, object_step, probe_step
 
 #: Fraction of the way to each position's parabolic cost minimum one refinement moves it
 #: (see docs/position-correction.md for the measurements that chose it).
@@ -96,17 +97,17 @@ def ml_step(state, data, it, problem):
         if refines_positions(opts, it):
             positions = refine_ml_positions(obj, probe, kernel, data, mask, positions, it, problem)
         corners = window_corners_of(positions, problem.window)
-    if opts.batch_size is None or opts.batch_size >= j:
+    n_batches = minibatches(j, opts.batch_at(it))
+    if n_batches == 1:
         batches = [np.arange(j)]
     else:
-        order = np.random.default_rng([opts.seed, it]).permutation(j)
-        batches = [order[s:s + opts.batch_size] for s in range(0, j, opts.batch_size)]
+        batches = np.array_split(np.random.default_rng([opts.seed, it]).permutation(j), n_batches)
     cost = 0.0
     for b in batches:
         g = gradient_sum(obj, probe, corners, problem.window, kernel, data, b, mask, opts.cost, problem.chunk, refine,
                          budget_mib=problem.working_set_budget_mib)
         cost += g["cost"]
-        obj = object_step(obj, g["object"], g["illumination"], opts.step, problem.eps_object(len(b)))
+        obj = object_step(obj, g["object"], g["illumination"], opts.step, problem.eps_object(len(b)), amplitude_max=opts.amplitude_max())
         if refine:
             probe = probe_step(probe, g["probe"], g["probe_illumination"], opts.probe_step, opts.regularization)
     # the state stays in the worker's (device) memory; only the cost is a Python float

@@ -14,7 +14,7 @@ from ..backend import array_module, get_array_module, to_numpy
 from ..io.patterns import load_patterns_from_store
 from ..physics.positions import refine_positions, search_positions, window_corners_of
 from .ml import POSITION_STEP
-from .updates import gradient_sum, object_step, object_step_consuming, positions_per_chunk, probe_step, working_set_budget
+from .updates import gradient_sum, minibatches, object_step, object_step_consuming, positions_per_chunk, probe_step, working_set_budget
 
 
 @dataclass
@@ -53,8 +53,9 @@ class TileContext:
     regularization: float
     eps_per_position: float
     device: str = "cpu"
-    local_batch: int | None = None  # positions per local minibatch (None: all of the tile's)
+    local_batch: int | str | None = None  # positions per local minibatch ("auto": tasks.updates.minibatches; None: all of the tile's)
     hve_minibatch: bool = False
+    amplitude_max: float | None = None  # clip the object's amplitude after each step (EngineOptions.amplitude_max)
     counted: dict | None = None
     pads: dict | None = None  # {(r, c): (top, bottom, left, right)}: how far the tile's windows reach past it
     origins: dict | None = None
@@ -162,11 +163,12 @@ def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_prob
     # step the tile with it at once
     obj = state
     total = None
-    batch = ctx.local_batch or max(local.size, 1)
-    for start in range(0, local.size, batch):
-        sel = local[start:start + batch]
+    # interleaved minibatches: each spreads over the whole tile (the positions come in
+    # scan order, so contiguous ones would step the tile a stripe at a time)
+    n_batches = minibatches(local.size, ctx.local_batch)
+    for sel in (local[k::n_batches] for k in range(n_batches)):
         gb = gsum(obj, sel)
-        obj = object_step(obj, gb["object"], gb["illumination"], ctx.step, ctx.eps_per_position * sel.size)
+        obj = object_step(obj, gb["object"], gb["illumination"], ctx.step, ctx.eps_per_position * sel.size, ctx.amplitude_max)
         total = gb if total is None else {k: total[k] + v for k, v in gb.items()}
     if total is None:
         total = gsum(state, local)
@@ -330,7 +332,7 @@ def tile_update(state, local_object, buf, strips, patches, ctx: TileContext, n_p
     base = state if local_object is None else local_object
     eps = ctx.eps_per_position * n_positions
     if not patches:
-        return object_step(base, buf["object"], buf["illumination"], ctx.step, eps)
+        return object_step(base, buf["object"], buf["illumination"], ctx.step, eps, ctx.amplitude_max)
     # one slice at a time: the accumulated buffer of a slice is this task's own copy, the
     # step works in it, and no second buffer of the whole tile exists beside the gradient's
     xp = get_array_module(base)
@@ -338,7 +340,8 @@ def tile_update(state, local_object, buf, strips, patches, ctx: TileContext, n_p
     S = base.shape[0]
     for k in range(S):
         one = apply_patches(_slice(buf, k), [_slice(st, k) for st in strips], patches)
-        out[k:k + 1] = object_step_consuming(base[k:k + 1], one["object"], one["illumination"], ctx.step, eps, slices=S)
+        out[k:k + 1] = object_step_consuming(base[k:k + 1], one["object"], one["illumination"], ctx.step, eps, slices=S,
+                                             amplitude_max=ctx.amplitude_max)
     return out
 
 
@@ -362,7 +365,7 @@ def hve_local_step(state, data, probe, ctx: TileContext, tile, n_total):
         g = tile_gradient(state, data, local, probe, ctx, tile, False, True)
         return {"object": g["local_object"], "cost": g["cost"]}
     g = tile_gradient(state, data, local, probe, ctx, tile, False, False)
-    return {"object": object_step(state, g["object"], g["illumination"], ctx.step, ctx.eps_per_position * n_total),
+    return {"object": object_step(state, g["object"], g["illumination"], ctx.step, ctx.eps_per_position * n_total, ctx.amplitude_max),
             "cost": g["cost"]}
 
 

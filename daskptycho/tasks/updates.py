@@ -17,6 +17,24 @@ from ..physics.wave_checkpoints import checkpoint_interval, gradient_working_set
 # per-call overhead (Python, one FFT call per slice) outweighs the arithmetic.
 MIN_WORKING_SET_MIB = 8
 
+#: minibatches per iteration with ``batch_size="auto"`` (docs/convergence.md: on a
+#: thick crystal 3-5 equal minibatches did best; 2 and 7 did worse, 1 (full batch) worst)
+AUTO_MINIBATCHES = 4
+
+
+def minibatches(n_positions, batch_size):
+    """How many equal minibatches ``n_positions`` positions make with ``batch_size``
+    (``"auto"``: :data:`AUTO_MINIBATCHES`; None: 1, the full batch).
+
+    Equal sizes (``numpy.array_split``) rather than full batches and a remainder: a
+    remainder of a few positions stepped alone moves its windows by their own noise."""
+    n_positions = int(n_positions)
+    if batch_size is None or n_positions <= 1:
+        return 1
+    if batch_size == "auto":
+        return min(AUTO_MINIBATCHES, n_positions)
+    return max(1, -(-n_positions // int(batch_size)))
+
 
 def working_set_budget(state_bytes, cap_mib, fraction):
     """Transient budget (MiB) of a gradient call for a tile holding ``state_bytes``:
@@ -139,16 +157,18 @@ def _gradient_sum_device(obj, probe, corners, window, kernel, data, groups, mask
     return total
 
 
-def object_step(obj, grad, illumination, step, eps):
+def object_step(obj, grad, illumination, step, eps, amplitude_max=None):
     """``O - step * g / (2 (illumination + eps))``: a diagonal Gauss-Newton step.
 
     With ``step = 1`` and one slice this is the averaged-projection (error
     reduction) update; ``illumination`` is ``sum_j |incident wave|^2`` per slice.
+    ``amplitude_max``: the new object's amplitudes are then clipped to it
+    (:func:`clip_amplitude`; None: not clipped).
     """
-    return object_step_consuming(obj, grad.copy(), illumination.copy(), step, eps)
+    return object_step_consuming(obj, grad.copy(), illumination.copy(), step, eps, amplitude_max=amplitude_max)
 
 
-def object_step_consuming(obj, grad, illumination, step, eps, slices=None):
+def object_step_consuming(obj, grad, illumination, step, eps, slices=None, amplitude_max=None):
     """:func:`object_step` computed in ``grad`` and ``illumination`` (overwritten: the
     caller's own copies), with no other full-size temporary. ``slices``: the object's
     slice count when ``obj`` is a part of its slices (default ``obj.shape[0]``)."""
@@ -159,7 +179,19 @@ def object_step_consuming(obj, grad, illumination, step, eps, slices=None):
     illumination *= 2
     grad *= step
     grad /= illumination
-    return obj - grad.astype(obj.dtype, copy=False)
+    out = obj - grad.astype(obj.dtype, copy=False)
+    if amplitude_max is not None:
+        clip_amplitude(out, amplitude_max)
+    return out
+
+
+def clip_amplitude(obj, amplitude_max):
+    """Scale down, in place, every pixel of ``obj`` whose amplitude exceeds ``amplitude_max``
+    to that amplitude (phase kept): a passive object transmits at most what it receives."""
+    xp = get_array_module(obj)
+    a = xp.abs(obj)
+    obj *= amplitude_max / xp.maximum(a, amplitude_max)
+    return obj
 
 
 def probe_step(probe, grad, illumination, step, regularization):
@@ -169,4 +201,11 @@ def probe_step(probe, grad, illumination, step, regularization):
         eps = regularization * xp.mean(illumination) + 1e-30
     else:
         eps = regularization * float(xp.mean(illumination)) + 1e-30
-    return probe - (step * grad / (2 * (illumination + eps))).astype(probe.dtype)
+    new = probe - (step * grad / (2 * (illumination + eps))).astype(probe.dtype)
+    if new.shape[0] > 1:
+        # Incoherent modes are defined only up to a unitary mixing: the eigenmodes of
+        # their density matrix, by decreasing power, are the ones to report (as dm's).
+        # The model's intensities are unchanged, and so is every later step, which
+        # commutes with the mixing (the preconditioner is the same for every mode).
+        new = physics.orthogonalize_modes(new)[0]
+    return new
