@@ -20,8 +20,8 @@ Runs, 50 iterations each: daskptycho ``reconstruct(store, engine=..., iterations
 slices=...)`` with nothing else for ml and gd; on the fly scan also dm (to 100), and ml
 and dm with 1 and 4 probe modes; Pty-Chi's LSQML (its defaults, probe optimisation on,
 its default batch of 100; 1 and 4 modes on the fly scan) in benchmarks/peers/.venv. The
-error at iterations 40 and 50 (and 100) comes from one run: a checkpoint at 40 resumed to
-50 (daskptycho), the object taken after each epoch (Pty-Chi).
+error at iterations 40 and 50 (and 100): daskptycho, one run from scratch each (its default
+schedule depends on the run's total); Pty-Chi, the object after those epochs of one task.
 
 Python API, to try option sets quickly::
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -343,30 +342,24 @@ def score(name, result, reach=4):
 
 
 def run_daskptycho(name, engine, client, stages=STAGES, **options):
-    """One daskptycho run of case ``name`` to ``stages[-1]`` iterations, scored after each
-    stage (a checkpoint at each stage, resumed to the next: one run's states, not several
-    runs). Options beyond ``iterations`` and ``slices`` are the row's own (probe modes)."""
+    """daskptycho on case ``name``: one run from scratch per entry of ``stages`` (iterations),
+    each scored. Separate runs, not a checkpoint resumed: the default schedule (minibatch
+    rounds for the first part of the run, then full batch) depends on a run's total, so a
+    40-iteration run extended to 50 is not a 50-iteration run. Options beyond
+    ``iterations`` and ``slices`` are the row's own (probe modes)."""
     import daskptycho as dp
 
     store = case_store(name)
     row = {"case": name, "code": "daskptycho", "engine": engine, "options": dict(options), "errors": {}, "seconds": {}}
-    tmp = tempfile.mkdtemp(prefix="independent-")
-    try:
-        ck = os.path.join(tmp, "ck.zarr")
-        done = 0
-        for n in stages:
-            t0 = time.perf_counter()
-            res = dp.reconstruct(store, engine=engine, iterations=n, slices=SLICES[name], client=client, checkpoint=ck,
-                                 checkpoint_every=n, resume=done > 0, **options)
-            row["seconds"][str(n)] = time.perf_counter() - t0
-            row["errors"][str(n)] = score(name, res)
-            done = n
-            print(f"{name} daskptycho {engine} {options or ''} it {n}: {row['errors'][str(n)]} ({row['seconds'][str(n)]:.0f} s)", flush=True)
-        row["run_s"] = sum(row["seconds"].values())
-        row["probe_power_fraction"] = res["probe_power_fraction"].values.tolist()
-        row["final_cost"] = float(res["cost"].values[-1])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for n in stages:
+        t0 = time.perf_counter()
+        res = dp.reconstruct(store, engine=engine, iterations=n, slices=SLICES[name], client=client, **options)
+        row["seconds"][str(n)] = time.perf_counter() - t0
+        row["errors"][str(n)] = score(name, res)
+        print(f"{name} daskptycho {engine} {options or ''} it {n}: {row['errors'][str(n)]} ({row['seconds'][str(n)]:.0f} s)", flush=True)
+    row["run_s"] = row["seconds"][str(stages[-1])]  # the longest run alone
+    row["probe_power_fraction"] = res["probe_power_fraction"].values.tolist()
+    row["final_cost"] = float(res["cost"].values[-1])
     return row
 
 
@@ -426,7 +419,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks independent")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated of thin,thick,flyscan")
     p.add_argument("--quick", action="store_true", help="10 iterations (errors at 5 and 10): a smoke run; writes independent_quick.json")
-    p.add_argument("--no-peer", action="store_true", help="daskptycho only (no Pty-Chi venv needed)")
+    p.add_argument("--no-peer", action="store_true", help="daskptycho only (no Pty-Chi venv needed); keeps earlier Pty-Chi rows")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (1 thread each)")
     p.add_argument("--regenerate", action="store_true", help="make the data again (abTEM and the fly scan)")
     a = p.parse_args(argv)
@@ -445,10 +438,11 @@ def main(argv=None):
     rows, data = [], {}
     previous = None
     path = os.path.join(HERE, "results", f"{out}.json")
-    if os.path.exists(path) and set(cases) != set(CASES):  # a partial rerun keeps the other cases' rows
+    if os.path.exists(path) and (set(cases) != set(CASES) or a.no_peer):  # a partial rerun keeps the other rows
         with open(path) as f:
             previous = json.load(f)
-        rows = [r for r in previous.get("rows", []) if r["case"] not in cases]
+        # rows of other cases, and with --no-peer the Pty-Chi rows of these, stay
+        rows = [r for r in previous.get("rows", []) if r["case"] not in cases or (a.no_peer and r["code"] != "daskptycho")]
         data = {k: v for k, v in previous.get("data", {}).items() if k not in cases}
     command = "python -m benchmarks independent " + " ".join(argv if argv is not None else sys.argv[1:])
 

@@ -651,7 +651,7 @@ def section_independent(d, lines):
                   "at most pi, divided by its spread understates the error; the wrapped one, at the last iteration: " + "; ".join(
                       f"{r['code']} {r['engine']}: {r['errors'][max(r['errors'], key=int)]['phase_nrmse']:.3f}"
                       for r in unwrapped) + "."]
-    lines += ["", "s: wall seconds of the whole run (daskptycho: the `reconstruct` calls, loading and the cluster's tasks "
+    lines += ["", "s: wall seconds of the run to the last iteration count (daskptycho: that `reconstruct` call, loading and the cluster's tasks "
               "included; Pty-Chi: its task's epochs, without starting Python and torch). Data: " + "; ".join(f"{k}: {v['patterns'][0]} patterns of {v['patterns'][1]} px, {v['slices']} slice(s), "
                                                f"{v['mean_counts']:.3g} counts per pattern" for k, v in d["data"].items()) + ".", ""]
 
