@@ -103,11 +103,14 @@ def main(argv=None):
                     opts = dict(iterations=a.iterations, slices=sim["slices"] if "slices" in sim else 1, pad_px=pad, **kw)
                     if engine == "gd":
                         opts["tiles"] = (2, 2)
+                        if isinstance(opts.get("batch_size"), int):  # gd's batch is per tile: the same number of rounds
+                            opts["batch_size"] = max(1, opts["batch_size"] // 4)
                     t0 = time.perf_counter()
                     res = dp.reconstruct(ds, engine=engine, client=c, **opts)
                     seconds = time.perf_counter() - t0
                     phase, cplx, r, shift = phase_errors(res.object, ds.truth_object, ds.position.values)
-                    rows.append({"case": case, "rule": label, "engine": engine, "options": {k: v for k, v in kw.items()},
+                    rows.append({"case": case, "rule": label, "engine": engine,
+                                 "options": {k: v for k, v in opts.items() if k in kw},
                                  "phase_nrmse": phase, "complex_nrmse": cplx, "phase_pearson_r": r, "shift_px": shift,
                                  "seconds": seconds})
                     print(rows[-1], flush=True)

@@ -179,6 +179,8 @@ BAD_BEFORE_START = [
     (["--engine", "gd", "--partitions", "2"], "--partitions"),
     (["--engine", "ml", "--probe-modes", "auto"], "--probe-modes"),
     (["--engine", "dm", "--batch-size", "4"], "--batch-size"),
+    (["--batch-size", "half"], "--batch-size"),
+    (["--minibatch-fraction", "1.5"], "--minibatch-fraction"),
     (["--engine", "gd", "--beta", "0.5"], "--beta"),
     (["--tiles", "50x50"], "--tiles"),
     (["--slices", "2", "--slice-thickness=-1e-10"], "--slice-thickness"),

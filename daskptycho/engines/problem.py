@@ -113,16 +113,18 @@ def _initial_probe(ds, opts, window, dx, lam, mean_counts, detector=None, mask=N
                                        central_stop=float(ds.attrs.get("probe_central_stop", 0.0)))[None]
     k = opts.probe_modes if isinstance(opts.probe_modes, (int, np.integer)) else probe.shape[0]
     if k > probe.shape[0]:
-        if opts.engine == "dm":
-            # modes that differ in blur, as the multi-mode DM paper suggests for fly
-            # scans: the blur of a probe moving over one step along the fast axis
-            axis, step = fast_axis_step(ds["position"].values, dx)
-            if step > 0:
-                probe = physics.probe.motion_modes(probe[0], k, step, axis=-1 if axis == 1 else -2)
-            else:
-                probe = physics.probe.blurred_modes(probe[0], k)
+        # Every engine starts from modes that differ in blur, as the multi-mode DM paper
+        # suggests for fly scans: the blur of a probe moving over one step along the
+        # fast axis. For ml
+        # and gd too: on the independent fly scan (docs/quality.md) the polynomial
+        # modes of physics.probe_modes stayed near their initial powers (0.78/0.11/
+        # 0.08/0.02 against the true 0.39/0.38/0.19/0.04) and 4 modes did worse than
+        # 1; these reach 0.45/0.39/0.14/0.02 and 4 modes do better (docs/convergence.md)
+        axis, step = fast_axis_step(ds["position"].values, dx)
+        if step > 0:
+            probe = physics.probe.motion_modes(probe[0], k, step, axis=-1 if axis == 1 else -2)
         else:
-            probe = physics.probe_modes(probe[0], k, seed=opts.seed)
+            probe = physics.probe.blurred_modes(probe[0], k)
     elif k < probe.shape[0]:
         probe = probe[:k]
     # rescale so the model's total counts match the measured mean (|O| ~ 1, unitary FFT)
