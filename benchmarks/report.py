@@ -630,7 +630,8 @@ def section_independent(d, lines):
     its = sorted({int(n) for r in d["rows"] for n in r.get("errors", {})})
     lines += ["| case | code | engine | options | " + " | ".join(f"it {n}" for n in its) + " | phase r (last) | s (last) |",
               "|---|---|---|---|" + "---|" * len(its) + "---|---|"]
-    for r in d["rows"]:
+    order = {c: i for i, c in enumerate(("thin", "thick", "flyscan"))}
+    for r in sorted(d["rows"], key=lambda r: (order.get(r["case"], 9), r["code"] != "daskptycho")):  # stable within
         opts = ", ".join(f"{k}={v}" for k, v in r.get("options", {}).items()) or "defaults"
         if "failed" in r:
             lines.append(f"| {r['case']} | {r['code']} | {r['engine']} | {opts} | failed: {r['failed'][:150]} |" + " |" * (len(its) + 1))
