@@ -10,12 +10,11 @@ independent cases are ``python -m benchmarks independent``, docs/quality.md):
 * ``flyscan``: X-ray fly scan, 4 true incoherent modes (motion blur), the simulator's
   default dose (0.5 photons/A^2), 1 and 4 modes with probe refinement.
 
-Each row runs ``ml`` (1 worker) or ``gd`` (2x2 tiles, 2 workers) for the same
-iterations with one update rule and scores the object against the truth: the phase
-NRMSE (RMS of the projected-phase error over the RMS of the true projected phase, both
-mean-free, over the scanned field) and the complex NRMSE (per slice, after the best
-constant phase: the phase-wrapped error the thick case needs), at the best whole-pixel
-registration (:func:`daskptycho.metrics.registered_error`).
+Each row runs ``ml`` or ``gd`` (2x2 tiles; both on a 2-worker LocalCluster) for the same
+iterations with one update rule and scores the object against the truth with the
+independent benchmark's scorer (:func:`benchmarks.independent.score_object`: phase NRMSE
+of the projected phase, unwrapped and wrapped, and the complex error of the projected
+transmission, at the best whole-pixel registration).
 
 The rules compared: full batch (``batch_size=None``: the defaults before), minibatches
 of several sizes throughout (``minibatch_fraction=1``), and minibatches for the first
@@ -30,9 +29,8 @@ import os
 import tempfile
 import time
 
-import numpy as np
-
 from .common import machine, write
+from .independent import score_object
 
 CASES = {
     "thin": dict(kind="pbtio3", scan=(20, 20), slices=1, slice_thickness_m=2e-9, dose=1e5, detector=64),
@@ -42,38 +40,16 @@ CASES = {
 
 #: (label, reconstruct keywords) per case; "default" is the engine's defaults
 RULES = {
-    "thin": [("full batch (before)", dict(batch_size=None)), ("default", {}),
+    "thin": [("full batch", dict(batch_size=None)), ("default", {}),
              ("4 minibatches throughout", dict(minibatch_fraction=1.0))],
-    "thick": [("full batch (before)", dict(batch_size=None)), ("default", {}),
+    "thick": [("full batch", dict(batch_size=None)), ("default", {}),
               ("4 minibatches throughout", dict(minibatch_fraction=1.0)),
               ("2 minibatches, then full batch", dict(batch_size=200)),
               ("7 minibatches, then full batch", dict(batch_size=64))],
-    "flyscan": [("full batch (before), 4 modes", dict(batch_size=None, probe_modes=4, refine_probe=True)),
+    "flyscan": [("full batch, 4 modes", dict(batch_size=None, probe_modes=4, refine_probe=True)),
                 ("default, 1 mode", dict(probe_modes=1, refine_probe=True)),
                 ("default, 4 modes", dict(probe_modes=4, refine_probe=True))],
 }
-
-
-def phase_errors(obj, truth, position):
-    """(phase NRMSE, complex NRMSE, Pearson r, (dy, dx)) of ``obj`` against ``truth`` at the
-    best whole-pixel registration (see the module docstring)."""
-    from daskptycho.metrics import _on_truth_grid, registered_error, scanned_region
-
-    _, r, (dy, dx) = registered_error(obj, truth, position)
-    d = float(truth.y[1] - truth.y[0])
-    y0, x0 = float(truth.y[0]), float(truth.x[0])
-    o = obj.assign_coords(y=y0 + np.rint((obj.y.values - y0) / d) * d + dy * d,
-                          x=x0 + np.rint((obj.x.values - x0) / d) * d + dx * d)
-    o, t = _on_truth_grid(o, truth, scanned_region(position))
-    o, t = o.load().values, t.load().values
-    a, b = np.angle(o).sum(0), np.angle(t).sum(0)
-    a, b = a - a.mean(), b - b.mean()
-    phase = float(np.sqrt(np.mean((a - b) ** 2)) / np.std(b))
-    err = 0.0
-    for s in range(o.shape[0]):
-        c = np.angle(np.vdot(o[s], t[s]))  # the best constant phase of the slice
-        err += np.linalg.norm(o[s] * np.exp(1j * c) - t[s]) ** 2 / np.linalg.norm(t[s] - t[s].mean()) ** 2
-    return phase, float(np.sqrt(err / o.shape[0])), float(r), (int(dy), int(dx))
 
 
 def main(argv=None):
@@ -108,11 +84,9 @@ def main(argv=None):
                     t0 = time.perf_counter()
                     res = dp.reconstruct(ds, engine=engine, client=c, **opts)
                     seconds = time.perf_counter() - t0
-                    phase, cplx, r, shift = phase_errors(res.object, ds.truth_object, ds.position.values)
                     rows.append({"case": case, "rule": label, "engine": engine,
                                  "options": {k: v for k, v in opts.items() if k in kw},
-                                 "phase_nrmse": phase, "complex_nrmse": cplx, "phase_pearson_r": r, "shift_px": shift,
-                                 "seconds": seconds})
+                                 **score_object(res.object, ds.truth_object, ds.position.values), "seconds": seconds})
                     print(rows[-1], flush=True)
     write("defaults", {"machine": machine(), "command": "python -m benchmarks defaults " + " ".join(argv or []),
                        "iterations": a.iterations, "cases": {k: {kk: list(v) if isinstance(v, tuple) else v for kk, v in CASES[k].items()}
