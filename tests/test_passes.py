@@ -760,11 +760,18 @@ def test_the_update_applies_the_strips_slice_by_slice_with_the_same_bits():
               for _, (ry, rx) in patches]
 
     class Ctx:
-        step, eps_per_position = 0.8, 1e-4
+        step, eps_per_position, amplitude_max = 0.8, 1e-4, None
 
     got = tt.tile_update(state, None, buf, strips, patches, Ctx, 5)
     full = tt.apply_patches(buf, strips, patches)
     np.testing.assert_array_equal(got, object_step(state, full["object"], full["illumination"], 0.8, 5e-4))
+
+    class Clipped(Ctx):
+        amplitude_max = 1.0
+
+    got = tt.tile_update(state, None, buf, strips, patches, Clipped, 5)
+    np.testing.assert_array_equal(got, object_step(state, full["object"], full["illumination"], 0.8, 5e-4, amplitude_max=1.0))
+    assert np.abs(got).max() <= 1 + 1e-6
     # no strips (one tile): the gradient buffer as it is
     np.testing.assert_array_equal(tt.tile_update(state, None, buf, [], (), Ctx, 5),
                                   object_step(state, buf["object"], buf["illumination"], 0.8, 5e-4))
