@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,7 +223,8 @@ class TiledRun(PinnedRun):
         the tiles' ``states`` and the ``probe`` (futures, keys or
         :class:`~daskptycho.schedule.fuse.Input` objects); with position correction also
         the keywords ``positions`` (each tile's, like ``states``) and ``refine_positions``
-        (:meth:`position_mode`)."""
+        (:meth:`position_mode`); ``number``: the iteration number the tasks compute with
+        (``it``, or a task giving it in a rebound block)."""
         raise NotImplementedError
 
     def block_kind(self, block):
@@ -308,18 +310,21 @@ class TiledRun(PinnedRun):
             got = self._submit_fused(fused, where)
         return self._took(block, out, got)
 
-    def _block_graph(self, block, refine, states, probe, positions=None, moves=None):
+    def _block_graph(self, block, refine, states, probe, positions=None, moves=None, template=False):
         """The tile graph of ``block``'s iterations (each reading the previous one's keys)
         from ``states`` and ``probe`` (and with position correction each tile's
         ``positions``, ``moves`` saying what each iteration does with them), and what comes
         out of it: ``states`` ({tile: key}), ``costs`` ({iteration: [keys]}), ``probe``
         (key, or None without refinement), ``positions`` ({tile: key} or None) and
-        ``wanted`` (all of those)."""
+        ``wanted`` (all of those). ``template``: the block is built once and rebound
+        (:meth:`_peer_step`), so the iteration numbers the tasks compute with are the
+        block's ``Input("iteration")`` plus their place in it."""
         g = IterationGraph(tag=self.tag)
         costs, new_probe = {}, None
         for n, (i, r) in enumerate(zip(block, refine)):
             extra = {} if positions is None else {"positions": positions, "refine_positions": moves[n]}
-            gi = self.build_from(i, r, states, probe, **extra)
+            number = (operator.add, Input("iteration"), n) if template else i
+            gi = self.build_from(i, r, states, probe, number=number, **extra)
             g.tasks.update(gi.tasks)
             g.placement.update(gi.placement)
             costs[i] = gi.outputs["costs"]
@@ -343,11 +348,13 @@ class TiledRun(PinnedRun):
         shape = (len(block), refine, moves, self.block_kind(block))
         inputs = {("state", k): v for k, v in self.states.items()}
         inputs["probe"] = self.probe
+        inputs["iteration"] = it
         inputs.update({("positions", k): v for k, v in self.positions.items()})
         channel = f"{self.tag}|{it}"
         if shape not in self._blocks:
             positions = {k: Input(("positions", k)) for k in self.positions} if moves is not None else None
-            g, out = self._block_graph(block, refine, {k: Input(("state", k)) for k in self.states}, Input("probe"), positions, moves)
+            g, out = self._block_graph(block, refine, {k: Input(("state", k)) for k in self.states}, Input("probe"), positions, moves,
+                                       template=True)
             fused, where = fuse_by_worker(g, it * rounds, self.workers, out["wanted"],
                                           external=lambda x: isinstance(x, Input) or self.drv.is_future(x), channel=channel,
                                           peer_timeout_s=float(config.get("schedule.peer_timeout_s", 300)))
@@ -464,11 +471,11 @@ class GDRun(TiledRun):
         """The pass rounds of each of the block's iterations (minibatches)."""
         return tuple(self.problem.options.rounds_at(i, self.tile_positions) for i in block)
 
-    def build_from(self, it, refine, states, probe, positions=None, refine_positions=0):
+    def build_from(self, it, refine, states, probe, positions=None, refine_positions=0, number=None):
         o = self.problem.options
         return gd_iteration(self.tiling, it, states, self.data, probe, self.ctx, rounds=o.rounds_at(it, self.tile_positions),
                             refine_probe=refine, local_updates=o.local_updates, tag=self.tag, positions=positions,
-                            refine_positions=refine_positions, stride=self.live_rounds)
+                            refine_positions=refine_positions, stride=self.live_rounds, order=(o.seed, it if number is None else number))
 
 
 def _tile_name(key):

@@ -97,7 +97,7 @@ class HVERun(TiledRun):
         self.extended = {k: ext for k, (_, ext) in specs.items()}
         super().__init__(drv, problem, source, progress, tiling, specs)
 
-    def build_from(self, it, refine, states, probe):
+    def build_from(self, it, refine, states, probe, number=None):
         return hve_iteration(self.tiling, self.extended, it, states, self.data, probe, self.ctx,
                              self.problem.n_positions, tag=self.tag)
 

@@ -133,7 +133,7 @@ def round_positions(tiling, rounds):
 
 
 def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_probe=False, local_updates=False, tag=None,
-                 positions=None, refine_positions=0, stride=None):
+                 positions=None, refine_positions=0, stride=None, order=None):
     """The task graph of one gradient-decomposition iteration (pure: no client).
 
     Parameters
@@ -147,6 +147,12 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
     rounds : int
         Pass rounds of this iteration (the paper's T), each over an interleaved share of
         every tile's positions (:func:`round_positions`): minibatches when > 1.
+    order : (seed, iteration), optional
+        With several rounds, each tile's rounds take the interleaved shares of a random
+        order of its positions drawn from ``(seed, iteration, tile)``
+        (:func:`~daskptycho.tasks.tiles.round_group`), new every iteration as ``ml``'s
+        minibatches are; ``iteration`` may be a task (a rebound block's). None: the shares
+        of the acquisition order (:func:`round_positions`).
     stride : int, optional
         Round numbers each iteration takes (default ``rounds``; the most rounds an
         iteration of the run has): round ``rnd`` is ``s = it * stride + stride - rounds
@@ -193,8 +199,11 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
         for t in tiling:
             if positions is not None:
                 where = (positions[t.key],)
+            local = groups[t.key][rnd]
+            if order is not None and rounds > 1:
+                local = (tt.round_group, t.positions.size, rounds, rnd, t.key, *order)
             grads[t.key] = g.add(("grad", s, *t.key), (
-                tt.tile_gradient, states[t.key], data[t.key], groups[t.key][rnd], probe, context, t.key,
+                tt.tile_gradient, states[t.key], data[t.key], local, probe, context, t.key,
                 refine_probe, local_updates, *where), t.key)
         _, final = accumulate_passes(tiling, s, grads, g)
         tile_costs = [g.add(("tile-cost", s, *t.key), (operator.getitem, grads[t.key], "cost"), t.key) for t in tiling]

@@ -176,6 +176,15 @@ def tile_gradient(state, data, local, probe, ctx: TileContext, tile, refine_prob
     return total
 
 
+def round_group(n_positions, rounds, rnd, tile, seed, iteration):
+    """Round ``rnd``'s share of a tile's ``n_positions`` positions in iteration
+    ``iteration``: every ``rounds``-th of a random order drawn from ``(seed, iteration,
+    tile)``, sorted (int64 indices into the tile's patterns). The rounds of one iteration
+    partition the positions; each spreads over the tile."""
+    order = np.random.default_rng([int(seed), int(iteration), int(tile[0]), int(tile[1])]).permutation(int(n_positions))
+    return np.sort(order[rnd::rounds])
+
+
 def start_positions(ctx: TileContext, tile):
     """A tile's starting probe-centre estimates: the store's (float64 (J_t, 2), grid pixel
     coordinates), made on the tile's worker from the context."""
