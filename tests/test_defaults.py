@@ -108,3 +108,14 @@ def test_every_engine_starts_from_the_same_motion_modes():
     np.testing.assert_array_equal(ml, dm)
     fractions = physics.orthogonalize_modes(ml)[1]
     assert fractions[0] < 0.95 and fractions[1] > 0.02  # blur modes, not one mode and crumbs
+
+
+def test_gd_rounds_share_a_new_random_order_every_iteration():
+    from daskptycho.tasks.tiles import round_group
+
+    groups = [round_group(37, 4, r, (1, 0), 0, 5) for r in range(4)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(groups)), np.arange(37))  # a partition
+    assert [g.size for g in groups] == [10, 9, 9, 9]  # the interleaved shares' sizes (the step's floor counts them)
+    assert not np.array_equal(groups[0], round_group(37, 4, 0, (1, 0), 0, 6))  # the next iteration draws anew
+    assert not np.array_equal(groups[0], round_group(37, 4, 0, (0, 1), 0, 5))  # and so does another tile
+    np.testing.assert_array_equal(groups[2], round_group(37, 4, 2, (1, 0), 0, 5))  # replayable
