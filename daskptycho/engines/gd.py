@@ -42,8 +42,9 @@ class GDOptions(MinibatchOptions, TiledOptions, PositionOptions):
         (None: all of them) between passes (Alg. 1, lines 5-9). Off (default): the
         minibatches are pass rounds instead (``passes_per_iteration``).
     passes_per_iteration : int or "auto"
-        Pass rounds per iteration (the paper's T): each round takes an interleaved share
-        of every tile's positions, exchanges the strips and steps every tile, so T rounds
+        Pass rounds per iteration (the paper's T): each round takes a share of every
+        tile's positions (of a random order drawn anew each iteration,
+        :func:`~daskptycho.tasks.tiles.round_group`), exchanges the strips and steps every tile, so T rounds
         are the minibatch updates of T minibatches spread over the whole object.
         ``"auto"`` (default): in the minibatch iterations
         (:meth:`~daskptycho.engines.options.MinibatchOptions.batch_at`) as many rounds as

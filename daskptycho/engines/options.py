@@ -226,8 +226,9 @@ class MinibatchOptions(EngineOptions):
     batch_size : int, "auto" or None
         Positions per update, split into equal minibatches
         (:func:`~daskptycho.tasks.updates.minibatches`): ml draws them from a random
-        order seeded by ``(seed, iteration)``; gd steps each tile after each of its own
-        minibatches, interleaved over the tile. ``"auto"`` (default):
+        order seeded by ``(seed, iteration)``; gd runs them as pass rounds over shares of
+        each tile's positions (``passes_per_iteration``; with ``local_updates``, each
+        tile steps after each of its own interleaved minibatches). ``"auto"`` (default):
         :data:`~daskptycho.tasks.updates.AUTO_MINIBATCHES` (4) minibatches per iteration
         (gd: per tile). None: full batch (exact gradient descent; gd then equals ml).
     minibatch_fraction : float
