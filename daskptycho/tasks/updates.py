@@ -18,7 +18,7 @@ from ..physics.wave_checkpoints import checkpoint_interval, gradient_working_set
 MIN_WORKING_SET_MIB = 8
 
 #: minibatches per iteration with ``batch_size="auto"`` (docs/convergence.md: on a
-#: thick crystal 3-5 equal minibatches did best; 2 and 7 did worse, 1 (full batch) worst)
+#: thick crystal 4 and 5 equal minibatches did best; 2 and 7 did worse, 1 (full batch) worst)
 AUTO_MINIBATCHES = 4
 
 
