@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from daskptycho.io.atomic import atomic_file
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.environ.get("DASKPTYCHO_PETRA_CXI", os.path.join(HERE, "..", "data", "PETRAIII_P25_Near_Field_Ptycho.cxi"))
 SOURCE_DISTANCE_M = 3.65e-3  # focus-sample distance of the P25 setup, from CDTools' example script
@@ -97,9 +99,8 @@ def main(argv=None):
     fig.suptitle(f"PETRA III P25 near-field ptychography (CDTools example data, CC BY 4.0): engine {a.engine}, "
                  f"{a.iterations} iterations, {wall:.0f} s")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    tmp = a.out + ".tmp.png"
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, a.out)
+    with atomic_file(a.out, overwrite=True) as tmp:  # a figure is replaced whole or not at all
+        fig.savefig(tmp, dpi=80, format="png")
     print(f"wrote {a.out}")
     return 0
 

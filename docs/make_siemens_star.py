@@ -17,6 +17,8 @@ import os
 import sys
 import tempfile
 
+from daskptycho.io.atomic import atomic_file
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "data", "siemens-star-small.npz.bz2")
 
@@ -83,9 +85,8 @@ def main(argv=None):
     ax.set_ylabel("Fourier error")
     fig.suptitle(f"Siemens star (APS Velociprobe, Tike test data): dm, {k} probe modes, {a.iterations} iterations, "
                  f"{res.attrs['partitions']} parts on {a.workers} workers")
-    tmp = a.out + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, a.out)
+    with atomic_file(a.out, overwrite=True) as tmp:  # a figure is replaced whole or not at all
+        fig.savefig(tmp, dpi=90, format="png")
     print(f"wrote {a.out}")
     return 0
 
