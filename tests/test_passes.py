@@ -38,7 +38,7 @@ STRIP_DEST = {"vfwd": (1, 0), "vbwd": (-1, 0), "hfwd": (0, 1), "hbwd": (0, -1)}
 # the key names the passes module documents, plus the per-tile reduction inputs it adds
 KEY_NAMES = {"grad", "update", "cost", "probe", "tile-cost", "tile-probe", "probe-sum"} | {f"{p}-strip" for p in PASSES}
 STRIPS = tuple(f"{p}-strip" for p in PASSES)
-UNPLACED = {"cost", "probe", "probe-sum"}
+UNPLACED = {"cost", "probe-sum"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -513,6 +513,8 @@ def test_building_the_graph_computes_nothing(tiling33, monkeypatch):
             assert task[0] is patched[func_of[key[0]]], key
         if key[0] == "probe-sum":  # a sum runs on its first part's tile (a worker's parts are summed there)
             assert g.placement[key] in {t.key for t in tiling33}, key
+        elif key[0] == "probe":  # on the tile holding the total: no scheduler task between a block's rounds
+            assert g.placement[key] == (0, 0), key
         elif key[0] in UNPLACED:
             assert key not in g.placement, key
         else:
@@ -546,10 +548,11 @@ def test_only_strips_cross_tiles(tiling33):
         if k not in g.placement:
             continue
         for d in ds:
-            if d not in g.placement:                     # a reduction result (the probe) comes back
-                assert d[0] == "probe", (k, d)
+            assert d in g.placement, (k, d)               # no unplaced task feeds a tile's
+            if d[0] == "probe" and g.placement[d] != g.placement[k]:  # the new probe comes back
+                assert k[0] in ("grad", "probe"), (k, d)
                 continue
-            if g.placement[d] != g.placement[k] and k[0] == "probe-sum":
+            if g.placement[d] != g.placement[k] and k[0] in ("probe-sum", "probe"):
                 assert d[0] in ("tile-probe", "probe-sum"), (k, d)  # the small probe parts, summed on a tile
                 continue
             if g.placement[d] != g.placement[k]:

@@ -393,11 +393,18 @@ class TiledRun(PinnedRun):
         """Tile ``key``'s state (``kind="positions"``: its positions) as a future (a fused
         iteration's state is a value inside its worker's stage result: taken out there, by
         a task on that worker)."""
-        st = (self.positions if kind == "positions" else self.states)[key]
-        if not isinstance(st, Ref):
-            return st
+        return self._future((self.positions if kind == "positions" else self.states)[key], kind, key)
+
+    def _probe(self):
+        """The probe as a future (refined in a fused block, it is a value inside the
+        stage result of the worker that updated it: taken out there)."""
+        return self._future(self.probe, "probe")
+
+    def _future(self, value, kind, *key):
+        if not isinstance(value, Ref):
+            return value
         self._takes = getattr(self, "_takes", 0) + 1
-        return self.drv.submit_pinned(take, st.source, st.name, worker=self.workers[key],
+        return self.drv.submit_pinned(take, value.source, value.name, worker=self.workers[value.tile],
                                       key=self.key("pick", kind, self._takes, *key))
 
     def _state_futures(self):
@@ -421,7 +428,7 @@ class TiledRun(PinnedRun):
                                          key=self.key("checkpoint", it, *k)) for k in self.specs]
         writes += [self.drv.submit_pinned(write_array, path, _positions_name(k), self._state(k, "positions"), worker=self.workers[k],
                                           key=self.key("checkpoint-positions", it, *k)) for k in self.positions]
-        writes.append(self.drv.client.submit(write_array, path, "probe", self.probe, key=self.key("checkpoint-probe", it), pure=False))
+        writes.append(self.drv.client.submit(write_array, path, "probe", self._probe(), key=self.key("checkpoint-probe", it), pure=False))
         return writes, {}
 
     def checkpoint_attrs(self, small):
@@ -431,7 +438,7 @@ class TiledRun(PinnedRun):
         self.states = self._state_futures()
         cores = {t.key: self.drv.submit_pinned(tt.core_of, self.states[t.key], self.cores[t.key], worker=self.workers[t.key],
                                                key=self.key("core", *t.key)) for t in self.tiling}
-        probe = self.drv.client.submit(to_host, self.probe, key=self.key("host", "probe"), pure=False)
+        probe = self.drv.client.submit(to_host, self._probe(), key=self.key("host", "probe"), pure=False)
         positions = {k: self._state(k, "positions") for k in self.positions}
         got = self.drv.results([*cores.values(), *positions.values(), probe], self.workers)
         variables = {}

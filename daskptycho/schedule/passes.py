@@ -20,7 +20,8 @@ Keys: ``("grad", s, r, c)``, ``("vfwd-strip", s, r, c)`` (cut on tile (r, c) for
 (r + 1, c)), ``("vbwd-strip", ...)`` (for (r - 1, c)), ``("hfwd-strip", ...)`` (for
 (r, c + 1)), ``("hbwd-strip", ...)`` (for (r, c - 1)), ``("update", s, r, c)``, the per-tile
 scalars ``("tile-cost", s, r, c)`` and probe-gradient parts ``("tile-probe", s, r, c)``,
-their reductions ``("cost", s)``, ``("probe-sum", s, level, i)`` and ``("probe", s)``, where ``s = iteration * T + round`` counts pass rounds (``s`` is the
+their reductions ``("cost", s)`` and ``("probe-sum", s, level, i)``, and the probe step
+``("probe", s)`` (on the first tile's worker, which holds the sum), where ``s = iteration * T + round`` counts pass rounds (``s`` is the
 iteration when ``T = 1``).
 """
 
@@ -211,8 +212,11 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
         new_probe = probe
         if refine_probe:
             parts = [g.add(("tile-probe", s, *t.key), (tt.probe_part, grads[t.key]), t.key) for t in tiling]
-            total = g.tree_sum("probe-sum", s, parts, tt.add_parts, tiles=[t.key for t in tiling])
-            new_probe = g.add(("probe", s), (tt.probe_update, probe, total, context))
+            keys = [t.key for t in tiling]
+            total = g.tree_sum("probe-sum", s, parts, tt.add_parts, tiles=keys)
+            # on the tile holding the total: with peer exchange the new probe then goes
+            # worker to worker, and a round needs no task of the scheduler's between its stages
+            new_probe = g.add(("probe", s), (tt.probe_update, probe, total, context), keys[0])
         for t in tiling:
             # the update needs the gradient task's own result only for its locally
             # stepped tile; otherwise depending on it would keep a whole buffer alive
