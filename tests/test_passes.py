@@ -587,7 +587,11 @@ def test_two_rounds(tiling33):
             if (r2, c2) != (r, c):                              # but no other tile's state
                 assert ("update", s0, r2, c2) not in anc[("grad", s1, r, c)]
     assert g.outputs["states"] == {t.key: ("update", s1, *t.key) for t in tiling33}
-    assert g.outputs["costs"] == [("cost", s0), ("cost", s1)]
+    # one cost per iteration: the rounds' sums of the tiles' costs, added in round order
+    assert g.outputs["costs"] == [("cost", s0)]
+    total = g.tasks[("cost", s0)]
+    assert total[0] is sum and [part[1] for part in total[1]] == [
+        [("tile-cost", s, *t.key) for t in tiling33] for s in (s0, s1)]
     assert not any(k[0] in ("probe", "probe-sum", "tile-probe") for k in g.tasks)
     assert isinstance(g.outputs["probe"], _Token)               # the input, untouched
 

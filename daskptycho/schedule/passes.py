@@ -179,7 +179,8 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
     Returns
     -------
     IterationGraph with outputs ``states`` ({tile: key}), ``probe`` (key or the input),
-    ``costs`` (list of keys, one per round), ``positions`` ({tile: key} or None).
+    ``costs`` (a list of one key: the iteration's cost, the rounds' sums added in order),
+    ``positions`` ({tile: key} or None).
     """
     g = IterationGraph(tag=tag)
     states = dict(states)
@@ -208,7 +209,7 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
                 refine_probe, local_updates, *where), t.key)
         _, final = accumulate_passes(tiling, s, grads, g)
         tile_costs = [g.add(("tile-cost", s, *t.key), (operator.getitem, grads[t.key], "cost"), t.key) for t in tiling]
-        costs.append(g.add(("cost", s), (sum, tile_costs)))
+        costs.append((sum, tile_costs))
         new_probe = probe
         if refine_probe:
             parts = [g.add(("tile-probe", s, *t.key), (tt.probe_part, grads[t.key]), t.key) for t in tiling]
@@ -225,7 +226,9 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
             states[t.key] = g.add(("update", s, *t.key), (
                 tt.tile_update, states[t.key], local, b.base, list(b.strips), b.patches, context, n_round), t.key)
         probe = new_probe
-    g.outputs.update(states=states, probe=probe, costs=costs)
+    # one task for the iteration's cost, the rounds' sums added in order (as the run adds
+    # the costs it is given): the scheduler and the client handle one number per iteration
+    g.outputs.update(states=states, probe=probe, costs=[g.add(("cost", first), (sum, costs))])
     if positions is not None:
         g.outputs["positions"] = positions
     return g
