@@ -139,16 +139,50 @@ def test_mailbox_hands_each_stage_its_own_messages():
     # two stages of one worker may share a block's channel: a poll takes only the messages
     # it awaits, the others stay for the other stage, and an abort drops the tag's messages
     box = peer._Mailbox()
-    box.put("t|0", 1, "a")
-    box.put("t|0", 2, "b")
-    box.put("t|8", 1, "next block")
+    box.put("t|0", [(1, "a"), (2, "b")])  # one message may carry several values
+    box.put("t|8", [(1, "next block")])
     assert box.poll("t|0", {2, 5}) == {2: "b"}
     assert box.poll("t|0", {2, 5}) == {}
-    box.put("t|0", 5, "e")
+    box.put("t|0", [(5, "e")])
     assert box.poll("t|0", {1, 5}) == {1: "a", 5: "e"}
     assert box.poll("t|8", {1}) == {1: "next block"}
-    box.put("u|0", 3, "other run")
+    box.put("u|0", [(3, "other run")])
     box.abort("u", "lost worker")
     assert box.poll("u|0", {3}) == {} and not box.box
     with pytest.raises(PeerExchangeError, match="lost worker"):
         box.check("u|0")
+
+
+def test_values_for_a_peer_cut_in_a_row_leave_as_one_message(monkeypatch):
+    # the values a stage cuts for a peer while it runs quick tasks travel together; a task
+    # that was slow (or has not run yet) and the end of the stage send what is held first
+    import concurrent.futures
+
+    class Plugin:
+        def __init__(self):
+            self.mailbox, self.sent = peer._Mailbox(), []
+
+        def send(self, address, channel, items):
+            self.sent.append((address, [m for m, _ in items], time.perf_counter()))
+            f = concurrent.futures.Future()
+            f.set_result(None)
+            return f
+
+    monkeypatch.setattr(peer, "QUICK_S", 0.05)  # a margin no busy machine's hiccup on a tiny task reaches
+    started = []
+
+    def slow(x):
+        started.append(time.perf_counter())
+        time.sleep(0.2)
+        return x
+
+    tasks = ((("strip", 0), (np.add, Slot(0), 0)), (("strip", 1), (np.add, Slot(0), 1)),
+             (("slow", 0), (slow, Slot(None, ("strip", 1)))), (("strip", 2), (np.add, Slot(None, ("slow", 0)), 2)),
+             (("strip", 3), (np.add, Slot(0), 3)))
+    sends = tuple((("strip", i), 10 + i, ("w2",)) for i in range(4))
+    spec = peer.PeerStage(StageSpec(tasks, (("slow", 0), ("strip", 3))), "t|0", sends, ("w2",), 10.0)
+    plugin = Plugin()
+    out = peer._run(spec, (100,), plugin, 10.0)
+    assert out == {("slow", 0): 101, ("strip", 3): 103}
+    assert [(a, m) for a, m, _ in plugin.sent] == [("w2", [10, 11]), ("w2", [12, 13])]
+    assert plugin.sent[0][2] < started[0]  # held only while quick tasks ran, not behind the slow one

@@ -12,7 +12,10 @@ exchanges: the per-task cost that bounds the tile graph at thousands of tiles
 Inside a stage the tasks run as a small dataflow: the first task (in the builder's
 order) whose inputs are all there runs next, and a task waiting for a message from
 another worker lets the others go first, so the passes still pipeline across
-directions. Every stage sends a value as soon as it is computed. Deadlock is not
+directions. Every stage sends what it computed for a peer before any task that was slow
+(more than :data:`QUICK_S`) the last time one of its kind ran, and before it waits: the
+values for one peer cut in a row (a tile's strips, a probe part) leave as one message,
+with no gradient's time added to their journey. Deadlock is not
 possible: all stages run their tasks in one global topological order restricted to
 what is ready, so the earliest unfinished task of the whole iteration always has its
 inputs.
@@ -52,6 +55,9 @@ PUT = "daskptycho_peer_put"
 ABORT = "daskptycho_peer_abort"
 
 log = logging.getLogger("daskptycho")
+
+#: a task kind that last ran in less (seconds) does not hold back the values waiting to leave
+QUICK_S = 0.5e-3
 
 
 @dataclass(frozen=True)
@@ -102,12 +108,14 @@ class _Mailbox:
         self.fresh = {}  # channel -> its messages that arrived and no stage has taken yet
         self.aborted = {}  # tag -> reason
 
-    def put(self, channel, msg, value):
+    def put(self, channel, items):
+        """Keep the messages ``items`` (``[(msg, value), ...]``) of ``channel``."""
         with self.cond:
             if _tag_of(channel) in self.aborted:
                 return
-            self.box[(channel, msg)] = value
-            self.fresh.setdefault(channel, []).append(msg)
+            for msg, value in items:
+                self.box[(channel, msg)] = value
+                self.fresh.setdefault(channel, []).append(msg)
             self.cond.notify_all()
 
     def abort(self, tag, reason):
@@ -164,16 +172,17 @@ class PeerExchange(WorkerPlugin):
             comm.abort()
         self._comms.clear()
 
-    async def _put(self, channel=None, msg=None, value=None):
-        self.mailbox.put(channel, msg, value)
+    async def _put(self, channel=None, items=None):
+        self.mailbox.put(channel, items)
         return "OK"
 
     def _abort(self, tag=None, reason=None):
         self.mailbox.abort(tag, reason or "aborted")
         return "OK"
 
-    def send(self, address, channel, msg, value):
-        """Send ``value`` to ``address``'s mailbox; returns a ``concurrent.futures.Future``
+    def send(self, address, channel, items):
+        """Send the messages ``items`` (``[(msg, value), ...]``) to ``address``'s mailbox,
+        together; returns a ``concurrent.futures.Future``
         that is done once the message is written (called from a task's thread: the message
         leaves on the worker's event loop).
 
@@ -193,7 +202,7 @@ class PeerExchange(WorkerPlugin):
                 comm = self._comms.get(address)
                 if comm is None or comm.closed():
                     comm = self._comms[address] = await connect(address, **self.worker.connection_args)
-                await comm.write({"op": PUT, "channel": channel, "msg": msg, "value": to_serialize(value), "reply": False})
+                await comm.write({"op": PUT, "channel": channel, "items": to_serialize(items), "reply": False})
 
         return asyncio.run_coroutine_threadsafe(go(), self.worker.loop.asyncio_loop)
 
@@ -314,7 +323,19 @@ def _run(spec, inputs, plugin, timeout):
             return received[arg.msg]
         return arg
 
+    # values for the same peer computed in a row travel in one message: they are held while
+    # the tasks that run next were quick the last time a task of their kind ran, and sent
+    # before anything slower, and before the stage waits
+    pending, took = {}, {}
+
+    def flush():
+        for address, items in pending.items():
+            outgoing.append(plugin.send(address, spec.channel, items))
+        pending.clear()
+
     while done < len(tasks):
+        if pending and (not ready or took.get(_kind(tasks[ready[0]][0]), QUICK_S) >= QUICK_S):
+            flush()
         with box.cond:
             while True:
                 box.check(spec.channel)
@@ -331,12 +352,15 @@ def _run(spec, inputs, plugin, timeout):
                 box.cond.wait(min(left, 1.0))
         i = heapq.heappop(ready)
         key, task = tasks[i]
+        start = time.perf_counter()
         value = evaluate(task, inputs, cache, receive)
+        took[_kind(key)] = time.perf_counter() - start
         cache[key] = value
         done += 1
         if key in sends:
             msg, addrs = sends[key]
-            outgoing.extend(plugin.send(a, spec.channel, msg, value) for a in addrs)
+            for a in addrs:
+                pending.setdefault(a, []).append((msg, value))
         for r in readers_of_key.get(key, ()):
             missing[r] -= 1
             if missing[r] == 0:
@@ -352,6 +376,11 @@ def _run(spec, inputs, plugin, timeout):
             msg_readers_left[m] -= 1
             if msg_readers_left[m] == 0:
                 received.pop(m, None)
+    flush()
     for f in outgoing:
         f.result(timeout=max(1.0, deadline - time.monotonic()))
     return {k: cache[k] for k in stage.exports}
+
+
+def _kind(key):
+    return key[0] if isinstance(key, tuple) and key else key
