@@ -53,8 +53,9 @@ def render(out, tiles=(3, 3), store=None, timeline=False, workers=2, iterations=
 
 def _timeline(out, ds, tiles, workers, iterations):
     r, c = tiles
-    # the timeline shows the tile graph's tasks one by one (the paper's Fig. 5), not fused stages
-    with local_cluster(workers) as cluster, Client(cluster) as client, dask.config.set({"daskptycho.schedule.fuse": "never"}):
+    # the timeline shows the tile graph's tasks one by one (the paper's Fig. 5), not fused or peer stages
+    cfg = {"daskptycho.schedule.fuse": "never", "daskptycho.schedule.exchange": "scheduler"}
+    with local_cluster(workers) as cluster, Client(cluster) as client, dask.config.set(cfg):
         with get_task_stream(client) as ts:
             res = reconstruct(ds, engine="gd", tiles=tiles, iterations=iterations, client=client)
     tile_workers = {tuple(int(v) for v in k.split(",")): w for k, w in json.loads(res.attrs["memory"])["tile_workers"].items()}

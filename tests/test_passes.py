@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 import daskptycho as dp
 from daskptycho.geometry import ObjectGrid, object_grid
 from daskptycho.schedule import Buffer, IterationGraph, accumulate_passes, gd_iteration, materialise
+from daskptycho.schedule.passes import exchange_strips, neighbour_exchange
 from daskptycho.tasks import tiles as tt
 from daskptycho.tiling import intersect, make_tiling
 
@@ -214,6 +215,37 @@ def test_passes_leave_the_sum_over_every_tile_on_every_tile(case, n_slices, seed
     for k, b in buffers.items():
         for n in b:
             np.testing.assert_array_equal(b[n], before[k][n])
+
+
+def _run_strips(build, tiling, buffers, s=0):
+    graph, final = build(tiling, s, dict(buffers))
+    final = materialise(tiling, s, final, graph)
+    keys = [k for k, v in final.items() if _is_key(graph, v)]
+    out = dict(zip(keys, dask.get(graph.tasks, [final[k] for k in keys]) if keys else []))
+    return {k: out.get(k, v) for k, v in final.items()}
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=tilings(), n_slices=st.sampled_from([1, 2]), seed=st.integers(0, 2**32 - 1))
+def test_neighbour_exchange_gives_the_passes_sums_bit_for_bit(case, n_slices, seed):
+    # where no pixel lies in three tiles along an axis, each pair of neighbours adding the
+    # other's strip is the forward and backward passes (a + b == b + a in floating point)
+    tiling, _, _ = case
+    if not neighbour_exchange(tiling):
+        event("a pixel in three tiles along an axis: the chains")
+        three = [(a, b) for a, b in _non_adjacent_overlaps(tiling) if a[0] == b[0] or a[1] == b[1]]
+        assert three or any(  # tiles two apart overlap, or a middle tile's two overlaps meet
+            intersect(tiling.overlap((r - 1, c), (r, c)), tiling.overlap((r, c), (r + 1, c))) is not None
+            for r in range(1, tiling.rows - 1) for c in range(tiling.cols)) or any(
+            intersect(tiling.overlap((r, c - 1), (r, c)), tiling.overlap((r, c), (r, c + 1))) is not None
+            for r in range(tiling.rows) for c in range(1, tiling.cols - 1))
+        return
+    event("neighbour exchange")
+    buffers = _random_buffers(np.random.default_rng(seed), tiling, n_slices)
+    chained, paired = (_run_strips(build, tiling, buffers) for build in (accumulate_passes, exchange_strips))
+    for t in tiling:
+        for name in ("object", "illumination"):
+            np.testing.assert_array_equal(paired[t.key][name], chained[t.key][name], err_msg=f"tile {t.key} {name}")
 
 
 def test_passes_with_a_halo_spanning_several_tiles():
@@ -466,20 +498,26 @@ def test_an_exchange_is_one_task_and_a_strip_waits_only_for_strips_that_reach_it
     ov = tiling33.overlap
     reaches = intersect(ov((0, 0), (1, 0)), ov((1, 0), (2, 0))) is not None
     assert not reaches  # this tiling's halos are narrower than half a core
+    # narrow halos: each pair of neighbours exchanges at once, both strips cut from the gradients
+    assert neighbour_exchange(tiling33)
     assert deps[("vfwd-strip", 0, 1, 0)] == {("grad", 0, 1, 0)}
-    # the last forward receiver sends back what it received added to its own
-    assert deps[("vbwd-strip", 0, 2, 0)] == {("grad", 0, 2, 0), ("vfwd-strip", 0, 1, 0)}
-    # an update applies every strip its tile received, in pass order
+    assert deps[("vbwd-strip", 0, 2, 0)] == {("grad", 0, 2, 0)}
+    # an update applies every strip its tile received, vertical ones first, each added
     upd = g.tasks[("update", 0, 1, 1)]
     assert upd[0] is tt.tile_update and upd[3] == ("grad", 0, 1, 1)
     assert upd[4] == [("vfwd-strip", 0, 0, 1), ("vbwd-strip", 0, 2, 1), ("hfwd-strip", 0, 1, 0), ("hbwd-strip", 0, 1, 2)]
-    assert [op for op, _ in upd[5]] == ["add", "replace", "add", "replace"]
+    assert [op for op, _ in upd[5]] == ["add", "add", "add", "add"]
+    # the paper's chains, built for the same tiling: the last forward receiver sends back
+    # what it received added to its own, and a backward strip replaces
+    _, chained = accumulate_passes(tiling33, 0, {t.key: ("grad", 0, *t.key) for t in tiling33}, IterationGraph())
+    assert [op for op, _ in chained[(1, 1)].patches] == ["add", "replace", "add", "replace"]
     # a horizontal strip carries the vertical sums at its corners
     assert ("vfwd-strip", 0, 0, 0) in deps[("hfwd-strip", 0, 1, 0)] and ("vbwd-strip", 0, 2, 0) in deps[("hfwd-strip", 0, 1, 0)]
 
     # halos wider than half a core: the forward pass chains down the column again
     wide = _lattice_tiling(shape=(3, 1), scan=(12, 4), step=2, window=(6, 5), halo_px=(8, 3))
     assert intersect(wide.overlap((0, 0), (1, 0)), wide.overlap((1, 0), (2, 0))) is not None
+    assert not neighbour_exchange(wide)
     gw = gd_iteration(wide, 0, *_placeholders(wide))
     assert gw.dependencies()[("vfwd-strip", 0, 1, 0)] == {("grad", 0, 1, 0), ("vfwd-strip", 0, 0, 0)}
     assert gw.reaches(("vfwd-strip", 0, 0, 0), ("vbwd-strip", 0, 1, 0))
@@ -782,3 +820,36 @@ def test_the_update_applies_the_strips_slice_by_slice_with_the_same_bits():
     # no strips (one tile): the gradient buffer as it is
     np.testing.assert_array_equal(tt.tile_update(state, None, buf, [], (), Ctx, 5),
                                   object_step(state, buf["object"], buf["illumination"], 0.8, 5e-4))
+
+
+def test_probe_homes_step_the_same_probe_on_every_worker(tiling33, monkeypatch):
+    # rows 0-1 on the first tile's worker, row 2 on another: that worker's tiles read the
+    # copy of the probe step on (2, 0), made from the same two halves of the sum in the
+    # same order as the first tile's, so both copies are the same bits
+    homes = {t.key: (2, 0) if t.row == 2 else (0, 0) for t in tiling33}
+    states, data, probe, ctx = _placeholders(tiling33)
+    g = gd_iteration(tiling33, 0, states, data, probe, ctx, rounds=2, refine_probe=True, probe_homes=homes)
+    for s in (0, 1):
+        top = g.dependencies()[("probe", s)] - {("probe", s - 1)}
+        (root_sum,) = [k for k in top if k[0] == "probe-sum"]
+        copy = ("probe", s, 2, 0)
+        (copy_sum,) = [k for k in g.dependencies()[copy] if k[0] == "probe-sum"]
+        assert g.tasks[copy_sum] == g.tasks[root_sum] and copy_sum != root_sum
+        assert g.placement[copy_sum] == g.placement[copy] == (2, 0) and g.placement[("probe", s)] == (0, 0)
+    for t in tiling33:  # round 1 reads its worker's copy of round 0's step
+        assert g.tasks[("grad", 1, *t.key)][4] == (("probe", 0, 2, 0) if t.row == 2 else ("probe", 0))
+    assert g.tasks[("probe", 1, 2, 0)][1] == ("probe", 0, 2, 0) and g.outputs["probe"] == ("probe", 1)
+
+    rng = np.random.default_rng(11)
+    parts = {t.key: rng.standard_normal(5).astype(np.float32) for t in tiling33}
+
+    def fake_gradient(state, data, local, probe, ctx, tile, refine_probe, local_updates):
+        return {"cost": 1.0, "probe": parts[tile] + (0 if isinstance(probe, _Token) else probe), "probe_illumination": parts[tile]}
+
+    monkeypatch.setattr(tt, "tile_gradient", fake_gradient)
+    monkeypatch.setattr(tt, "tile_update", lambda *a: None)
+    monkeypatch.setattr(tt, "cut_strip", lambda *a: None)
+    monkeypatch.setattr(tt, "probe_update", lambda p, total, ctx: total["probe"] * np.float32(0.37) + total["probe_illumination"])
+    g = gd_iteration(tiling33, 0, states, {t.key: t.key for t in tiling33}, probe, ctx, rounds=2, refine_probe=True, probe_homes=homes)
+    a, b = dask.get(g.tasks, [("probe", 1), ("probe", 1, 2, 0)])
+    np.testing.assert_array_equal(a, b)

@@ -129,6 +129,23 @@ def halo_for(problem: Problem):
     return tuple(min(n, r + int(np.ceil(spread))) for n, r in zip(need, support))
 
 
+def probe_homes(tiling, workers):
+    """``{tile: home tile}`` for :func:`~daskptycho.schedule.passes.gd_iteration`: the
+    tiles of the first tile's worker read the probe stepped on the first tile, every
+    other worker's tiles the copy stepped on that worker's first tile.
+
+    Parameters
+    ----------
+    tiling : Tiling
+    workers : dict ``{tile: worker address}``
+    """
+    first = {}
+    for t in tiling:
+        first.setdefault(workers[t.key], t.key)
+    root = tiling.tiles[0].key
+    return {t.key: root if workers[t.key] == workers[root] else first[workers[t.key]] for t in tiling}
+
+
 def corrects_positions(problem: Problem):
     """Whether the run refines the scan positions (gd's ``position_correction``)."""
     return bool(getattr(problem.options, "position_correction", False))
@@ -483,7 +500,8 @@ class GDRun(TiledRun):
         o = self.problem.options
         return gd_iteration(self.tiling, it, states, self.data, probe, self.ctx, rounds=o.rounds_at(it, self.tile_positions),
                             refine_probe=refine, local_updates=o.local_updates, tag=self.tag, positions=positions,
-                            refine_positions=refine_positions, stride=self.live_rounds, order=(o.seed, it if number is None else number))
+                            refine_positions=refine_positions, stride=self.live_rounds, order=(o.seed, it if number is None else number),
+                            probe_homes=probe_homes(self.tiling, self.workers))
 
 
 def _tile_name(key):

@@ -7,6 +7,15 @@ four chains of point-to-point strip exchanges (Fig. 4 of the paper):
 2. vertical backward: up each column, replace the overlap strip of (r, c) by (r+1, c)'s;
 3. horizontal forward and 4. backward: the same along each row.
 
+Where no pixel lies in more than two tiles along an axis (halos at most half a core:
+the default probe-support halos on any but the smallest cores), a forward pass and its
+backward pass leave each pair of neighbours with the sum of their two strips, and nothing
+else: :func:`exchange_strips` then has both neighbours cut their strip at once and add the
+other's, one message between them instead of two in a row. The sums are bit for bit the
+passes' (floating-point addition commutes), and a row's horizontal exchange still waits
+for that row's vertical one only. :func:`gd_iteration` takes it whenever it applies
+(:func:`neighbour_exchange`).
+
 Only strips travel: a strip is cut by a task on the sender's worker, from the
 sender's gradient buffer with the strips it has received so far applied, and the
 receiver applies it (adds it in a forward pass, pastes it in a backward one) where
@@ -20,9 +29,10 @@ Keys: ``("grad", s, r, c)``, ``("vfwd-strip", s, r, c)`` (cut on tile (r, c) for
 (r + 1, c)), ``("vbwd-strip", ...)`` (for (r - 1, c)), ``("hfwd-strip", ...)`` (for
 (r, c + 1)), ``("hbwd-strip", ...)`` (for (r, c - 1)), ``("update", s, r, c)``, the per-tile
 scalars ``("tile-cost", s, r, c)`` and probe-gradient parts ``("tile-probe", s, r, c)``,
-their reductions ``("cost", s)`` and ``("probe-sum", s, level, i)``, and the probe step
-``("probe", s)`` (on the first tile's worker, which holds the sum), where ``s = iteration * T + round`` counts pass rounds (``s`` is the
-iteration when ``T = 1``).
+their reductions ``("cost", it * T)`` (one per iteration) and ``("probe-sum", s, level, i)``,
+and the probe step ``("probe", s)`` (on the tile holding the sum) with its copies
+``("probe", s, r, c)`` on other workers' tiles (``probe_homes``), where ``s = iteration * T +
+round`` counts pass rounds (``s`` is the iteration when ``T = 1``).
 """
 
 from __future__ import annotations
@@ -114,6 +124,48 @@ def accumulate_passes(tiling, s, buffers, graph=None):
     return g, cur
 
 
+def neighbour_exchange(tiling):
+    """True when no pixel lies in the extended regions of more than two tiles along either
+    axis (each core at least two halos long, or the grid's edge clipping them), so that
+    :func:`exchange_strips` gives the four passes' sums."""
+    def apart(a, mid, b):
+        oa, ob = tiling.overlap(a, mid), tiling.overlap(mid, b)
+        return oa is None or ob is None or not tt.regions_overlap(tiling[mid].local(oa), tiling[mid].local(ob))
+
+    R, C = tiling.rows, tiling.cols
+    return all(apart((r - 1, c), (r, c), (r + 1, c)) for r in range(1, R - 1) for c in range(C)) and \
+        all(apart((r, c - 1), (r, c), (r, c + 1)) for r in range(R) for c in range(1, C - 1))
+
+
+def exchange_strips(tiling, s, buffers, graph=None):
+    """Add the strip exchanges of round ``s`` to ``graph`` where
+    :func:`neighbour_exchange` holds: first along each column, then along each row, both
+    tiles of every neighbouring pair cut their overlap strip (``vfwd``/``hfwd``: the upper
+    or left tile's, ``vbwd``/``hbwd``: the other's) and each adds the other's. Every tile
+    ends with the same sums, bit for bit, as after :func:`accumulate_passes`, and the
+    same keys; a row's strips need that row's vertical exchange only.
+
+    Parameters and returns as :func:`accumulate_passes`.
+    """
+    g = graph if graph is not None else IterationGraph()
+    cur = {k: v if isinstance(v, Buffer) else Buffer(v) for k, v in buffers.items()}
+    R, C = tiling.rows, tiling.cols
+    directions = (("v", [((r - 1, c), (r, c)) for c in range(C) for r in range(1, R)]),
+                  ("h", [((r, c - 1), (r, c)) for r in range(R) for c in range(1, C)]))
+    for axis, pairs in directions:
+        before = dict(cur)  # both strips of a pair are cut before either is added
+        for a, b in pairs:
+            ov = tiling.overlap(a, b)
+            if ov is None:  # cores always touch, so this only guards degenerate grids
+                continue
+            for name, src, dst in ((f"{axis}fwd", a, b), (f"{axis}bwd", b, a)):
+                buf = before[src].within(tiling[src].local(ov))
+                strip = g.add((f"{name}-strip", s, *src), (tt.cut_strip, buf.base, list(buf.strips), buf.patches,
+                                                            tiling[src].local(ov)), src)
+                cur[dst] = cur[dst].receive(strip, "add", tiling[dst].local(ov))
+    return g, cur
+
+
 def materialise(tiling, s, final, graph):
     """Add a task per tile that builds its accumulated buffer (``("buffer", s, r, c)``,
     on the tile's worker) and return ``{(r, c): key}``; a tile that received no strip
@@ -134,7 +186,7 @@ def round_positions(tiling, rounds):
 
 
 def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_probe=False, local_updates=False, tag=None,
-                 positions=None, refine_positions=0, stride=None, order=None):
+                 positions=None, refine_positions=0, stride=None, order=None, probe_homes=None):
     """The task graph of one gradient-decomposition iteration (pure: no client).
 
     Parameters
@@ -160,6 +212,14 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
         + rnd``, so the last round of an iteration is always ``(it + 1) * stride - 1``.
     refine_probe : bool
         Sum the probe gradient over tiles (tree reduction) and update the probe.
+    probe_homes : dict ``{(r, c): (r, c)}``, optional
+        Where each tile's gradient reads the refined probe from: tiles given here read
+        the copy of the probe step run on their home tile (one per worker: the engine's
+        :func:`~daskptycho.engines.gd.probe_homes`), computed there from the same two
+        halves of the sum, in the same order, as on the first tile (which holds the
+        sum's top and whose copy is the iteration's ``probe``): every copy is bit for bit
+        the same, and a worker's tiles start their next round one message after the
+        halves leave instead of two. Tiles not given read the first tile's.
     local_updates : bool
         Update each tile after each minibatch of its own positions between passes
         (Alg. 1, lines 5-9); off: pure batch mode, exactly full-batch gradient descent.
@@ -185,6 +245,10 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
     g = IterationGraph(tag=tag)
     states = dict(states)
     groups = round_positions(tiling, rounds)
+    root = tiling.tiles[0].key
+    homes = dict(probe_homes or {})
+    replicas = [t.key for t in tiling if t.key != root and t.key in set(homes.values())]
+    probe_at = {t.key: probe for t in tiling}  # the probe each tile's gradient reads
     costs = []
     where = ()
     stride = rounds if stride is None else stride
@@ -205,19 +269,23 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
             if order is not None and rounds > 1:
                 local = (tt.round_group, t.positions.size, rounds, rnd, t.key, *order)
             grads[t.key] = g.add(("grad", s, *t.key), (
-                tt.tile_gradient, states[t.key], data[t.key], local, probe, context, t.key,
+                tt.tile_gradient, states[t.key], data[t.key], local, probe_at[t.key], context, t.key,
                 refine_probe, local_updates, *where), t.key)
-        _, final = accumulate_passes(tiling, s, grads, g)
+        _, final = (exchange_strips if neighbour_exchange(tiling) else accumulate_passes)(tiling, s, grads, g)
         tile_costs = [g.add(("tile-cost", s, *t.key), (operator.getitem, grads[t.key], "cost"), t.key) for t in tiling]
         costs.append((sum, tile_costs))
-        new_probe = probe
+        new_probe = probe_at
         if refine_probe:
             parts = [g.add(("tile-probe", s, *t.key), (tt.probe_part, grads[t.key]), t.key) for t in tiling]
-            keys = [t.key for t in tiling]
-            total = g.tree_sum("probe-sum", s, parts, tt.add_parts, tiles=keys)
-            # on the tile holding the total: with peer exchange the new probe then goes
-            # worker to worker, and a round needs no task of the scheduler's between its stages
-            new_probe = g.add(("probe", s), (tt.probe_update, probe, total, context), keys[0])
+            total = g.tree_sum("probe-sum", s, parts, tt.add_parts, tiles=[t.key for t in tiling])
+            # on the tile holding the total (with peer exchange the new probe then goes worker
+            # to worker: a round needs no task of the scheduler's between its stages), and a
+            # copy from the same two halves on each other home
+            new_probe = {root: g.add(("probe", s), (tt.probe_update, probe_at[root], total, context), root)}
+            for j, home in enumerate(replicas):
+                summed = g.add(("probe-sum", s, total[2], 1 + j), g.tasks[total], home) if total[0] == "probe-sum" else total
+                new_probe[home] = g.add(("probe", s, *home), (tt.probe_update, probe_at[home], summed, context), home)
+            new_probe = {t.key: new_probe[homes.get(t.key, root)] for t in tiling}
         for t in tiling:
             # the update needs the gradient task's own result only for its locally
             # stepped tile; otherwise depending on it would keep a whole buffer alive
@@ -225,7 +293,8 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
             b = final[t.key]
             states[t.key] = g.add(("update", s, *t.key), (
                 tt.tile_update, states[t.key], local, b.base, list(b.strips), b.patches, context, n_round), t.key)
-        probe = new_probe
+        probe_at = new_probe
+    probe = probe_at[root]
     # one task for the iteration's cost, the rounds' sums added in order (as the run adds
     # the costs it is given): the scheduler and the client handle one number per iteration
     g.outputs.update(states=states, probe=probe, costs=[g.add(("cost", first), (sum, costs))])
