@@ -471,6 +471,21 @@ def section_default_run(d, lines):
               "over the field the tiles hold.", ""]
 
 
+def section_peer_messages(d, lines):
+    """What one peer message costs (benchmarks/peer_messages.py)."""
+    lines += ["### What one peer message costs", "",
+              f"`{d['command'].strip()}` (`benchmarks/results/peer_messages.json`, {d['machine']['date']}; {_load_line(d)}): "
+              f"{d['messages']} messages from one worker's event loop to another's mailbox, back to back, as a request awaiting "
+              "its reply (how peer messages went before) and one way over a comm kept open (`reply=False`, how "
+              f"`PeerExchange.send` sends them); per message, medians of {d['repeats']} runs. The CPU time is what a worker's "
+              "stage loses to its event loop when the stages fill the cores.", "",
+              "| payload | way | wall ms | sender CPU ms | receiver CPU ms |", "|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['payload']} ({r['payload_bytes']:,} bytes) | {r['way']} | {r['wall_ms']:.3f} | "
+                     f"{r['sender_cpu_ms']:.3f} | {r['receiver_cpu_ms']:.3f} |")
+    lines += [""]
+
+
 def section_halos(d, lines):
     """Probe-support halos against whole windows (benchmarks/halos.py)."""
     lines += ["### Probe-support halos (issue 16)", "",
@@ -764,7 +779,7 @@ def main(argv=None):
     if scaling:
         section_scaling(scaling, lines)
     # the sections of benchmarks that have run, in this order
-    for name, section in (("many_tiles", section_many_tiles), ("halos", section_halos), ("default_run", section_default_run),
+    for name, section in (("many_tiles", section_many_tiles), ("halos", section_halos), ("default_run", section_default_run), ("peer_messages", section_peer_messages),
                           ("wave_memory", section_wave_memory), ("follow", section_follow), ("positions", section_positions),
                           ("dm_drift", section_dm_drift), ("defaults", section_defaults), ("independent", section_independent)):
         d = _load(name)

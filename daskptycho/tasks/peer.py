@@ -188,9 +188,9 @@ class PeerExchange(WorkerPlugin):
 
         The messages to one peer go one way over one comm kept open (distributed's
         ``reply=False``: the peer's server runs the handler and reads the next message),
-        in the order they are sent: half the CPU time per message of a request and its
-        reply on both sides (measured on 2 cores: 0.23 + 0.28 ms against 0.41 + 0.42 ms
-        for a 157 kB strip), time the workers' stages would otherwise lose. A message is
+        in the order they are sent: about half the CPU time per message of a request and
+        its reply, on both sides (``python -m benchmarks peer_messages``), time the
+        workers' stages would otherwise lose. A message is
         not acknowledged: a peer that is gone is the driver's to notice (it aborts the
         attempt's messages everywhere)."""
         from distributed.comm import connect
