@@ -249,6 +249,7 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
     homes = dict(probe_homes or {})
     replicas = [t.key for t in tiling if t.key != root and t.key in set(homes.values())]
     probe_at = {t.key: probe for t in tiling}  # the probe each tile's gradient reads
+    strips = exchange_strips if neighbour_exchange(tiling) else accumulate_passes
     costs = []
     where = ()
     stride = rounds if stride is None else stride
@@ -271,7 +272,7 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
             grads[t.key] = g.add(("grad", s, *t.key), (
                 tt.tile_gradient, states[t.key], data[t.key], local, probe_at[t.key], context, t.key,
                 refine_probe, local_updates, *where), t.key)
-        _, final = (exchange_strips if neighbour_exchange(tiling) else accumulate_passes)(tiling, s, grads, g)
+        _, final = strips(tiling, s, grads, g)
         tile_costs = [g.add(("tile-cost", s, *t.key), (operator.getitem, grads[t.key], "cost"), t.key) for t in tiling]
         costs.append((sum, tile_costs))
         new_probe = probe_at
