@@ -464,7 +464,7 @@ def section_default_run(d, lines):
               "A minibatch iteration is 4 pass rounds, and every round ends in a barrier: each tile's next gradient needs "
               "its neighbours' strips (here swapped at once, one message each way) and the probe stepped from every tile's "
               "part (each worker steps its own copy from the two halves of the sum). On 2 cores the two workers' stages and event loops share the cores: each "
-              "message costs about 0.25 ms of CPU on each side (one-way, over a comm kept open), and a round's gradients run "
+              "message costs CPU on both sides (measured below, \"What one peer message costs\"), and a round's gradients run "
               "slower while the other worker sends and receives. gd's final cost is above ml's because of the probe-support "
               "halos (window pixels beyond a tile's halo held fixed; the whole-window row ends near ml's), while its phase "
               f"differs from the whole-window run's by at most {d['default_phase_difference_to_whole_windows']['max']:.2%} "
