@@ -162,7 +162,7 @@ def test_values_for_a_peer_cut_in_a_row_leave_as_one_message(monkeypatch):
         def __init__(self):
             self.mailbox, self.sent = peer._Mailbox(), []
 
-        def send(self, address, channel, items):
+        def send(self, address, channel, items, timeout):
             self.sent.append((address, [m for m, _ in items], time.perf_counter()))
             f = concurrent.futures.Future()
             f.set_result(None)
@@ -186,3 +186,84 @@ def test_values_for_a_peer_cut_in_a_row_leave_as_one_message(monkeypatch):
     assert out == {("slow", 0): 101, ("strip", 3): 103}
     assert [(a, m) for a, m, _ in plugin.sent] == [("w2", [10, 11]), ("w2", [12, 13])]
     assert plugin.sent[0][2] < started[0]  # held only while quick tasks ran, not behind the slow one
+
+
+def _strips(x):
+    # what a gd stage sends: dicts of arrays, one of them not contiguous, and a scalar
+    a = np.arange(40_000, dtype=np.complex64).reshape(200, 200) * (1 + 2j)
+    return {"object": a[:, 50:150], "illumination": np.full((3, 7), 0.25, np.float32), "cost": np.float64(x) / 3}
+
+
+def test_same_host_peers_message_over_their_sockets(client):
+    # both workers run on this machine: a's stage writes to b's Unix socket itself, and
+    # b's reader thread fills its mailbox; the value arrives bit for bit
+    a, b = sorted(client.nthreads())
+    client.register_plugin(peer.PeerExchange())
+    sa = peer.PeerStage(StageSpec(((("x",), (_strips, 1)),), ()), "t5|0", ((("x",), 7, (b,)),), (b,), 600.0)
+    sb = peer.PeerStage(StageSpec(((("y",), (dict, peer.Receive(7))),), (("y",),)), "t5|0", (), (a,), 600.0)
+    fb = client.submit(peer.run_peer_stage, sb, key="peer-b-t5", workers=[b], allow_other_workers=False, pure=False)
+    fa = client.submit(peer.run_peer_stage, sa, key="peer-a-t5", workers=[a], allow_other_workers=False, pure=False)
+    got = fb.result(timeout=120)[("y",)]
+    fa.result(timeout=120)
+    want = _strips(1)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.asarray(got[k]).dtype == np.asarray(want[k]).dtype and np.array_equal(got[k], want[k]), k
+
+    def links(dask_worker):
+        import os
+        import stat
+
+        p = dask_worker.plugins[peer.NAME]
+        return ({addr: link is not None for addr, link in p._local.items()},
+                stat.S_IMODE(os.stat(os.path.dirname(p.inbox.path)).st_mode))
+
+    seen = client.run(links)
+    assert seen[a][0].get(b) is True  # a reached b over its socket, not over the comm
+    assert seen[a][1] == seen[b][1] == 0o700  # no other user can reach the sockets
+
+
+def test_same_host_sockets_carry_messages_whole_and_in_order(tmp_path):
+    # two writers' messages of mixed sizes arrive whole and bit for bit, and closing the
+    # inbox removes its directory
+    box = peer._Mailbox()
+    inbox = peer._LocalInbox(box, str(tmp_path))
+    links = [peer._LocalLink(inbox.path, 30.0) for _ in range(2)]
+    rng = np.random.default_rng(0)
+    sent = {}
+    for i in range(60):
+        w = i % 2
+        value = {"a": rng.standard_normal(int(rng.integers(1, 60_000))).astype(np.float32), "i": i}
+        sent[(w, i)] = value
+        links[w].send(f"c{w}|0", [(i, value)])
+    got = {}
+    deadline = time.monotonic() + 60
+    with box.cond:
+        while len(got) < len(sent) and time.monotonic() < deadline:
+            for w in (0, 1):
+                got.update({(w, m): v for m, v in box.poll(f"c{w}|0", {i for (x, i) in sent if x == w}).items()})
+            box.cond.wait(0.1)
+    assert got.keys() == sent.keys()
+    for k, v in sent.items():
+        assert got[k]["i"] == v["i"] and np.array_equal(got[k]["a"], v["a"])
+    for link in links:
+        link.close()
+    d = tmp_path / next(p.name for p in tmp_path.iterdir())
+    inbox.close()
+    assert not d.exists()
+
+
+def test_results_are_the_same_over_sockets_and_comms(small_pbtio3, client):
+    # a cluster whose peer messages all go over the workers' comms computes the same bits
+    from distributed import Client
+
+    from daskptycho.cluster import local_cluster
+
+    ds = dp.open_dataset(small_pbtio3)
+    kw = dict(engine="gd", tiles=(2, 2), slices=2, refine_probe=True, probe_refine_start=2)
+    got = _run(ds, client, "peer", **kw)
+    with dask.config.set({"daskptycho.schedule.same_host_sockets": False}):
+        with local_cluster(2, memory_limit="2GiB") as cluster, Client(cluster) as c:
+            ref = _run(ds, c, "peer", **kw)
+            assert all(v is None for v in c.run(lambda dask_worker: dask_worker.plugins[peer.NAME].inbox).values())
+    _same(got, ref)

@@ -175,7 +175,7 @@ class Driver:
         """Make every worker (and every worker that joins later) able to receive peer
         messages (:class:`~daskptycho.tasks.peer.PeerExchange`; registering it again is a no-op)."""
         if not getattr(self, "_peer_registered", False):
-            self.client.register_plugin(peer.PeerExchange())
+            self.client.register_plugin(peer.PeerExchange(same_host_sockets=bool(config.get("schedule.same_host_sockets", True))))
             self._peer_registered = True
 
     def abort_peers(self, tag, reason):

@@ -20,6 +20,11 @@ possible: all stages run their tasks in one global topological order restricted 
 what is ready, so the earliest unfinished task of the whole iteration always has its
 inputs.
 
+Between workers of one machine (``daskptycho.schedule.same_host_sockets``, on by default,
+off under TLS) a message goes over the receiving worker's Unix socket, in a directory only
+its user can enter: the sending stage's thread writes it, a thread of the receiver reads it
+into the mailbox, and neither worker's event loop is on its way.
+
 A stage waiting for messages leaves the worker's thread pool (``distributed.secede``),
 so the small tasks a worker still runs for the scheduler (the costs, the probe parts)
 never wait behind it.
@@ -35,9 +40,16 @@ graph) fails the stage with
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import heapq
 import logging
+import os
+import pickle
+import shutil
+import socket
+import struct
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -53,6 +65,7 @@ __all__ = ["NAME", "PeerExchange", "Receive", "PeerStage", "run_peer_stage", "ru
 NAME = "daskptycho-peer"
 PUT = "daskptycho_peer_put"
 ABORT = "daskptycho_peer_abort"
+WHERE = "daskptycho_peer_where"
 
 log = logging.getLogger("daskptycho")
 
@@ -158,19 +171,65 @@ class PeerExchange(WorkerPlugin):
     idempotent = True
     name = NAME
 
+    def __init__(self, same_host_sockets=True):
+        self.same_host_sockets = bool(same_host_sockets)
+
     def setup(self, worker):
         self.worker = worker
         self.mailbox = _Mailbox()
         self._comms, self._locks = {}, {}  # address -> the open comm this worker's messages go over, its write lock
+        self._local = {}  # address -> that peer's same-host socket (a _LocalLink), or None: use the comm
+        self._local_lock = threading.Lock()
+        self.inbox = None
+        # TLS asked for: every message keeps to the encrypted comms
+        if self.same_host_sockets and hasattr(socket, "AF_UNIX") and not worker.security.require_encryption:
+            try:
+                self.inbox = _LocalInbox(self.mailbox, worker.local_directory)
+            except OSError as e:
+                log.warning("peer messages on %s go over its comms only: no same-host socket (%s)", worker.address, e)
         worker.handlers[PUT] = self._put
         worker.handlers[ABORT] = self._abort
+        worker.handlers[WHERE] = self._where
 
     def teardown(self, worker):
-        for h in (PUT, ABORT):
+        for h in (PUT, ABORT, WHERE):
             worker.handlers.pop(h, None)
         for comm in self._comms.values():
             comm.abort()
         self._comms.clear()
+        for link in self._local.values():
+            if link is not None:
+                link.close()
+        self._local.clear()
+        if self.inbox is not None:
+            self.inbox.close()
+
+    def _where(self):
+        """This worker's same-host socket: ``{"host": <this machine's id>, "path": <socket>}``
+        or None."""
+        return None if self.inbox is None else {"host": _host_id(), "path": self.inbox.path}
+
+    def _link(self, address, timeout):
+        """The same-host socket to ``address``'s worker, or None (another machine, or the
+        fast path off there or here). Asked once per peer, over the worker's comm."""
+        with self._local_lock:
+            if address in self._local:
+                return self._local[address]
+        link = None
+        if self.inbox is not None and address != self.worker.address:
+            async def ask():
+                return await self.worker.rpc(address).daskptycho_peer_where()
+            try:
+                where = asyncio.run_coroutine_threadsafe(ask(), self.worker.loop.asyncio_loop).result(timeout=60)
+            except Exception:  # noqa: BLE001 - a peer that cannot answer: its comm reports what is wrong
+                where = None
+            if where and where.get("host") == _host_id():
+                try:
+                    link = _LocalLink(where["path"], timeout)
+                except OSError:  # another filesystem namespace (a container) after all: the comm works
+                    link = None
+        with self._local_lock:
+            return self._local.setdefault(address, link)
 
     async def _put(self, channel=None, items=None):
         self.mailbox.put(channel, items)
@@ -180,21 +239,42 @@ class PeerExchange(WorkerPlugin):
         self.mailbox.abort(tag, reason or "aborted")
         return "OK"
 
-    def send(self, address, channel, items):
+    def send(self, address, channel, items, timeout=300.0):
         """Send the messages ``items`` (``[(msg, value), ...]``) to ``address``'s mailbox,
-        together; returns a ``concurrent.futures.Future``
-        that is done once the message is written (called from a task's thread: the message
-        leaves on the worker's event loop).
+        together; returns a ``concurrent.futures.Future`` that is done once the message is
+        written. Called from a stage's thread.
 
-        The messages to one peer go one way over one comm kept open (distributed's
-        ``reply=False``: the peer's server runs the handler and reads the next message),
-        in the order they are sent: about half the CPU time per message of a request and
-        its reply, on both sides (``python -m benchmarks peer_messages``), time the
-        workers' stages would otherwise lose. A message is
-        not acknowledged: a peer that is gone is the driver's to notice (it aborts the
-        attempt's messages everywhere)."""
+        A peer on the same machine (``daskptycho.schedule.same_host_sockets``, not under
+        TLS) gets host values over its Unix socket, written here by the calling thread,
+        and read on the peer by a thread of its own: no hop through either worker's event
+        loop, which on a busy machine waits for a core before it can run (the time a
+        message takes on its way, and the CPU it costs, are measured side by side by
+        ``python -m benchmarks peer_messages``). Other peers, and device arrays, go one
+        way over one comm kept open (distributed's ``reply=False``: the peer's server runs
+        the handler and reads the next message), in the order they are sent, on the
+        worker's event loop. A message is not acknowledged: a peer that is gone is the
+        driver's to notice (it aborts the attempt's messages everywhere).
+
+        Raises
+        ------
+        PeerExchangeError
+            The same-host socket failed (the peer is gone, or did not read for ``timeout`` s).
+        """
         from distributed.comm import connect
         from distributed.protocol import to_serialize
+
+        link = self._link(address, timeout)
+        if link is not None and _host_only(items):
+            done = concurrent.futures.Future()
+            try:
+                link.send(channel, items)
+            except OSError as e:
+                with self._local_lock:
+                    self._local.pop(address, None)
+                link.close()
+                raise PeerExchangeError(f"a message to {address} over its same-host socket failed: {e!r}") from e
+            done.set_result(None)
+            return done
 
         async def go():
             lock = self._locks.setdefault(address, asyncio.Lock())
@@ -219,6 +299,139 @@ class PeerExchange(WorkerPlugin):
         for a in addresses:
             if a != self.worker.address:
                 asyncio.run_coroutine_threadsafe(go(a), self.worker.loop.asyncio_loop)
+
+
+def _host_id():
+    """This machine (and its kernel's boot): peers with the same id share a filesystem
+    namespace where the other's socket can be reached."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _host_only(items):
+    """Are the values host memory (NumPy arrays, Python scalars, their dicts and lists)?
+    Device arrays go over the worker's comm (UCX moves them without a host copy)."""
+    import numpy as np
+
+    def ok(v):
+        if isinstance(v, np.ndarray) or v is None or isinstance(v, (bool, int, float, complex, str, np.generic)):
+            return True
+        if isinstance(v, dict):
+            return all(ok(x) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return all(ok(x) for x in v)
+        return False
+
+    return all(ok(v) for _, v in items)
+
+
+#: a same-host message: this header (bytes of the pickled ``(channel, items)``, number of
+#: out-of-band buffers), the pickle, each buffer's length (uint64), then the buffers
+_HEAD = struct.Struct("<QI")
+_LEN = struct.Struct("<Q")
+
+
+class _LocalLink:
+    """The sending end of a same-host peer's socket: whole messages written from the
+    stage's own thread (no hop through the event loop), one writer at a time."""
+
+    def __init__(self, path, timeout):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)  # a peer that stops reading fails the stage, as a message that never comes does
+        self.sock.connect(path)
+        self.lock = threading.Lock()
+
+    def send(self, channel, items):
+        bufs = []
+        head = pickle.dumps((channel, items), protocol=5, buffer_callback=bufs.append)
+        raws = [b.raw() for b in bufs]
+        lead = _HEAD.pack(len(head), len(raws)) + head + b"".join(_LEN.pack(r.nbytes) for r in raws)
+        with self.lock:
+            self.sock.sendall(lead)
+            for r in raws:  # the arrays' own memory: no copy before the kernel's
+                self.sock.sendall(r)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _recv_exact(conn, n):
+    """``n`` bytes from ``conn``, in a buffer of their own (not zeroed first)."""
+    import numpy as np
+
+    buf = np.empty(n, dtype=np.uint8)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = conn.recv_into(view[got:], n - got)
+        if k == 0:
+            raise EOFError
+        got += k
+    return buf
+
+
+class _LocalInbox:
+    """The receiving end: a Unix socket in a directory only this user can enter, and a
+    thread per connected peer that puts each message into the mailbox as it arrives."""
+
+    def __init__(self, mailbox, directory=None):
+        self.mailbox = mailbox
+        # mode 0700: no other user can reach the socket. In the worker's own directory,
+        # which distributed cleans up after a worker that was killed; elsewhere where that
+        # path would be too long for a socket's name (108 bytes on Linux)
+        if directory and len(os.path.join(directory, "daskptycho-peer-xxxxxxxx", "s")) < 100:
+            self.dir = tempfile.mkdtemp(prefix="daskptycho-peer-", dir=directory)
+        else:
+            self.dir = tempfile.mkdtemp(prefix="daskptycho-peer-")
+        self.path = os.path.join(self.dir, "s")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen(64)
+        self.closed = False
+        threading.Thread(target=self._accept, name="daskptycho-peer-accept", daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(conn,), name="daskptycho-peer-read", daemon=True).start()
+
+    def _read(self, conn):
+        try:
+            while True:
+                n_head, n_bufs = _HEAD.unpack(_recv_exact(conn, _HEAD.size).tobytes())
+                head = _recv_exact(conn, n_head)
+                sizes = struct.unpack(f"<{n_bufs}Q", _recv_exact(conn, 8 * n_bufs).tobytes()) if n_bufs else ()
+                bufs = [_recv_exact(conn, n) for n in sizes]
+                channel, items = pickle.loads(head, buffers=bufs)
+                self.mailbox.put(channel, items)
+        except (EOFError, OSError):
+            pass  # the peer closed its end (it stopped, or was lost)
+        except Exception:  # noqa: BLE001 - a stage waiting for the message times out and says which
+            log.exception("a same-host peer message could not be read")
+        finally:
+            conn.close()
+
+    def close(self):
+        self.closed = True
+        try:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+            except OSError:
+                pass
+            self.sock.close()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def abort(tag, reason="aborted by the driver", dask_worker=None):
@@ -330,7 +543,7 @@ def _run(spec, inputs, plugin, timeout):
 
     def flush():
         for address, items in pending.items():
-            outgoing.append(plugin.send(address, spec.channel, items))
+            outgoing.append(plugin.send(address, spec.channel, items, timeout))
         pending.clear()
 
     while done < len(tasks):
