@@ -14,6 +14,10 @@ then full batch, probe refined from iteration 5; docs/convergence.md):
     ``daskptycho.schedule.block_iterations``) on a 2-worker LocalCluster;
 ``gd 2x2, scheduler exchange``
     the same with ``daskptycho.schedule.exchange: scheduler`` (every strip a task);
+``gd 2x2, messages over comms``
+    the defaults with ``daskptycho.schedule.same_host_sockets: false``: the peer messages
+    go over the workers' comms and event loops, as between machines (on a cluster of its
+    own, since a worker keeps the message path it was set up with);
 
 and, for the exact comparison, both engines in full batch with the probe held fixed
 (``batch_size=None, refine_probe=False``), where gd is full-batch gradient descent as ml
@@ -25,7 +29,9 @@ over the iterations between. A peer block's costs arrive together, so every span
 and ends at the last iteration of a block (:func:`spans`): the whole run after its first
 block (``run``), its minibatch iterations (``minibatch``) and its full-batch ones
 (``full batch``). Each target's ratio is formed within a round from runs back to back, and
-the median over rounds is reported.
+the median over rounds is reported. CPU per iteration: the CPU time (user + system) of the
+client's process (scheduler and driver) and the workers' over the ``run`` span, from
+/proc: on a machine whose cores the run fills, what it spends besides the gradients.
 
 The FFT floor of one iteration: the FFTs counted in one ``ml`` step on this dataset x this
 moment's time of one 96 x 96 FFT (one thread, reused pyFFTW plan), divided by 2 for the 2
@@ -54,6 +60,9 @@ from .fft_floor import iteration_fft_count, us_per_fft_now
 
 SCAN, DETECTOR = 26, 96
 
+#: peer messages between the workers of this machine over their Unix sockets (default) or comms
+COMMS = "daskptycho.schedule.same_host_sockets"
+
 #: the exact comparison's update rule: full batch, probe fixed
 FULL_BATCH = dict(batch_size=None, refine_probe=False)
 
@@ -61,6 +70,7 @@ CASES = (  # label, engine, workers, options, config
     ("ml, 1 worker", "ml", 1, {}, {}),
     ("gd 2x2 (default)", None, 2, {}, {}),
     ("gd 2x2, scheduler exchange", None, 2, {}, {"daskptycho.schedule.exchange": "scheduler"}),
+    ("gd 2x2, messages over comms", None, 2, {}, {COMMS: False}),
     ("gd 2x2, whole windows", None, 2, {"halo": "window"}, {}),
     ("ml, full batch", "ml", 1, FULL_BATCH, {}),
     ("gd 2x2, full batch", None, 2, FULL_BATCH, {}),
@@ -90,6 +100,16 @@ def _per_iteration(stamps, span):
         return None
     a, b = span
     return (stamps[b] - stamps[a]) / (b - a)
+
+
+def _cpu_s(pids):
+    """CPU seconds (user + system) the processes ``pids`` have used so far (Linux: /proc)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _held(res):
@@ -128,17 +148,26 @@ def main(argv=None):
             for _ in range(args.repeats):
                 us_runs.append(us_per_fft_now(DETECTOR))
                 results = {}
-                for workers in (1, 2):
+                # a cluster per worker count and message path (a worker's peer plugin keeps the
+                # setting it was registered with)
+                for workers, sockets in ((1, True), (2, True), (2, False)):
                     with local_cluster(workers) as cluster, Client(cluster) as client:
+                        pids = [os.getpid(), *client.run(os.getpid).values()]
                         for label, engine, w, kw, cfg in CASES:
-                            if w != workers:
+                            if (w, cfg.get(COMMS, True)) != (workers, sockets):
                                 continue
-                            stamps = []
+                            stamps, cpu = [], []
+
+                            def progress(it, c, stamps=stamps, cpu=cpu, pids=pids):
+                                stamps.append(time.perf_counter())
+                                cpu.append(_cpu_s(pids))
+
                             with dask.config.set(cfg):
-                                res = dp.reconstruct(ds, engine, client=client, progress=lambda it, c, stamps=stamps: stamps.append(time.perf_counter()), **kw)
+                                res = dp.reconstruct(ds, engine, client=client, progress=progress, **kw)
                             results[label] = res
                             runs[label].append({k: _per_iteration(stamps, s) for k, s in span.items()}
-                                               | {"final_cost": float(res["cost"].values[-1])})
+                                               | {"final_cost": float(res["cost"].values[-1]),
+                                                  "cpu_s_per_iteration": _per_iteration(cpu, span["run"])})
                 # the exact pair: gd in full batch is full-batch gradient descent, over the field its tiles hold
                 held = _held(results["gd 2x2, full batch"])
                 o, r = (results[k]["object"].values[held] for k in ("gd 2x2, full batch", "ml, full batch"))
@@ -152,7 +181,8 @@ def main(argv=None):
     rows = []
     for label, engine, w, kw, cfg in CASES:
         row = {"label": label, "engine": engine or "gd", "workers": w, "options": kw, "config": cfg,
-               "final_cost": statistics.median(r["final_cost"] for r in runs[label]), "floor_2_threads_s": floor_2}
+               "final_cost": statistics.median(r["final_cost"] for r in runs[label]), "floor_2_threads_s": floor_2,
+               "cpu_s_per_iteration": statistics.median(r["cpu_s_per_iteration"] for r in runs[label])}
         for k in span:
             if span[k] is not None:
                 row[k] = {"s_per_iteration": statistics.median(r[k] for r in runs[label]), "runs": [r[k] for r in runs[label]]}
@@ -172,6 +202,8 @@ def main(argv=None):
         "minibatch_speedup_over_ml": ratio("gd 2x2 (default)", "ml, 1 worker", "minibatch"),
         "full_batch_speedup_over_ml": ratio("gd 2x2 (default)", "ml, 1 worker", "full batch"),
         "scheduler_exchange_speedup_over_ml": ratio("gd 2x2, scheduler exchange", "ml, 1 worker"),
+        "comms_speedup_over_ml": ratio("gd 2x2, messages over comms", "ml, 1 worker"),
+        "sockets_over_comms": ratio("gd 2x2 (default)", "gd 2x2, messages over comms"),
         "full_batch_pair_speedup": ratio("gd 2x2, full batch", "ml, full batch"),
     }
     out = write("default_run", {
@@ -186,7 +218,7 @@ def main(argv=None):
         "command": "python -m benchmarks default_run " + " ".join(argv or []),
     })
     for r in rows:
-        print(f"{r['label']:28s} " + "  ".join(f"{k} {r[k]['s_per_iteration'] * 1e3:6.1f} ms ({r[k]['floor_fraction']:.2f})"
+        print(f"{r['label']:28s} CPU {r['cpu_s_per_iteration'] * 1e3:5.1f} ms/it  " + "  ".join(f"{k} {r[k]['s_per_iteration'] * 1e3:6.1f} ms ({r[k]['floor_fraction']:.2f})"
                                               for k in span if k in r))
     print(json.dumps(targets, indent=1))
     print(out)

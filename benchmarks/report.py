@@ -429,6 +429,10 @@ def section_many_tiles(d, lines):
     lines += [""]
 
 
+def _row(d, label):
+    return next(r for r in d["rows"] if r["label"] == label)
+
+
 def section_default_run(d, lines):
     """The default run against ml on one worker (benchmarks/default_run.py)."""
     t = d["targets"]
@@ -445,27 +449,36 @@ def section_default_run(d, lines):
               f"full-batch ones ({sp['full batch'][0] + 1}-{sp['full batch'][1]}). FFT floor: {d['ffts_per_iteration']:,} FFTs "
               f"per iteration x {d['us_per_fft_96_one_thread']:.1f} us (96^2, one thread) / 2 cores = "
               f"{d['rows'][0]['floor_2_threads_s'] * 1e3:.1f} ms.", "",
-              "| run | ms per iteration, whole run (rounds) | minibatch iterations | full-batch iterations | floor fraction (run) | final cost |",
-              "|---|---|---|---|---|---|"]
+              "| run | ms per iteration, whole run (rounds) | minibatch iterations | full-batch iterations | floor fraction (run) "
+              "| CPU ms per iteration (run) | final cost |",
+              "|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         def cell(k, r=r):  # the minibatch and full-batch spans only split a run at the defaults
             split = k == "run" or r["options"].get("batch_size", "auto") is not None
             return f"{r[k]['s_per_iteration'] * 1e3:.1f}" if k in r and split else ""
         lines.append(f"| {r['label']} | {cell('run')} ({', '.join(f'{x * 1e3:.1f}' for x in r['run']['runs'])}) | "
-                     f"{cell('minibatch')} | {cell('full batch')} | {r['run']['floor_fraction']:.2f} | {r['final_cost']:.4g} |")
+                     f"{cell('minibatch')} | {cell('full batch')} | {r['run']['floor_fraction']:.2f} | "
+                     f"{r['cpu_s_per_iteration'] * 1e3:.1f} | {r['final_cost']:.4g} |")
     sp, ff = t["default_speedup_over_ml"], t["default_floor_fraction"]
     lines += ["", f"The default run over ml: **{sp['value']:.2f}x** (per round {', '.join(f'{x:.2f}' for x in sp['per_round'])}; "
               f"target {sp['target']}: {'met' if sp['met'] else 'NOT met'}); in its minibatch iterations "
               f"{t['minibatch_speedup_over_ml']['value']:.2f}x, in its full-batch ones {t['full_batch_speedup_over_ml']['value']:.2f}x. "
               f"Floor fraction of the whole run **{ff['value']:.2f}** (target {ff['target']}: {'met' if ff['met'] else 'NOT met'}). "
-              f"With every strip a task: {t['scheduler_exchange_speedup_over_ml']['value']:.2f}x. In full batch with the probe "
+              f"With every strip a task: {t['scheduler_exchange_speedup_over_ml']['value']:.2f}x. With the peer messages over the "
+              f"workers' comms instead of their Unix sockets: {t['comms_speedup_over_ml']['value']:.2f}x (the sockets are "
+              f"{t['sockets_over_comms']['value']:.2f}x faster, per round "
+              f"{', '.join(f'{x:.2f}' for x in t['sockets_over_comms']['per_round'])}). In full batch with the probe "
               f"fixed gd is {t['full_batch_pair_speedup']['value']:.2f}x ml, and its object differs from ml's by at most "
               f"{d['full_batch_relative_difference_to_ml']['max']:.1e} (relative, over the field the tiles hold).", "",
               "A minibatch iteration is 4 pass rounds, and every round ends in a barrier: each tile's next gradient needs "
               "its neighbours' strips (here swapped at once, one message each way) and the probe stepped from every tile's "
-              "part (each worker steps its own copy from the two halves of the sum). On 2 cores the two workers' stages and event loops share the cores: each "
-              "message costs CPU on both sides (measured below, \"What one peer message costs\"), and a round's gradients run "
-              "slower while the other worker sends and receives. gd's final cost is above ml's because of the probe-support "
+              "part (each worker steps its own copy from the two halves of the sum). Between workers of one machine those messages "
+              "go over the receivers' Unix sockets, written by the sending stage's own thread and read by a thread of the "
+              "receiver (`daskptycho.schedule.same_host_sockets`): over the workers' comms instead, each message waits for the "
+              "sender's and then the receiver's event loop to get a core, while the two stages fill both, and costs both "
+              f"event loops CPU (the run's CPU per iteration: {_row(d, 'gd 2x2 (default)')['cpu_s_per_iteration'] * 1e3:.1f} ms "
+              f"over sockets, {_row(d, 'gd 2x2, messages over comms')['cpu_s_per_iteration'] * 1e3:.1f} ms over comms; per "
+              "message below, \"What one peer message costs\"). gd's final cost is above ml's because of the probe-support "
               "halos (window pixels beyond a tile's halo held fixed; the whole-window row ends near ml's), while its phase "
               f"differs from the whole-window run's by at most {d['default_phase_difference_to_whole_windows']['max']:.2%} "
               "over the field the tiles hold.", ""]
@@ -475,10 +488,12 @@ def section_peer_messages(d, lines):
     """What one peer message costs (benchmarks/peer_messages.py)."""
     lines += ["### What one peer message costs", "",
               f"`{d['command'].strip()}` (`benchmarks/results/peer_messages.json`, {d['machine']['date']}; {_load_line(d)}): "
-              f"{d['messages']} messages from one worker's event loop to another's mailbox, back to back, as a request awaiting "
-              "its reply (how peer messages went before) and one way over a comm kept open (`reply=False`, how "
-              f"`PeerExchange.send` sends them); per message, medians of {d['repeats']} runs. The CPU time is what a worker's "
-              "stage loses to its event loop when the stages fill the cores.", "",
+              f"{d['messages']} messages from one worker to another's mailbox, back to back: from A's event loop as a request "
+              "awaiting its reply, and one way over a comm kept open (`reply=False`, how `PeerExchange.send` sends to a "
+              "worker on another machine); and from a task's thread on A straight to B's Unix socket, read into B's mailbox "
+              "by B's reader thread (`same-host socket`, how it sends to a worker on the same machine: wall time from A's "
+              f"first write until B holds the last message). Per message, medians of {d['repeats']} runs; the CPU time is "
+              "each worker process's, what its stage loses when the stages fill the cores.", "",
               "| payload | way | wall ms | sender CPU ms | receiver CPU ms |", "|---|---|---|---|---|"]
     for r in d["rows"]:
         lines.append(f"| {r['payload']} ({r['payload_bytes']:,} bytes) | {r['way']} | {r['wall_ms']:.3f} | "
