@@ -235,7 +235,7 @@ def test_same_host_sockets_carry_messages_whole_and_in_order(tmp_path):
         w = i % 2
         value = {"a": rng.standard_normal(int(rng.integers(1, 60_000))).astype(np.float32), "i": i}
         sent[(w, i)] = value
-        links[w].send(f"c{w}|0", [(i, value)])
+        links[w].send(*links[w].encode(f"c{w}|0", [(i, value)]))
     got = {}
     deadline = time.monotonic() + 60
     with box.cond:
@@ -267,3 +267,29 @@ def test_results_are_the_same_over_sockets_and_comms(small_pbtio3, client):
             ref = _run(ds, c, "peer", **kw)
             assert all(v is None for v in c.run(lambda dask_worker: dask_worker.plugins[peer.NAME].inbox).values())
     _same(got, ref)
+
+
+def test_same_host_messages_carry_plain_values_bit_for_bit_and_nothing_else():
+    # the same-host format: numeric arrays (any layout, 0-d), NumPy and Python scalars and
+    # their containers come back equal, dtype for dtype; objects and object arrays are
+    # refused (they go over the comm), so no message can carry code
+    a = np.arange(24, dtype=np.complex64).reshape(4, 6) * (1 - 1j)
+    value = {"strip": a[:, 1::2], "ill": np.linspace(0, 1, 5, dtype=np.float32), "idx": np.arange(3),
+             "mask": np.array([True, False]), "zero-d": np.array(2.5), "empty": np.zeros((0, 3), np.float32),
+             "s": np.float64(1 / 3), "n": np.int32(-7), "py": [1, 2.5, None, "x", float("nan"), 1 + 2j, (3, True)]}
+    head, arrays = peer._LocalLink.encode("t|0", [(4, value)])
+    bufs = [np.frombuffer(np.ascontiguousarray(x).tobytes(), np.uint8).copy() for x in arrays]
+    import json
+
+    channel, items = peer._decode(json.loads(head), bufs)
+    assert channel == "t|0" and len(items) == 1 and items[0][0] == 4
+    got = items[0][1]
+    for k in ("strip", "ill", "idx", "mask", "zero-d", "empty"):
+        assert got[k].dtype == value[k].dtype and got[k].shape == value[k].shape and np.array_equal(got[k], value[k]), k
+    assert type(got["s"]) is np.float64 and got["s"] == value["s"] and type(got["n"]) is np.int32 and got["n"] == -7
+    assert got["py"][:4] == [1, 2.5, None, "x"] and np.isnan(got["py"][4]) and got["py"][5] == 1 + 2j
+    assert got["py"][6] == (3, True)
+    got["strip"][0, 0] = 0  # the received arrays are the receiver's own, writable
+    for bad in (object(), np.array([1, "a"], dtype=object), {"f": len}):
+        with pytest.raises(peer._NotPlain):
+            peer._LocalLink.encode("t|0", [(1, bad)])

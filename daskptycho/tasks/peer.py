@@ -45,7 +45,6 @@ import dataclasses
 import heapq
 import logging
 import os
-import pickle
 import shutil
 import socket
 import struct
@@ -166,6 +165,13 @@ class PeerExchange(WorkerPlugin):
 
     Registered by the driver for runs with ``daskptycho.schedule.exchange: peer``; workers
     that join later (a restarted worker) get it too.
+
+    Parameters
+    ----------
+    same_host_sockets : bool
+        Open this worker's Unix socket, and send to peers on the same machine over theirs
+        (the driver passes ``daskptycho.schedule.same_host_sockets``). Never under TLS: a
+        cluster that asks for encryption keeps every message to its encrypted comms.
     """
 
     idempotent = True
@@ -264,10 +270,16 @@ class PeerExchange(WorkerPlugin):
         from distributed.protocol import to_serialize
 
         link = self._link(address, timeout)
-        if link is not None and _host_only(items):
+        message = None
+        if link is not None:
+            try:
+                message = link.encode(channel, items)
+            except _NotPlain:  # device arrays: the comm (UCX) moves them
+                message = None
+        if message is not None:
             done = concurrent.futures.Future()
             try:
-                link.send(channel, items)
+                link.send(*message)
             except OSError as e:
                 with self._local_lock:
                     self._local.pop(address, None)
@@ -312,25 +324,58 @@ def _host_id():
     return f"{socket.gethostname()}/{boot}"
 
 
-def _host_only(items):
-    """Are the values host memory (NumPy arrays, Python scalars, their dicts and lists)?
-    Device arrays go over the worker's comm (UCX moves them without a host copy)."""
+class _NotPlain(TypeError):
+    """A value the same-host format does not carry (it goes over the comm)."""
+
+
+def _encode(value, arrays):
+    """``value`` as JSON-able data, its host arrays appended to ``arrays`` (each referred to
+    by its index). Carries NumPy arrays and scalars of numeric dtypes, Python scalars,
+    strings, None, and lists, tuples and dicts of them; anything else (a device array, an
+    object) raises :class:`_NotPlain`. No pickle: nothing a message holds can be code."""
     import numpy as np
 
-    def ok(v):
-        if isinstance(v, np.ndarray) or v is None or isinstance(v, (bool, int, float, complex, str, np.generic)):
-            return True
-        if isinstance(v, dict):
-            return all(ok(x) for x in v.values())
-        if isinstance(v, (list, tuple)):
-            return all(ok(x) for x in v)
-        return False
+    if type(value) is np.ndarray or isinstance(value, np.generic):
+        a = np.asarray(value)
+        if a.dtype.hasobject:
+            raise _NotPlain("an object array")
+        arrays.append(np.ascontiguousarray(a))
+        return {"a": len(arrays) - 1, "dtype": a.dtype.str, "shape": list(a.shape), "scalar": isinstance(value, np.generic)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"v": value}
+    if isinstance(value, complex):
+        return {"c": [value.real, value.imag]}
+    if isinstance(value, (list, tuple)):
+        return {"l" if isinstance(value, list) else "t": [_encode(v, arrays) for v in value]}
+    if isinstance(value, dict):
+        return {"d": [[_encode(k, arrays), _encode(v, arrays)] for k, v in value.items()]}
+    raise _NotPlain(type(value).__name__)
 
-    return all(ok(v) for _, v in items)
+
+def _decode(data, arrays):
+    """The value :func:`_encode` described, its arrays views of the received buffers."""
+    import numpy as np
+
+    if "a" in data:
+        dtype = np.dtype(data["dtype"])
+        if dtype.hasobject:
+            raise ValueError("a same-host message holds an object array")
+        a = arrays[data["a"]].view(dtype).reshape(data["shape"])
+        return a[()] if data["scalar"] else a
+    if "v" in data:
+        return data["v"]
+    if "c" in data:
+        return complex(*data["c"])
+    if "l" in data:
+        return [_decode(v, arrays) for v in data["l"]]
+    if "t" in data:
+        return tuple(_decode(v, arrays) for v in data["t"])
+    return {_decode(k, arrays): _decode(v, arrays) for k, v in data["d"]}
 
 
-#: a same-host message: this header (bytes of the pickled ``(channel, items)``, number of
-#: out-of-band buffers), the pickle, each buffer's length (uint64), then the buffers
+#: a same-host message: this header (bytes of the JSON description of ``[channel, items]``,
+#: number of arrays), the description (:func:`_encode`), each array's bytes (uint64), then
+#: the arrays' bytes
 _HEAD = struct.Struct("<QI")
 _LEN = struct.Struct("<Q")
 
@@ -346,10 +391,18 @@ class _LocalLink:
         self.sock.connect(path)
         self.lock = threading.Lock()
 
-    def send(self, channel, items):
-        bufs = []
-        head = pickle.dumps((channel, items), protocol=5, buffer_callback=bufs.append)
-        raws = [b.raw() for b in bufs]
+    @staticmethod
+    def encode(channel, items):
+        """The message's description (bytes) and its arrays; raises :class:`_NotPlain`."""
+        import json
+
+        arrays = []
+        head = json.dumps(_encode([channel, items], arrays), separators=(",", ":")).encode()
+        return head, arrays
+
+    def send(self, head, arrays):
+        """Write one message (:meth:`encode`'s) whole."""
+        raws = [memoryview(a.reshape(-1)).cast("B") for a in arrays]
         lead = _HEAD.pack(len(head), len(raws)) + head + b"".join(_LEN.pack(r.nbytes) for r in raws)
         with self.lock:
             self.sock.sendall(lead)
@@ -407,13 +460,15 @@ class _LocalInbox:
             threading.Thread(target=self._read, args=(conn,), name="daskptycho-peer-read", daemon=True).start()
 
     def _read(self, conn):
+        import json
+
         try:
             while True:
                 n_head, n_bufs = _HEAD.unpack(_recv_exact(conn, _HEAD.size).tobytes())
                 head = _recv_exact(conn, n_head)
                 sizes = struct.unpack(f"<{n_bufs}Q", _recv_exact(conn, 8 * n_bufs).tobytes()) if n_bufs else ()
                 bufs = [_recv_exact(conn, n) for n in sizes]
-                channel, items = pickle.loads(head, buffers=bufs)
+                channel, items = _decode(json.loads(head.tobytes()), bufs)
                 self.mailbox.put(channel, items)
         except (EOFError, OSError):
             pass  # the peer closed its end (it stopped, or was lost)
