@@ -6,6 +6,7 @@ the others' waits instead of hanging them."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import dask
@@ -293,3 +294,26 @@ def test_same_host_messages_carry_plain_values_bit_for_bit_and_nothing_else():
     for bad in (object(), np.array([1, "a"], dtype=object), {"f": len}):
         with pytest.raises(peer._NotPlain):
             peer._LocalLink.encode("t|0", [(1, bad)])
+
+
+def test_a_worker_directory_too_deep_for_a_socket_name_uses_the_temporary_directory(tmp_path):
+    # a socket's name holds at most 108 bytes: a deep worker directory is passed over
+    import tempfile
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    inbox = peer._LocalInbox(peer._Mailbox(), str(deep))
+    try:
+        assert os.path.dirname(inbox.dir) == tempfile.gettempdir() and len(inbox.path) < 108
+        link = peer._LocalLink(inbox.path, 30.0)
+        link.send(*link.encode("t|0", [(1, np.ones(3))]))
+        with inbox.mailbox.cond:
+            deadline = time.monotonic() + 30
+            got = {}
+            while not got and time.monotonic() < deadline:
+                got = inbox.mailbox.poll("t|0", {1})
+                inbox.mailbox.cond.wait(0.1)
+        assert np.array_equal(got[1], np.ones(3))
+        link.close()
+    finally:
+        inbox.close()
+    assert not os.path.exists(inbox.dir)

@@ -438,15 +438,22 @@ class _LocalInbox:
     def __init__(self, mailbox, directory=None):
         self.mailbox = mailbox
         # mode 0700: no other user can reach the socket. In the worker's own directory,
-        # which distributed cleans up after a worker that was killed; elsewhere where that
-        # path would be too long for a socket's name (108 bytes on Linux)
-        if directory and len(os.path.join(directory, "daskptycho-peer-xxxxxxxx", "s")) < 100:
-            self.dir = tempfile.mkdtemp(prefix="daskptycho-peer-", dir=directory)
-        else:
-            self.dir = tempfile.mkdtemp(prefix="daskptycho-peer-")
-        self.path = os.path.join(self.dir, "s")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(self.path)
+        # which distributed cleans up after a worker that was killed; else in the system's
+        # temporary directory, where that path would be too long for a socket's name (108
+        # bytes on Linux) or its filesystem holds no sockets
+        places = [d for d in (directory, None) if d is None or len(os.path.join(d, "daskptycho-peer-xxxxxxxx", "s")) < 100]
+        for i, place in enumerate(places):
+            self.dir = tempfile.mkdtemp(prefix="daskptycho-peer-", dir=place)
+            self.path = os.path.join(self.dir, "s")
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.bind(self.path)
+                break
+            except OSError:
+                self.sock.close()
+                shutil.rmtree(self.dir, ignore_errors=True)
+                if i == len(places) - 1:
+                    raise
         self.sock.listen(64)
         self.closed = False
         threading.Thread(target=self._accept, name="daskptycho-peer-accept", daemon=True).start()
