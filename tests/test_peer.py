@@ -224,7 +224,7 @@ def test_same_host_peers_message_over_their_sockets(client):
     assert seen[a][1] == seen[b][1] == 0o700  # no other user can reach the sockets
 
 
-def test_same_host_sockets_carry_messages_whole_and_in_order(tmp_path):
+def test_same_host_sockets_carry_two_writers_messages_whole(tmp_path):
     # two writers' messages of mixed sizes arrive whole and bit for bit, and closing the
     # inbox removes its directory
     box = peer._Mailbox()
