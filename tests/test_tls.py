@@ -72,6 +72,11 @@ def test_tls_cluster_from_certificate_files_refuses_plain_clients_and_reconstruc
             with dp.connect(addr) as other:
                 assert other.client.submit(sum, [1, 2], pure=False).result() == 3
             res = dp.reconstruct(small_pbtio3, engine="gd", tiles=(2, 2), iterations=2, slices=2, client=conn.client)
+            # the peer messages kept to the encrypted comms: no worker opened a same-host socket
+            from daskptycho.tasks import peer
+
+            inboxes = conn.client.run(lambda dask_worker: dask_worker.plugins[peer.NAME].inbox)
+            assert len(inboxes) == 2 and all(v is None for v in inboxes.values())
     c = res.cost.values
     assert np.all(np.isfinite(c)) and c[-1] < c[0]
     assert np.isfinite(res.object.values).all()
