@@ -27,7 +27,7 @@ import pytest
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 import daskptycho as dp
-from daskptycho.errors import RecoveryError
+from daskptycho.errors import PeerExchangeError, RecoveryError, WorkerLost
 from daskptycho.tasks.updates import AUTO_MINIBATCHES
 
 # the scheduler plugin below travels to the scheduler by value, whatever its sys.path
@@ -249,3 +249,38 @@ def test_worker_killed_inside_a_peer_stage(small_pbtio3, client, tmp_path, caplo
         client.unregister_scheduler_plugin(KillDuring.name)
     assert fired != "None", "no stage of iteration >= 3 was scheduled"
     _check_recovery(res, ref, victim, GD, caplog, EVERY)
+
+
+def _break_a_message_to(pid):
+    """On a worker: what a stage does when the peer it writes to dies under it (the
+    broken message fails at once, before the scheduler can know of the death)."""
+    os.kill(pid, signal.SIGKILL)
+    raise PeerExchangeError("a message over its same-host socket failed: BrokenPipeError(32, 'Broken pipe')")
+
+
+def _raise_a_peer_error():
+    raise PeerExchangeError("stage ('stage', 0): messages [1] did not arrive within 0.1 s")
+
+
+def test_a_broken_peer_message_from_a_death_is_a_lost_worker_not_an_error(client):
+    # the survivor's task errs before the scheduler has removed the dead worker: the driver
+    # must wait for the scheduler to see the loss and recover, not fail the run
+    from daskptycho.engines.driver import Driver
+
+    victim, pid = _victim(client)
+    survivor = next(a for a in client.nthreads() if a != victim)
+    with Driver(client=client) as drv, pytest.raises(WorkerLost) as lost:
+        f = client.submit(_break_a_message_to, pid, workers=[survivor], pure=False)
+        drv.wait_alive([f], {0: survivor, 1: victim})
+    assert lost.value.lost == [victim]
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts it for the tests after this one
+
+
+def test_a_peer_error_with_every_worker_alive_is_raised_as_it_is(client):
+    from daskptycho.engines.driver import Driver
+
+    placement = dict(enumerate(sorted(client.nthreads())))
+    f = client.submit(_raise_a_peer_error, workers=[placement[0]], pure=False)
+    with Driver(client=client) as drv, dask.config.set({"daskptycho.recovery.poll_s": 0.05}):
+        with pytest.raises(PeerExchangeError, match="did not arrive"):
+            drv.wait_alive([f], placement)

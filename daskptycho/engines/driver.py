@@ -22,11 +22,15 @@ from distributed.scheduler import KilledWorker
 from .. import config, latency
 from .. import dashboard as _dashboard  # noqa: F401  (adds /daskptycho to the dashboards of schedulers started from here on)
 from ..cluster import connect
-from ..errors import RecoveryError, WorkerLost
+from ..errors import PeerExchangeError, RecoveryError, WorkerLost
 from ..keys import PHASES, phase_of
 from ..tasks import peer
 from . import memory
 
+# liveness polls (``daskptycho.recovery.poll_s`` apart) the driver gives the scheduler to
+# see a worker go when a fetch or a peer message broke: either can break before the
+# scheduler hears of the death
+LOSS_POLLS = 10
 
 class Driver:
     """Context manager giving a client: the caller's, or one from :func:`daskptycho.cluster.connect`.
@@ -256,12 +260,9 @@ class Driver:
                 self._raise_if_lost(f, placement)  # the task's own error is raised there, as it is
                 # a timed-out fetch polls again; a broken one gives the scheduler a few polls
                 # to see the worker go (a comm can break before the scheduler hears of it)
-                for _ in range(1 if isinstance(e, TimeoutError) else 10):
-                    lost = self.lost_workers(placement)
-                    if lost:  # its result went with the worker, or the fetch broke when it died
-                        raise WorkerLost(lost, f"while fetching {f.key}") from None
-                    if not isinstance(e, TimeoutError):
-                        time.sleep(poll)
+                lost = self._lost_within(placement, 1 if isinstance(e, TimeoutError) else LOSS_POLLS)
+                if lost:  # its result went with the worker, or the fetch broke when it died
+                    raise WorkerLost(lost, f"while fetching {f.key}") from None
                 if not isinstance(e, TimeoutError):
                     raise
 
@@ -274,7 +275,24 @@ class Driver:
             exc = f.exception()
             if isinstance(exc, KilledWorker):
                 raise WorkerLost(self.lost_workers(placement), f"task {f.key}: {exc}")
+            if isinstance(exc, PeerExchangeError):
+                # a peer that died breaks the messages to it at once, before the scheduler
+                # hears of its death: give the scheduler a few polls to see it go
+                lost = self._lost_within(placement, LOSS_POLLS)
+                if lost:
+                    raise WorkerLost(lost, f"task {f.key}: {exc}")
             f.result()  # a real error: raise it as it is
+
+    def _lost_within(self, placement, polls):
+        """The lost workers of ``placement``, polling up to ``polls`` times
+        (``daskptycho.recovery.poll_s`` apart) until there is one; [] if none went."""
+        poll = float(config.get("recovery.poll_s", 0.5))
+        for i in range(polls):
+            lost = self.lost_workers(placement)
+            if lost or i == polls - 1:
+                return lost
+            time.sleep(poll)
+        return []
 
     def replace_lost(self, placement, expected_workers=None, wait_s=None):
         """Move the units (tiles, parts) of lost workers to the live ones (surviving or restarted).

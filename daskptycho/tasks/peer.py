@@ -605,7 +605,7 @@ def _run(spec, inputs, plugin, timeout):
 
     def flush():
         for address, items in pending.items():
-            outgoing.append(plugin.send(address, spec.channel, items, timeout))
+            outgoing.append((address, plugin.send(address, spec.channel, items, timeout)))
         pending.clear()
 
     while done < len(tasks):
@@ -652,8 +652,11 @@ def _run(spec, inputs, plugin, timeout):
             if msg_readers_left[m] == 0:
                 received.pop(m, None)
     flush()
-    for f in outgoing:
-        f.result(timeout=max(1.0, deadline - time.monotonic()))
+    for address, f in outgoing:
+        try:
+            f.result(timeout=max(1.0, deadline - time.monotonic()))
+        except Exception as e:  # the peer is gone, or its comm broke: the driver tells which
+            raise PeerExchangeError(f"stage {spec.channel}: a message to {address} failed: {e!r}") from e
     return {k: cache[k] for k in stage.exports}
 
 
