@@ -6,6 +6,7 @@ re-run after a lost worker), on NumPy or CuPy arrays.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,8 +182,17 @@ def round_group(n_positions, rounds, rnd, tile, seed, iteration):
     ``iteration``: every ``rounds``-th of a random order drawn from ``(seed, iteration,
     tile)``, sorted (int64 indices into the tile's patterns). The rounds of one iteration
     partition the positions; each spreads over the tile."""
-    order = np.random.default_rng([int(seed), int(iteration), int(tile[0]), int(tile[1])]).permutation(int(n_positions))
+    order = _round_order(int(n_positions), int(seed), int(iteration), int(tile[0]), int(tile[1]))
     return np.sort(order[rnd::rounds])
+
+
+@functools.lru_cache(maxsize=64)
+def _round_order(n_positions, seed, iteration, row, col):
+    """The random order of an iteration's positions on one tile, drawn once for all its
+    rounds (read only)."""
+    order = np.random.default_rng([seed, iteration, row, col]).permutation(n_positions)
+    order.flags.writeable = False
+    return order
 
 
 def start_positions(ctx: TileContext, tile):
