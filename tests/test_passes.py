@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 import daskptycho as dp
 from daskptycho.geometry import ObjectGrid, object_grid
 from daskptycho.schedule import Buffer, IterationGraph, accumulate_passes, gd_iteration, materialise
-from daskptycho.schedule.passes import exchange_strips, neighbour_exchange
+from daskptycho.schedule.passes import PROBE_STEPPERS, exchange_strips, neighbour_exchange
 from daskptycho.tasks import tiles as tt
 from daskptycho.tiling import intersect, make_tiling
 
@@ -853,3 +853,58 @@ def test_probe_homes_step_the_same_probe_on_every_worker(tiling33, monkeypatch):
     g = gd_iteration(tiling33, 0, states, {t.key: t.key for t in tiling33}, probe, ctx, rounds=2, refine_probe=True, probe_homes=homes)
     a, b = dask.get(g.tasks, [("probe", 1), ("probe", 1, 2, 0)])
     np.testing.assert_array_equal(a, b)
+
+
+def test_the_stepped_probe_reaches_many_workers_down_a_tree(monkeypatch):
+    # 36 tiles, each on a worker of its own: the halves of the probe-gradient sum go to the
+    # first PROBE_STEPPERS homes only, every other home gets the stepped probe from one home
+    # that has it, none sends it to more than two, and every copy is the same bits
+    tiling = _lattice_tiling(shape=(6, 6), scan=(18, 18))
+    homes = {t.key: t.key for t in tiling}
+    states, data, probe, ctx = _placeholders(tiling)
+    g = gd_iteration(tiling, 0, states, data, probe, ctx, rounds=2, refine_probe=True, probe_homes=homes)
+    deps = g.dependencies()
+    root = tiling.tiles[0].key
+
+    def copy_of(s, t):
+        return ("probe", s) if t == root else ("probe", s, *t)
+
+    for s in (0, 1):
+        copies = {t.key: copy_of(s, t.key) for t in tiling}
+        (top,) = [k for k in deps[("probe", s)] if k[0] == "probe-sum"]
+        halves = deps[top]
+        readers = {k for k in g.tasks if deps[k] & halves and k[0] == "probe-sum"}
+        assert len(readers) == PROBE_STEPPERS and {g.placement[k] for k in readers} == {t.key for t in tiling.tiles[:PROBE_STEPPERS]}
+        for key in copies.values():  # each copy is read by the tiles of its worker and at most two other workers
+            relays = [k for k in g.tasks if key in deps[k] and k[0] == "probe" and g.tasks[k][0] is tt.relay]
+            assert len(relays) <= 2, (key, relays)
+        longest = 0
+        for key in copies.values():  # relays in a row from a home that stepped it
+            hops = 0
+            while g.tasks[key][0] is tt.relay:
+                (key,) = deps[key]
+                hops += 1
+            longest = max(longest, hops)
+        assert 0 < longest <= int(np.ceil(np.log2(len(tiling.tiles) / PROBE_STEPPERS)))
+    for t in tiling:  # round 1 reads its worker's copy of round 0's probe
+        assert g.tasks[("grad", 1, *t.key)][4] == copy_of(0, t.key)
+    # the next iteration, given this one's copies, goes on reading them
+    g2 = gd_iteration(tiling, 1, g.outputs["states"], data, g.outputs["probes"], ctx, rounds=2, refine_probe=True,
+                      probe_homes=homes)
+    for t in tiling:
+        assert g2.tasks[("grad", 2, *t.key)][4] == copy_of(1, t.key)
+
+    rng = np.random.default_rng(5)
+    parts = {t.key: rng.standard_normal(7).astype(np.float32) for t in tiling}
+
+    def fake_gradient(state, data, local, probe, ctx, tile, refine_probe, local_updates):
+        return {"cost": 1.0, "probe": parts[tile] + (0 if isinstance(probe, _Token) else probe), "probe_illumination": parts[tile]}
+
+    monkeypatch.setattr(tt, "tile_gradient", fake_gradient)
+    monkeypatch.setattr(tt, "tile_update", lambda *a: None)
+    monkeypatch.setattr(tt, "cut_strip", lambda *a: None)
+    monkeypatch.setattr(tt, "probe_update", lambda p, total, ctx: total["probe"] * np.float32(0.37) + total["probe_illumination"])
+    g = gd_iteration(tiling, 0, states, {t.key: t.key for t in tiling}, probe, ctx, rounds=2, refine_probe=True, probe_homes=homes)
+    got = dask.get(g.tasks, [copy_of(1, t.key) for t in tiling])
+    for a in got[1:]:
+        np.testing.assert_array_equal(a, got[0])

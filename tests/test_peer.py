@@ -60,6 +60,17 @@ def test_peer_blocks_stop_at_checkpoints_and_resume_exactly(small_pbtio3, client
     _same(got, ref)
 
 
+def test_a_probe_relayed_down_the_tree_of_workers_gives_the_same_result(small_pbtio3, client):
+    # one stepper: the second worker's tiles read the probe relayed from the first worker
+    # instead of the copy they step from the halves of the sum; the bits are the same
+    ds = dp.open_dataset(small_pbtio3)
+    kw = dict(engine="gd", tiles=(2, 2), slices=2, refine_probe=True, probe_refine_start=2)
+    ref = _run(ds, client, "peer", **kw)
+    with dask.config.set({"daskptycho.schedule.probe_steppers": 1}):
+        _same(_run(ds, client, "peer", **kw), ref)
+        _same(_run(ds, client, "scheduler", **kw), ref)
+
+
 def test_peer_settings_are_checked(small_pbtio3, client):
     ds = dp.open_dataset(small_pbtio3)
     with dask.config.set({"daskptycho.schedule.exchange": "carrier-pigeon"}):
@@ -68,6 +79,9 @@ def test_peer_settings_are_checked(small_pbtio3, client):
     with dask.config.set({"daskptycho.schedule.exchange": "peer", "daskptycho.schedule.block_iterations": 0}):
         with pytest.raises(OptionsError, match="block_iterations"):
             dp.reconstruct(ds, iterations=1, client=client, engine="gd", tiles=(2, 2))
+    with dask.config.set({"daskptycho.schedule.probe_steppers": 0}):
+        with pytest.raises(OptionsError, match="probe_steppers"):
+            dp.reconstruct(ds, iterations=1, client=client, engine="gd", tiles=(2, 2), refine_probe=True)
 
 
 def _fail(x):

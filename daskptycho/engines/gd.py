@@ -18,7 +18,7 @@ from ..physics.positions import position_margin_px
 from ..physics.probe import support_half_widths
 from ..schedule.fuse import Input, Ref, fuse_by_worker, rebind, stage_bodies
 from ..schedule.graph import IterationGraph
-from ..schedule.passes import gd_iteration
+from ..schedule.passes import PROBE_STEPPERS, gd_iteration
 from ..tasks import tiles as tt
 from ..tasks.ml import refines_positions
 from ..tasks.stage import take
@@ -86,6 +86,17 @@ def exchange_mode():
     if value not in EXCHANGE:
         raise OptionsError("schedule.exchange", f"is {value!r}; use one of {', '.join(EXCHANGE)} (daskptycho.yaml or DASK_DASKPTYCHO__SCHEDULE__EXCHANGE)")
     return value
+
+
+def probe_steppers():
+    """How many workers step the refined probe themselves (``daskptycho.schedule.probe_steppers``,
+    :func:`~daskptycho.schedule.passes.gd_iteration`): the halves of the probe-gradient sum go
+    to each of them, and every other worker gets the stepped probe down a binary tree."""
+    k = config.get("schedule.probe_steppers", PROBE_STEPPERS)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise OptionsError("schedule.probe_steppers", f"is {k!r}; use an integer >= 1 (daskptycho.yaml or "
+                           "DASK_DASKPTYCHO__SCHEDULE__PROBE_STEPPERS)")
+    return k
 
 
 def fuse_for(placement):
@@ -350,7 +361,9 @@ class TiledRun(PinnedRun):
             if positions is not None:
                 positions = gi.outputs["positions"]
             if r:
-                probe = new_probe = gi.outputs["probe"]
+                new_probe = gi.outputs["probe"]
+            # each worker's tiles go on reading their worker's copy of the probe
+            probe = gi.outputs.get("probes", probe)
         wanted = [*states.values(), *(c for i in block for c in costs[i])] + ([new_probe] if new_probe is not None else [])
         wanted += list(positions.values()) if positions is not None else []
         return g, {"states": states, "costs": costs, "probe": new_probe, "positions": positions, "wanted": wanted}
@@ -501,7 +514,7 @@ class GDRun(TiledRun):
         return gd_iteration(self.tiling, it, states, self.data, probe, self.ctx, rounds=o.rounds_at(it, self.tile_positions),
                             refine_probe=refine, local_updates=o.local_updates, tag=self.tag, positions=positions,
                             refine_positions=refine_positions, stride=self.live_rounds, order=(o.seed, it if number is None else number),
-                            probe_homes=probe_homes(self.tiling, self.workers))
+                            probe_homes=probe_homes(self.tiling, self.workers), probe_steppers=probe_steppers())
 
 
 def _tile_name(key):

@@ -31,7 +31,8 @@ Keys: ``("grad", s, r, c)``, ``("vfwd-strip", s, r, c)`` (cut on tile (r, c) for
 scalars ``("tile-cost", s, r, c)`` and probe-gradient parts ``("tile-probe", s, r, c)``,
 their reductions ``("cost", it * T)`` (one per iteration) and ``("probe-sum", s, level, i)``,
 and the probe step ``("probe", s)`` (on the tile holding the sum) with its copies
-``("probe", s, r, c)`` on other workers' tiles (``probe_homes``), where ``s = iteration * T +
+``("probe", s, r, c)`` on other workers' tiles (``probe_homes``: stepped there, or relayed
+by :func:`~daskptycho.tasks.tiles.relay`), where ``s = iteration * T +
 round`` counts pass rounds (``s`` is the iteration when ``T = 1``).
 """
 
@@ -44,6 +45,14 @@ import numpy as np
 
 from ..tasks import tiles as tt
 from .graph import IterationGraph
+
+#: Default ``probe_steppers`` of :func:`gd_iteration` (``daskptycho.schedule.probe_steppers``):
+#: the homes (the first tile's included) that step the refined probe themselves from the
+#: two halves of the probe-gradient sum; the other homes receive the stepped probe down a
+#: binary tree of homes. Each half then goes to at most this many workers and each home
+#: sends the probe on to at most two, so a round's probe costs ``log2(workers /
+#: probe_steppers)`` messages in a row, not ``workers`` messages from one worker.
+PROBE_STEPPERS = 4
 
 
 @dataclass(frozen=True)
@@ -186,7 +195,8 @@ def round_positions(tiling, rounds):
 
 
 def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_probe=False, local_updates=False, tag=None,
-                 positions=None, refine_positions=0, stride=None, order=None, probe_homes=None):
+                 positions=None, refine_positions=0, stride=None, order=None, probe_homes=None,
+                 probe_steppers=PROBE_STEPPERS):
     """The task graph of one gradient-decomposition iteration (pure: no client).
 
     Parameters
@@ -195,7 +205,9 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
     it : int
     states : dict ``{(r, c): key/future/value}``: each tile's object patch (S, h, w)
     data : dict ``{(r, c): key/future/value}``: each tile's patterns (J_t, N, N), FFT order
-    probe : key/future/value: the probe (K, N, N)
+    probe : key/future/value, or dict ``{(r, c): key/future/value}``
+        The probe (K, N, N), or each tile's copy of it: an earlier iteration's ``probes``
+        output, so that each worker's tiles go on reading their worker's copy.
     context : key/future/value: a :class:`~daskptycho.tasks.tiles.TileContext`
     rounds : int
         Pass rounds of this iteration (the paper's T), each over an interleaved share of
@@ -214,12 +226,17 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
         Sum the probe gradient over tiles (tree reduction) and update the probe.
     probe_homes : dict ``{(r, c): (r, c)}``, optional
         Where each tile's gradient reads the refined probe from: tiles given here read
-        the copy of the probe step run on their home tile (one per worker: the engine's
-        :func:`~daskptycho.engines.gd.probe_homes`), computed there from the same two
-        halves of the sum, in the same order, as on the first tile (which holds the
-        sum's top and whose copy is the iteration's ``probe``): every copy is bit for bit
-        the same, and a worker's tiles start their next round one message after the
-        halves leave instead of two. Tiles not given read the first tile's.
+        the copy of the probe on their home tile (one per worker: the engine's
+        :func:`~daskptycho.engines.gd.probe_homes`). The first ``probe_steppers``
+        homes in tile order (the first tile, which holds the sum's top and whose copy is
+        the iteration's ``probe``, and the next ones) step it themselves from the same
+        two halves of the sum, in the same order: their tiles start the next round one
+        message after the halves leave instead of two. Each further home ``i`` (0-based in
+        that order) receives the stepped copy of home ``(i - probe_steppers) // 2``, a
+        binary tree, so no worker sends more than a few probes per round. Every copy is
+        bit for bit the same. Tiles not given read the first tile's.
+    probe_steppers : int
+        See ``probe_homes`` (:data:`PROBE_STEPPERS`; at least 1).
     local_updates : bool
         Update each tile after each minibatch of its own positions between passes
         (Alg. 1, lines 5-9); off: pure batch mode, exactly full-batch gradient descent.
@@ -238,8 +255,8 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
 
     Returns
     -------
-    IterationGraph with outputs ``states`` ({tile: key}), ``probe`` (key or the input),
-    ``costs`` (a list of one key: the iteration's cost, the rounds' sums added in order),
+    IterationGraph with outputs ``states`` ({tile: key}), ``probe`` (the first tile's
+    key, or the input), ``probes`` ({tile: key}: the copy each tile read last), ``costs`` (a list of one key: the iteration's cost, the rounds' sums added in order),
     ``positions`` ({tile: key} or None).
     """
     g = IterationGraph(tag=tag)
@@ -248,7 +265,8 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
     root = tiling.tiles[0].key
     homes = dict(probe_homes or {})
     replicas = [t.key for t in tiling if t.key != root and t.key in set(homes.values())]
-    probe_at = {t.key: probe for t in tiling}  # the probe each tile's gradient reads
+    # the probe each tile's gradient reads
+    probe_at = dict(probe) if isinstance(probe, dict) else {t.key: probe for t in tiling}
     strips = exchange_strips if neighbour_exchange(tiling) else accumulate_passes
     costs = []
     where = ()
@@ -257,7 +275,8 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
     if positions is not None:
         s = first
         positions = {t.key: g.add(("positions", s, *t.key), (
-            tt.tile_positions, states[t.key], data[t.key], positions[t.key], probe, context, t.key, refine_positions == 2)
+            tt.tile_positions, states[t.key], data[t.key], positions[t.key], probe_at[t.key], context, t.key,
+            refine_positions == 2)
             if refine_positions else (tt.kept_positions, positions[t.key]), t.key) for t in tiling}
     for rnd in range(rounds):
         s = first + rnd
@@ -283,9 +302,14 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
             # to worker: a round needs no task of the scheduler's between its stages), and a
             # copy from the same two halves on each other home
             new_probe = {root: g.add(("probe", s), (tt.probe_update, probe_at[root], total, context), root)}
-            for j, home in enumerate(replicas):
-                summed = g.add(("probe-sum", s, total[2], 1 + j), g.tasks[total], home) if total[0] == "probe-sum" else total
-                new_probe[home] = g.add(("probe", s, *home), (tt.probe_update, probe_at[home], summed, context), home)
+            tree = [root] + replicas
+            for i, home in enumerate(tree[1:], 1):
+                if i < probe_steppers:
+                    summed = g.add(("probe-sum", s, total[2], i), g.tasks[total], home) if total[0] == "probe-sum" else total
+                    new_probe[home] = g.add(("probe", s, *home), (tt.probe_update, probe_at[home], summed, context), home)
+                else:  # relayed down the tree of homes from a home that has it
+                    parent = tree[(i - probe_steppers) // 2]
+                    new_probe[home] = g.add(("probe", s, *home), (tt.relay, new_probe[parent]), home)
             new_probe = {t.key: new_probe[homes.get(t.key, root)] for t in tiling}
         for t in tiling:
             # the update needs the gradient task's own result only for its locally
@@ -298,7 +322,7 @@ def gd_iteration(tiling, it, states, data, probe, context, rounds=1, refine_prob
     probe = probe_at[root]
     # one task for the iteration's cost, the rounds' sums added in order (as the run adds
     # the costs it is given): the scheduler and the client handle one number per iteration
-    g.outputs.update(states=states, probe=probe, costs=[g.add(("cost", first), (sum, costs))])
+    g.outputs.update(states=states, probe=probe, probes=probe_at, costs=[g.add(("cost", first), (sum, costs))])
     if positions is not None:
         g.outputs["positions"] = positions
     return g

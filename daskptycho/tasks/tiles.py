@@ -341,6 +341,12 @@ def probe_update(probe, total, ctx: TileContext):
     return probe_step(xp.asarray(probe), total["probe"], total["probe_illumination"], ctx.probe_step, ctx.regularization)
 
 
+def relay(value):
+    """``value`` as received: a worker's copy of the stepped probe, which its own tiles read
+    and which it passes on to the workers below it in the probe's broadcast tree."""
+    return value
+
+
 def tile_update(state, local_object, buf, strips, patches, ctx: TileContext, n_positions):
     """Step the tile with its accumulated buffer (Alg. 1, lines 15-17); with local
     updates, from the locally stepped tile ``local_object``.
