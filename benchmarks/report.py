@@ -237,7 +237,7 @@ def section_scaling(d, lines):
               "measured / predicted |", "|---|---|---|---|---|---|---|---|"]
     for v in d["validation"]:
         lines.append(f"| {v['label']} | {v.get('schedule', 'tile graph')} | {v['measured_s']:.3f} | {v['predicted_s']:.3f} | {v['predicted_compute_s']:.3f} | "
-                     f"{v['predicted_comm_s']:.3f} | {_f(v.get('predicted_scheduler_s'), '.3f')} ({v.get('tasks', 'n/a')} tasks) | "
+                     f"{v['predicted_comm_s']:.3f} | {_f(v.get('predicted_scheduler_s'), '.3f')} ({_f(v.get('tasks'), '.0f')} tasks) | "
                      f"{v['ratio_measured_over_predicted']:.2f} |")
     lines += ["", "### Predictions for the paper's datasets (100 iterations, V100 assumption)", "",
               "| dataset | engine | halos | schedule | workers | tiles | predicted min | (compute + comm) | scheduler min (tasks / it) | paper min | predicted GB/worker | same, wave checkpoints c = 10 (min) | paper GB/GPU | max positions per tile | extended tile px |",
@@ -253,6 +253,18 @@ def section_scaling(d, lines):
                      f"{p['predicted_compute_minutes']:.1f} + {p['predicted_comm_minutes']:.1f} | "
                      f"{_f(p.get('predicted_scheduler_minutes'), '.1f')} ({tasks}) | {_f(p['paper_minutes'], '.1f')} | "
                      f"{p['predicted_memory_gb']:.2f} | {_c10(p)} | {_f(p['paper_memory_gb'])} | {p['max_positions_per_tile']} | {p['extended_px_max']} |")
+    refined = [p for p in d["predictions"] if "probe_refined_minutes_100_it_v100" in p and p["dataset"] == "large"]
+    if refined:
+        lines += ["", "With the probe refined as well (the paper's runs keep it fixed), the large dataset, peer rows "
+                  "(`benchmarks.scaling.probe_seconds`: each round sums the probe gradient over the workers, steps the probe on "
+                  "`daskptycho.schedule.probe_steppers` = 4 of them and relays it down a binary tree of workers to the others, "
+                  "alongside the strips; the last column: every worker stepping its own copy from the two halves of the sum, "
+                  "which then go to every worker):", "",
+                  "| workers | probe fixed (min / 100 it) | probe refined, relayed | probe's share of a round (s) | every worker stepping it |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {p['workers']} | {p['predicted_minutes_100_it_v100']:.1f} | {p['probe_refined_minutes_100_it_v100']:.1f} | "
+                  f"{p['probe_refined_probe_s_per_round']:.3f} | {p['probe_refined_every_worker_steps_minutes_100_it_v100']:.1f} |"
+                  for p in refined]
     lines += ["", _why_different(d), ""]
 
 
@@ -274,7 +286,8 @@ later block by rebinding the first block of its shape ({client_us:.1f} us per ti
 measured by the many-tile benchmark with a tile per worker: {peer_client:.2f} min per 100 iterations,
 a floor far below the compute), and builds and fuses the first block of each shape once, before
 anything runs ({first_ms:.2f} ms per tile and iteration: {peer_first:.1f} min per run, for a block of
-{block} iterations and the last, shorter one); the strips' chains, now messages worker to worker, cost
+{block} iterations and the last, shorter one); the strips, now messages worker to worker (each pair of
+neighbours swapping its strips at once, along the columns then the rows), cost
 {peer_comm:.1f} min: predicted {peer_total:.1f} min against the paper's 2.2 min. (3) *Memory* per worker, the peer rows: with
 every slice's incident wave kept (`daskptycho.reconstruct.wave_checkpoints` 1, what `auto` picks on a
 16 GB V100, where it fits) it falls {mem_ratio:.1f}x from 6 to 4158 workers (the paper: 51x), to

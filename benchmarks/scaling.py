@@ -8,11 +8,17 @@ Model of one iteration on P workers, one tile each (tile (r, c) of an R x C grid
   measured seconds per position per slice of the single-task engine (``ml`` row of
   ``engines.json``), scaled from the benchmark's pattern size to ``N`` by the FFT's
   ``N^2 log N^2``;
-* gd passes: the forward and backward passes along rows then columns hand an overlap
-  strip (object gradient complex64 + illumination float32 = 12 B per voxel) from tile to
-  tile; a chain of ``R - 1`` (rows) and ``C - 1`` (columns) hops, each ``alpha + bytes /
-  beta``, forward and backward: ``2 ((R-1) h_row + (C-1) h_col)`` with the strips of the
-  real tiling (:func:`daskptycho.tiling.make_tiling`);
+* gd exchanges (:func:`exchange_seconds`): overlap strips (object gradient complex64 +
+  illumination float32 = 12 B per voxel) of the real tiling
+  (:func:`daskptycho.tiling.make_tiling`), each ``alpha + bytes / beta``. Where no pixel
+  lies in three tiles along an axis (the probe-support halos), every pair of neighbours
+  swaps its strips at once, along the columns and then the rows: a tile's (up to two)
+  strips on one axis, then on the other. Otherwise the forward and backward passes run
+  as chains of ``R - 1`` (rows) and ``C - 1`` (columns) hops: ``2 ((R-1) h_row + (C-1)
+  h_col)``;
+* gd probe refinement (peer rows, the paper's runs keep the probe fixed): the probe
+  gradient's sum over the workers and the stepped probe's relay to every worker
+  (:func:`probe_seconds`), alongside the strips;
 * every dependency between tasks costs a scheduler round trip, measured here
   (:func:`measure_hop`): on one worker, or between two (with a tiny transfer); a gd
   exchange between tiles on different workers adds ``alpha + bytes / beta``; the
@@ -99,8 +105,11 @@ def grid_shape(p):
     return r, p // r
 
 
-def measure_loopback(sizes_mib=(1, 8, 64), repeats=3):
-    """alpha (s) and beta (B/s) of a worker-to-worker transfer on this machine (least squares)."""
+def measure_loopback(sizes_mib=(1, 8, 64), repeats=5):
+    """alpha (s) and beta (B/s) of a worker-to-worker transfer on this machine: least squares
+    through the fastest of ``repeats`` transfers of each size (what the link can do; on a
+    shared machine single transfers stall for tens of ms, which a fit through all of them
+    turns into a negative slope)."""
     from distributed import Client, get_task_stream
 
     from daskptycho.cluster import local_cluster
@@ -118,9 +127,12 @@ def measure_loopback(sizes_mib=(1, 8, 64), repeats=3):
                 if tr:
                     xs.append(mib * 2**20)
                     ts.append(sum(tr))
-    A = np.stack([np.ones(len(xs)), np.asarray(xs, float)], axis=1)
-    (alpha, inv_beta), *_ = np.linalg.lstsq(A, np.asarray(ts), rcond=None)
+    sizes = sorted(set(xs))
+    best = [min(t for x, t in zip(xs, ts) if x == size) for size in sizes]
+    A = np.stack([np.ones(len(sizes)), np.asarray(sizes, float)], axis=1)
+    (alpha, inv_beta), *_ = np.linalg.lstsq(A, np.asarray(best), rcond=None)
     return {"alpha_s": max(float(alpha), 0.0), "beta_bytes_per_s": 1.0 / max(float(inv_beta), 1e-15),
+            "fastest": [{"bytes": x, "s": t} for x, t in zip(sizes, best)],
             "samples": [{"bytes": x, "s": t} for x, t in zip(xs, ts)]}
 
 
@@ -242,7 +254,8 @@ def _overlap(a, b):
 
 def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta, workers=None, modes=1, engine="gd",
           hop=None, per_task=0.0, halo_px=None, schedule="tile graph", block=8, peer_hop_s=0.0, node_size=None, intra=None,
-          client_per_tile=0.0, client_first_per_tile=0.0, iterations=100, wave_checkpoints=1, working_path="batched"):
+          client_per_tile=0.0, client_first_per_tile=0.0, iterations=100, wave_checkpoints=1, working_path="batched",
+          refine_probe=False, probe_steppers=4, rounds=1):
     """Predicted seconds per iteration and bytes per worker for one tiling.
 
     ``hop``: ``{"same_worker_s": s, "alternating_s": s}``, the scheduler round trip of one
@@ -267,9 +280,17 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
 
     ``wave_checkpoints``: the adjoint's checkpoint interval c; ``working_path``: whose
     working set per position counts (:func:`gradient_terms`; ``"cuda"`` for GPU runs).
+
+    ``rounds`` (gd): pass rounds per iteration (minibatches; may be a mean over the run):
+    each has its own exchanges (and tile-graph tasks), the compute is the iteration's.
+
+    ``refine_probe`` (gd, peer): each round also sums the probe gradient over the workers and
+    hands the stepped probe to every worker (:func:`probe_seconds`), alongside the strips:
+    the round waits for the longer of the two.
     """
     t = tiling_of(corners, window, object_shape, tiles, halo_px if engine == "gd" else None)
     r, c = tiles
+    probe_s = 0.0
     workers = workers or r * c
     hop = hop or {"same_worker_s": 0.0, "alternating_s": 0.0}
     n2 = window[0] * window[1]
@@ -310,11 +331,11 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
             if intra is not None and node(a) == node(b):
                 return max(peer_hop_s, intra[0]) + size / intra[1]
             return max(peer_hop_s, alpha) + size / beta
-        row_hops = max((sum(link((i, j), (i, j + 1)) for j in range(c - 1)) for i in range(r)), default=0.0)
-        col_hops = max((sum(link((i, j), (i + 1, j)) for i in range(r - 1)) for j in range(c)), default=0.0)
-        comm = 2 * (row_hops + col_hops)
+        comm = rounds * exchange_seconds(t, link)
         n_workers = len(set(worker_of.values()))
         tasks = 2 * n_workers / block + 1  # a stage and a message per worker and block; the cost
+        if refine_probe:
+            probe_s = rounds * probe_seconds(n_workers, modes, window, max(peer_hop_s, alpha), beta, probe_steppers)
     elif engine == "gd":
         def link(a, b):
             # one exchange: a strip task whose result the neighbour's next task reads; a
@@ -322,11 +343,9 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
             if worker_of[a] == worker_of[b]:
                 return hop["same_worker_s"]
             return hop["alternating_s"] + alpha + _overlap(tiles_list[a].extended, tiles_list[b].extended) * slices * 12 / beta
-        row_hops = max((sum(link((i, j), (i, j + 1)) for j in range(c - 1)) for i in range(r)), default=0.0)
-        col_hops = max((sum(link((i, j), (i + 1, j)) for i in range(r - 1)) for j in range(c)), default=0.0)
-        # forward and backward along columns then rows, then the update and the next gradient
-        comm = 2 * (row_hops + col_hops) + 2 * hop["same_worker_s"]
-        tasks = 3 * r * c + 2 * ((r - 1) * c + (c - 1) * r) + 1  # grad, tile-cost, update; strips; cost
+        # the exchanges, then the update and the next gradient
+        comm = rounds * (exchange_seconds(t, link) + 2 * hop["same_worker_s"])
+        tasks = rounds * (3 * r * c + 2 * ((r - 1) * c + (c - 1) * r)) + 1  # grad, tile-cost, update; strips; cost
     else:
         exts = {k: hve_ext.get(k, tiles_list[k].extended) for k in tiles_list}
         sent = max(sum(_overlap(tiles_list[k].core, exts[o]) for o in tiles_list if o != k) for k in tiles_list)
@@ -342,9 +361,61 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
     return {"compute_s": compute, "comm_s": comm, "scheduler_s": scheduler, "tasks": tasks, "client_s": client, "first_blocks_s": first_blocks,
             # the scheduler and the client (building the next graphs) work while the tiles compute:
             # their serial times per iteration are floors
-            "iteration_s": max(compute + comm, scheduler, client), "memory_bytes": mem,
+            "iteration_s": max(compute + max(comm, probe_s), scheduler, client), "memory_bytes": mem, "probe_s": probe_s,
             "working_bytes": working, "compute_factor": factor, "wave_checkpoints": wave_checkpoints,
             "max_positions_per_tile": n_max, "extended_px_max": ext, "halo_px": list(t.halo)}
+
+
+def exchange_seconds(tiling, link):
+    """Seconds of one round's strip exchanges on the critical path, ``link(a, b)`` the
+    seconds of the strip from tile ``a`` to its neighbour ``b``.
+
+    Where :func:`~daskptycho.schedule.passes.neighbour_exchange` holds (the default
+    probe-support halos on any but the smallest cores), every pair of neighbours swaps its
+    strips at once, first along the columns, then along the rows: a tile's exchanges on one
+    axis (up to two strips, counted one after the other) and then on the other. Otherwise
+    the forward and backward passes run along each column and each row as chains of
+    strips (:func:`~daskptycho.schedule.passes.accumulate_passes`).
+    """
+    from daskptycho.schedule.passes import neighbour_exchange
+
+    r, c = tiling.rows, tiling.cols
+    if neighbour_exchange(tiling):
+        def axis(step):
+            per_tile = {}
+            for i in range(r):
+                for j in range(c):
+                    b = (i + step[0], j + step[1])
+                    if b[0] < r and b[1] < c:
+                        per_tile[(i, j)] = per_tile.get((i, j), 0.0) + link((i, j), b)
+                        per_tile[b] = per_tile.get(b, 0.0) + link(b, (i, j))
+            return max(per_tile.values(), default=0.0)
+        return axis((1, 0)) + axis((0, 1))
+    row_hops = max((sum(link((i, j), (i, j + 1)) for j in range(c - 1)) for i in range(r)), default=0.0)
+    col_hops = max((sum(link((i, j), (i + 1, j)) for i in range(r - 1)) for j in range(c)), default=0.0)
+    return 2 * (row_hops + col_hops)
+
+
+def probe_seconds(workers, modes, window, latency, beta, steppers=4):
+    """Seconds one round's probe refinement adds to the critical path with ``workers``
+    workers (:func:`~daskptycho.schedule.passes.gd_iteration` with ``probe_homes``): the
+    probe-gradient sum's pairwise tree over the workers (``ceil(log2 workers)`` messages of
+    the probe gradient and its illumination, ``(8 K + 4) N^2`` bytes, in a row), the two
+    halves of its top to each of the ``steppers`` workers that step the probe, then the
+    stepped probe (``8 K N^2`` bytes) relayed down a binary tree to the others
+    (``ceil(log2(workers / steppers))`` messages in a row). Each message costs ``latency +
+    bytes / beta``; a sender's messages to several workers share its link.
+    ``steppers = workers`` is every worker stepping its own copy from the halves.
+    """
+    if workers <= 1:
+        return 0.0
+    n2 = window[0] * window[1]
+    grad_bytes, probe_bytes = (8 * modes + 4) * n2, 8 * modes * n2
+    f = min(steppers, workers)
+    levels = math.ceil(math.log2(workers))
+    relays = math.ceil(math.log2(workers / f)) if workers > f else 0
+    return (levels * (latency + grad_bytes / beta) + latency + f * grad_bytes / beta
+            + relays * (latency + 2 * probe_bytes / beta))
 
 
 def gradient_terms(slices, modes, window, wave_checkpoints=1, path="batched"):
@@ -407,6 +478,7 @@ def main(argv=None):
     import daskptycho as dp
     from daskptycho.engines import engine_options
     from daskptycho.engines.problem import prepare
+    from daskptycho.tasks.updates import AUTO_MINIBATCHES
 
     load0 = os.getloadavg()
     with open(a.engines) as f:
@@ -473,14 +545,20 @@ def main(argv=None):
         drows = {x["label"]: x for x in dr["rows"]}
         dds = dp.simulate(kind="image", scan=(26, 26), detector=96)
         dprob = prepare(dds, engine_options(dict(engine="gd", iterations=1)))
-        c_dr = drows["ml, 1 worker"]["s_per_iteration"] / dprob.n_positions
+        def per_iteration(row):  # the whole run's span (benchmarks/default_run.py)
+            return row["run"]["s_per_iteration"] if "run" in row else row["s_per_iteration"]
+
+        c_dr = per_iteration(drows["ml, 1 worker"]) / dprob.n_positions
         for label, schedule in (("gd 2x2 (default)", "peer"), ("gd 2x2, scheduler exchange", "tile graph")):
             if label not in drows:
                 continue
+            # the run's mean rounds per iteration: its minibatch iterations have AUTO_MINIBATCHES rounds
+            mb = float(dr.get("minibatch_iterations", 0)) / max(float(dr.get("iterations", 1)), 1.0)
             m = model(dprob.corners, dprob.window, dprob.grid.shape, (2, 2), 1, c_dr, loop["alpha_s"], loop["beta_bytes_per_s"],
                       workers=2, engine="gd", hop=hop, per_task=hop["per_task_s"], halo_px=_halo_px(dprob), schedule=schedule,
-                      block=int(dr.get("block_iterations") or block), peer_hop_s=peer_hop_s)
-            meas = drows[label]["s_per_iteration"]
+                      block=int(dr.get("block_iterations") or block), peer_hop_s=peer_hop_s, refine_probe=True,
+                      rounds=mb * AUTO_MINIBATCHES + (1 - mb))
+            meas = per_iteration(drows[label])
             validation.append({"label": f"default run: {label}", "schedule": schedule, "measured_s": meas, "predicted_s": m["iteration_s"],
                                "predicted_compute_s": m["compute_s"], "predicted_comm_s": m["comm_s"],
                                "predicted_scheduler_s": m["scheduler_s"], "tasks": m["tasks"],
@@ -523,6 +601,15 @@ def main(argv=None):
                        "predicted_memory_gb": m["memory_bytes"] / 1e9,
                        "paper_memory_gb": paper[0] if paper else None, "paper_minutes": paper[1] if paper else None,
                        "halo_px": m["halo_px"], "extended_px_max": m["extended_px_max"], "max_positions_per_tile": m["max_positions_per_tile"]}
+                if engine == "gd" and schedule == "peer":
+                    # the paper's runs keep the probe fixed; refined, as users run it: relayed down a tree of
+                    # workers (probe_steppers 4), and as if every worker stepped its own copy from the halves
+                    latency = max(peer_hop_s, SUMMIT["alpha_s"])
+                    for key, steppers in (("probe_refined", 4), ("probe_refined_every_worker_steps", w)):
+                        ps = probe_seconds(w, 1, (n, n), latency, SUMMIT["beta_bytes_per_s"], steppers)
+                        it_s = max(m["compute_s"] + max(m["comm_s"], ps), m["scheduler_s"], m["client_s"])
+                        row[f"{key}_probe_s_per_round"] = ps
+                        row[f"{key}_minutes_100_it_v100"] = (it_s * 100 + m["first_blocks_s"]) / 60
                 if name == "large":  # every wave kept (the figures above), and the interval auto picks on a 16 GB V100
                     c_auto = auto_wave_checkpoints(m, case["slices"], 1, (n, n))
                     ma = with_wave_checkpoints(m, case["slices"], 1, (n, n), c_auto)
