@@ -908,3 +908,10 @@ def test_the_stepped_probe_reaches_many_workers_down_a_tree(monkeypatch):
     got = dask.get(g.tasks, [copy_of(1, t.key) for t in tiling])
     for a in got[1:]:
         np.testing.assert_array_equal(a, got[0])
+
+
+@pytest.mark.parametrize("pads", [(3, 0, 2, 5), (0, 0, 0, 0), (4, 4, 0, 0), (1, 2, 3, 4)])
+def test_a_tiles_edge_padding_is_numpys(pads):
+    a = (np.arange(2 * 5 * 7) * (1 + 0.5j)).reshape(2, 5, 7).astype(np.complex64)
+    top, bottom, left, right = pads
+    np.testing.assert_array_equal(tt._pad_edge(np, a, *pads), np.pad(a, ((0, 0), (top, bottom), (left, right)), mode="edge"))
