@@ -32,6 +32,7 @@ from . import memory
 # scheduler hears of the death
 LOSS_POLLS = 10
 
+
 class Driver:
     """Context manager giving a client: the caller's, or one from :func:`daskptycho.cluster.connect`.
 
