@@ -840,8 +840,16 @@ def test_probe_homes_step_the_same_probe_on_every_worker(tiling33, monkeypatch):
         assert g.tasks[("grad", 1, *t.key)][4] == (("probe", 0, 2, 0) if t.row == 2 else ("probe", 0))
     assert g.tasks[("probe", 1, 2, 0)][1] == ("probe", 0, 2, 0) and g.outputs["probe"] == ("probe", 1)
 
+    a, b = _computed_probes(monkeypatch, tiling33, homes, [("probe", 1), ("probe", 1, 2, 0)])
+    np.testing.assert_array_equal(a, b)
+
+
+def _computed_probes(monkeypatch, tiling, homes, keys):
+    """The values of ``keys`` of a two-round iteration with probe refinement, computed
+    with a gradient whose probe parts are random numbers plus the probe it read."""
+    states, _, probe, ctx = _placeholders(tiling)
     rng = np.random.default_rng(11)
-    parts = {t.key: rng.standard_normal(5).astype(np.float32) for t in tiling33}
+    parts = {t.key: rng.standard_normal(5).astype(np.float32) for t in tiling}
 
     def fake_gradient(state, data, local, probe, ctx, tile, refine_probe, local_updates):
         return {"cost": 1.0, "probe": parts[tile] + (0 if isinstance(probe, _Token) else probe), "probe_illumination": parts[tile]}
@@ -850,9 +858,8 @@ def test_probe_homes_step_the_same_probe_on_every_worker(tiling33, monkeypatch):
     monkeypatch.setattr(tt, "tile_update", lambda *a: None)
     monkeypatch.setattr(tt, "cut_strip", lambda *a: None)
     monkeypatch.setattr(tt, "probe_update", lambda p, total, ctx: total["probe"] * np.float32(0.37) + total["probe_illumination"])
-    g = gd_iteration(tiling33, 0, states, {t.key: t.key for t in tiling33}, probe, ctx, rounds=2, refine_probe=True, probe_homes=homes)
-    a, b = dask.get(g.tasks, [("probe", 1), ("probe", 1, 2, 0)])
-    np.testing.assert_array_equal(a, b)
+    g = gd_iteration(tiling, 0, states, {t.key: t.key for t in tiling}, probe, ctx, rounds=2, refine_probe=True, probe_homes=homes)
+    return dask.get(g.tasks, keys)
 
 
 def test_the_stepped_probe_reaches_many_workers_down_a_tree(monkeypatch):
@@ -894,18 +901,7 @@ def test_the_stepped_probe_reaches_many_workers_down_a_tree(monkeypatch):
     for t in tiling:
         assert g2.tasks[("grad", 2, *t.key)][4] == copy_of(1, t.key)
 
-    rng = np.random.default_rng(5)
-    parts = {t.key: rng.standard_normal(7).astype(np.float32) for t in tiling}
-
-    def fake_gradient(state, data, local, probe, ctx, tile, refine_probe, local_updates):
-        return {"cost": 1.0, "probe": parts[tile] + (0 if isinstance(probe, _Token) else probe), "probe_illumination": parts[tile]}
-
-    monkeypatch.setattr(tt, "tile_gradient", fake_gradient)
-    monkeypatch.setattr(tt, "tile_update", lambda *a: None)
-    monkeypatch.setattr(tt, "cut_strip", lambda *a: None)
-    monkeypatch.setattr(tt, "probe_update", lambda p, total, ctx: total["probe"] * np.float32(0.37) + total["probe_illumination"])
-    g = gd_iteration(tiling, 0, states, {t.key: t.key for t in tiling}, probe, ctx, rounds=2, refine_probe=True, probe_homes=homes)
-    got = dask.get(g.tasks, [copy_of(1, t.key) for t in tiling])
+    got = _computed_probes(monkeypatch, tiling, homes, [copy_of(1, t.key) for t in tiling])
     for a in got[1:]:
         np.testing.assert_array_equal(a, got[0])
 
