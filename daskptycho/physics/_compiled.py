@@ -77,7 +77,7 @@ def _poisson_term(m, i, ok, ws):
 
 @_jit_sums_inline
 def _row_cost(frow, irow, mrow, s2, ws, poisson):
-    """One row of one mode: the cost of its pixels, its waves (float32 pairs (2 N_x,))
+    """One row of one mode: the cost of its pixels, its waves (pairs of reals (2 N_x,))
     scaled in place into the gradient."""
     if poisson:  # terms differ in sign: their sum is kept in float64
         c = 0.0
@@ -108,7 +108,7 @@ def cost_window(far, intensity, mask, s2, ws, poisson, model, w):
     written over ``far`` (see :func:`cost_gradient`). ``s2``, ``ws`` of the intensity's
     type; ``model``, ``w``: row scratch (N_x,) of that type. Returns the float64 cost.
 
-    The waves are read as float32 pairs (real, imaginary side by side): LLVM vectorises
+    The waves are read as pairs of reals (real, imaginary side by side): LLVM vectorises
     those loops, not the same arithmetic on complex values. With one mode each row is
     one pass (:func:`_row_cost`).
     """
