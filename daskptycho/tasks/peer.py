@@ -379,6 +379,13 @@ def _decode(data, arrays):
 _HEAD = struct.Struct("<QI")
 _LEN = struct.Struct("<Q")
 
+#: bytes a same-host socket may hold before its peer reads them (the kernel caps the
+#: request at ``net.core.wmem_max``): a round's strips, hundreds of kB, then leave in one
+#: write instead of waiting, a chunk at a time, for the peer's reading thread to get a
+#: core. Measured on 2 busy cores (676 positions, 2x2 tiles): sends 0.2 ms instead of
+#: 0.4-0.6 ms, reads 0.15 ms instead of 0.3-0.5 ms, 8% off a minibatch iteration
+SEND_BUFFER_BYTES = 4 << 20
+
 
 class _LocalLink:
     """The sending end of a same-host peer's socket: whole messages written from the
@@ -388,6 +395,10 @@ class _LocalLink:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)  # a peer that stops reading fails the stage, as a message that never comes does
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        except OSError:  # a kernel that refuses: its default buffer works, only slower
+            pass
         self.sock.connect(path)
         self.lock = threading.Lock()
 
