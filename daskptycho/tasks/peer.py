@@ -382,8 +382,9 @@ _LEN = struct.Struct("<Q")
 #: bytes a same-host socket may hold before its peer reads them (the kernel caps the
 #: request at ``net.core.wmem_max``): a round's strips, hundreds of kB, then leave in one
 #: write instead of waiting, a chunk at a time, for the peer's reading thread to get a
-#: core. Measured on 2 busy cores (676 positions, 2x2 tiles): sends 0.2 ms instead of
-#: 0.4-0.6 ms, reads 0.15 ms instead of 0.3-0.5 ms, 8% off a minibatch iteration
+#: core. Measured in minibatch runs on 2 busy cores (676 positions, 2x2 tiles), median
+#: per message: the write 0.2 ms instead of 0.4-0.6 ms, the read 0.15 ms instead of
+#: 0.3-0.5 ms; the iteration's wall time moved less than this machine's noise (10%)
 SEND_BUFFER_BYTES = 4 << 20
 
 
