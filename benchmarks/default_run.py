@@ -31,7 +31,11 @@ block (``run``), its minibatch iterations (``minibatch``) and its full-batch one
 (``full batch``). Each target's ratio is formed within a round from runs back to back, and
 the median over rounds is reported. CPU per iteration: the CPU time (user + system) of the
 client's process (scheduler and driver) and the workers' over the ``run`` span, from
-/proc: on a machine whose cores the run fills, what it spends besides the gradients.
+/proc: on a machine whose cores the run fills, what it spends besides the gradients. It is
+split by role (the workers' task threads, their event loops, their peer-message reader
+threads, and the client's process: :func:`cpu_by_role`), and turned into a bound: the
+floor over half the CPU per iteration, the most of the floor the run could reach on the 2
+cores at that CPU cost if no core ever waited.
 
 The FFT floor of one iteration: the FFTs counted in one ``ml`` step on this dataset x this
 moment's time of one 96 x 96 FFT (one thread, reused pyFFTW plan), divided by 2 for the 2
@@ -112,6 +116,33 @@ def _cpu_s(pids):
     return total
 
 
+def worker_threads_cpu():
+    """On a worker (``Client.run``): CPU seconds (user + system) used so far by its whole
+    process, by its event loop (the main thread) and by its peer-message reader threads
+    (:class:`~daskptycho.tasks.peer.PeerExchange`'s same-host sockets), from /proc. The
+    process's rest is its task threads, those that ended included."""
+    import threading
+
+    tick, pid = os.sysconf("SC_CLK_TCK"), os.getpid()
+
+    def cpu(path):
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    readers = [t.native_id for t in threading.enumerate() if t.name == "daskptycho-peer-read"]
+    return {"process": cpu(f"/proc/{pid}/stat"), "event_loop": cpu(f"/proc/{pid}/task/{threading.main_thread().native_id}/stat"),
+            "peer_readers": sum(cpu(f"/proc/{pid}/task/{t}/stat") for t in readers)}
+
+
+def cpu_by_role(before, after, client_cpu, iterations):
+    """CPU seconds per iteration by role from two :func:`worker_threads_cpu` snapshots of
+    every worker (``{address: dict}``) and the client process's CPU seconds at both."""
+    d = {k: sum(after[w][k] - before[w][k] for w in after) / iterations for k in ("process", "event_loop", "peer_readers")}
+    return {"worker_tasks": d["process"] - d["event_loop"] - d["peer_readers"], "worker_event_loops": d["event_loop"],
+            "worker_peer_readers": d["peer_readers"], "scheduler_and_client": (client_cpu[1] - client_cpu[0]) / iterations}
+
+
 def _held(res):
     """The index of the field a gd result's tiles hold (the union of their cores)."""
     cores = json.loads(res.attrs["tile_cores"]).values()
@@ -156,18 +187,22 @@ def main(argv=None):
                         for label, engine, w, kw, cfg in CASES:
                             if (w, cfg.get(COMMS, True)) != (workers, sockets):
                                 continue
-                            stamps, cpu = [], []
+                            stamps, cpu, roles = [], [], []
 
-                            def progress(it, c, stamps=stamps, cpu=cpu, pids=pids):
+                            def progress(it, c, stamps=stamps, cpu=cpu, pids=pids, roles=roles, client=client):
                                 stamps.append(time.perf_counter())
                                 cpu.append(_cpu_s(pids))
+                                if it in span["run"]:  # the CPU by role, at the run span's ends only
+                                    roles.append((client.run(worker_threads_cpu), _cpu_s(pids[:1])))
 
                             with dask.config.set(cfg):
                                 res = dp.reconstruct(ds, engine, client=client, progress=progress, **kw)
                             results[label] = res
                             runs[label].append({k: _per_iteration(stamps, s) for k, s in span.items()}
                                                | {"final_cost": float(res["cost"].values[-1]),
-                                                  "cpu_s_per_iteration": _per_iteration(cpu, span["run"])})
+                                                  "cpu_s_per_iteration": _per_iteration(cpu, span["run"]),
+                                                  "cpu_by_role": cpu_by_role(roles[0][0], roles[1][0], (roles[0][1], roles[1][1]),
+                                                                             span["run"][1] - span["run"][0])})
                 # the exact pair: gd in full batch is full-batch gradient descent, over the field its tiles hold
                 held = _held(results["gd 2x2, full batch"])
                 o, r = (results[k]["object"].values[held] for k in ("gd 2x2, full batch", "ml, full batch"))
@@ -182,7 +217,11 @@ def main(argv=None):
     for label, engine, w, kw, cfg in CASES:
         row = {"label": label, "engine": engine or "gd", "workers": w, "options": kw, "config": cfg,
                "final_cost": statistics.median(r["final_cost"] for r in runs[label]), "floor_2_threads_s": floor_2,
-               "cpu_s_per_iteration": statistics.median(r["cpu_s_per_iteration"] for r in runs[label])}
+               "cpu_s_per_iteration": statistics.median(r["cpu_s_per_iteration"] for r in runs[label]),
+               "cpu_by_role": {k: statistics.median(r["cpu_by_role"][k] for r in runs[label]) for k in runs[label][0]["cpu_by_role"]}}
+        # the most of the floor the run could reach on these 2 cores at this CPU cost, were
+        # no core ever idle: floor / (CPU per iteration / 2)
+        row["cpu_bound_floor_fraction"] = floor_2 / (row["cpu_s_per_iteration"] / 2)
         for k in span:
             if span[k] is not None:
                 row[k] = {"s_per_iteration": statistics.median(r[k] for r in runs[label]), "runs": [r[k] for r in runs[label]]}
@@ -218,7 +257,7 @@ def main(argv=None):
         "command": "python -m benchmarks default_run " + " ".join(argv or []),
     })
     for r in rows:
-        print(f"{r['label']:28s} CPU {r['cpu_s_per_iteration'] * 1e3:5.1f} ms/it  " + "  ".join(f"{k} {r[k]['s_per_iteration'] * 1e3:6.1f} ms ({r[k]['floor_fraction']:.2f})"
+        print(f"{r['label']:28s} CPU {r['cpu_s_per_iteration'] * 1e3:5.1f} ms/it (bound {r['cpu_bound_floor_fraction']:.2f})  " + "  ".join(f"{k} {r[k]['s_per_iteration'] * 1e3:6.1f} ms ({r[k]['floor_fraction']:.2f})"
                                               for k in span if k in r))
     print(json.dumps(targets, indent=1))
     print(out)

@@ -463,15 +463,15 @@ def section_default_run(d, lines):
               f"per iteration x {d['us_per_fft_96_one_thread']:.1f} us (96^2, one thread) / 2 cores = "
               f"{d['rows'][0]['floor_2_threads_s'] * 1e3:.1f} ms.", "",
               "| run | ms per iteration, whole run (rounds) | minibatch iterations | full-batch iterations | floor fraction (run) "
-              "| CPU ms per iteration (run) | final cost |",
-              "|---|---|---|---|---|---|---|"]
+              "| CPU ms per iteration (run) | CPU bound on the floor fraction | final cost |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         def cell(k, r=r):  # the minibatch and full-batch spans only split a run at the defaults
             split = k == "run" or r["options"].get("batch_size", "auto") is not None
             return f"{r[k]['s_per_iteration'] * 1e3:.1f}" if k in r and split else ""
         lines.append(f"| {r['label']} | {cell('run')} ({', '.join(f'{x * 1e3:.1f}' for x in r['run']['runs'])}) | "
                      f"{cell('minibatch')} | {cell('full batch')} | {r['run']['floor_fraction']:.2f} | "
-                     f"{r['cpu_s_per_iteration'] * 1e3:.1f} | {r['final_cost']:.4g} |")
+                     f"{r['cpu_s_per_iteration'] * 1e3:.1f} | {_f(r.get('cpu_bound_floor_fraction'))} | {r['final_cost']:.4g} |")
     sp, ff = t["default_speedup_over_ml"], t["default_floor_fraction"]
     lines += ["", f"The default run over ml: **{sp['value']:.2f}x** (per round {', '.join(f'{x:.2f}' for x in sp['per_round'])}; "
               f"target {sp['target']}: {'met' if sp['met'] else 'NOT met'}); in its minibatch iterations "
@@ -495,6 +495,30 @@ def section_default_run(d, lines):
               "halos (window pixels beyond a tile's halo held fixed; the whole-window row ends near ml's), while its phase "
               f"differs from the whole-window run's by at most {d['default_phase_difference_to_whole_windows']['max']:.2%} "
               "over the field the tiles hold.", ""]
+    lines += _cpu_budget(d)
+
+
+def _cpu_budget(d):
+    """Where a run's CPU goes on the 2 cores, and the bound it sets on the floor fraction."""
+    rows = [r for r in d["rows"] if "cpu_by_role" in r and r["workers"] > 1]
+    if not rows:
+        return []
+    out = ["\"CPU bound\" is the floor over half the CPU per iteration: the most of the floor a run could reach on these "
+           "2 cores at that CPU cost if no core ever waited. By role, ms per iteration over the run (the workers summed):", "",
+           "| run | workers' task threads | workers' event loops | peer reader threads | scheduler and client | bound |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["cpu_by_role"]
+        out.append(f"| {r['label']} | {c['worker_tasks'] * 1e3:.1f} | {c['worker_event_loops'] * 1e3:.1f} | "
+                   f"{c['worker_peer_readers'] * 1e3:.1f} | {c['scheduler_and_client'] * 1e3:.1f} | {r['cpu_bound_floor_fraction']:.2f} |")
+    default = _row(d, "gd 2x2 (default)")
+    if default and "cpu_bound_floor_fraction" in default:
+        out += ["", f"The default run's CPU alone bounds its floor fraction at {default['cpu_bound_floor_fraction']:.2f}: "
+                "its workers' task threads run the position kernel (FFTs and the passes over each window, "
+                "`physics/_compiled.py`) and, 4 times an iteration, each round's steps, strips and probe, while the "
+                "scheduler, the client and the workers' event loops share the same 2 cores. 0.5 needs the CPU per iteration "
+                f"at or below {4 * default['floor_2_threads_s'] * 1e3:.1f} ms and no core ever idle at the rounds' barriers.", ""]
+    return out
 
 
 def section_peer_messages(d, lines):
