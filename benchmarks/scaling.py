@@ -268,7 +268,7 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
     with ``peer_hop_s`` the measured software cost of one message
     (:func:`measure_peer_hop`), and no scheduler round trip; the scheduler sees, per block
     of ``block`` iterations, one stage and one message (the tiles' costs) per worker, and
-    one cost per iteration. ``node_size`` workers in a row of the placement share a node,
+    one task computing the block's costs. ``node_size`` workers in a row of the placement share a node,
     whose messages between its own workers go at ``intra = (alpha, beta)``.
 
     ``client_per_tile``: the client's seconds per tile and iteration to make a block's graph
@@ -333,7 +333,7 @@ def model(corners, window, object_shape, tiles, slices, c_pos_slice, alpha, beta
             return max(peer_hop_s, alpha) + size / beta
         comm = rounds * exchange_seconds(t, link)
         n_workers = len(set(worker_of.values()))
-        tasks = 2 * n_workers / block + 1  # a stage and a message per worker and block; the cost
+        tasks = (2 * n_workers + 1) / block  # a stage and a message per worker, and the costs, per block
         if refine_probe:
             probe_s = rounds * probe_seconds(n_workers, modes, window, max(peer_hop_s, alpha), beta, probe_steppers)
     elif engine == "gd":

@@ -57,6 +57,7 @@ TASKS = {
     "hve-core": Kind("passes", "hve"), "hve-paste": Kind("passes", "hve", progress=True),
     "tile-probe": Kind("passes"), "probe-sum": Kind("passes", "probe"),
     "dm-sum": Kind("passes", "cost"), "dm-probe-sum": Kind("passes", "probe"), "cost": Kind("passes", "cost"),
+    "costs": Kind("passes", "cost"),  # a peer block's per-iteration costs, as one task (schedule/fuse.py)
     # new state, and what is cut or written from it
     "update": Kind("update", "update", progress=True), "probe": Kind("update", "probe"),
     "dm-object-update": Kind("update", "update"), "dm-object": Kind("update", "update"), "dm-crop": Kind("update", "update"),

@@ -13,7 +13,7 @@ from daskptycho.engines import engine_options
 from daskptycho.engines.gd import context_for, fuse_for, tiling_for
 from daskptycho.engines.problem import prepare
 from daskptycho.io.patterns import load_patterns
-from daskptycho.schedule.fuse import Ref, fuse_by_worker
+from daskptycho.schedule.fuse import Ref, fuse_by_worker, one_cost_task
 from daskptycho.schedule.passes import gd_iteration
 from daskptycho.tasks import tiles as tt
 
@@ -95,6 +95,14 @@ def test_peer_stages_are_one_per_worker_and_block():
         fused, where = fuse_by_worker(g, 0, place, [*states.values(), *costs], external=lambda x: False, channel="t|0")
         kinds = sorted(k[0] for k in fused.tasks)
         assert kinds.count("stage") == n_workers and kinds.count("pick") == n_workers and kinds.count("cost") == 4, kinds
+        # the block's four costs become one unpinned task; each iteration's cost is its place in it
+        per_it = [[c] for c in costs]
+        places = one_cost_task(fused, where, per_it, 0)
+        kinds = sorted(k[0] for k in fused.tasks)
+        assert kinds.count("costs") == 1 and "cost" not in kinds, kinds
+        (key,) = [k for k in fused.tasks if k[0] == "costs"]
+        assert key not in fused.placement and where[key] == key and not any(c in where for c in costs)
+        assert places == [[(key, i)] for i in range(4)]
         # every message a stage waits for is sent to its worker by another worker's stage
         sent, waited = set(), set()
         for k, task in fused.tasks.items():

@@ -14,6 +14,7 @@ import dask
 import numpy as np
 import pytest
 from distributed import wait
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 import daskptycho as dp
 from daskptycho.errors import OptionsError, PeerExchangeError
@@ -59,6 +60,47 @@ def test_peer_blocks_stop_at_checkpoints_and_resume_exactly(small_pbtio3, client
         dp.reconstruct(ds, iterations=4, client=client, checkpoint=str(out), checkpoint_every=2, **kw)
         got = dp.reconstruct(ds, iterations=ITERATIONS, client=client, checkpoint=str(out), checkpoint_every=2, resume=True, **kw)
     _same(got, ref)
+
+
+class _CostTasks(SchedulerPlugin):
+    """The keys of the cost tasks the scheduler runs (from its registration on)."""
+
+    name = "test-cost-tasks"
+
+    def __init__(self):
+        self.seen = set()
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if finish == "processing" and isinstance(key, tuple) and key[0] in ("cost", "costs"):
+            self.seen.add(key)
+
+
+def test_a_peer_blocks_costs_are_one_task_fetched_once(small_pbtio3, client, monkeypatch):
+    # the scheduler runs one cost task per block (not one per iteration), the client fetches
+    # it once for the block's iterations, and the costs are the tile graph's, bit for bit
+    from daskptycho.engines.run import PinnedRun
+
+    ds = dp.open_dataset(small_pbtio3)
+    kw = dict(engine="gd", tiles=(2, 2), slices=2)
+    with dask.config.set({"daskptycho.schedule.fuse": "never"}):
+        ref = _run(ds, client, "scheduler", **kw)
+    client.register_plugin(_CostTasks())
+    fetched = []
+    real = PinnedRun._fetch
+
+    def counting(self, futures, shared):
+        fetched.extend(f.key for f in futures if f is not None and (not shared or f.key not in self.fetched))
+        return real(self, futures, shared)
+
+    monkeypatch.setattr(PinnedRun, "_fetch", counting)
+    with dask.config.set({"daskptycho.schedule.exchange": "peer", "daskptycho.schedule.block_iterations": 4}):
+        got = dp.reconstruct(ds, iterations=ITERATIONS, client=client, **kw)
+    _same(got, ref)
+
+    tasks = sorted(client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[_CostTasks.name].seen))
+    client.unregister_scheduler_plugin(_CostTasks.name)
+    assert [k[0] for k in tasks] == ["costs", "costs"], tasks  # 7 iterations in blocks of 4: 2 blocks
+    assert sorted(fetched) == sorted(tasks)
 
 
 def test_a_probe_relayed_down_the_tree_of_workers_gives_the_same_result(small_pbtio3, client):

@@ -16,7 +16,7 @@ from ..errors import OptionsError
 from ..io.checkpoint import read_array, write_array
 from ..physics.positions import position_margin_px
 from ..physics.probe import support_half_widths
-from ..schedule.fuse import Input, Ref, fuse_by_worker, rebind, stage_bodies
+from ..schedule.fuse import Input, Ref, fuse_by_worker, one_cost_task, rebind, stage_bodies
 from ..schedule.graph import IterationGraph
 from ..schedule.passes import PROBE_STEPPERS, gd_iteration
 from ..tasks import tiles as tt
@@ -389,7 +389,8 @@ class TiledRun(PinnedRun):
             fused, where = fuse_by_worker(g, it * rounds, self.workers, out["wanted"],
                                           external=lambda x: isinstance(x, Input) or self.drv.is_future(x), channel=channel,
                                           peer_timeout_s=float(config.get("schedule.peer_timeout_s", 300)))
-            out["costs"] = [out["costs"][i] for i in block]  # by position in the block
+            # by position in the block: (key, index) in the block's one cost task
+            out["costs"] = one_cost_task(fused, where, [out["costs"][i] for i in block], it * rounds)
             # the stages' bodies (every tile's tasks) go to their workers once and stay there
             bodies = stage_bodies(fused)
             held = self.drv.submit_graph(bodies, self.workers, list(bodies.tasks))
@@ -398,16 +399,18 @@ class TiledRun(PinnedRun):
         first, fused, where, out, held = self._blocks[shape]
         fused, where = rebind(fused, where, (it - first) * rounds, inputs, channel, bodies=held)
         got = self._submit_fused(fused, where)
-        return self._took(block, {**out, "costs": dict(zip(block, out["costs"]))}, got)
+        return self._took(block, {**out, "costs": dict(zip(block, out["costs"]))}, got, indexed=True)
 
     def _submit_fused(self, fused, where):
         need = list(dict.fromkeys(w.source if isinstance(w, Ref) else w for w in where.values()))
         fut = self.drv.submit_graph(fused, self.workers, need)
         return {k: Ref(fut[w.source], w.name, w.tile) if isinstance(w, Ref) else fut[w] for k, w in where.items()}
 
-    def _took(self, block, out, got):
+    def _took(self, block, out, got, indexed=False):
         """Keep a submitted block's results: the tiles' states, the probe, and a
-        :class:`Step` per iteration (the later ones handed out as the run asks for them)."""
+        :class:`Step` per iteration (the later ones handed out as the run asks for them).
+        ``indexed`` (a peer block): each iteration's costs are ``(key, index)`` pairs, places
+        in the block's one cost task (:func:`~daskptycho.schedule.fuse.one_cost_task`)."""
         self.states = {k: got[v] for k, v in out["states"].items()}
         if out.get("positions") is not None:
             self.positions = {k: got[v] for k, v in out["positions"].items()}
@@ -416,8 +419,12 @@ class TiledRun(PinnedRun):
         costs = out["costs"]
         # a block's later iterations are reported as they come; keep them all in flight
         self.lookahead = max(type(self).lookahead, len(block))
-        self._ahead = {i: Step(i, [got[k] for k in costs[i]]) for i in block[1:]}
-        return Step(block[0], [got[k] for k in costs[block[0]]])
+        if indexed:
+            steps = {i: Step(i, [got[k] for k, _ in costs[i]], cost_index=[n for _, n in costs[i]]) for i in block}
+        else:
+            steps = {i: Step(i, [got[k] for k in costs[i]]) for i in block}
+        self._ahead = {i: steps[i] for i in block[1:]}
+        return steps[block[0]]
 
     def _state(self, key, kind="state"):
         """Tile ``key``'s state (``kind="positions"``: its positions) as a future (a fused

@@ -33,12 +33,15 @@ from .memory import unit_bytes
 @dataclass
 class Step:
     """One iteration in flight: its cost futures (summed in order), other small results
-    the engine records (``extras``, ``{name: future}``) and its live image, if any."""
+    the engine records (``extras``, ``{name: future}``) and its live image, if any.
+    ``cost_index``: for each cost future, the place of the cost in its result (a list of
+    a block's costs, fetched once for all its iterations), or None: the result itself."""
 
     it: int
     costs: list
     extras: dict = field(default_factory=dict)
     image: dict | None = None
+    cost_index: list | None = None
 
 
 @dataclass
@@ -123,7 +126,7 @@ class PinnedRun:
     def _start(self):
         o = self.problem.options
         self.tag = f"{self.run_id}.{len(self.recoveries)}"
-        self.pending, self.saving = [], {}
+        self.pending, self.saving, self.fetched = [], {}, {}
         if self.meta is None:
             self.first, self.costs = 0, []
         else:
@@ -155,8 +158,11 @@ class PinnedRun:
         extras = list(step.extras)
         self.drv.wait_alive(step.costs + [step.extras[k] for k in extras] + self.live.futures(step.image), self.workers)
         self.pending.pop(0)
-        got = self.drv.results(step.costs + [step.extras[k] for k in extras], self.workers)
-        cost = float(sum(got[:len(step.costs)]))  # rounds in a fixed order
+        got = self._fetch(step.costs + [step.extras[k] for k in extras], step.cost_index is not None)
+        costs = got[:len(step.costs)]
+        if step.cost_index is not None:
+            costs = [c[i] for c, i in zip(costs, step.cost_index)]
+        cost = float(sum(costs))  # rounds in a fixed order
         self.costs.append(cost)
         self.record(step.it, dict(zip(extras, got[len(step.costs):])))
         self.live.publish(step.it, cost, step.image, tiles_done=self.tiles_done_with_cost)
@@ -164,6 +170,18 @@ class PinnedRun:
             self.progress(step.it, cost)
         if step.it in self.saving:
             self._commit(step.it)
+
+    def _fetch(self, futures, shared):
+        """The results of ``futures``. With ``shared``, the results are kept until an
+        iteration no longer asks for them: a block's costs are one future its iterations
+        share, fetched once."""
+        if not shared:
+            return self.drv.results(futures, self.workers)
+        live = [f for f in futures if f is not None]
+        todo = [f for f in live if f.key not in self.fetched]
+        kept = {f.key: self.fetched[f.key] for f in live if f.key in self.fetched}
+        self.fetched = {**kept, **dict(zip((f.key for f in todo), self.drv.results(todo, self.workers)))}
+        return [None if f is None else self.fetched[f.key] for f in futures]
 
     def _save(self, it):
         """Begin the checkpoint after iteration ``it``: the arrays' metadata, then each
@@ -193,7 +211,7 @@ class PinnedRun:
         distributed's ``Scheduler.stimulus_cancel``). Patterns stay where their worker lives;
         the lost units reload theirs from the store.
         """
-        self.pending, self.saving = [], {}
+        self.pending, self.saving, self.fetched = [], {}, {}
         self.drop()
         self.drv.abort_peers(self.tag, f"lost worker(s) {', '.join(err.lost) or '(unknown)'}")
         at = len(self.costs)

@@ -40,7 +40,7 @@ from ..tasks.peer import PeerStage, Receive, run_peer_block, run_peer_stage, sta
 from ..tasks.stage import Slot, StageSpec, pick, run_stage
 from .graph import IterationGraph
 
-__all__ = ["Input", "Ref", "fuse_by_worker", "item", "rebind", "stage_bodies"]
+__all__ = ["Input", "Ref", "fuse_by_worker", "item", "one_cost_task", "rebind", "stage_bodies"]
 
 
 @dataclass(frozen=True)
@@ -299,6 +299,38 @@ def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external, ch
     results = {w: Ref(stage_key[stage_of[w]], w, home[stage_of[w]]) if w in stage_of else w for w in wanted}
     fused.outputs = dict(graph.outputs)
     return fused, results
+
+
+def one_cost_task(fused, results, costs, it):
+    """Replace the per-iteration cost reductions of a fused block by one task.
+
+    A peer block's stages finish together, so its iterations' costs are ready together:
+    one task computing them all, fetched once, spares the scheduler a task per iteration
+    and the client a fetch per iteration. Each cost is the same expression, summed in the
+    same order, as its own task was: the values are the same, bit for bit.
+
+    Parameters
+    ----------
+    fused, results : as :func:`fuse_by_worker` returns them (changed in place)
+    costs : list of lists of keys
+        Each iteration's cost keys (unpinned tasks of ``fused``), in the block's order.
+    it : int
+        The number of the new key ``("costs", it)``.
+
+    Returns
+    -------
+    list of lists of ``(key, index)``: where each iteration's costs are, the new task's
+    key and the cost's place in its result (a list).
+    """
+    flat = [k for ks in costs for k in ks]
+    if not all(k in fused.tasks and k not in fused.placement and results.get(k) == k for k in flat):
+        raise ValueError("the costs must be unpinned tasks of the fused graph")
+    key = fused.add(("costs", it), (list, [fused.tasks.pop(k) for k in flat]))
+    for k in flat:
+        results.pop(k)
+    results[key] = key
+    place = {k: i for i, k in enumerate(flat)}
+    return [[(key, place[k]) for k in ks] for ks in costs]
 
 
 def stage_bodies(fused):
