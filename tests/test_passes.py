@@ -779,12 +779,15 @@ def test_the_update_steps_in_its_own_copy_with_the_same_bits():
     obj = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
     grad = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
     ill = rng.uniform(0, 3, shape).astype(np.float32)
-    # the step written out as it was before the in-place form, shared among the 3 slices
-    want = obj - (0.7 / 3 * grad / (2 * (ill + 1e-3))).astype(np.complex64)
+    # the step written out (a real factor times the gradient), shared among the 3 slices
+    want = obj - grad * ((0.7 / 3 / 2) / (ill + 1e-3))
     g, i = grad.copy(), ill.copy()
     got = object_step_consuming(obj, g, i, 0.7, 1e-3)
     assert got.dtype == np.complex64
     np.testing.assert_array_equal(got, want)
+    # and the diagonal Gauss-Newton step it is, to float32 rounding
+    exact = obj.astype(np.complex128) - 0.7 / 3 * grad.astype(np.complex128) / (2 * (ill.astype(np.float64) + 1e-3))
+    np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
     np.testing.assert_array_equal(object_step(obj, grad, ill, 0.7, 1e-3), want)
     assert not np.array_equal(g, grad)                          # it worked in the copies it was given
     # a part of the slices with the whole object's count: the same pixels
