@@ -498,6 +498,11 @@ def section_default_run(d, lines):
     lines += _cpu_budget(d)
 
 
+def _idle(row):
+    """The share of the 2 cores' time a run left idle: 1 - CPU per iteration / (2 x its wall time)."""
+    return 1 - row["cpu_s_per_iteration"] / (2 * row["run"]["s_per_iteration"])
+
+
 def _cpu_budget(d):
     """Where a run's CPU goes on the 2 cores, and the bound it sets on the floor fraction."""
     rows = [r for r in d["rows"] if "cpu_by_role" in r and r["workers"] > 1]
@@ -505,19 +510,24 @@ def _cpu_budget(d):
         return []
     out = ["\"CPU bound\" is the floor over half the CPU per iteration: the most of the floor a run could reach on these "
            "2 cores at that CPU cost if no core ever waited. By role, ms per iteration over the run (the workers summed):", "",
-           "| run | workers' task threads | workers' event loops | peer reader threads | scheduler and client | bound |",
-           "|---|---|---|---|---|---|"]
+           "| run | workers' task threads | workers' event loops | peer reader threads | scheduler and client | bound "
+           "| cores idle (1 - CPU / (2 x wall)) |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["cpu_by_role"]
         out.append(f"| {r['label']} | {c['worker_tasks'] * 1e3:.1f} | {c['worker_event_loops'] * 1e3:.1f} | "
-                   f"{c['worker_peer_readers'] * 1e3:.1f} | {c['scheduler_and_client'] * 1e3:.1f} | {r['cpu_bound_floor_fraction']:.2f} |")
+                   f"{c['worker_peer_readers'] * 1e3:.1f} | {c['scheduler_and_client'] * 1e3:.1f} | {r['cpu_bound_floor_fraction']:.2f} "
+                   f"| {_idle(r):.0%} |")
     default = _row(d, "gd 2x2 (default)")
     if default and "cpu_bound_floor_fraction" in default:
         out += ["", f"The default run's CPU alone bounds its floor fraction at {default['cpu_bound_floor_fraction']:.2f}: "
                 "its workers' task threads run the position kernel (FFTs and the passes over each window, "
                 "`physics/_compiled.py`) and, 4 times an iteration, each round's steps, strips and probe, while the "
                 "scheduler, the client and the workers' event loops share the same 2 cores. 0.5 needs the CPU per iteration "
-                f"at or below {4 * default['floor_2_threads_s'] * 1e3:.1f} ms and no core ever idle at the rounds' barriers.", ""]
+                f"at or below {4 * default['floor_2_threads_s'] * 1e3:.1f} ms and no core ever idle at the rounds' barriers; "
+                f"the cores were idle {_idle(default):.0%} of the run. At each barrier both workers' stages wait for the "
+                "other's message (a round's strips and probe half), and the scheduler, client and "
+                "event loops preempt whichever stage is behind.", ""]
     return out
 
 
