@@ -518,16 +518,16 @@ def _cpu_budget(d):
         out.append(f"| {r['label']} | {c['worker_tasks'] * 1e3:.1f} | {c['worker_event_loops'] * 1e3:.1f} | "
                    f"{c['worker_peer_readers'] * 1e3:.1f} | {c['scheduler_and_client'] * 1e3:.1f} | {r['cpu_bound_floor_fraction']:.2f} "
                    f"| {_idle(r):.0%} |")
-    default = _row(d, "gd 2x2 (default)")
-    if default and "cpu_bound_floor_fraction" in default:
+    default, full = _row(d, "gd 2x2 (default)"), _row(d, "gd 2x2, full batch")
+    if default and full and "cpu_bound_floor_fraction" in default:
         out += ["", f"The default run's CPU alone bounds its floor fraction at {default['cpu_bound_floor_fraction']:.2f}: "
                 "its workers' task threads run the position kernel (FFTs and the passes over each window, "
                 "`physics/_compiled.py`) and, 4 times an iteration, each round's steps, strips and probe, while the "
                 "scheduler, the client and the workers' event loops share the same 2 cores. 0.5 needs the CPU per iteration "
                 f"at or below {4 * default['floor_2_threads_s'] * 1e3:.1f} ms and no core ever idle at the rounds' barriers; "
-                f"the cores were idle {_idle(default):.0%} of the run. At each barrier both workers' stages wait for the "
-                "other's message (a round's strips and probe half), and the scheduler, client and "
-                "event loops preempt whichever stage is behind.", ""]
+                f"the cores were idle {_idle(default):.0%} of the run, against {_idle(full):.0%} in full batch with the "
+                "probe fixed (one barrier per iteration instead of 4): a stage at a barrier waits for the other worker's "
+                "message (the round's strips and probe half).", ""]
     return out
 
 
