@@ -76,9 +76,9 @@ def _poisson_term(m, i, ok, ws):
 
 
 @_jit_sums_inline
-def _row_cost(frow, irow, mrow, s2, ws, poisson):
+def _row_cost(frow, irow, mrow, s2, ws, poisson, sign):
     """One row of one mode: the cost of its pixels, its waves (pairs of reals (2 N_x,))
-    scaled in place into the gradient."""
+    scaled in place into the gradient, conjugated with ``sign`` -1 (1: not)."""
     if poisson:  # terms differ in sign: their sum is kept in float64
         c = 0.0
         for x in range(irow.shape[0]):
@@ -87,7 +87,7 @@ def _row_cost(frow, irow, mrow, s2, ws, poisson):
             t, f = _poisson_term((re * re + im * im) * s2, irow[x], mrow[x], ws)
             c += t
             frow[2 * x] = re * f
-            frow[2 * x + 1] = im * f
+            frow[2 * x + 1] = im * (f * sign)
         return c
     # amplitude terms are >= 0: a row's sum in the patterns' precision stays within its rounding
     c32 = _ZERO32
@@ -97,16 +97,18 @@ def _row_cost(frow, irow, mrow, s2, ws, poisson):
         t, f = _amplitude_term((re * re + im * im) * s2, irow[x], mrow[x], ws)
         c32 += t
         frow[2 * x] = re * f
-        frow[2 * x + 1] = im * f
+        frow[2 * x + 1] = im * (f * sign)
     return float(c32)
 
 
 @_jit_sums
-def cost_window(far, intensity, mask, s2, ws, poisson, model, w):
+def cost_window(far, intensity, mask, s2, ws, poisson, model, w, conj):
     """Cost of one position's unnormalised far field (K, N_y, N_x) against ``intensity``
     (N_y, N_x) (complex64 and float32, or complex128 and float64); the gradient is
-    written over ``far`` (see :func:`cost_gradient`). ``s2``, ``ws`` of the intensity's
-    type; ``model``, ``w``: row scratch (N_x,) of that type. Returns the float64 cost.
+    written over ``far`` (see :func:`cost_gradient`), its complex conjugate with ``conj``
+    (negating a float is exact: the same bits but the imaginary parts' signs). ``s2``,
+    ``ws`` of the intensity's type; ``model``, ``w``: row scratch (N_x,) of that type.
+    Returns the float64 cost.
 
     The waves are read as pairs of reals (real, imaginary side by side): LLVM vectorises
     those loops, not the same arithmetic on complex values. With one mode each row is
@@ -114,12 +116,14 @@ def cost_window(far, intensity, mask, s2, ws, poisson, model, w):
     """
     n_modes, ny, nx = far.shape
     fv = far.view(intensity.dtype)  # (K, N_y, 2 N_x)
+    one = intensity.dtype.type(1.0)
+    sign = -one if conj else one
     cost = 0.0
     for y in range(ny):
         irow = intensity[y]
         mrow = mask[y]
         if n_modes == 1:
-            cost += _row_cost(fv[0, y], irow, mrow, s2, ws, poisson)
+            cost += _row_cost(fv[0, y], irow, mrow, s2, ws, poisson, sign)
             continue
         # several modes: their intensities summed, then one factor for every mode's pixel
         for k in range(n_modes):
@@ -141,15 +145,23 @@ def cost_window(far, intensity, mask, s2, ws, poisson, model, w):
             frow = fv[k, y]
             for x in range(nx):
                 frow[2 * x] = frow[2 * x] * w[x]
-                frow[2 * x + 1] = frow[2 * x + 1] * w[x]
+                frow[2 * x + 1] = frow[2 * x + 1] * (w[x] * sign)
     return cost
 
 
 @_jit
-def adjoint_window(g, psi, obj_s, cy, cx, g_obj_s, illum_s, probe_g, probe_il, with_probe, go, il):
+def adjoint_window(g, psi, obj_s, cy, cx, g_obj_s, illum_s, probe_g, probe_il, with_probe, go, il, conj):
     """The adjoint of one slice at one position (see :func:`adjoint_slice`); g, psi
-    (K, N_y, N_x); ``go`` (N_x,) complex and ``il`` (N_x,) real are row scratch."""
+    (K, N_y, N_x); ``go`` (N_x,) complex and ``il`` (N_x,) real are row scratch. With
+    ``conj``, ``g`` holds the complex conjugate of the gradient (what a forward FFT of the
+    conjugated far-field gradient gives: see :func:`position_gradients`)."""
     n_modes, ny, nx = g.shape
+    if conj and n_modes > 1:  # several modes: conjugated in place first
+        for k in range(n_modes):
+            for y in range(ny):
+                grow = g[k, y]
+                for x in range(nx):
+                    grow[x] = grow[x].conjugate()
     if n_modes == 1:  # one pass per row (no mode sums to stage): measured 2x faster
         for y in range(ny):
             orow = obj_s[cy + y, cx:cx + nx]
@@ -163,7 +175,7 @@ def adjoint_window(g, psi, obj_s, cy, cx, g_obj_s, illum_s, probe_g, probe_il, w
                 for x in range(nx):
                     p = prow[x]
                     o = orow[x]
-                    gv = grow[x]
+                    gv = grow[x].conjugate() if conj else grow[x]
                     gorow[x] += p.conjugate() * gv
                     ilrow[x] += p.real * p.real + p.imag * p.imag
                     gn = gv * o.conjugate()
@@ -173,7 +185,7 @@ def adjoint_window(g, psi, obj_s, cy, cx, g_obj_s, illum_s, probe_g, probe_il, w
             else:
                 for x in range(nx):
                     p = prow[x]
-                    gv = grow[x]
+                    gv = grow[x].conjugate() if conj else grow[x]
                     gorow[x] += p.conjugate() * gv
                     ilrow[x] += p.real * p.real + p.imag * p.imag
                     grow[x] = gv * orow[x].conjugate()
@@ -237,7 +249,7 @@ def cost_gradient(far, intensity, mask, scale2, w_scale, poisson):
     w = np.empty(nx, dtype=intensity.dtype)
     cost = 0.0
     for j in range(far.shape[0]):
-        cost += cost_window(far[j], intensity[j], mask, real(scale2), real(w_scale), poisson, model, w)
+        cost += cost_window(far[j], intensity[j], mask, real(scale2), real(w_scale), poisson, model, w, False)
     return cost
 
 
@@ -257,7 +269,7 @@ def adjoint_slice(g, psi, obj_s, corners, g_obj_s, illum_s, probe_g, probe_il, w
     il = np.empty(nx, dtype=illum_s.dtype)
     for j in range(g.shape[0]):
         adjoint_window(g[j], psi[0 if shared else j], obj_s, corners[j, 0], corners[j, 1], g_obj_s, illum_s,
-                       probe_g, probe_il, with_probe, go, il)
+                       probe_g, probe_il, with_probe, go, il, False)
 
 
 # --- the whole model, one position at a time, FFTs included (FFTW's new-array execute) ---
@@ -297,10 +309,10 @@ else:
 
 
 @_jit
-def transform(plan, wave):
-    """Execute the in-place FFTW ``plan`` on ``wave`` (aligned, C-contiguous, the plan's shape)."""
-    p = wave.ctypes.data
-    execute_dft(plan, p, p)
+def transform(plan, src, dst):
+    """Execute the out-of-place FFTW ``plan`` from ``src`` into ``dst`` (distinct, aligned,
+    C-contiguous, the plan's shape)."""
+    execute_dft(plan, src.ctypes.data, dst.ctypes.data)
 
 
 @_jit
@@ -316,17 +328,18 @@ def wave_slot(s, interval, n_segments):
 
 
 @_jit
-def propagate_window(psi, obj_s, cy, cx, out, plan_f, plan_b, k_fwd):
-    """``out = ifft(fft(psi * obj_s[window]) * k_fwd)``: the incident wave of the next slice."""
+def propagate_window(psi, obj_s, cy, cx, out, far, plan_f, plan_b, k_fwd):
+    """``out = ifft(fft(psi * obj_s[window]) * k_fwd)``: the incident wave of the next
+    slice; ``far`` (the shape of ``out``) is scratch."""
     mul_window(psi, obj_s, cy, cx, out)
-    transform(plan_f, out)
-    scale_window(out, k_fwd)
-    transform(plan_b, out)
+    transform(plan_f, out, far)
+    scale_window(far, k_fwd)
+    transform(plan_b, far, out)
 
 
 @_jit
 def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, ws, poisson,
-                       g_obj, illum, probe_g, probe_il, with_probe, plan_f, plan_b, inc, wave, counts, interval,
+                       g_obj, illum, probe_g, probe_il, with_probe, plan_f, plan_b, inc, wave, far, counts, interval,
                        near, d_fwd, d_adj):
     """Cost and gradients of the multislice model, summed over positions, one position at
     a time: its waves (K, N_y, N_x) stay in cache through every FFT.
@@ -335,8 +348,9 @@ def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, 
     pattern in ``data`` (J_all, N_y, N_x), FFT order; mask (N_y, N_x) bool; k_fwd, k_adj
     (N_y, N_x): the Fresnel kernel and its conjugate, each times 1/(N_y N_x); s2 =
     1/(N_y N_x), ws = 2 s2; accumulators g_obj (S, H, W), illum (S, H, W), probe_g (K,
-    N_y, N_x), probe_il (N_y, N_x); plan_f, plan_b: in-place FFTW plans of K transforms
-    of N_y x N_x; inc (slots, K, N_y, N_x) and wave (K, N_y, N_x): aligned scratch;
+    N_y, N_x), probe_il (N_y, N_x); plan_f, plan_b: out-of-place FFTW plans of K
+    transforms of N_y x N_x; inc (slots, K, N_y, N_x), wave and far (K, N_y, N_x): aligned
+    scratch (each transform goes from one of ``wave``/``far`` to the other);
     counts (1,) int64: the FFTs run are added to ``counts[0]``.
 
     ``interval`` c: the incident waves kept are slice c, 2c, ... 's and the last
@@ -367,20 +381,29 @@ def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, 
         psi = probe
         for s in range(n_slices - 1):  # the incident wave of slice s + 1, kept for the adjoint (if a checkpoint or in the last segment)
             nxt = inc[wave_slot(s + 1, interval, n_segments)]
-            propagate_window(psi, obj[s], cy, cx, nxt, plan_f, plan_b, k_fwd)
+            propagate_window(psi, obj[s], cy, cx, nxt, far, plan_f, plan_b, k_fwd)
             counts[0] += 2 * n_modes
             psi = nxt
         mul_window(psi, obj[n_slices - 1], cy, cx, wave)
-        transform(plan_f, wave)
-        if near:  # on to the detector plane
-            scale_window(wave, d_fwd)
-            transform(plan_b, wave)
-        cost += cost_window(wave, data[rows[i]], mask, real(s2), real(ws), poisson, model, w)
-        if near:  # back from the detector plane
-            transform(plan_f, wave)
-            scale_window(wave, d_adj)
+        transform(plan_f, wave, far)
+        if near:  # on to the detector plane, and back from it after the cost
+            scale_window(far, d_fwd)
+            transform(plan_b, far, wave)
+            cost += cost_window(wave, data[rows[i]], mask, real(s2), real(ws), poisson, model, w, False)
+            transform(plan_f, wave, far)
+            scale_window(far, d_adj)
+            transform(plan_b, far, wave)  # now the gradient w.r.t. the last slice's exit wave
+            conj = False
             counts[0] += 2 * n_modes
-        transform(plan_b, wave)  # now the gradient w.r.t. the last slice's exit wave
+        else:
+            # the gradient's inverse transform as the conjugate of a forward one of its
+            # conjugate (conj(F(conj(x))) is FFTW's unnormalised backward transform, which
+            # FFTW itself computes by swapping real and imaginary parts): every transform of
+            # a far-field position then runs the forward plan, whose speed the FFT floor is
+            # measured at; the conjugations ride in the cost's and the adjoint's loops
+            cost += cost_window(far, data[rows[i]], mask, real(s2), real(ws), poisson, model, w, True)
+            transform(plan_f, far, wave)  # the conjugate of the gradient w.r.t. the last slice's exit wave
+            conj = True
         counts[0] += 2 * n_modes
         for s in range(n_slices - 1, -1, -1):
             if interval > 1 and s < last_start and s % interval == interval - 1:
@@ -389,15 +412,15 @@ def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, 
                 psi = probe if a == 0 else inc[wave_slot(a, interval, n_segments)]
                 for t in range(a, s):
                     nxt = inc[wave_slot(t + 1, interval, n_segments)]
-                    propagate_window(psi, obj[t], cy, cx, nxt, plan_f, plan_b, k_fwd)
+                    propagate_window(psi, obj[t], cy, cx, nxt, far, plan_f, plan_b, k_fwd)
                     counts[0] += 2 * n_modes
                     psi = nxt
             psi = probe if s == 0 else inc[wave_slot(s, interval, n_segments)]
             adjoint_window(wave, psi, obj[s], cy, cx, g_obj[s], illum[s], probe_g, probe_il,
-                           with_probe and s == 0, go, il)
+                           with_probe and s == 0, go, il, conj and s == n_slices - 1)
             if s > 0:
-                transform(plan_f, wave)
-                scale_window(wave, k_adj)
-                transform(plan_b, wave)
+                transform(plan_f, wave, far)
+                scale_window(far, k_adj)
+                transform(plan_b, far, wave)
                 counts[0] += 2 * n_modes
     return cost

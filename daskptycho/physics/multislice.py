@@ -593,13 +593,13 @@ def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, pr
     else:  # not written; the arguments keep their types
         gp, pil = np.zeros((1, 1, 1), dtype=np.complex64), np.zeros((1, 1), dtype=np.float32)
     inc = empty((position_scratch_waves(n_slices, interval), k, ny, nx), np.complex64)
-    wave = empty((k, ny, nx), np.complex64)
+    wave, far = empty((k, ny, nx), np.complex64), empty((k, ny, nx), np.complex64)
     plan_f, plan_b = fftw_plans(probe.shape)
     s2 = 1.0 if near else 1.0 / (ny * nx)  # near field: the detector wave comes out of a unitary propagation
     counts = np.zeros(1, dtype=np.int64)
     value = compiled.position_gradients(np.ascontiguousarray(obj), np.ascontiguousarray(probe), corners, rows,
                                         np.ascontiguousarray(intensity), m, k_fwd, k_adj, s2, 2 * s2, cost == "poisson",
-                                        g_obj, illum, gp, pil, bool(probe_gradient), plan_f, plan_b, inc, wave, counts,
+                                        g_obj, illum, gp, pil, bool(probe_gradient), plan_f, plan_b, inc, wave, far, counts,
                                         int(interval), near, d_fwd, d_adj)
     FFT_TALLY["calls"] += 1
     FFT_TALLY["ffts"] += int(counts[0])
