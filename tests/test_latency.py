@@ -81,3 +81,51 @@ def test_a_scheduler_reached_by_address_is_left_alone_unless_asked(small_pbtio3)
             assert latency.apply(c, "1ms") == 0.001             # registering again is a no-op
             got = latency.intervals(c)
             assert set(got["scheduler"].values()) == {0.001} and set(got["workers"].values()) == {0.001}
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("auto", "auto"), ("default", None), ("100ms", 0.1), ("2s", 2.0), (50, 0.05),
+])
+def test_profile_settings_parse(value, expected):
+    assert latency.parse_profile_interval(value) == expected
+
+
+@pytest.mark.parametrize("bad", ["often", "0ms", "-5ms", "1min"])
+def test_bad_profile_settings_name_the_key(bad):
+    with pytest.raises(dp.OptionsError) as info:
+        latency.parse_profile_interval(bad)
+    assert info.value.option == latency.PROFILE_KEY and "100ms" in str(info.value)
+
+
+def test_a_run_on_a_cluster_of_this_process_samples_stacks_less_often(small_pbtio3):
+    from distributed import Client
+
+    from daskptycho.cluster import local_cluster
+
+    with local_cluster(2, memory_limit="1GiB") as cluster, Client(cluster) as c:
+        own = dask.config.get("distributed.worker.profile.interval")
+        before = latency.profile_intervals(c)
+        assert set(before.values()) == {dask.utils.parse_timedelta(own, default="ms")}
+        with dask.config.set({latency.PROFILE_KEY: "default"}):
+            _gd(small_pbtio3, c)
+        assert latency.profile_intervals(c) == before              # "default" leaves distributed's own
+        with dask.config.set({latency.PROFILE_KEY: "20ms"}):
+            _gd(small_pbtio3, c)
+        assert set(latency.profile_intervals(c).values()) == {0.02}
+        _gd(small_pbtio3, c)                                       # "auto": 100 ms, whatever ran before
+        assert set(latency.profile_intervals(c).values()) == {latency.PROFILE_AUTO_S}
+        # the profile page still fills: the workers sampled the run's task thread
+        profile = c.profile()
+        assert profile["count"] > 0
+        cluster.scale(3)                                           # a worker that joins later gets it too
+        c.wait_for_workers(3)
+        later = latency.profile_intervals(c)
+        assert len(later) == 3 and set(later.values()) == {latency.PROFILE_AUTO_S}
+
+
+def test_a_bad_profile_setting_fails_before_any_cluster_starts(small_pbtio3, monkeypatch):
+    from daskptycho import cluster
+
+    monkeypatch.setattr(cluster, "local_cluster", lambda *a, **k: pytest.fail("a cluster started"))
+    with dask.config.set({latency.PROFILE_KEY: "often"}), pytest.raises(dp.OptionsError, match="profile-interval"):
+        dp.reconstruct(str(small_pbtio3), engine="ml", iterations=1, slices=2, workers=1)
