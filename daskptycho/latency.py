@@ -31,8 +31,9 @@ interpreter lock. A gd run's rounds meet at barriers a few milliseconds apart, s
 taken from either worker's task thread delays both: with 100 ms samples the default
 run's iterations took 5-10% less time than with 10 ms ones on a 2-core machine
 (``docs/performance.md``, "The default run against the single-task reference").
-``daskptycho.cluster.profile-interval`` takes the same values (``auto``: 100 ms on
-clusters of this process); the profile page still fills, ten times more coarsely.
+``daskptycho.cluster.profile-interval``
+takes the same values (``auto``: 100 ms on clusters of this process); the profile page
+still fills, ten times more coarsely.
 
 The settings are carried by scheduler and worker plugins, so workers that join later
 (a restarted worker, a new batch job) get them too. They change when messages leave and
