@@ -67,9 +67,6 @@ SCAN, DETECTOR = 26, 96
 #: peer messages between the workers of this machine over their Unix sockets (default) or comms
 COMMS = "daskptycho.schedule.same_host_sockets"
 
-#: the workers' stack sampling interval (daskptycho.latency)
-PROFILE = "daskptycho.cluster.profile-interval"
-
 #: the exact comparison's update rule: full batch, probe fixed
 FULL_BATCH = dict(batch_size=None, refine_probe=False)
 
@@ -81,8 +78,6 @@ CASES = (  # label, engine, workers, options, config
     ("gd 2x2, whole windows", None, 2, {"halo": "window"}, {}),
     ("ml, full batch", "ml", 1, FULL_BATCH, {}),
     ("gd 2x2, full batch", None, 2, FULL_BATCH, {}),
-    # distributed's own stack sampling for the dashboard's profile page (the default run samples every 100 ms)
-    ("gd 2x2, profile every 10 ms", None, 2, {}, {PROFILE: "10ms"}),
 )
 
 
@@ -249,7 +244,6 @@ def main(argv=None):
         "comms_speedup_over_ml": ratio("gd 2x2, messages over comms", "ml, 1 worker"),
         "sockets_over_comms": ratio("gd 2x2 (default)", "gd 2x2, messages over comms"),
         "full_batch_pair_speedup": ratio("gd 2x2, full batch", "ml, full batch"),
-        "profile_100ms_over_10ms": ratio("gd 2x2 (default)", "gd 2x2, profile every 10 ms"),
     }
     out = write("default_run", {
         "dataset": f"simulate(kind='image', scan=({SCAN}, {SCAN}), detector={DETECTOR}): {SCAN * SCAN} positions, single slice",

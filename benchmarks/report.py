@@ -482,8 +482,7 @@ def section_default_run(d, lines):
               f"{t['sockets_over_comms']['value']:.2f}x faster, per round "
               f"{', '.join(f'{x:.2f}' for x in t['sockets_over_comms']['per_round'])}). In full batch with the probe "
               f"fixed gd is {t['full_batch_pair_speedup']['value']:.2f}x ml, and its object differs from ml's by at most "
-              f"{d['full_batch_relative_difference_to_ml']['max']:.1e} (relative, over the field the tiles hold)."
-              + _profile_line(t), "",
+              f"{d['full_batch_relative_difference_to_ml']['max']:.1e} (relative, over the field the tiles hold).", "",
               "A minibatch iteration is 4 pass rounds, and every round ends in a barrier: each tile's next gradient needs "
               "its neighbours' strips (here swapped at once, one message each way) and the probe stepped from every tile's "
               "part (each worker steps its own copy from the two halves of the sum). Between workers of one machine those messages "
@@ -497,17 +496,6 @@ def section_default_run(d, lines):
               f"differs from the whole-window run's by at most {d['default_phase_difference_to_whole_windows']['max']:.2%} "
               "over the field the tiles hold.", ""]
     lines += _cpu_budget(d)
-
-
-def _profile_line(t):
-    """The default run against the same with distributed's 10 ms stack sampling (absent from older results)."""
-    p = t.get("profile_100ms_over_10ms")
-    if not p:
-        return ""
-    return (f" Sampling the workers' stacks for the dashboard's profile page every 100 ms (`daskptycho.cluster.profile-interval:"
-            f" auto`) instead of distributed's 10 ms: **{p['value']:.2f}x** faster (per round "
-            f"{', '.join(f'{x:.2f}' for x in p['per_round'])}); each sample holds the interpreter lock on a worker's event "
-            "loop, and a round's barrier waits for the slower worker.")
 
 
 def _idle(row):

@@ -1,5 +1,4 @@
-"""Distributed's periodic background work, tuned for latency-bound graphs: message
-batching between the scheduler and the workers, and the workers' statistical profiler.
+"""Message batching between the scheduler and the workers, tuned for latency-bound graphs.
 
 distributed batches the small messages of its scheduler-worker streams: the
 scheduler sends a worker at most one batch every 5 ms, a worker the scheduler at
@@ -25,19 +24,9 @@ a duration (``0ms``, ``1ms`` ...)
 ``default``
     never touch distributed's own intervals.
 
-Every worker also samples its threads' Python stacks for the dashboard's profile page,
-every 10 ms (``distributed.worker.profile.interval``), on its event loop and holding the
-interpreter lock. A gd run's rounds meet at barriers a few milliseconds apart, so time
-taken from either worker's task thread delays both: with 100 ms samples the default
-run's iterations took 5-10% less time than with 10 ms ones on a 2-core machine
-(``docs/performance.md``, "The default run against the single-task reference").
-``daskptycho.cluster.profile-interval``
-takes the same values (``auto``: 100 ms on clusters of this process); the profile page
-still fills, ten times more coarsely.
-
-The settings are carried by scheduler and worker plugins, so workers that join later
-(a restarted worker, a new batch job) get them too. They change when messages leave and
-how often stacks are sampled, never what is computed: results are bit for bit the same.
+The setting is carried by a scheduler plugin and a worker plugin, so workers that
+join later (a restarted worker, a new batch job) get it too. It changes when
+messages leave, never what they say: results are bit for bit the same.
 """
 
 from __future__ import annotations
@@ -48,27 +37,15 @@ from .errors import OptionsError
 
 KEY = "daskptycho.cluster.message-interval"
 NAME = "daskptycho-message-interval"
-PROFILE_KEY = "daskptycho.cluster.profile-interval"
-PROFILE_NAME = "daskptycho-profile-interval"
-PROFILE_AUTO_S = 0.1  # ``auto``'s sampling interval on clusters of this process
 
 
-def parse_interval(value, key=KEY, low=0.0, high=1.0, example="0ms"):
-    """The configured interval: ``"auto"``, ``None`` (distributed's own) or seconds (float).
-
-    Parameters
-    ----------
-    value : str, float or None
-        The setting (a bare number is milliseconds).
-    key : str
-        The setting's name, for the error.
-    low, high : float
-        The seconds a duration may take (``low`` excluded when it is above 0).
+def parse_interval(value):
+    """The configured interval: ``"auto"``, ``None`` (distributed's own) or seconds (float >= 0).
 
     Raises
     ------
     OptionsError
-        Not ``auto``, ``default`` or a duration from ``low`` to ``high`` seconds.
+        Not ``auto``, ``default`` or a non-negative duration (``"0ms"``, ``0.001``).
     """
     from dask.utils import parse_timedelta
 
@@ -80,16 +57,9 @@ def parse_interval(value, key=KEY, low=0.0, high=1.0, example="0ms"):
         seconds = float(parse_timedelta(value, default="ms"))
     except (TypeError, ValueError, KeyError, AttributeError):
         seconds = None
-    if seconds is None or not (seconds > low or (low == 0 and seconds == 0)) or seconds > high:
-        raise OptionsError(key, f"got {value!r}; expected auto, default or a duration from {low * 1e3:g}ms to {high:g}s "
-                                f"(e.g. {example})")
+    if seconds is None or not seconds >= 0 or seconds > 1:
+        raise OptionsError(KEY, f"got {value!r}; expected auto, default or a duration from 0ms to 1s (e.g. 0ms)")
     return seconds
-
-
-def parse_profile_interval(value):
-    """The configured profile sampling interval: ``"auto"``, ``None`` (distributed's own)
-    or seconds in (0, 10] (see :func:`parse_interval`)."""
-    return parse_interval(value, PROFILE_KEY, low=0.0005, high=10.0, example="100ms")
 
 
 def _set(stream, seconds):
@@ -129,32 +99,6 @@ class WorkerMessageInterval(WorkerPlugin):
         _set(getattr(worker, "batched_stream", None), self.seconds)
 
 
-class WorkerProfileInterval(WorkerPlugin):
-    """Sets how often a worker samples its threads' stacks for the dashboard's profile page
-    (its ``profile`` periodic callback; nothing where profiling is off). One name for
-    every value: a run registering another value replaces the plugin and sets it again on
-    every worker, and a worker that joins later gets the latest."""
-
-    def __init__(self, seconds):
-        self.seconds = float(seconds)
-        self.name = PROFILE_NAME
-
-    def setup(self, worker):
-        callback = getattr(worker, "periodic_callbacks", {}).get("profile")
-        if callback is not None and hasattr(callback, "callback_time"):
-            callback.callback_time = self.seconds * 1e3  # milliseconds, from the next sample on
-
-
-def profile_intervals(client):
-    """Every worker's profile sampling interval in force (seconds; None where it does not profile)."""
-
-    def on_worker(dask_worker=None):
-        callback = getattr(dask_worker, "periodic_callbacks", {}).get("profile")
-        return None if callback is None else callback.callback_time / 1e3
-
-    return client.run(on_worker)
-
-
 def intervals(client):
     """The intervals in force (seconds): ``{"scheduler": {worker: s}, "workers": {worker: s}}``."""
 
@@ -167,17 +111,15 @@ def intervals(client):
     return {"scheduler": client.run_on_scheduler(on_scheduler), "workers": client.run(on_worker)}
 
 
-def apply(client, setting=None, profile=None):
-    """Set the message intervals of ``client``'s cluster from ``setting`` and its workers'
-    profile sampling interval from ``profile`` (defaults: the config).
+def apply(client, setting=None):
+    """Set the message intervals of ``client``'s cluster from ``setting`` (default: the config).
 
     Returns
     -------
-    float or None: the message interval set (seconds), None where nothing was changed.
+    float or None: the interval set (seconds), None where nothing was changed.
     """
     import dask.config
 
-    _apply_profile(client, dask.config.get(PROFILE_KEY, "auto") if profile is None else profile)
     seconds = parse_interval(dask.config.get(KEY, "auto") if setting is None else setting)
     if seconds is None:
         return None
@@ -193,25 +135,5 @@ def apply(client, setting=None, profile=None):
 
         warnings.warn(f"daskptycho: {KEY} not applied ({type(e).__name__}: {e}); the scheduler keeps its own message "
                       "batching", RuntimeWarning, stacklevel=2)
-        return None
-    return seconds
-
-
-def _apply_profile(client, setting):
-    """Set the workers' profile sampling interval from ``setting``; the seconds set or None."""
-    seconds = parse_profile_interval(setting)
-    if seconds is None:
-        return None
-    if seconds == "auto":
-        if getattr(client, "cluster", None) is None:  # a scheduler reached by address: not ours to tune
-            return None
-        seconds = PROFILE_AUTO_S
-    try:
-        client.register_plugin(WorkerProfileInterval(seconds))
-    except Exception as e:  # workers without daskptycho: they keep sampling at their own interval
-        import warnings
-
-        warnings.warn(f"daskptycho: {PROFILE_KEY} not applied ({type(e).__name__}: {e}); the workers keep their own "
-                      "profile interval", RuntimeWarning, stacklevel=3)
         return None
     return seconds

@@ -71,7 +71,6 @@ class Driver:
 
     def __enter__(self):
         latency.parse_interval(config.get("cluster.message-interval", "auto"))  # a bad setting fails before any cluster starts
-        latency.parse_profile_interval(config.get("cluster.profile-interval", "auto"))
         try:
             return self._enter()
         except BaseException:  # an interrupt or an error while starting: close what was started
@@ -84,8 +83,7 @@ class Driver:
             self.client = self.connection.client
         else:
             self.client = self._given
-        # an iteration is a chain of small dependent tasks: no batching delay per hop, and
-        # rounds that meet at barriers: the workers' stack sampling kept off their task threads
+        # an iteration is a chain of small dependent tasks: no batching delay per hop
         latency.apply(self.client)
         # import the engine code on every worker first, so the memory baseline
         # (and the peak above it) counts arrays, not modules
