@@ -176,17 +176,19 @@ def main(argv=None):
         ds = dp.open_dataset(path)
         ffts = iteration_fft_count(ds, 1)
         with dask.config.set({"daskptycho.dashboard.live": False}):
-            for _ in range(args.repeats):
+            for rnd in range(args.repeats):
                 us_runs.append(us_per_fft_now(DETECTOR))
                 results = {}
                 # a cluster per worker count and message path (a worker's peer plugin keeps the
-                # setting it was registered with)
-                for workers, sockets in ((1, True), (2, True), (2, False)):
+                # setting it was registered with); every other round runs the clusters and their
+                # cases in reverse order, so that no case always runs first (fresh clusters' first
+                # runs were measured slower) or always after the same one
+                clusters = ((1, True), (2, True), (2, False))
+                for workers, sockets in clusters if rnd % 2 == 0 else clusters[::-1]:
                     with local_cluster(workers) as cluster, Client(cluster) as client:
                         pids = [os.getpid(), *client.run(os.getpid).values()]
-                        for label, engine, w, kw, cfg in CASES:
-                            if (w, cfg.get(COMMS, True)) != (workers, sockets):
-                                continue
+                        cases = [c for c in CASES if (c[2], c[4].get(COMMS, True)) == (workers, sockets)]
+                        for label, engine, _, kw, cfg in cases if rnd % 2 == 0 else cases[::-1]:
                             stamps, cpu, roles = [], [], []
 
                             def progress(it, c, stamps=stamps, cpu=cpu, pids=pids, roles=roles, client=client):
@@ -248,7 +250,7 @@ def main(argv=None):
     out = write("default_run", {
         "dataset": f"simulate(kind='image', scan=({SCAN}, {SCAN}), detector={DETECTOR}): {SCAN * SCAN} positions, single slice",
         "iterations": iterations, "minibatch_iterations": mb_iterations, "block_iterations": block,
-        "spans": {k: list(v) if v else None for k, v in span.items()}, "repeats": args.repeats,
+        "spans": {k: list(v) if v else None for k, v in span.items()}, "repeats": args.repeats, "order_alternates": True,
         "ffts_per_iteration": ffts["ffts"], "us_per_fft_96_one_thread": us,
         "full_batch_relative_difference_to_ml": {"max": max(rel), "runs": rel},
         "default_phase_difference_to_whole_windows": {"max": max(halo_phase), "runs": halo_phase},
