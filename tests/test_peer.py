@@ -103,6 +103,25 @@ def test_a_peer_blocks_costs_are_one_task_fetched_once(small_pbtio3, client, mon
     assert sorted(fetched) == sorted(tasks)
 
 
+def test_a_block_starts_from_its_own_workers_values(small_pbtio3, client):
+    # after the first block each worker's stage reads its own tiles' states and its own copy
+    # of the probe (stepped there from the same sums): no stage's result crosses workers
+    # (a stage result holds its worker's tiles; one fetched by the other worker to read the
+    # probe out of it was measured at 1.6 MB per block on the default run), and the result
+    # is the tile graph's, bit for bit
+    ds = dp.open_dataset(small_pbtio3)
+    kw = dict(engine="gd", tiles=(2, 2), slices=2, refine_probe=True, probe_refine_start=1)
+    with dask.config.set({"daskptycho.schedule.fuse": "never"}):
+        ref = _run(ds, client, "scheduler", **kw)
+    client.run(lambda dask_worker: dask_worker.transfer_incoming_log.clear())
+    with dask.config.set({"daskptycho.schedule.exchange": "peer", "daskptycho.schedule.block_iterations": 2}):
+        got = dp.reconstruct(ds, iterations=ITERATIONS, client=client, **kw)
+    _same(got, ref)
+    logs = client.run(lambda dask_worker: [k for e in dask_worker.transfer_incoming_log for k in e["keys"]])
+    moved = [k for keys in logs.values() for k in keys if isinstance(k, tuple)]
+    assert moved and not [k for k in moved if k[0] == "stage"], moved
+
+
 def test_a_probe_relayed_down_the_tree_of_workers_gives_the_same_result(small_pbtio3, client):
     # one stepper: the second worker's tiles read the probe relayed from the first worker
     # instead of the copy they step from the halves of the sum; the bits are the same

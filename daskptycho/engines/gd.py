@@ -228,6 +228,9 @@ class TiledRun(PinnedRun):
     specs : dict ``{(r, c): (scan indices, extended region)}``
     """
 
+    #: whether :meth:`build_from` takes the probe as ``{tile: key}`` (each tile's copy)
+    per_tile_probes = False
+
     def __init__(self, drv, problem, source, progress, tiling, specs):
         self.tiling, self.specs = tiling, specs
         self.units = {k: pos for k, (pos, _) in specs.items()}
@@ -240,6 +243,10 @@ class TiledRun(PinnedRun):
         self.cores = {t.key: _local_core(specs[t.key][1], t.core) for t in tiling}
         self.origins = {t.key: (t.core[0], t.core[2]) for t in tiling}
         self.states, self.probe, self.ctx = {}, None, None
+        # with peer exchange: each tile's copy of the probe after the last block ({tile: Ref}
+        # in its worker's stage result) and the placement it was made under, so that a block
+        # starts from its own worker's copy instead of fetching the root's from another worker
+        self.probes, self._probes_placement = None, None
         # with position correction: each tile's estimates of the positions it owns (float64
         # (J_t, 2), grid pixel coordinates), a value on its worker threaded through the graph
         # like its state; never gathered before the end of the run
@@ -282,6 +289,7 @@ class TiledRun(PinnedRun):
         self.ctx = c.scatter(context_for(self.problem, self.tiling, tiles=self.specs), hash=False)
         probe = self.problem.probe if meta is None else self.ck.read(meta, "probe")  # K x N x N: small
         self.probe = c.scatter(probe, hash=False)
+        self.probes = None
         with self.drv.span("load"):
             for key, (_, ext) in self.specs.items():
                 w = self.workers[key]
@@ -366,7 +374,8 @@ class TiledRun(PinnedRun):
             probe = gi.outputs.get("probes", probe)
         wanted = [*states.values(), *(c for i in block for c in costs[i])] + ([new_probe] if new_probe is not None else [])
         wanted += list(positions.values()) if positions is not None else []
-        return g, {"states": states, "costs": costs, "probe": new_probe, "positions": positions, "wanted": wanted}
+        return g, {"states": states, "costs": costs, "probe": new_probe, "probes": probe, "positions": positions,
+                   "wanted": wanted}
 
     def _peer_step(self, block, refine, moves=None):
         """Submit a block with peer exchange. Its fused graph is built once per shape (the
@@ -378,14 +387,26 @@ class TiledRun(PinnedRun):
         it, rounds = block[0], self.live_rounds
         shape = (len(block), refine, moves, self.block_kind(block))
         inputs = {("state", k): v for k, v in self.states.items()}
-        inputs["probe"] = self.probe
+        # each tile reads its own worker's copy of the probe where the last block left one
+        # (the same bits on every worker: each stepped its copy from the same sums), else
+        # the one probe; a block then waits for no other worker's result to start
+        if self.per_tile_probes:
+            own = self.probes if self._probes_placement == self.workers else None
+            inputs.update({("probe", k): (own or {}).get(k, self.probe) for k in self.states})
+        else:
+            inputs["probe"] = self.probe
         inputs["iteration"] = it
         inputs.update({("positions", k): v for k, v in self.positions.items()})
         channel = f"{self.tag}|{it}"
         if shape not in self._blocks:
             positions = {k: Input(("positions", k)) for k in self.positions} if moves is not None else None
-            g, out = self._block_graph(block, refine, {k: Input(("state", k)) for k in self.states}, Input("probe"), positions, moves,
-                                       template=True)
+            probe_in = {k: Input(("probe", k)) for k in self.states} if self.per_tile_probes else Input("probe")
+            g, out = self._block_graph(block, refine, {k: Input(("state", k)) for k in self.states}, probe_in, positions,
+                                       moves, template=True)
+            if self.per_tile_probes and any(refine):  # the copies the next block starts from come out of the stages too
+                out["wanted"] += [v for v in dict.fromkeys(out["probes"].values()) if v not in out["wanted"]]
+            else:
+                out["probes"] = None
             fused, where = fuse_by_worker(g, it * rounds, self.workers, out["wanted"],
                                           external=lambda x: isinstance(x, Input) or self.drv.is_future(x), channel=channel,
                                           peer_timeout_s=float(config.get("schedule.peer_timeout_s", 300)))
@@ -416,6 +437,11 @@ class TiledRun(PinnedRun):
             self.positions = {k: got[v] for k, v in out["positions"].items()}
         if out["probe"] is not None:
             self.probe = got[out["probe"]]
+            if out.get("probes") is not None and all(v in got for v in out["probes"].values()):
+                self.probes = {k: got[v] for k, v in out["probes"].items()}
+                self._probes_placement = dict(self.workers)
+            else:  # a block without the copies: the next one starts from the probe
+                self.probes = None
         costs = out["costs"]
         # a block's later iterations are reported as they come; keep them all in flight
         self.lookahead = max(type(self).lookahead, len(block))
@@ -501,12 +527,15 @@ class TiledRun(PinnedRun):
 
     def drop(self):
         self.states, self.probe, self.ctx, self.positions = {}, None, None, {}
+        self.probes, self._probes_placement = None, None
         self._ahead, self.lookahead, self._blocks = {}, type(self).lookahead, {}
 
 
 class GDRun(TiledRun):
     """Engine ``gd``: per-tile gradients, the four strip passes, per-tile updates
     (:func:`~daskptycho.schedule.passes.gd_iteration`)."""
+
+    per_tile_probes = True
 
     def __init__(self, drv, problem, source, progress=None):
         tiling = tiling_for(problem)
