@@ -179,32 +179,29 @@ def main(argv=None):
             for rnd in range(args.repeats):
                 us_runs.append(us_per_fft_now(DETECTOR))
                 results = {}
-                # a cluster per worker count and message path (a worker's peer plugin keeps the
-                # setting it was registered with); every other round runs the clusters and their
-                # cases in reverse order, so that no case always runs first (fresh clusters' first
-                # runs were measured slower) or always after the same one
-                clusters = ((1, True), (2, True), (2, False))
-                for workers, sockets in clusters if rnd % 2 == 0 else clusters[::-1]:
+                # a fresh cluster per case, as a user's run starts (a case run after others on
+                # the same cluster was measured up to 20% slower, and a worker's peer plugin keeps
+                # the message path it was registered with); every other round in reverse order,
+                # so that drift over the rounds favours no case
+                for label, engine, workers, kw, cfg in CASES if rnd % 2 == 0 else CASES[::-1]:
                     with local_cluster(workers) as cluster, Client(cluster) as client:
                         pids = [os.getpid(), *client.run(os.getpid).values()]
-                        cases = [c for c in CASES if (c[2], c[4].get(COMMS, True)) == (workers, sockets)]
-                        for label, engine, _, kw, cfg in cases if rnd % 2 == 0 else cases[::-1]:
-                            stamps, cpu, roles = [], [], []
+                        stamps, cpu, roles = [], [], []
 
-                            def progress(it, c, stamps=stamps, cpu=cpu, pids=pids, roles=roles, client=client):
-                                stamps.append(time.perf_counter())
-                                cpu.append(_cpu_s(pids))
-                                if it in span["run"]:  # the CPU by role, at the run span's ends only
-                                    roles.append((client.run(worker_threads_cpu), _cpu_s(pids[:1])))
+                        def progress(it, c, stamps=stamps, cpu=cpu, pids=pids, roles=roles, client=client):
+                            stamps.append(time.perf_counter())
+                            cpu.append(_cpu_s(pids))
+                            if it in span["run"]:  # the CPU by role, at the run span's ends only
+                                roles.append((client.run(worker_threads_cpu), _cpu_s(pids[:1])))
 
-                            with dask.config.set(cfg):
-                                res = dp.reconstruct(ds, engine, client=client, progress=progress, **kw)
-                            results[label] = res
-                            runs[label].append({k: _per_iteration(stamps, s) for k, s in span.items()}
-                                               | {"final_cost": float(res["cost"].values[-1]),
-                                                  "cpu_s_per_iteration": _per_iteration(cpu, span["run"]),
-                                                  "cpu_by_role": cpu_by_role(roles[0][0], roles[1][0], (roles[0][1], roles[1][1]),
-                                                                             span["run"][1] - span["run"][0])})
+                        with dask.config.set(cfg):
+                            res = dp.reconstruct(ds, engine, client=client, progress=progress, **kw)
+                        results[label] = res
+                        runs[label].append({k: _per_iteration(stamps, s) for k, s in span.items()}
+                                           | {"final_cost": float(res["cost"].values[-1]),
+                                              "cpu_s_per_iteration": _per_iteration(cpu, span["run"]),
+                                              "cpu_by_role": cpu_by_role(roles[0][0], roles[1][0], (roles[0][1], roles[1][1]),
+                                                                         span["run"][1] - span["run"][0])})
                 # the exact pair: gd in full batch is full-batch gradient descent, over the field its tiles hold
                 held = _held(results["gd 2x2, full batch"])
                 o, r = (results[k]["object"].values[held] for k in ("gd 2x2, full batch", "ml, full batch"))
@@ -250,7 +247,7 @@ def main(argv=None):
     out = write("default_run", {
         "dataset": f"simulate(kind='image', scan=({SCAN}, {SCAN}), detector={DETECTOR}): {SCAN * SCAN} positions, single slice",
         "iterations": iterations, "minibatch_iterations": mb_iterations, "block_iterations": block,
-        "spans": {k: list(v) if v else None for k, v in span.items()}, "repeats": args.repeats, "order_alternates": True,
+        "spans": {k: list(v) if v else None for k, v in span.items()}, "repeats": args.repeats, "cluster_per_case": True,
         "ffts_per_iteration": ffts["ffts"], "us_per_fft_96_one_thread": us,
         "full_batch_relative_difference_to_ml": {"max": max(rel), "runs": rel},
         "default_phase_difference_to_whole_windows": {"max": max(halo_phase), "runs": halo_phase},
