@@ -818,7 +818,7 @@ def main(argv=None):
              "moving between two scratch buffers (made from the same machine-wide wisdom as the backend's plans, so "
              "every process computes the same bits; in the far field the gradient's inverse transform runs as the "
              "conjugate of a forward one, the conjugations inside the cost's and the adjoint's loops, so every transform "
-             "runs the forward plan the FFT floor is measured with: 5-8% less time per position at 96 px), the Fresnel "
+             "runs the forward plan the FFT floor is measured with), the Fresnel "
              "kernel, the cost and its gradient, then back through the slices adding the object gradient and "
              "illumination into the tile's accumulators. A position's waves (128 KiB per mode at 128 px) stay in the "
              "core's cache through all their FFTs, and no (positions x N x N) array exists. Without Numba the NumPy "
