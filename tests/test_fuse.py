@@ -246,3 +246,31 @@ def _contains(x, key):
     if isinstance(x, tuple) and x == key:
         return True
     return isinstance(x, (tuple, list)) and any(_contains(y, key) for y in x)
+
+
+@pytest.mark.parametrize("engine, cfg", [
+    ("gd", {}),
+    ("hve", {}),
+    ("gd", {"daskptycho.schedule.exchange": "scheduler", "daskptycho.schedule.fuse": "always"}),
+], ids=["gd-peer", "hve-peer", "gd-fused"])
+def test_a_finished_run_leaves_nothing_on_the_workers_without_a_garbage_collection(small_pbtio3, client, engine, cfg):
+    # the block graphs are made and rebound without reference cycles, so a run's patterns
+    # and tile states leave the workers as it returns, not at Python's next cyclic
+    # collection (which a notebook's long-lived cluster may wait a long time for)
+    import gc
+    import time
+
+    gc.collect()
+    gc.disable()
+    try:
+        with dask.config.set(cfg):
+            dp.reconstruct(str(small_pbtio3), engine=engine, tiles=(2, 2), iterations=4, slices=2, client=client)
+        held = None
+        for _ in range(100):  # the releases reach the workers within moments
+            held = client.run(lambda dask_worker: sorted(map(str, dask_worker.data)))
+            if not any(held.values()):
+                break
+            time.sleep(0.1)
+        assert not any(held.values()), held
+    finally:
+        gc.enable()

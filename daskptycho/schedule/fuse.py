@@ -99,6 +99,20 @@ def _add_pick(fused, picks, key, task, tile):
     return picks[("ref", ref)]
 
 
+def _rewrite_unpinned(arg, k, stage_of, message):
+    """Task ``k`` (not in a stage) with every value it reads from a stage taken out of
+    that stage's message to it (``message(stage, k)``). A module function, not a closure
+    that calls itself: such a closure is a reference cycle, which kept the fused graph and
+    the futures it holds (a run's patterns) alive until the next garbage collection."""
+    if isinstance(arg, tuple) and arg and callable(arg[0]):
+        return (arg[0],) + tuple(_rewrite_unpinned(a, k, stage_of, message) for a in arg[1:])
+    if isinstance(arg, list):
+        return [_rewrite_unpinned(a, k, stage_of, message) for a in arg]
+    if _hashable(arg) and arg in stage_of:
+        return (item, message(stage_of[arg], k), arg)
+    return arg
+
+
 class _StageBuilder:
     """Rewrites the tasks of one stage: their inputs become :class:`Slot` references to
     the stage task's arguments (futures, earlier stages of the worker, messages)."""
@@ -282,19 +296,8 @@ def fuse_by_worker(graph: IterationGraph, it, tile_workers, wanted, external, ch
         previous[sid[0]] = sid
 
     for k in order:
-        if k in stage_of:
-            continue
-
-        def rewrite_unpinned(arg, k=k):
-            if isinstance(arg, tuple) and arg and callable(arg[0]):
-                return (arg[0],) + tuple(rewrite_unpinned(a) for a in arg[1:])
-            if isinstance(arg, list):
-                return [rewrite_unpinned(a) for a in arg]
-            if _hashable(arg) and arg in stage_of:
-                return (item, message(stage_of[arg], k), arg)
-            return arg
-
-        fused.tasks[k] = rewrite_unpinned(tasks[k])
+        if k not in stage_of:
+            fused.tasks[k] = _rewrite_unpinned(tasks[k], k, stage_of, message)
 
     results = {w: Ref(stage_key[stage_of[w]], w, home[stage_of[w]]) if w in stage_of else w for w in wanted}
     fused.outputs = dict(graph.outputs)
@@ -345,6 +348,25 @@ def stage_bodies(fused):
     return bodies
 
 
+def _bind(x, inputs, keys, channel):
+    """``x`` (a task or argument of a block's graph) for another block (see :func:`rebind`).
+    A module function, not a closure that calls itself: such a closure is a reference
+    cycle, which kept a finished run's inputs (its tiles' states) alive until the next
+    garbage collection."""
+    if isinstance(x, Input):
+        v = inputs[x.name]
+        return (item, v.source, v.name) if isinstance(v, Ref) else v
+    if isinstance(x, PeerStage):
+        return dataclasses.replace(x, channel=str(channel))
+    if isinstance(x, tuple) and x and callable(x[0]):
+        return (x[0],) + tuple(_bind(a, inputs, keys, channel) for a in x[1:])
+    if isinstance(x, list):
+        return [_bind(a, inputs, keys, channel) for a in x]
+    if _hashable(x) and x in keys:
+        return keys[x]
+    return x
+
+
 def rebind(fused, results, shift, inputs, channel, bodies=None):
     """``fused`` and ``results`` of :func:`fuse_by_worker`, made again for another block of
     the same shape without building or fusing anything: every key's number moves by
@@ -380,27 +402,12 @@ def rebind(fused, results, shift, inputs, channel, bodies=None):
     fused, results : as :func:`fuse_by_worker` returns them, for the new block.
     """
     keys = {k: (k[0], k[1] + shift, *k[2:]) for k in fused.tasks}
-
-    def bound(x):
-        if isinstance(x, Input):
-            v = inputs[x.name]
-            return (item, v.source, v.name) if isinstance(v, Ref) else v
-        if isinstance(x, PeerStage):
-            return dataclasses.replace(x, channel=str(channel))
-        if isinstance(x, tuple) and x and callable(x[0]):
-            return (x[0],) + tuple(bound(a) for a in x[1:])
-        if isinstance(x, list):
-            return [bound(a) for a in x]
-        if _hashable(x) and x in keys:
-            return keys[x]
-        return x
-
     bodies = bodies or {}
 
     def task(k, t):
         if k in bodies:
-            return (run_peer_block, bodies[k], str(channel), *(bound(a) for a in t[2:]))
-        return bound(t)
+            return (run_peer_block, bodies[k], str(channel), *(_bind(a, inputs, keys, channel) for a in t[2:]))
+        return _bind(t, inputs, keys, channel)
 
     out = IterationGraph(tag=fused.tag)
     out.tasks = {keys[k]: task(k, t) for k, t in fused.tasks.items()}
