@@ -101,9 +101,9 @@ def _add_pick(fused, picks, key, task, tile):
 
 def _rewrite_unpinned(arg, k, stage_of, message):
     """Task ``k`` (not in a stage) with every value it reads from a stage taken out of
-    that stage's message to it (``message(stage, k)``). A module function, not a closure
-    that calls itself: such a closure is a reference cycle, which kept the fused graph and
-    the futures it holds (a run's patterns) alive until the next garbage collection."""
+    that stage's message to it (``message(stage, k)``). A module function because a closure
+    that calls itself is a reference cycle: it would keep the fused graph, and the futures
+    it holds (a run's patterns), alive until Python's next cyclic garbage collection."""
     if isinstance(arg, tuple) and arg and callable(arg[0]):
         return (arg[0],) + tuple(_rewrite_unpinned(a, k, stage_of, message) for a in arg[1:])
     if isinstance(arg, list):
@@ -350,8 +350,8 @@ def stage_bodies(fused):
 
 def _bind(x, inputs, keys, channel):
     """``x`` (a task or argument of a block's graph) for another block (see :func:`rebind`).
-    A module function, not a closure that calls itself: such a closure is a reference
-    cycle, which kept a finished run's inputs (its tiles' states) alive until the next
+    A module function because a closure that calls itself is a reference cycle: it would
+    keep a finished run's inputs (its tiles' states) alive until Python's next cyclic
     garbage collection."""
     if isinstance(x, Input):
         v = inputs[x.name]
