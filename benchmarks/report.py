@@ -405,7 +405,10 @@ def section_many_tiles(d, lines):
     lines += ["### The scheduler's share, measured, and fused iterations (issue 16)", "",
               f"`{d['command']}` (`benchmarks/results/many_tiles.json`, {d['machine']['date']}): gd on many tiles of a "
               f"{d['scan']} x {d['scan']}-position, 16 px X-ray scan over {first['workers']} workers, where compute per tile is "
-              "negligible, so an iteration takes what the scheduler and the client need (steady-state medians):", "",
+              "negligible, so an iteration takes what the scheduler and the client need (steady-state medians). "
+              + ("Every run takes the update rule the scaling model predicts the papers' runs with: full batch (one "
+                 "pass round per iteration), the probe held fixed (the library's default of 4 minibatch rounds makes 4x "
+                 "the tasks)." if d.get("update") else "") + "", "",
               "| tiles | schedule | tasks per iteration | s per iteration | s per task | model with trivial tasks / measured |",
               "|---|---|---|---|---|---|"]
     for r in rows:
