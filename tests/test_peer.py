@@ -212,6 +212,26 @@ def test_a_tasks_reads_are_its_in_stage_values_and_messages():
     assert peer._reads((np.add, peer.Receive(3), [Slot(None, "k")]), set(), set()) == ({"k"}, {3})
 
 
+def test_a_stage_body_is_planned_once_for_all_its_blocks():
+    # every block of a shape runs the same body with its own channel: the dataflow's plan
+    # (who reads what) is worked out once, is the body's own, and goes with the body
+    import dataclasses
+    import gc
+
+    body = peer.PeerStage(StageSpec(((("a",), (np.add, Slot(0), 1)), (("b",), (np.add, Slot(None, ("a",)), peer.Receive(4)))),
+                                    (("b",),)), "t|0", ((("a",), 3, ("w2",)),), ("w2",), 10.0)
+    assert peer.stage_body(body) is body  # planned as it arrives on its worker
+    plan = peer._PLANS[id(body.stage)][1]
+    assert peer._plan(dataclasses.replace(body, channel="t|8")) is plan
+    assert plan.missing == (0, 2) and plan.readers_of_key == {("a",): (1,)} and plan.readers_of_msg == {4: (1,)}
+    other = dataclasses.replace(body, sends=((("a",), 3, ("w3",)),))  # the same tasks sent elsewhere
+    assert peer._plan(other) is not plan and peer._plan(other).sends == {("a",): (3, ("w3",))}
+    key = id(body.stage)
+    del body, other, plan
+    gc.collect()
+    assert key not in peer._PLANS
+
+
 def test_mailbox_hands_each_stage_its_own_messages():
     # two stages of one worker may share a block's channel: a poll takes only the messages
     # it awaits, the others stay for the other stage, and an abort drops the tag's messages
