@@ -449,6 +449,43 @@ def _row(d, label):
     return next(r for r in d["rows"] if r["label"] == label)
 
 
+def section_stage_timeline(d, lines):
+    """Where the default run's time goes inside its peer blocks (benchmarks/stage_timeline.py)."""
+    sm = d["summary"]
+    kinds = [k for k in ("minibatch", "full batch") if k in sm]
+    lines += ["### Inside the default run's peer blocks (issue 16)", "",
+              f"`{d['command'].strip()}` (`benchmarks/results/stage_timeline.json`, {d['machine']['date']}; {_load_line(d)}): "
+              f"the default run's case with each worker recording its peer stages' timeline "
+              "(`daskptycho.tasks.peer.record_timeline`), medians over the 2 workers and "
+              f"{d['repeats']} runs, ms per worker and iteration, over the default run's minibatch iterations (4 pass rounds "
+              "each) and its full-batch ones. A task's wall time beyond its CPU time is time its thread was ready "
+              "without a core; *waiting* is the rounds' barriers (a stage waiting for its peer's strips and probe half); "
+              "*inside stages* is the stages' own bookkeeping and sending; *between stages* is the scheduler's round trip "
+              "from one block to the next.", "",
+              "| | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds),
+              "| iteration (wall) | " + " | ".join(f"{sm[k]['iteration_ms']:.1f}" for k in kinds) + " |"]
+    names = list(dict.fromkeys(n for k in kinds for n in sm[k]["tasks"]))
+    for n in names:
+        cells = []
+        for k in kinds:
+            t = sm[k]["tasks"].get(n)
+            cells.append(f"{t['wall_ms']:.2f} ({t['cpu_ms']:.2f} CPU, {t['per_iteration']:.1f} calls)" if t else "")
+        if any(sm[k]["tasks"].get(n, {}).get("wall_ms", 0) >= 0.05 for k in kinds):
+            lines.append(f"| task `{n}` | " + " | ".join(cells) + " |")
+    for q, label in (("tasks_wall_ms", "all tasks (wall)"), ("tasks_cpu_ms", "all tasks (CPU)"), ("waiting_ms", "waiting"),
+                     ("inside_stages_ms", "inside stages, besides tasks and waits"), ("between_stages_ms", "between stages")):
+        lines.append(f"| {label} | " + " | ".join(f"{sm[k][q]:.2f}" for k in kinds) + " |")
+    for k in kinds:
+        m = sm[k]
+        if m.get("latency_ms"):
+            lines.append("")
+            lines.append(f"Messages, {k}: {m['messages_per_worker_iteration']:.1f} per worker and iteration of "
+                         f"{m['message_bytes']['median'] / 1e3:.0f} kB (median); the sending thread's time "
+                         f"{m['send_ms']['median']:.2f} ms (p90 {m['send_ms']['p90']:.2f}); from the start of the send to the "
+                         f"message in the receiver's mailbox {m['latency_ms']['median']:.2f} ms (p90 {m['latency_ms']['p90']:.2f}).")
+    lines.append("")
+
+
 def section_default_run(d, lines):
     """The default run against ml on one worker (benchmarks/default_run.py)."""
     t = d["targets"]
@@ -848,7 +885,7 @@ def main(argv=None):
     if scaling:
         section_scaling(scaling, lines)
     # the sections of benchmarks that have run, in this order
-    for name, section in (("many_tiles", section_many_tiles), ("halos", section_halos), ("default_run", section_default_run), ("peer_messages", section_peer_messages),
+    for name, section in (("many_tiles", section_many_tiles), ("halos", section_halos), ("default_run", section_default_run), ("stage_timeline", section_stage_timeline), ("peer_messages", section_peer_messages),
                           ("wave_memory", section_wave_memory), ("follow", section_follow), ("positions", section_positions),
                           ("dm_drift", section_dm_drift), ("defaults", section_defaults), ("independent", section_independent)):
         d = _load(name)

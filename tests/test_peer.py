@@ -257,7 +257,7 @@ def test_values_for_a_peer_cut_in_a_row_leave_as_one_message(monkeypatch):
 
     class Plugin:
         def __init__(self):
-            self.mailbox, self.sent = peer._Mailbox(), []
+            self.mailbox, self.sent, self.timeline = peer._Mailbox(), [], None
 
         def send(self, address, channel, items, timeout):
             self.sent.append((address, [m for m, _ in items], time.perf_counter()))
@@ -318,6 +318,38 @@ def test_same_host_peers_message_over_their_sockets(client):
     seen = client.run(links)
     assert seen[a][0].get(b) is True  # a reached b over its socket, not over the comm
     assert seen[a][1] == seen[b][1] == 0o700  # no other user can reach the sockets
+
+
+def test_a_workers_timeline_records_its_stages_tasks_waits_and_messages(client):
+    # while recording, a's stage notes its task and the message it sends (with its bytes),
+    # b's its wait, the message it reads and its task; each stage as a whole; then nothing more
+    a, b = sorted(client.nthreads())
+    client.register_plugin(peer.PeerExchange())
+    assert set(client.run(peer.record_timeline, True).values()) == {True}
+    sa = peer.PeerStage(StageSpec(((("x",), (_strips, 1)),), ()), "t9|0", ((("x",), 7, (b,)),), (b,), 600.0)
+    sb = peer.PeerStage(StageSpec(((("y",), (dict, peer.Receive(7))),), (("y",),)), "t9|0", (), (a,), 600.0)
+    fb = client.submit(peer.run_peer_stage, sb, key="peer-b-t9", workers=[b], allow_other_workers=False, pure=False)
+    time.sleep(0.2)  # b waits first
+    fa = client.submit(peer.run_peer_stage, sa, key="peer-a-t9", workers=[a], allow_other_workers=False, pure=False)
+    fb.result(timeout=120), fa.result(timeout=120)
+    got = client.run(peer.take_timeline)
+    want_bytes = sum(np.asarray(v).nbytes for v in _strips(1).values())
+    ta, tb = got[a], got[b]
+    assert [e[1] for e in ta if e[0] == "task"] == ["x"] and [e[1] for e in tb if e[0] == "task"] == ["y"]
+    send = [e for e in ta if e[0] == "send"]
+    assert len(send) == 1 and send[0][1] == "t9|0" and send[0][4] == want_bytes
+    read = [e for e in tb if e[0] == "receive"]
+    assert len(read) == 1 and read[0][1] == "t9|0" and read[0][4] > want_bytes  # the arrays and their description
+    assert any(e[0] == "wait" for e in tb) and read[0][3] >= send[0][2]
+    for ev in (ta, tb):
+        stage = [e for e in ev if e[0] == "stage"]
+        task = next(e for e in ev if e[0] == "task")
+        assert len(stage) == 1 and stage[0][2] <= task[2] <= task[3] <= stage[0][3] and 0 <= task[4]
+    assert client.run(peer.take_timeline) == {a: [], b: []}  # taken once
+    client.run(peer.record_timeline, False)
+    fa, fb = _submit(client, "t10|0", np.negative)
+    fb.result(timeout=60), fa.result(timeout=60)
+    assert client.run(peer.take_timeline) == {a: [], b: []}  # not recording
 
 
 def test_same_host_sockets_carry_two_writers_messages_whole(tmp_path):

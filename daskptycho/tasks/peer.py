@@ -60,7 +60,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..errors import PeerExchangeError
 from .stage import Slot, StageSpec, evaluate
 
-__all__ = ["NAME", "PeerExchange", "Receive", "PeerStage", "run_peer_stage", "run_peer_block", "stage_body", "abort"]
+__all__ = ["NAME", "PeerExchange", "Receive", "PeerStage", "run_peer_stage", "run_peer_block", "stage_body", "abort",
+           "record_timeline", "take_timeline"]
 
 #: the plugin's name on every worker, and the handlers it adds
 NAME = "daskptycho-peer"
@@ -189,10 +190,11 @@ class PeerExchange(WorkerPlugin):
         self._local = {}  # address -> that peer's same-host socket (a _LocalLink), or None: use the comm
         self._local_lock = threading.Lock()
         self.inbox = None
+        self.timeline = None  # a list of events while recording (record_timeline), else None
         # TLS asked for: every message keeps to the encrypted comms
         if self.same_host_sockets and hasattr(socket, "AF_UNIX") and not worker.security.require_encryption:
             try:
-                self.inbox = _LocalInbox(self.mailbox, worker.local_directory)
+                self.inbox = _LocalInbox(self.mailbox, worker.local_directory, timeline=lambda: self.timeline)
             except OSError as e:
                 log.warning("peer messages on %s go over its comms only: no same-host socket (%s)", worker.address, e)
         worker.handlers[PUT] = self._put
@@ -449,8 +451,9 @@ class _LocalInbox:
     """The receiving end: a Unix socket in a directory only this user can enter, and a
     thread per connected peer that puts each message into the mailbox as it arrives."""
 
-    def __init__(self, mailbox, directory=None):
+    def __init__(self, mailbox, directory=None, timeline=lambda: None):
         self.mailbox = mailbox
+        self.timeline = timeline  # () -> the worker's timeline (a list) while one is recorded
         # mode 0700: no other user can reach the socket. In the worker's own directory,
         # which distributed cleans up after a worker that was killed; else in the system's
         # temporary directory, where that path would be too long for a socket's name (108
@@ -486,11 +489,15 @@ class _LocalInbox:
         try:
             while True:
                 n_head, n_bufs = _HEAD.unpack(_recv_exact(conn, _HEAD.size).tobytes())
+                start = time.perf_counter()
                 head = _recv_exact(conn, n_head)
                 sizes = struct.unpack(f"<{n_bufs}Q", _recv_exact(conn, 8 * n_bufs).tobytes()) if n_bufs else ()
                 bufs = [_recv_exact(conn, n) for n in sizes]
                 channel, items = _decode(json.loads(head.tobytes()), bufs)
                 self.mailbox.put(channel, items)
+                timeline = self.timeline()
+                if timeline is not None:
+                    timeline.append(("receive", channel, start, time.perf_counter(), n_head + sum(sizes)))
         except (EOFError, OSError):
             pass  # the peer closed its end (it stopped, or was lost)
         except Exception:  # noqa: BLE001 - a stage waiting for the message times out and says which
@@ -548,11 +555,16 @@ def run_peer_stage(spec: PeerStage, *inputs):
         raise PeerExchangeError(f"worker {worker.address} has no {NAME} plugin: peer stages are submitted by "
                                 "the daskptycho driver, which registers it (daskptycho.schedule.exchange: peer)")
     secede()  # waiting for peers must not hold a slot of the worker's thread pool
+    start = time.perf_counter()
     try:
         return _run(spec, inputs, plugin, float(spec.timeout_s))
     except BaseException as e:
         plugin.tell_abort(spec.peers, _tag_of(spec.channel), f"stage {spec.channel} on {worker.address} failed: {e!r}"[:500])
         raise
+    finally:
+        timeline = plugin.timeline
+        if timeline is not None:
+            timeline.append(("stage", spec.channel, start, time.perf_counter(), len(spec.stage.tasks)))
 
 
 def stage_body(spec: PeerStage):
@@ -648,6 +660,7 @@ def _run(spec, inputs, plugin, timeout):
     heapq.heapify(ready)
     cache, received, outgoing = {}, {}, []
     waiting = set(readers_of_msg)
+    timeline = plugin.timeline
     done = 0
     deadline = time.monotonic() + timeout
 
@@ -672,7 +685,10 @@ def _run(spec, inputs, plugin, timeout):
 
     def flush():
         for address, items in pending.items():
+            start = time.perf_counter()
             outgoing.append((address, plugin.send(address, spec.channel, items, timeout)))
+            if timeline is not None:
+                timeline.append(("send", spec.channel, start, time.perf_counter(), _nbytes(items)))
         pending.clear()
 
     while done < len(tasks):
@@ -691,12 +707,21 @@ def _run(spec, inputs, plugin, timeout):
                 if left <= 0:
                     raise PeerExchangeError(f"stage {spec.channel}: messages {sorted(waiting)[:8]} did not arrive within "
                                             f"{timeout:g} s (daskptycho.schedule.peer_timeout_s)")
-                box.cond.wait(min(left, 1.0))
+                if timeline is None:
+                    box.cond.wait(min(left, 1.0))
+                else:
+                    start = time.perf_counter()
+                    box.cond.wait(min(left, 1.0))
+                    timeline.append(("wait", spec.channel, start, time.perf_counter()))
         i = heapq.heappop(ready)
         key, task = tasks[i]
         start = time.perf_counter()
+        cpu = time.thread_time() if timeline is not None else 0.0
         value = evaluate(task, inputs, cache, receive)
-        took[_kind(key)] = time.perf_counter() - start
+        end = time.perf_counter()
+        took[_kind(key)] = end - start
+        if timeline is not None:
+            timeline.append(("task", _kind(key), start, end, time.thread_time() - cpu))
         cache[key] = value
         done += 1
         if key in sends:
@@ -729,3 +754,53 @@ def _run(spec, inputs, plugin, timeout):
 
 def _kind(key):
     return key[0] if isinstance(key, tuple) and key else key
+
+
+def _nbytes(value):
+    """Bytes of the arrays in a message's values (dicts, lists and tuples looked into)."""
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return int(getattr(value, "nbytes", 0) or 0)
+
+
+def record_timeline(on=True, dask_worker=None):
+    """Start (``on``) or stop recording the timeline of this worker's peer stages
+    (``Client.run`` calls it on every worker; the peer plugin must be registered first,
+    :class:`PeerExchange`). Returns whether this worker has the plugin.
+
+    A diagnostic: while it is on, every task a stage runs also reads the thread's CPU
+    clock, and every wait, message sent and message read is noted (:func:`take_timeline`)."""
+    plugin = dask_worker.plugins.get(NAME) if dask_worker is not None else None
+    if plugin is None:
+        return False
+    plugin.timeline = [] if on else None
+    return True
+
+
+def take_timeline(dask_worker=None):
+    """The events recorded on this worker since the last call (recording goes on), as
+    tuples, times in seconds of ``time.perf_counter`` (the system's monotonic clock on
+    Linux, the same in every process of a machine):
+
+    ``("task", kind, start, end, cpu_s)``
+        a task of a stage: ``kind`` its key's first element (``"grad"``, ``"update"`` ...),
+        ``cpu_s`` the CPU its thread used;
+    ``("wait", channel, start, end)``
+        a stage waiting for a message;
+    ``("send", channel, start, end, nbytes)``
+        a message handed to a peer (the sending thread's time);
+    ``("receive", channel, start, end, nbytes)``
+        a same-host message read by this worker (from its first byte to the mailbox);
+    ``("stage", channel, start, end, n_tasks)``
+        a whole stage (a peer block), from its start on its thread to its end.
+    """
+    plugin = dask_worker.plugins.get(NAME) if dask_worker is not None else None
+    if plugin is None or plugin.timeline is None:
+        return []
+    timeline = plugin.timeline
+    n = len(timeline)
+    events = timeline[:n]
+    del timeline[:n]  # what stages append meanwhile stays for the next call
+    return events
