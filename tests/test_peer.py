@@ -352,6 +352,28 @@ def test_a_workers_timeline_records_its_stages_tasks_waits_and_messages(client):
     assert client.run(peer.take_timeline) == {a: [], b: []}  # not recording
 
 
+def _bounded_timeline(n, dask_worker=None):
+    peer.TIMELINE_EVENTS = n
+    return peer.record_timeline(True, dask_worker=dask_worker)
+
+
+def test_a_timeline_keeps_the_last_events_only(client):
+    # a recording left on does not grow without bound: the oldest events go first
+    a = sorted(client.nthreads())[0]
+    client.register_plugin(peer.PeerExchange())
+    limit = client.run(lambda: peer.TIMELINE_EVENTS, workers=[a])[a]
+    try:
+        client.run(_bounded_timeline, 3, workers=[a])
+        tasks = tuple(((f"k{i}",), (np.add, Slot(0), i)) for i in range(5))
+        spec = peer.PeerStage(StageSpec(tasks, (("k4",),)), "t12|0", (), (), 60.0)
+        client.submit(peer.run_peer_stage, spec, 1, key="peer-bounded", workers=[a], pure=False).result(timeout=60)
+        got = client.run(peer.take_timeline, workers=[a])[a]
+        assert [(e[0], e[1]) for e in got] == [("task", "k3"), ("task", "k4"), ("stage", "t12|0")]
+    finally:
+        client.run(_bounded_timeline, limit, workers=[a])
+        client.run(peer.record_timeline, False, workers=[a])
+
+
 def test_same_host_sockets_carry_two_writers_messages_whole(tmp_path):
     # two writers' messages of mixed sizes arrive whole and bit for bit, and closing the
     # inbox removes its directory

@@ -40,6 +40,7 @@ graph) fails the stage with
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -73,6 +74,9 @@ log = logging.getLogger("daskptycho")
 
 #: a task kind that last ran in less (seconds) does not hold back the values waiting to leave
 QUICK_S = 0.5e-3
+
+#: the most events a worker's timeline keeps (:func:`record_timeline`), the oldest dropped first
+TIMELINE_EVENTS = 200_000
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,7 @@ class PeerExchange(WorkerPlugin):
         self._local = {}  # address -> that peer's same-host socket (a _LocalLink), or None: use the comm
         self._local_lock = threading.Lock()
         self.inbox = None
-        self.timeline = None  # a list of events while recording (record_timeline), else None
+        self.timeline = None  # a bounded deque of events while recording (record_timeline), else None
         # TLS asked for: every message keeps to the encrypted comms
         if self.same_host_sockets and hasattr(socket, "AF_UNIX") and not worker.security.require_encryption:
             try:
@@ -771,11 +775,13 @@ def record_timeline(on=True, dask_worker=None):
     :class:`PeerExchange`). Returns whether this worker has the plugin.
 
     A diagnostic: while it is on, every task a stage runs also reads the thread's CPU
-    clock, and every wait, message sent and message read is noted (:func:`take_timeline`)."""
+    clock, and every wait, message sent and message read is noted (:func:`take_timeline`);
+    a worker keeps the last :data:`TIMELINE_EVENTS` (a default run notes about 70 per
+    iteration)."""
     plugin = dask_worker.plugins.get(NAME) if dask_worker is not None else None
     if plugin is None:
         return False
-    plugin.timeline = [] if on else None
+    plugin.timeline = collections.deque(maxlen=TIMELINE_EVENTS) if on else None
     return True
 
 
@@ -800,7 +806,5 @@ def take_timeline(dask_worker=None):
     if plugin is None or plugin.timeline is None:
         return []
     timeline = plugin.timeline
-    n = len(timeline)
-    events = timeline[:n]
-    del timeline[:n]  # what stages append meanwhile stays for the next call
-    return events
+    # what stages append meanwhile (at the right) stays for the next call
+    return [timeline.popleft() for _ in range(len(timeline))]
