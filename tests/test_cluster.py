@@ -161,3 +161,37 @@ def test_a_bad_background_setting_names_the_key():
 
     with dask.config.set({"daskptycho.cluster.background": "silent"}), pytest.raises(OptionsError, match="cluster.background"):
         local_cluster(1)
+
+
+def _affinities():
+    """This process's threads' CPU sets."""
+    return {int(t): sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores and Linux affinity")
+def test_local_workers_each_run_on_their_own_share_of_the_cores():
+    # every thread of each worker process on its share; the shares split this process's
+    # cores; more workers than cores, or the setting off, leaves them where they were
+    from distributed import Client
+
+    from daskptycho.cluster import core_shares, local_cluster
+
+    cpus = sorted(os.sched_getaffinity(0))
+    shares = core_shares(2)
+    assert sorted(c for v in shares.values() for c in v) == cpus and all(shares.values())
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        got = client.run(_affinities)
+        names = client.run(lambda dask_worker: dask_worker.name)
+        for address, threads in got.items():
+            assert set(map(tuple, threads.values())) == {tuple(shares[int(names[address])])}
+            # a task thread the worker starts later inherits its share
+            f = client.submit(lambda: sorted(os.sched_getaffinity(0)), workers=[address], pure=False)
+            assert f.result(timeout=60) == shares[int(names[address])]
+        assert sorted(os.sched_getaffinity(0)) == cpus  # this process is left as it was
+    assert core_shares(len(cpus) + 1) is None
+    with dask.config.set({"daskptycho.cluster.pin-workers": False}):
+        assert core_shares(2) is None
+        with local_cluster(2) as cluster, Client(cluster) as client:
+            assert all(set(map(tuple, t.values())) == {tuple(cpus)} for t in client.run(_affinities).values())
+    with dask.config.set({"daskptycho.cluster.pin-workers": "sometimes"}), pytest.raises(OptionsError, match="pin-workers"):
+        core_shares(2)
