@@ -486,6 +486,22 @@ def section_stage_timeline(d, lines):
     lines.append("")
 
 
+def section_cluster_settings(d, lines):
+    """The embedded cluster's settings, each against distributed's own (benchmarks/cluster_settings.py)."""
+    lines += ["### What the embedded cluster's settings are worth (issue 16)", "",
+              f"`{d['command'].strip()}` (`benchmarks/results/cluster_settings.json`, {d['machine']['date']}; {_load_line(d)}): "
+              "the default run's case on a fresh 2-worker `local_cluster` per run, with the library's settings and with one "
+              f"of them changed back to distributed's behaviour, {d['blocks']} blocks of four runs in ABBA order per comparison; "
+              "time per iteration over the run after its first block, medians, and the pairs (a block's outer runs against "
+              "its inner ones) in which the defaults were faster.", "",
+              "| changed back | defaults ms/it | changed ms/it | defaults faster by | pairs the defaults won |", "|---|---|---|---|---|"]
+    for r in d["rows"]:
+        change = ", ".join(f"`{k}: {v}`" for k, v in r["change"].items())
+        lines.append(f"| {r['label']} ({change}) | {r['defaults_s_per_iteration'] * 1e3:.1f} | {r['changed_s_per_iteration'] * 1e3:.1f} | "
+                     f"{(r['speedup'] - 1) * 100:.1f}% | {r['defaults_faster_pairs']} of {r['pairs']} |")
+    lines.append("")
+
+
 def section_default_run(d, lines):
     """The default run against ml on one worker (benchmarks/default_run.py)."""
     t = d["targets"]
@@ -885,7 +901,7 @@ def main(argv=None):
     if scaling:
         section_scaling(scaling, lines)
     # the sections of benchmarks that have run, in this order
-    for name, section in (("many_tiles", section_many_tiles), ("halos", section_halos), ("default_run", section_default_run), ("stage_timeline", section_stage_timeline), ("peer_messages", section_peer_messages),
+    for name, section in (("many_tiles", section_many_tiles), ("halos", section_halos), ("default_run", section_default_run), ("stage_timeline", section_stage_timeline), ("cluster_settings", section_cluster_settings), ("peer_messages", section_peer_messages),
                           ("wave_memory", section_wave_memory), ("follow", section_follow), ("positions", section_positions),
                           ("dm_drift", section_dm_drift), ("defaults", section_defaults), ("independent", section_independent)):
         d = _load(name)
