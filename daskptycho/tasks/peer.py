@@ -457,7 +457,7 @@ class _LocalInbox:
 
     def __init__(self, mailbox, directory=None, timeline=lambda: None):
         self.mailbox = mailbox
-        self.timeline = timeline  # () -> the worker's timeline (a list) while one is recorded
+        self.timeline = timeline  # () -> the worker's timeline (a deque) while one is recorded, else None
         # mode 0700: no other user can reach the socket. In the worker's own directory,
         # which distributed cleans up after a worker that was killed; else in the system's
         # temporary directory, where that path would be too long for a socket's name (108
