@@ -83,19 +83,23 @@ CASES = (  # label, engine, workers, options, config
 
 def spans(iterations, minibatch_iterations, block):
     """Stamp indices ``(a, b)`` of the measured spans: the iterations ``a + 1 .. b``, each
-    span starting and ending at the last iteration of a block of ``block`` (the blocks
-    start at 0; a span of one kind holds only iterations of that kind).
+    span starting and ending at the last iteration of a peer block, where the run puts
+    them (:func:`daskptycho.engines.gd.block_ends`: blocks of up to ``block``, none
+    spanning the switch to full batch), so a span of one kind holds only iterations of
+    that kind.
 
     Returns
     -------
     dict ``{"run": (a, b), "minibatch": (a, b) or None, "full batch": (a, b) or None}``
     """
-    ends = [min(e, iterations) - 1 for e in range(block, iterations + block, block)]
+    from daskptycho.engines.gd import block_ends
+
+    ends = block_ends(iterations, block, minibatch_iterations)
     out = {"run": (ends[0], ends[-1]) if len(ends) > 1 else None}
     mb = [e for e in ends[1:] if e < minibatch_iterations]
     out["minibatch"] = (ends[0], mb[-1]) if mb else None
     full = [e for e in ends if e + 1 >= minibatch_iterations]
-    out["full batch"] = (full[0], full[-2]) if len(full) > 2 else None  # the last, short block left out
+    out["full batch"] = (full[0], full[-1]) if len(full) > 1 else None
     return out
 
 

@@ -252,3 +252,16 @@ def test_hve_tiles_hold_two_extra_rows_of_positions_with_probe_halos(pbtio3_12):
         assert set(t.positions) <= set(pos) <= set(whole[t.key][0])  # its own, two rows more, fewer than whole windows
         assert ext[0] <= y0 and ext[1] >= y1 and ext[2] <= x0 and ext[3] >= x1
     assert sum(len(v[0]) for v in paper.values()) < sum(len(v[0]) for v in whole.values())
+
+
+def test_peer_blocks_end_at_the_minibatch_switch_checkpoints_and_the_last_iteration():
+    from daskptycho.engines.gd import block_end, block_ends
+
+    # 50 iterations, 35 in minibatches, blocks of up to 16: no block holds both kinds
+    assert block_ends(50, 16, 35) == [15, 31, 34, 49]
+    assert block_ends(50, 8, 35) == [7, 15, 23, 31, 34, 42, 49]
+    # a checkpoint every 10 iterations cuts them too; full batch throughout: no switch
+    assert block_ends(30, 16, 0, checkpoint_every=10) == [9, 19, 29]
+    assert block_ends(5, 16) == [4]
+    assert block_end(33, 50, 16, 35) == 35
+    assert block_end(35, 50, 16, 35) == 50

@@ -99,6 +99,52 @@ def probe_steppers():
     return k
 
 
+def block_iterations():
+    """The most iterations of one peer block (``daskptycho.schedule.block_iterations``)."""
+    k = config.get("schedule.block_iterations", 16)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise OptionsError("schedule.block_iterations", f"is {k!r}; use an integer >= 1 (daskptycho.yaml or "
+                           "DASK_DASKPTYCHO__SCHEDULE__BLOCK_ITERATIONS)")
+    return k
+
+
+def block_end(start, iterations, block, minibatch_iterations=0, checkpoint_every=None):
+    """One past the last iteration of the peer block that starts at iteration ``start``.
+
+    A block holds up to ``block`` iterations and never reaches past the last iteration, a
+    checkpoint (every ``checkpoint_every`` iterations) or the switch from minibatches to
+    full batch (after ``minibatch_iterations``): each block is then of one kind, so the
+    run's time per iteration of either kind can be read off the blocks' ends, and a
+    minibatch block and a full-batch one are two shapes the run fuses once each.
+
+    Parameters
+    ----------
+    start, iterations, block : int
+    minibatch_iterations : int, the first iterations that run in minibatches (0: none)
+    checkpoint_every : int or None
+
+    Returns
+    -------
+    int, ``start < end <= iterations``
+    """
+    end = min(iterations, start + block)
+    if checkpoint_every:
+        end = min(end, (start // checkpoint_every + 1) * checkpoint_every)
+    if start < minibatch_iterations:
+        end = min(end, minibatch_iterations)
+    return end
+
+
+def block_ends(iterations, block, minibatch_iterations=0, checkpoint_every=None):
+    """The last iteration of each peer block of a run from iteration 0 (:func:`block_end`),
+    in order: where a block's costs arrive together."""
+    ends, start = [], 0
+    while start < iterations:
+        start = block_end(start, iterations, block, minibatch_iterations, checkpoint_every)
+        ends.append(start - 1)
+    return ends
+
+
 def fuse_for(placement):
     """Whether an iteration's tile graph runs fused, a few tasks per worker
     (:func:`~daskptycho.schedule.fuse.fuse_by_worker`): ``daskptycho.schedule.fuse``,
@@ -311,20 +357,14 @@ class TiledRun(PinnedRun):
                                                                  key=self.key("restore-positions", *key))
 
     def block_of(self, it):
-        """The iterations submitted together from ``it``: with peer exchange up to
-        ``daskptycho.schedule.block_iterations`` of them, fused into one stage per worker
-        (their costs come back together), never past a checkpoint or the last iteration;
-        otherwise ``it`` alone."""
+        """The iterations submitted together from ``it``: with peer exchange a block of
+        :func:`block_end` (up to ``daskptycho.schedule.block_iterations``, fused into one
+        stage per worker, their costs coming back together); otherwise ``it`` alone."""
         o = self.problem.options
         if self.exchange != "peer":
             return [it]
-        k = config.get("schedule.block_iterations", 8)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise OptionsError("schedule.block_iterations", f"is {k!r}; use an integer >= 1 (daskptycho.yaml or DASK_DASKPTYCHO__SCHEDULE__BLOCK_ITERATIONS)")
-        end = min(o.iterations, it + k)
-        if o.checkpoint_every:
-            end = min(end, (it // o.checkpoint_every + 1) * o.checkpoint_every)
-        return list(range(it, end))
+        switch = o.minibatch_iterations() if hasattr(o, "minibatch_iterations") else 0  # hve: no switch
+        return list(range(it, block_end(it, o.iterations, block_iterations(), switch, o.checkpoint_every)))
 
     def step(self, it):
         ahead = self._ahead.pop(it, None)
