@@ -64,6 +64,36 @@ def test_peer_blocks_stop_at_checkpoints_and_resume_exactly(small_pbtio3, client
     _same(got, ref)
 
 
+def test_a_runs_block_shapes_are_all_built_before_its_first_block_runs(small_pbtio3, client, monkeypatch):
+    # a shape built mid-run would take a core from a worker while the others wait for it at
+    # the rounds' barriers: the first block builds them all, and the later blocks only rebind
+    from daskptycho.engines.gd import TiledRun
+
+    ds = dp.open_dataset(small_pbtio3)
+    kw = dict(engine="gd", tiles=(2, 2), slices=2, refine_probe=True, probe_refine_start=3)
+    ref = _run(ds, client, "scheduler", **kw)
+    events = []
+    build, submit = TiledRun._block_template, TiledRun._submit_fused
+
+    def building(self, block, refine, moves):
+        if (len(block), refine, moves, self.block_kind(block)) not in self._blocks:
+            events.append(("build", block[0]))
+        return build(self, block, refine, moves)
+
+    def submitting(self, fused, where):
+        events.append(("submit", None))
+        return submit(self, fused, where)
+
+    monkeypatch.setattr(TiledRun, "_block_template", building)
+    monkeypatch.setattr(TiledRun, "_submit_fused", submitting)
+    got = _run(ds, client, "peer", **kw)  # blocks of 2 over 7 iterations: 0-1, 2-3, 4 (minibatches end), 5-6
+    _same(got, ref)
+    kinds = [k for k, _ in events]
+    # shapes: no refinement yet (0-1), refinement from 3 (2-3), the last minibatch (4), full batch (5-6)
+    assert [it for k, it in events if k == "build"] == [0, 2, 4, 5], events
+    assert kinds == ["build"] * 4 + ["submit"] * 4, events
+
+
 class _CostTasks(SchedulerPlugin):
     """The keys of the cost tasks the scheduler runs (from its registration on)."""
 

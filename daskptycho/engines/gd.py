@@ -370,10 +370,8 @@ class TiledRun(PinnedRun):
         ahead = self._ahead.pop(it, None)
         if ahead is not None:  # submitted with an earlier iteration's block
             return ahead
-        o = self.problem.options
         block = self.block_of(it)
-        refine = tuple(o.refine_probe and i >= o.probe_refine_start for i in block)
-        moves = tuple(self.position_mode(i) for i in block) if self.corrects else None
+        refine, moves = self._refinements(block)
         if self.exchange == "peer" and len(set(self.workers.values())) > 1:
             return self._peer_step(block, refine, moves)
         # the block's iterations as one graph: each iteration's graph reads the previous one's keys
@@ -386,6 +384,14 @@ class TiledRun(PinnedRun):
             fused, where = fuse_by_worker(g, it, self.workers, wanted, external=self.drv.is_future)
             got = self._submit_fused(fused, where)
         return self._took(block, out, got)
+
+    def _refinements(self, block):
+        """Per iteration of ``block``: whether it refines the probe, and what it does with
+        the positions (:meth:`position_mode`; None without position correction)."""
+        o = self.problem.options
+        refine = tuple(o.refine_probe and i >= o.probe_refine_start for i in block)
+        moves = tuple(self.position_mode(i) for i in block) if self.corrects else None
+        return refine, moves
 
     def _block_graph(self, block, refine, states, probe, positions=None, moves=None, template=False):
         """The tile graph of ``block``'s iterations (each reading the previous one's keys)
@@ -419,13 +425,26 @@ class TiledRun(PinnedRun):
 
     def _peer_step(self, block, refine, moves=None):
         """Submit a block with peer exchange. Its fused graph is built once per shape (the
-        number of iterations and where the probe is refined) and bound again to each
-        later block's inputs (:func:`~daskptycho.schedule.fuse.rebind`): a run's blocks
-        differ only in their keys' numbers, inputs and message channel. The stages' bodies
-        are kept on their workers, so a block's graph is a few small tasks per worker
-        whatever the number of tiles."""
-        it, rounds = block[0], self.live_rounds
-        shape = (len(block), refine, moves, self.block_kind(block))
+        number of iterations, where the probe is refined, what the positions do and the
+        pass rounds) and bound again to each later block's inputs
+        (:func:`~daskptycho.schedule.fuse.rebind`): a run's blocks differ only in their
+        keys' numbers, inputs and message channel. The stages' bodies are kept on their
+        workers, so a block's graph is a few small tasks per worker whatever the number of
+        tiles.
+
+        The first block builds every shape the rest of the run will need (the blocks are
+        known from the start, :meth:`block_of`), before any stage runs: a shape built while
+        the workers compute would take a core from one of them, and through the rounds'
+        barriers hold up the others too.
+        """
+        it = block[0]
+        if not self._blocks:
+            start = it
+            while start < self.problem.options.iterations:
+                later = self.block_of(start)
+                self._block_template(later, *self._refinements(later))
+                start = later[-1] + 1
+        first, fused, where, out, held = self._block_template(block, refine, moves)
         inputs = {("state", k): v for k, v in self.states.items()}
         # each tile reads its own worker's copy of the probe where the last block left one
         # (the same bits on every worker: each stepped its copy from the same sums), else
@@ -437,30 +456,38 @@ class TiledRun(PinnedRun):
             inputs["probe"] = self.probe
         inputs["iteration"] = it
         inputs.update({("positions", k): v for k, v in self.positions.items()})
-        channel = f"{self.tag}|{it}"
-        if shape not in self._blocks:
-            positions = {k: Input(("positions", k)) for k in self.positions} if moves is not None else None
-            probe_in = {k: Input(("probe", k)) for k in self.states} if self.per_tile_probes else Input("probe")
-            g, out = self._block_graph(block, refine, {k: Input(("state", k)) for k in self.states}, probe_in, positions,
-                                       moves, template=True)
-            if self.per_tile_probes and any(refine):  # the copies the next block starts from come out of the stages too
-                out["wanted"] += [v for v in dict.fromkeys(out["probes"].values()) if v not in out["wanted"]]
-            else:
-                out["probes"] = None
-            fused, where = fuse_by_worker(g, it * rounds, self.workers, out["wanted"],
-                                          external=lambda x: isinstance(x, Input) or self.drv.is_future(x), channel=channel,
-                                          peer_timeout_s=float(config.get("schedule.peer_timeout_s", 300)))
-            # by position in the block: (key, index) in the block's one cost task
-            out["costs"] = one_cost_task(fused, where, [out["costs"][i] for i in block], it * rounds)
-            # the stages' bodies (every tile's tasks) go to their workers once and stay there
-            bodies = stage_bodies(fused)
-            held = self.drv.submit_graph(bodies, self.workers, list(bodies.tasks))
-            held = {("stage", *k[1:]): f for k, f in held.items()}
-            self._blocks[shape] = (it, fused, where, out, held)
-        first, fused, where, out, held = self._blocks[shape]
-        fused, where = rebind(fused, where, (it - first) * rounds, inputs, channel, bodies=held)
+        fused, where = rebind(fused, where, (it - first) * self.live_rounds, inputs, f"{self.tag}|{it}", bodies=held)
         got = self._submit_fused(fused, where)
         return self._took(block, {**out, "costs": dict(zip(block, out["costs"]))}, got, indexed=True)
+
+    def _block_template(self, block, refine, moves):
+        """The fused graph of ``block``'s shape, built (and its stages' bodies sent to their
+        workers) the first time the shape is asked for: ``(first iteration it was built
+        at, fused graph, where its results are, its outputs, the bodies' futures)``."""
+        shape = (len(block), refine, moves, self.block_kind(block))
+        if shape in self._blocks:
+            return self._blocks[shape]
+        it, rounds = block[0], self.live_rounds
+        positions = {k: Input(("positions", k)) for k in self.positions} if moves is not None else None
+        probe_in = {k: Input(("probe", k)) for k in self.states} if self.per_tile_probes else Input("probe")
+        g, out = self._block_graph(block, refine, {k: Input(("state", k)) for k in self.states}, probe_in, positions,
+                                   moves, template=True)
+        if self.per_tile_probes and any(refine):  # the copies the next block starts from come out of the stages too
+            out["wanted"] += [v for v in dict.fromkeys(out["probes"].values()) if v not in out["wanted"]]
+        else:
+            out["probes"] = None
+        fused, where = fuse_by_worker(g, it * rounds, self.workers, out["wanted"],
+                                      external=lambda x: isinstance(x, Input) or self.drv.is_future(x),
+                                      channel=f"{self.tag}|{it}",
+                                      peer_timeout_s=float(config.get("schedule.peer_timeout_s", 300)))
+        # by position in the block: (key, index) in the block's one cost task
+        out["costs"] = one_cost_task(fused, where, [out["costs"][i] for i in block], it * rounds)
+        # the stages' bodies (every tile's tasks) go to their workers once and stay there
+        bodies = stage_bodies(fused)
+        held = self.drv.submit_graph(bodies, self.workers, list(bodies.tasks))
+        held = {("stage", *k[1:]): f for k, f in held.items()}
+        self._blocks[shape] = (it, fused, where, out, held)
+        return self._blocks[shape]
 
     def _submit_fused(self, fused, where):
         need = list(dict.fromkeys(w.source if isinstance(w, Ref) else w for w in where.values()))
