@@ -172,6 +172,9 @@ def main(argv=None):
     defaults = engine_options()
     iterations, mb_iterations = defaults.iterations, defaults.minibatch_iterations()
     span = spans(iterations, mb_iterations, block)
+    # each case's blocks end where its own update rule puts them (full batch: no switch);
+    # the whole run's span is the same for every case
+    case_spans = {label: spans(iterations, engine_options(**kw).minibatch_iterations(), block) for label, _, _, kw, _ in CASES}
     runs = {label: [] for label, *_ in CASES}
     us_runs, rel, halo_phase = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,7 +204,7 @@ def main(argv=None):
                         with dask.config.set(cfg):
                             res = dp.reconstruct(ds, engine, client=client, progress=progress, **kw)
                         results[label] = res
-                        runs[label].append({k: _per_iteration(stamps, s) for k, s in span.items()}
+                        runs[label].append({k: _per_iteration(stamps, s) for k, s in case_spans[label].items()}
                                            | {"final_cost": float(res["cost"].values[-1]),
                                               "cpu_s_per_iteration": _per_iteration(cpu, span["run"]),
                                               "cpu_by_role": cpu_by_role(roles[0][0], roles[1][0], (roles[0][1], roles[1][1]),
@@ -226,7 +229,7 @@ def main(argv=None):
         # no core ever idle: floor / (CPU per iteration / 2)
         row["cpu_bound_floor_fraction"] = floor_2 / (row["cpu_s_per_iteration"] / 2)
         for k in span:
-            if span[k] is not None:
+            if case_spans[label][k] is not None:
                 row[k] = {"s_per_iteration": statistics.median(r[k] for r in runs[label]), "runs": [r[k] for r in runs[label]]}
                 row[k]["floor_fraction"] = floor_2 / row[k]["s_per_iteration"]
         rows.append(row)

@@ -257,11 +257,14 @@ def test_hve_tiles_hold_two_extra_rows_of_positions_with_probe_halos(pbtio3_12):
 def test_peer_blocks_end_at_the_minibatch_switch_checkpoints_and_the_last_iteration():
     from daskptycho.engines.gd import block_end, block_ends
 
-    # 50 iterations, 35 in minibatches, blocks of up to 16: no block holds both kinds
-    assert block_ends(50, 16, 35) == [15, 31, 34, 49]
-    assert block_ends(50, 8, 35) == [7, 15, 23, 31, 34, 42, 49]
+    # 50 iterations, 35 in minibatches, blocks of up to 16: no block holds both kinds, and
+    # the 3 minibatch iterations left after two blocks of 16 join the second
+    assert block_ends(50, 16, 35) == [15, 34, 49]
+    assert block_ends(50, 8, 35) == [7, 15, 23, 34, 42, 49]
+    assert block_ends(60, 16, 0) == [15, 31, 47, 59]
     # a checkpoint every 10 iterations cuts them too; full batch throughout: no switch
     assert block_ends(30, 16, 0, checkpoint_every=10) == [9, 19, 29]
     assert block_ends(5, 16) == [4]
+    assert block_ends(7, 2) == [1, 3, 5, 6]  # block // 2 = 1: no block grows
     assert block_end(33, 50, 16, 35) == 35
     assert block_end(35, 50, 16, 35) == 50

@@ -115,7 +115,10 @@ def block_end(start, iterations, block, minibatch_iterations=0, checkpoint_every
     checkpoint (every ``checkpoint_every`` iterations) or the switch from minibatches to
     full batch (after ``minibatch_iterations``): each block is then of one kind, so the
     run's time per iteration of either kind can be read off the blocks' ends, and a
-    minibatch block and a full-batch one are two shapes the run fuses once each.
+    minibatch block and a full-batch one are two shapes the run fuses once each. Where
+    fewer than ``block // 2`` iterations would be left before such a limit, the block
+    takes them too (up to 1.5 ``block``): a short block pays a block's fixed cost (the
+    scheduler's round trip between stages, a shape to build) for few iterations.
 
     Parameters
     ----------
@@ -127,12 +130,13 @@ def block_end(start, iterations, block, minibatch_iterations=0, checkpoint_every
     -------
     int, ``start < end <= iterations``
     """
-    end = min(iterations, start + block)
+    limit = iterations
     if checkpoint_every:
-        end = min(end, (start // checkpoint_every + 1) * checkpoint_every)
+        limit = min(limit, (start // checkpoint_every + 1) * checkpoint_every)
     if start < minibatch_iterations:
-        end = min(end, minibatch_iterations)
-    return end
+        limit = min(limit, minibatch_iterations)
+    end = min(limit, start + block)
+    return limit if limit - end < block // 2 else end
 
 
 def block_ends(iterations, block, minibatch_iterations=0, checkpoint_every=None):
