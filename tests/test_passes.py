@@ -914,3 +914,41 @@ def test_a_tiles_edge_padding_is_numpys(pads):
     a = (np.arange(2 * 5 * 7) * (1 + 0.5j)).reshape(2, 5, 7).astype(np.complex64)
     top, bottom, left, right = pads
     np.testing.assert_array_equal(tt._pad_edge(np, a, *pads), np.pad(a, ((0, 0), (top, bottom), (left, right)), mode="edge"))
+
+
+@pytest.mark.parametrize("n_slices, amplitude_max", [(1, None), (3, 1.0)])
+def test_the_compiled_tile_step_is_the_numpy_passes_bit_for_bit(n_slices, amplitude_max):
+    # tile_update's one-pass kernel (strips applied on the way) against apply_patches then
+    # object_step_consuming: added and pasted strips, overlapping one another and the tile's edge
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(7)
+    h, w = 40, 36
+
+    def cplx(*shape):
+        return (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+
+    def strip(rows, cols):
+        shape = (n_slices, rows.stop - rows.start, cols.stop - cols.start)
+        return {"object": cplx(*shape), "illumination": rng.uniform(0.5, 2, shape).astype(np.float32)}
+
+    base = cplx(n_slices, h, w)
+    buf = {"object": cplx(n_slices, h, w), "illumination": rng.uniform(0, 3, (n_slices, h, w)).astype(np.float32)}
+    regions = [(slice(0, 9), slice(0, 36)), (slice(5, 40), slice(30, 36)), (slice(3, 12), slice(2, 20)), (slice(0, 40), slice(0, 4))]
+    ops = ["add", "replace", "add", "add"]
+    strips = [strip(*r) for r in regions]
+    patches = list(zip(ops, regions))
+
+    class Ctx:
+        eps_per_position, step = 1e-3, 0.9
+
+    Ctx.amplitude_max = amplitude_max
+    before = {k: v.copy() for k, v in buf.items()}, [{k: v.copy() for k, v in s.items()} for s in strips], base.copy()
+    with dask.config.set({"daskptycho.kernels": "numpy"}):
+        ref = tt.tile_update(base, None, buf, strips, patches, Ctx, 17)
+    with dask.config.set({"daskptycho.kernels": "numba"}):
+        got = tt.tile_update(base, None, buf, strips, patches, Ctx, 17)
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    # and the inputs are left as they were (the buffer and the strips are read, not changed)
+    assert all(np.array_equal(buf[k], before[0][k]) for k in buf)
+    assert all(np.array_equal(s[k], b[k]) for s, b in zip(strips, before[1]) for k in s)
+    assert np.array_equal(base, before[2])

@@ -272,6 +272,63 @@ def adjoint_slice(g, psi, obj_s, corners, g_obj_s, illum_s, probe_g, probe_il, w
                        probe_g, probe_il, with_probe, go, il, False)
 
 
+# --- the object step of a tile, its received strips applied on the way ---
+
+
+@_jit
+def step_tile(base, g, il, s_obj, s_il, boxes, adds, half_step, eps, out):
+    """``out = base - G * (half_step / (I + eps))`` for one slice of a tile, in one pass,
+    where ``G``, ``I`` are the gradient buffer ``g`` and illumination ``il`` with the
+    strips applied in order (``adds[i]``: added, else pasted over), as
+    :func:`~daskptycho.tasks.tiles.apply_patches` then
+    :func:`~daskptycho.tasks.updates.object_step_consuming` compute them: the same
+    float32 operations per pixel, so the same bits, and no copy of the buffer.
+
+    Complex arrays are read as pairs of reals: base, g, out (H, 2 W) float32 (complex64
+    viewed); il (H, W) float32; s_obj, s_il: tuples of the strips' arrays (h_i, 2 w_i)
+    and (h_i, w_i); boxes (n, 6) int64: each strip's rows ``[y0, y1)`` and columns
+    ``[x0, x1)`` in the tile and its own first row and column there; half_step, eps:
+    float32.
+    """
+    h, w = il.shape
+    row = np.empty(2 * w, dtype=np.float32)
+    lrow = np.empty(w, dtype=np.float32)
+    for y in range(h):
+        grow = g[y]
+        irow = il[y]
+        for x in range(2 * w):
+            row[x] = grow[x]
+        for x in range(w):
+            lrow[x] = irow[x]
+        for i in range(boxes.shape[0]):
+            y0, y1, x0, x1 = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
+            if y < y0 or y >= y1:
+                continue
+            r = y - y0 + boxes[i, 4]
+            c = boxes[i, 5]
+            n = x1 - x0
+            # sliced first: indices from 0 up, which LLVM vectorises (an offset index
+            # could be negative, and NumPy-style wraparound keeps a check per element)
+            dst, ldst = row[2 * x0:2 * x1], lrow[x0:x1]
+            src, lsrc = s_obj[i][r, 2 * c:2 * (c + n)], s_il[i][r, c:c + n]
+            if adds[i]:
+                for x in range(2 * n):
+                    dst[x] += src[x]
+                for x in range(n):
+                    ldst[x] += lsrc[x]
+            else:
+                for x in range(2 * n):
+                    dst[x] = src[x]
+                for x in range(n):
+                    ldst[x] = lsrc[x]
+        brow = base[y]
+        orow = out[y]
+        for x in range(w):
+            f = half_step / (lrow[x] + eps)
+            orow[2 * x] = brow[2 * x] - row[2 * x] * f
+            orow[2 * x + 1] = brow[2 * x + 1] - row[2 * x + 1] * f
+
+
 # --- the whole model, one position at a time, FFTs included (FFTW's new-array execute) ---
 
 

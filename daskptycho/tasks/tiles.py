@@ -13,9 +13,19 @@ import numpy as np
 
 from ..backend import array_module, get_array_module, to_numpy
 from ..io.patterns import load_patterns_from_store
+from ..physics.dispatch import kernels
 from ..physics.positions import refine_positions, search_positions, window_corners_of
 from .ml import POSITION_STEP
-from .updates import gradient_sum, minibatches, object_step, object_step_consuming, positions_per_chunk, probe_step, working_set_budget
+from .updates import (
+    clip_amplitude,
+    gradient_sum,
+    minibatches,
+    object_step,
+    object_step_consuming,
+    positions_per_chunk,
+    probe_step,
+    working_set_budget,
+)
 
 
 @dataclass
@@ -377,11 +387,53 @@ def tile_update(state, local_object, buf, strips, patches, ctx: TileContext, n_p
     xp = get_array_module(base)
     out = xp.empty_like(base)
     S = base.shape[0]
+    if _step_in_one_pass(xp, base, buf, strips, patches, out, ctx.step / S / 2, eps):
+        if ctx.amplitude_max is not None:
+            clip_amplitude(out, ctx.amplitude_max)
+        return out
     for k in range(S):
         one = apply_patches(_slice(buf, k), [_slice(st, k) for st in strips], patches)
         out[k:k + 1] = object_step_consuming(base[k:k + 1], one["object"], one["illumination"], ctx.step, eps, slices=S,
                                              amplitude_max=ctx.amplitude_max)
     return out
+
+
+def _step_in_one_pass(xp, base, buf, strips, patches, out, half_step, eps):
+    """:func:`tile_update`'s step by the compiled kernel
+    (:func:`daskptycho.physics._compiled.step_tile`: the strips applied and the step taken
+    in one pass over each slice, no copy of the buffer), into ``out``; False (nothing
+    done) where it does not apply: no Numba, device or other-precision arrays. On a
+    144 x 142 tile with two strips, 62 us in NumPy's passes."""
+    compiled = kernels()
+    if compiled is None or xp is not np or base.dtype != np.complex64 or buf["object"].dtype != np.complex64 \
+            or buf["illumination"].dtype != np.float32:
+        return False
+    h, w = base.shape[-2:]
+    tile = (slice(0, h), slice(0, w))
+    boxes, adds, keep = [], [], []
+    for i, (op, where) in enumerate(patches):
+        if op not in ("add", "replace"):
+            raise ValueError(f"unknown patch operation {op!r}")
+        both = _overlap(where, tile)
+        if both is None:
+            continue
+        src = _shift(both, where)
+        boxes.append((both[0].start, both[0].stop, both[1].start, both[1].stop, src[0].start, src[1].start))
+        adds.append(op == "add")
+        keep.append(i)
+    if not keep or any(strips[i][k].dtype != buf[k].dtype for i in keep for k in ("object", "illumination")):
+        return False
+    boxes = np.asarray(boxes, dtype=np.int64)
+    adds = np.asarray(adds, dtype=np.bool_)
+    def floats(a):  # complex64 (h, w) as (h, 2 w) float32
+        return np.ascontiguousarray(a).view(np.float32)
+
+    for k in range(base.shape[0]):
+        s_obj = tuple(floats(strips[i]["object"][k]) for i in keep)
+        s_il = tuple(np.ascontiguousarray(strips[i]["illumination"][k]) for i in keep)
+        compiled.step_tile(floats(base[k]), floats(buf["object"][k]), np.ascontiguousarray(buf["illumination"][k]), s_obj,
+                           s_il, boxes, adds, np.float32(half_step), np.float32(eps), out[k].view(np.float32))
+    return True
 
 
 def _slice(buf, k):
