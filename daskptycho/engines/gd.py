@@ -367,8 +367,12 @@ class TiledRun(PinnedRun):
         o = self.problem.options
         if self.exchange != "peer":
             return [it]
-        switch = o.minibatch_iterations() if hasattr(o, "minibatch_iterations") else 0  # hve: no switch
-        return list(range(it, block_end(it, o.iterations, block_iterations(), switch, o.checkpoint_every)))
+        return list(range(it, block_end(it, o.iterations, block_iterations(), self.minibatch_iterations(), o.checkpoint_every)))
+
+    def minibatch_iterations(self):
+        """The first iterations that run in minibatches, where a block ends (:func:`block_end`):
+        none here."""
+        return 0
 
     def step(self, it):
         ahead = self._ahead.pop(it, None)
@@ -611,6 +615,9 @@ class GDRun(TiledRun):
     def __init__(self, drv, problem, source, progress=None):
         tiling = tiling_for(problem)
         super().__init__(drv, problem, source, progress, tiling, {t.key: (t.positions, t.extended) for t in tiling})
+
+    def minibatch_iterations(self):
+        return self.problem.options.minibatch_iterations()
 
     def block_kind(self, block):
         """The pass rounds of each of the block's iterations (minibatches)."""

