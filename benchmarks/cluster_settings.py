@@ -1,4 +1,4 @@
-"""What the embedded cluster's settings are worth: the default run with and without each.
+"""What the run's settings are worth: the default run with and without each.
 
     python -m benchmarks cluster_settings [--blocks 2]
 
@@ -11,12 +11,15 @@ started by :func:`daskptycho.cluster.local_cluster`), run with the library's set
     the workers run on any core instead of each on its own share;
 ``daskptycho.cluster.background: default``
     distributed's own intervals for the system monitor (500 ms), the event-loop check
-    (20 ms) and the workers' stack sampler (10 ms) instead of 2 s, 100 ms and 100 ms.
+    (20 ms) and the workers' stack sampler (10 ms) instead of 2 s, 100 ms and 100 ms;
+``daskptycho.schedule.block_iterations: 8``
+    peer blocks of up to 8 iterations, the earlier default, instead of 16.
 
 Every run on a fresh cluster; each comparison in blocks of four runs in ABBA order
 (defaults, changed, changed, defaults; the next block starts with the changed one), so
 that drift over the blocks favours neither. Per run, the time per iteration over the
-whole run after its first block (:func:`benchmarks.default_run.spans`). Reported: the
+whole run after its first block at the defaults (:func:`benchmarks.default_run.spans`;
+with blocks of 8 the same iterations, whose ends are block ends too). Reported: the
 medians, and in how many of the pairs (a block's first and last run against its middle
 two) the defaults were faster. Writes benchmarks/results/cluster_settings.json.
 """
@@ -36,6 +39,7 @@ from .default_run import DETECTOR, SCAN, spans
 CHANGES = (
     ("workers on any core", {"daskptycho.cluster.pin-workers": False}),
     ("distributed's background intervals", {"daskptycho.cluster.background": "default"}),
+    ("blocks of 8 iterations", {"daskptycho.schedule.block_iterations": 8}),
 )
 
 

@@ -487,11 +487,12 @@ def section_stage_timeline(d, lines):
 
 
 def section_cluster_settings(d, lines):
-    """The embedded cluster's settings, each against distributed's own (benchmarks/cluster_settings.py)."""
-    lines += ["### What the embedded cluster's settings are worth (issue 16)", "",
+    """The run's settings, each against distributed's own or the earlier default (benchmarks/cluster_settings.py)."""
+    lines += ["### What the embedded cluster's and the schedule's settings are worth (issue 16)", "",
               f"`{d['command'].strip()}` (`benchmarks/results/cluster_settings.json`, {d['machine']['date']}; {_load_line(d)}): "
               "the default run's case on a fresh 2-worker `local_cluster` per run, with the library's settings and with one "
-              f"of them changed back to distributed's behaviour, {d['blocks']} blocks of four runs in ABBA order per comparison; "
+              "of them changed back to distributed's behaviour (or, for the blocks, to the earlier default), "
+              f"{d['blocks']} blocks of four runs in ABBA order per comparison; "
               "time per iteration over the run after its first block, medians, and the pairs (a block's outer runs against "
               "its inner ones) in which the defaults were faster.", "",
               "| changed back | defaults ms/it | changed ms/it | defaults faster by | pairs the defaults won |", "|---|---|---|---|---|"]

@@ -152,9 +152,11 @@ def background_settings():
         profile page every 100 ms instead of 10 ms (the page fills ten times more
         coarsely; its system plots update every 2 s). On a machine whose cores the workers
         fill, that work takes a core from a tile's gradient while the other tiles wait for
-        it at the round's barrier: the default run's iterations took 3% less time on 2
-        cores (26.8 against 27.6 ms, ``python -m benchmarks cluster_settings``; none of the
-        three alone made a difference this machine's noise could show).
+        it at the round's barrier: with peer blocks of 8 iterations the default run's
+        iterations took 3% less time on 2 cores (26.8 against 27.6 ms, ``python -m
+        benchmarks cluster_settings``; none of the three alone made a difference this
+        machine's noise could show); with blocks of 16, which leave the event loops less
+        to do, the difference is within that noise (27.1 against 26.9 ms, 4 of 8 pairs).
     ``default``
         distributed's own settings (or the user's).
 
@@ -265,8 +267,9 @@ def core_shares(n_workers):
     message reader woken on whichever core the kernel picks, often one busy with another
     worker's gradient, and each round of a gd iteration waits for that message. Pinned,
     a worker's threads share its own cores: its reader runs as soon as its stage waits.
-    The default run's iterations took 9% less time on 2 cores (26.7 against 29.1 ms,
-    pinned faster in 9 of 12 pairs run side by side: ``python -m benchmarks cluster_settings``).
+    The default run's iterations took 8-9% less time on 2 cores (24.6 against 26.7 ms,
+    pinned faster in 7 of 8 pairs run side by side: ``python -m benchmarks cluster_settings``;
+    with blocks of 8 iterations 26.7 against 29.1 ms, 9 of 12).
 
     Raises
     ------
