@@ -221,9 +221,14 @@ def follow_status(status, dask_scheduler=None):
     return True
 
 
-def receive(msg, dask_scheduler=None):
-    """Store one iteration's message from the driver (``Client.run_on_scheduler``)."""
-    live_state(dask_scheduler, create=True).update(msg)
+def receive(msg=None, msgs=(), dask_scheduler=None):
+    """Store iterations' messages from the driver (``Client.run_on_scheduler``): ``msg``
+    (one) or ``msgs`` (several, in order). Each one's engine, iteration and cost also go to
+    the scheduler's event log under the topic ``daskptycho`` (the dashboard's /events page)."""
+    state = live_state(dask_scheduler, create=True)
+    for m in ([msg] if msg is not None else []) + list(msgs):
+        state.update(m)
+        dask_scheduler.log_event("daskptycho", {k: m[k] for k in ("engine", "iteration", "cost")})
     return True
 
 

@@ -169,3 +169,28 @@ def test_a_scheduler_started_before_the_import_gets_the_page_when_a_run_begins()
             assert c.run_on_scheduler(dashboard.begin_run, engine="gd", iterations=1, tiles=[1, 1])  # once only
     finally:
         applications[dashboard.ROUTE] = doc
+
+
+def test_a_peer_blocks_iterations_reach_the_page_in_one_call(client, small_pbtio3, monkeypatch):
+    # the costs of a block arrive together: the driver holds their messages until it would
+    # wait, then sends them in one call, in order (not a scheduler round trip each)
+    from daskptycho.engines.live import LiveView
+
+    calls = []
+    flush = LiveView.flush
+
+    def counting(self):
+        calls.append(len(self._held))
+        return flush(self)
+
+    monkeypatch.setattr(LiveView, "flush", counting)
+    cfg = {"daskptycho.schedule.exchange": "peer", "daskptycho.schedule.block_iterations": 4,
+           "daskptycho.dashboard.preview_every_s": 1e6}
+    with dask.config.set(cfg):
+        res = dp.reconstruct(str(small_pbtio3), engine="gd", tiles=(2, 2), iterations=8, slices=2, batch_size=None,
+                             client=client)
+    live = client.run_on_scheduler(_live)
+    assert [i for i, _ in live["costs"]] == list(range(8))
+    np.testing.assert_allclose([c for _, c in live["costs"]], res.cost.values, rtol=1e-12)
+    sent = [n for n in calls if n]
+    assert sum(sent) == 8 and len(sent) < 8 and max(sent) >= 4, calls

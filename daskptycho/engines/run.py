@@ -152,11 +152,15 @@ class PinnedRun:
                 self._report()
         while self.pending:
             self._report()
+        self.live.flush()
 
     def _report(self):
         step = self.pending[0]
         extras = list(step.extras)
-        self.drv.wait_alive(step.costs + [step.extras[k] for k in extras] + self.live.futures(step.image), self.workers)
+        waited = step.costs + [step.extras[k] for k in extras] + self.live.futures(step.image)
+        if not all(f is None or f.done() for f in waited):
+            self.live.flush()  # what the page has not seen goes out before the run waits
+        self.drv.wait_alive(waited, self.workers)
         self.pending.pop(0)
         got = self._fetch(step.costs + [step.extras[k] for k in extras], step.cost_index is not None)
         costs = got[:len(step.costs)]
