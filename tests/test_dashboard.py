@@ -118,13 +118,18 @@ def test_the_dashboard_serves_the_page_and_its_document_reads_the_store(client, 
     assert client.run_on_scheduler(_live)["costs"] == []
 
 
-@pytest.mark.parametrize("every, wanted", [(0, [0, 1, 2, 3]), (1e6, [0, 3])])
-def test_phase_images_are_cut_at_most_every_preview_every_s(client, small_pbtio3, every, wanted):
+@pytest.mark.parametrize("every, exchange, wanted", [(0, "scheduler", [0, 1, 2, 3]), (1e6, "scheduler", [0, 3]),
+                                                     (0, "peer", [1, 2, 3]), (1e6, "peer", [1, 3])])
+def test_phase_images_are_cut_at_most_every_preview_every_s(client, small_pbtio3, every, exchange, wanted):
     """Every iteration's cost is published; an image (a task per tile) only every
-    preview_every_s seconds, and always for the first and the last iteration."""
+    preview_every_s seconds, and always for the first and the last iteration. Peer blocks
+    hand out their last iteration's states: images are cut there (blocks of up to 2 here,
+    cut where the 3 minibatch iterations end: 0-1, 2, 3)."""
     from distributed import get_task_stream
 
-    with dask.config.set({"daskptycho.dashboard.preview_every_s": every}), get_task_stream(client) as ts:
+    cfg = {"daskptycho.dashboard.preview_every_s": every, "daskptycho.schedule.exchange": exchange,
+           "daskptycho.schedule.block_iterations": 2}
+    with dask.config.set(cfg), get_task_stream(client) as ts:
         res = dp.reconstruct(str(small_pbtio3), engine="gd", tiles=(2, 2), iterations=4, slices=2, client=client)
     previews = [r["key"] for r in ts.data if isinstance(r["key"], tuple) and r["key"][0] == "preview"]
     assert sorted({k[1] for k in previews}) == wanted

@@ -301,7 +301,7 @@ class TiledRun(PinnedRun):
         # (J_t, 2), grid pixel coordinates), a value on its worker threaded through the graph
         # like its state; never gathered before the end of the run
         self.corrects, self.positions = corrects_positions(problem), {}
-        self._ahead, self.exchange, self._blocks = {}, "scheduler", {}
+        self._ahead, self.exchange, self._blocks, self._block_last = {}, "scheduler", {}, None
         super().__init__(drv, problem, source, progress)
 
     def build_from(self, it, refine, states, probe, **positions):
@@ -507,6 +507,7 @@ class TiledRun(PinnedRun):
         :class:`Step` per iteration (the later ones handed out as the run asks for them).
         ``indexed`` (a peer block): each iteration's costs are ``(key, index)`` pairs, places
         in the block's one cost task (:func:`~daskptycho.schedule.fuse.one_cost_task`)."""
+        self._block_last = block[-1]
         self.states = {k: got[v] for k, v in out["states"].items()}
         if out.get("positions") is not None:
             self.positions = {k: got[v] for k, v in out["positions"].items()}
@@ -549,7 +550,10 @@ class TiledRun(PinnedRun):
         return {k: self._state(k) for k in self.states}
 
     def preview(self, it):
-        if not self.live.due(it):
+        # the states a block hands out are its last iteration's: an image is cut there only
+        # (an earlier iteration's would show a later object, and hold its report until the
+        # block ends)
+        if it != self._block_last or not self.live.due(it):
             return None
         return self.live.preview(it, self._state_futures(), self.workers, self.cores, self.origins)
 
