@@ -425,6 +425,7 @@ def _step_in_one_pass(xp, base, buf, strips, patches, out, half_step, eps):
         return False
     boxes = np.asarray(boxes, dtype=np.int64)
     adds = np.asarray(adds, dtype=np.bool_)
+
     def floats(a):  # complex64 (h, w) as (h, 2 w) float32
         return np.ascontiguousarray(a).view(np.float32)
 
