@@ -19,6 +19,10 @@ then full batch, probe refined from iteration 5; docs/convergence.md):
     go over the workers' comms and event loops, as between machines (on a cluster of its
     own, since a worker keeps the message path it was set up with);
 
+``gd 2x2, live page on``
+    the defaults with the live dashboard page publishing (``daskptycho.dashboard.live``,
+    on by default; every other case runs without it, as it measures the engines);
+
 and, for the exact comparison, both engines in full batch with the probe held fixed
 (``batch_size=None, refine_probe=False``), where gd is full-batch gradient descent as ml
 is (``ml, full batch``, ``gd 2x2, full batch``); and gd at the defaults with whole-window
@@ -76,6 +80,7 @@ CASES = (  # label, engine, workers, options, config
     ("gd 2x2, scheduler exchange", None, 2, {}, {"daskptycho.schedule.exchange": "scheduler"}),
     ("gd 2x2, messages over comms", None, 2, {}, {COMMS: False}),
     ("gd 2x2, whole windows", None, 2, {"halo": "window"}, {}),
+    ("gd 2x2, live page on", None, 2, {}, {"daskptycho.dashboard.live": True}),
     ("ml, full batch", "ml", 1, FULL_BATCH, {}),
     ("gd 2x2, full batch", None, 2, FULL_BATCH, {}),
 )
@@ -250,6 +255,7 @@ def main(argv=None):
         "comms_speedup_over_ml": ratio("gd 2x2, messages over comms", "ml, 1 worker"),
         "sockets_over_comms": ratio("gd 2x2 (default)", "gd 2x2, messages over comms"),
         "full_batch_pair_speedup": ratio("gd 2x2, full batch", "ml, full batch"),
+        "live_page_speedup": ratio("gd 2x2, live page on", "gd 2x2 (default)"),
     }
     out = write("default_run", {
         "dataset": f"simulate(kind='image', scan=({SCAN}, {SCAN}), detector={DETECTOR}): {SCAN * SCAN} positions, single slice",

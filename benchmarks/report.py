@@ -540,7 +540,11 @@ def section_default_run(d, lines):
               f"{t['sockets_over_comms']['value']:.2f}x faster, per round "
               f"{', '.join(f'{x:.2f}' for x in t['sockets_over_comms']['per_round'])}). In full batch with the probe "
               f"fixed gd is {t['full_batch_pair_speedup']['value']:.2f}x ml, and its object differs from ml's by at most "
-              f"{d['full_batch_relative_difference_to_ml']['max']:.1e} (relative, over the field the tiles hold).", "",
+              f"{d['full_batch_relative_difference_to_ml']['max']:.1e} (relative, over the field the tiles hold)."
+              + (f" With the live dashboard page publishing (`daskptycho.dashboard.live`, on by default; the other rows run "
+                 f"without it) the default run is {t['live_page_speedup']['value']:.2f}x its speed without (per round "
+                 f"{', '.join(f'{x:.2f}' for x in t['live_page_speedup']['per_round'])}), floor fraction "
+                 f"{_row(d, 'gd 2x2, live page on')['run']['floor_fraction']:.2f}." if "live_page_speedup" in t else ""), "",
               "A minibatch iteration is 4 pass rounds, and every round ends in a barrier: each tile's next gradient needs "
               "its neighbours' strips (here swapped at once, one message each way) and the probe stepped from every tile's "
               "part (each worker steps its own copy from the two halves of the sum). Between workers of one machine those messages "
