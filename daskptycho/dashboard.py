@@ -67,7 +67,7 @@ def preview_px():
 
 
 # ---------------------------------------------------------------------------- worker side
-def phase_preview(state, region, origin=(0, 0), stride=None, size=256):
+def phase_preview(state, region, origin=(0, 0), stride=None, size=256, name=None):
     """One tile's share of the live image: the phase of its core, every ``stride``-th pixel.
 
     Runs on the tile's worker. The samples sit on the global grid ``origin + k *
@@ -75,13 +75,16 @@ def phase_preview(state, region, origin=(0, 0), stride=None, size=256):
 
     Parameters
     ----------
-    state : array (S, h, w) complex, or a dict with ``"object"`` (the ml state)
+    state : array (S, h, w) complex, or a dict with ``"object"`` (the ml state); with
+        ``name``, a peer stage's result holding it under that name
     region : (slice y, slice x): the core inside ``state`` (or (slice, slice y, slice x)
         picking the object modes too)
     origin : (y0, x0): the core's first pixel in the whole object (pixels)
     stride : int, pixels of the object per pixel of the image; None: fit this
         one share into ``size`` pixels (a whole object in one task)
     size : int, the longest side of the image when ``stride`` is None
+    name : optional, the state's name in a stage's result ``state`` (read in place: no
+        task of its own takes it out first)
 
     Returns
     -------
@@ -91,6 +94,8 @@ def phase_preview(state, region, origin=(0, 0), stride=None, size=256):
     """
     from .backend import get_array_module
 
+    if name is not None:
+        state = state[name]
     obj = state["object"] if isinstance(state, dict) else state
     core = obj[tuple(region)] if len(region) == 3 else obj[..., region[0], region[1]]
     if stride is None:

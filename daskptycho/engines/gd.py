@@ -555,7 +555,9 @@ class TiledRun(PinnedRun):
         # block ends)
         if it != self._block_last or not self.live.due(it):
             return None
-        return self.live.preview(it, self._state_futures(), self.workers, self.cores, self.origins)
+        # a state inside a peer stage's result is read there by the preview task itself
+        states = {k: (v.source, v.name) if isinstance(v, Ref) else v for k, v in self.states.items()}
+        return self.live.preview(it, states, self.workers, self.cores, self.origins)
 
     def checkpoint_arrays(self):
         s = self.problem.options.slices

@@ -92,7 +92,8 @@ class LiveView:
         Parameters
         ----------
         it : int, the iteration
-        states : dict ``{tile: future}``: object (S, h, w), or a dict with ``"object"``
+        states : dict ``{tile: future}``: object (S, h, w), or a dict with ``"object"``; or
+            ``{tile: (future, name)}``: the state under ``name`` in a stage's result
         placement : dict ``{tile: address}``, the run's units and workers: the tasks are
             pinned there (with ``pinned``) and their fetch watches those workers
         regions : dict ``{tile: (slice y, slice x)}``: each tile's core inside its state
@@ -129,8 +130,9 @@ class LiveView:
         client = self.drv.client
         for k, st in states.items():
             pin = dict(workers=[placement[k]], allow_other_workers=False) if pinned else {}
+            st, name = st if isinstance(st, tuple) else (st, None)
             with self.drv.span("update"):
-                futs[k] = client.submit(dashboard.phase_preview, st, regions[k], origins[k], stride, size,
+                futs[k] = client.submit(dashboard.phase_preview, st, regions[k], origins[k], stride, size, name,
                                         key=("preview", it, *k, uuid.uuid4().hex[:8]), pure=False, **pin)
         return {"futures": futs, "stride": stride, "shape": full, "placement": dict(placement)}
 
