@@ -11,9 +11,11 @@ peak memory belongs to that run:
 * ``ml`` (one task holds everything), ``gd`` with 1, 4, 9 and 16 tiles, ``hve`` with
   4 tiles, ``dm`` (2 parts) on 2 workers, and ``gd`` with 4 tiles on 1 worker;
 * time per iteration (``s_per_iteration``): the steady-state mean of one run, the wall time
-  between the arrivals of the 2nd and the last iteration's costs at the client over the
-  iterations between (:func:`daskptycho.metrics.steady_iteration_s`; with one iteration kept
-  in flight the costs arrive in bursts, so single intervals' median is not a rate); each
+  between the arrivals of two iterations' costs at the client over the iterations between,
+  from the 2nd (or, with peer blocks, the end of the first block after it: a block's costs
+  arrive together) to the last (:func:`daskptycho.metrics.steady_iteration_s`; with one
+  iteration kept in flight the costs arrive in bursts, so single intervals' median is not
+  a rate); each
   case runs ``--repeats`` times, the rounds interleaved (every case once, then again), and
   the table gives the median over runs with the range;
 * each target's ratio is formed within each round from two rows run back to back, and the
@@ -38,7 +40,7 @@ import statistics
 import tempfile
 import time
 
-from daskptycho.metrics import steady_iteration_s
+from daskptycho.metrics import steady_iteration_s, steady_span
 
 from .common import RESULTS, write
 from .fft_floor import us_per_fft_now
@@ -120,17 +122,21 @@ def run_case(store, engine, tiles, workers, iterations, slices, extra=None, devi
         records = ts.data
     edges = [t0] + stamps
     per_it = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    # a peer block's costs arrive together: the steady span starts where one ends
+    ends = json.loads(res.attrs["peer_block_ends"]) if "peer_block_ends" in res.attrs else None
+    span = steady_span(per_it, SKIP, ends)
     mem = json.loads(res.attrs["memory"])
     peaks = list(mem.get("worker_peak_above_baseline_bytes", {}).values())
     return {
         "iteration_s": per_it,
         "iteration_s_median": statistics.median(per_it[1:] or per_it),
-        "s_per_iteration": steady_iteration_s(per_it, SKIP),
+        "s_per_iteration": steady_iteration_s(per_it, SKIP, ends),
+        "steady_span": list(span) if span else None,
         "wall_s": wall,
         "peak_above_baseline_bytes_max": int(max(peaks)) if peaks else None,
         "final_cost": float(res.cost.values[-1]),
         # steady state: the iterations that s_per_iteration averages
-        "task_stream": _task_stream_summary(records, workers, epoch[SKIP - 1], epoch[-1]),
+        "task_stream": _task_stream_summary(records, workers, epoch[span[0] if span else SKIP - 1], epoch[-1]),
     }
 
 
@@ -191,8 +197,9 @@ def combine_runs(runs):
         "task_stream": {k: med(r["task_stream"][k] for r in runs) for k in
                         ("tasks", "compute_s", "transfer_s", "wall_s", "worker_seconds", "idle_s")},
     })
-    row["task_stream"]["per_iteration"] = {k: row["task_stream"][k] / max(1, len(runs[0]["iteration_s"]) - SKIP)
-                                           for k in ("compute_s", "transfer_s", "idle_s")}
+    span = runs[0].get("steady_span")
+    n = span[1] - span[0] if span else len(runs[0]["iteration_s"]) - SKIP
+    row["task_stream"]["per_iteration"] = {k: row["task_stream"][k] / max(1, n) for k in ("compute_s", "transfer_s", "idle_s")}
     return row
 
 

@@ -378,12 +378,13 @@ class _Progress:
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
         self.t0 = time.perf_counter()
-        self.times = []
+        self.times, self.its = [], []
         self.line_open = False  # a tty line without its newline yet
 
     def __call__(self, it, cost):
         now = time.perf_counter()
         self.times.append(now)
+        self.its.append(it)
         if self.quiet:
             return
         done = it + 1
@@ -671,24 +672,31 @@ def _follow_store(a, kw, follow_kw, cluster_options):
 def _report_timing(a, bar, res):
     """The steady-state seconds per iteration (a line on stderr unless --quiet, and --timing's JSON)."""
     from .io.atomic import atomic_file
-    from .metrics import steady_iteration_s
+    from .metrics import steady_iteration_s, steady_span
 
     intervals = bar.intervals()
     if not intervals:  # a resumed run that had nothing left to do
         return
-    steady = steady_iteration_s(intervals)
+    ends = None
+    if "peer_block_ends" in res.attrs:  # where each group of costs that arrived together ends
+        last = set(json.loads(res.attrs["peer_block_ends"]))
+        ends = [k for k, it in enumerate(bar.its) if it in last]
+    steady = steady_iteration_s(intervals, burst_ends=ends)
+    span = steady_span(intervals, burst_ends=ends)
     if not a.quiet:
-        if len(intervals) > 2:
-            print(f"daskptycho: {steady:.4g} s per iteration in the steady state ({_steady_span(len(intervals))}; "
+        if span is not None:
+            print(f"daskptycho: {steady:.4g} s per iteration in the steady state ({_steady_words(span, len(intervals))}; "
                   f"the first took {intervals[0]:.3g} s with the start)", file=sys.stderr)
-        else:  # the first carries the start, the second arrives right behind it: no steady state to speak of
+        else:  # the first carries the start, the rest arrived right behind it: no steady state to speak of
             print(f"daskptycho: {len(intervals)} iteration{'s' if len(intervals) > 1 else ''} in {sum(intervals):.3g} s with the "
-                  "start (a steady-state time per iteration needs 3 or more)", file=sys.stderr)
+                  "start (no steady state: a steady-state time per iteration needs 3 or more iterations, the last "
+                  "ones not all arriving together)", file=sys.stderr)
     if a.timing:
         rec = {
             "iteration_s": steady,
             "iteration_s_definition": f"steady-state wall seconds per iteration (daskptycho.metrics.steady_iteration_s): "
-                                      f"the mean interval between the costs' arrivals over {_steady_span(len(intervals))}",
+                                      f"the wall time between the costs' arrivals over {_steady_words(span, len(intervals))}"
+                                      if span is not None else "no steady state: the whole run's wall time over its iterations, start included",
             "iterations": len(intervals),
             "first_iteration_s": intervals[0],
             "cost_arrival_intervals_s": intervals,
@@ -699,11 +707,10 @@ def _report_timing(a, bar, res):
             json.dump(rec, f, indent=1)
 
 
-def _steady_span(n, skip=2):
-    """Which iterations :func:`~daskptycho.metrics.steady_iteration_s` averages over, in words."""
-    if n > skip:
-        return f"iterations {skip + 1}-{n} of {n}" if n > skip + 1 else f"iteration {n} of {n}"
-    return "every iteration but the first" if n > 1 else "the only iteration"
+def _steady_words(span, n):
+    """Which iterations (1-based) :func:`~daskptycho.metrics.steady_span`'s ``span`` averages over, in words."""
+    a, b = span
+    return f"iterations {a + 2}-{b + 1} of {n}" if b > a + 1 else f"iteration {b + 1} of {n}"
 
 
 def _cmd_view(a):

@@ -123,23 +123,76 @@ def seam_ratio(result, truth: xr.DataArray, position, width_px=2):
     return float(err[near].mean() / err[~near].mean())
 
 
-def steady_iteration_s(intervals, skip=2):
-    """Wall seconds per iteration in the steady state: the mean of ``intervals`` after the first ``skip``.
+#: an interval between two costs' arrivals shorter than this fraction of the run's mean
+#: interval belongs to a burst: costs computed together (a peer block's, or a pipelined
+#: pair) and handed over one after another
+BURST_FRACTION = 0.5
+
+
+def steady_span(intervals, skip=2, burst_ends=None):
+    """The arrivals a steady-state time per iteration is measured between.
 
     Parameters
     ----------
     intervals : sequence of float
         Seconds between the arrivals of consecutive iterations' costs (the first from the start).
     skip : int
-        Iterations left out: the first carries the start (loading, warm-up), and with one iteration
-        kept in flight ahead the second's cost arrives right after the first's.
+        Iterations left out at least: the first carries the start (loading, warm-up), and
+        with one iteration kept in flight the second's cost arrives right after the first's.
+    burst_ends : iterable of int, optional
+        Where it is known (a run's ``peer_block_ends``): the indices (into ``intervals``) of
+        the last cost of each group of costs that arrived together. The span then runs from
+        the first of them at or after ``skip - 1`` to the last cost.
 
-    The mean, not the median: the costs of a pipelined run arrive in bursts (0.02 s, then 1.1 s), so
-    the median of single intervals can land on either side; the mean over the steady iterations is
-    their throughput. With ``skip`` or fewer intervals, the mean of those after the first (or the only one).
+    Returns
+    -------
+    (a, b) : 0-based indices of two iterations whose costs' arrivals bound the span (the
+    iterations ``a + 1 .. b`` are averaged), or None when no steady span exists.
+
+    The span starts where a burst ends. Costs computed together arrive together (a peer
+    block's 16, handed to the caller one by one within milliseconds): a span that started
+    inside such a burst would count the burst's iterations as if they had cost nothing.
+    Without ``burst_ends``, ``a`` moves on from ``skip - 1`` while the next cost follows
+    within :data:`BURST_FRACTION` of the mean interval; the last cost always ends a burst.
+    """
+    xs = [float(x) for x in intervals]
+    n = len(xs)
+    if n <= skip or n < 2:
+        return None
+    if burst_ends is not None:
+        starts = [int(e) for e in burst_ends if max(skip - 1, 0) <= int(e) < n - 1]
+        return (min(starts), n - 1) if starts else None
+    short = BURST_FRACTION * sum(xs[1:]) / (n - 1)
+    a = max(skip - 1, 0)
+    while a < n - 1 and xs[a + 1] <= short:
+        a += 1
+    return (a, n - 1) if a < n - 1 else None
+
+
+def steady_iteration_s(intervals, skip=2, burst_ends=None):
+    """Wall seconds per iteration in the steady state: the wall time between the arrivals
+    of two costs that each end a burst, over the iterations between (:func:`steady_span`).
+
+    Parameters
+    ----------
+    intervals : sequence of float
+        Seconds between the arrivals of consecutive iterations' costs (the first from the start).
+    skip : int
+        Iterations left out at least (see :func:`steady_span`).
+    burst_ends : iterable of int, optional
+        See :func:`steady_span`.
+
+    A rate over a span, not the median of single intervals: the costs of a pipelined or
+    blocked run arrive in bursts (0.02 s, then 1.1 s; or 16 within milliseconds, then 0.4
+    s), so single intervals are no per-iteration times. Without a steady span (too few
+    iterations, or all after the start in one burst): the whole run's mean, start included
+    (an upper bound, never the milliseconds between the costs of one burst).
     """
     xs = [float(x) for x in intervals]
     if not xs:
         raise ValueError("no iterations")
-    tail = xs[skip:] if len(xs) > skip else (xs[1:] or xs)
-    return sum(tail) / len(tail)
+    span = steady_span(xs, skip, burst_ends)
+    if span is None:
+        return sum(xs) / len(xs)
+    a, b = span
+    return sum(xs[a + 1:b + 1]) / (b - a)

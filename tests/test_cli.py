@@ -137,13 +137,40 @@ def test_simulate_and_import_refuse_an_existing_output_before_doing_any_work(tmp
     assert (out / "keep").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep"]
 
 
-def test_steady_iteration_time_is_the_mean_after_the_start():
-    from daskptycho.metrics import steady_iteration_s
+def test_steady_iteration_time_is_the_rate_between_the_ends_of_bursts():
+    from daskptycho.metrics import steady_iteration_s, steady_span
 
     # a pipelined run: the first interval carries the start, the second cost arrives at once,
     # then bursts; the rate is the mean of what follows
     assert steady_iteration_s([4.4, 0.02, 1.16, 0.005, 0.6, 0.55]) == pytest.approx((1.16 + 0.005 + 0.6 + 0.55) / 4)
-    assert steady_iteration_s([3.0, 0.5]) == 0.5 and steady_iteration_s([2.0]) == 2.0
+    # too few for a steady span: the whole run's mean, start included
+    assert steady_iteration_s([3.0, 0.5]) == 1.75 and steady_iteration_s([2.0]) == 2.0
+    # peer blocks: iterations 1-16 arrive together after the start, then 17-35 and 36-50, each
+    # block's costs within milliseconds of each other; the span runs from the end of the first
+    # block to the last cost, not from the second cost (which would count 14 iterations as free)
+    t_it, gap = 0.025, 0.0003
+    blocks = [(0, 16), (16, 35), (35, 50)]
+    ends, t = [], 2.9
+    for lo, hi in blocks[1:]:
+        t += (hi - lo) * t_it
+        ends.append(t)
+    stamps = [2.9 + gap * k for k in range(16)]
+    for (lo, hi), end in zip(blocks[1:], ends):
+        stamps += [end + gap * k for k in range(hi - lo)]
+    intervals = [stamps[0]] + [b - a for a, b in zip(stamps, stamps[1:])]
+    assert steady_span(intervals) == (15, 49)
+    assert steady_iteration_s(intervals) == pytest.approx((stamps[49] - stamps[15]) / 34)
+    # within 2% of the true rate (the last block's own spread of arrivals aside), where the
+    # mean after the second cost was 30% fast
+    assert steady_iteration_s(intervals) == pytest.approx(t_it, rel=0.02)
+    assert sum(intervals[2:]) / 48 < 0.75 * t_it
+    # the groups given (a run's peer_block_ends, as indices): the same span
+    assert steady_span(intervals, burst_ends=[15, 34, 49]) == (15, 49)
+    # every iteration after the start in one group: no steady span, and no rate made of
+    # the milliseconds between one group's costs
+    assert steady_span([3.0] + [0.0002] * 9, burst_ends=[9]) is None
+    assert steady_span([3.0] + [0.0] * 9) is None
+    assert steady_iteration_s([3.0] + [0.0] * 9) == pytest.approx(0.3)
     with pytest.raises(ValueError):
         steady_iteration_s([])
 

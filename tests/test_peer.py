@@ -6,6 +6,7 @@ the others' waits instead of hanging them."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -136,6 +137,9 @@ def test_a_peer_blocks_costs_are_one_task_fetched_once(small_pbtio3, client, mon
     assert block_ends(ITERATIONS, 4, engine_options(iterations=ITERATIONS).minibatch_iterations()) == [4, 6]
     assert [k[0] for k in tasks] == ["costs"] * 2, tasks
     assert sorted(fetched) == sorted(tasks)
+    # the result says where each block's costs, which reach the client together, end (the
+    # CLI's steady-state time per iteration starts at the first of them)
+    assert json.loads(got.attrs["peer_block_ends"]) == [4, 6]
 
 
 def test_a_block_starts_from_its_own_workers_values(small_pbtio3, client):

@@ -302,6 +302,8 @@ class TiledRun(PinnedRun):
         # like its state; never gathered before the end of the run
         self.corrects, self.positions = corrects_positions(problem), {}
         self._ahead, self.exchange, self._blocks, self._block_last = {}, "scheduler", {}, None
+        # the last iteration of each peer block run: a block's costs reach the client together
+        self.peer_block_ends = set()
         super().__init__(drv, problem, source, progress)
 
     def build_from(self, it, refine, states, probe, **positions):
@@ -508,6 +510,8 @@ class TiledRun(PinnedRun):
         ``indexed`` (a peer block): each iteration's costs are ``(key, index)`` pairs, places
         in the block's one cost task (:func:`~daskptycho.schedule.fuse.one_cost_task`)."""
         self._block_last = block[-1]
+        if indexed:
+            self.peer_block_ends.add(block[-1])
         self.states = {k: got[v] for k, v in out["states"].items()}
         if out.get("positions") is not None:
             self.positions = {k: got[v] for k, v in out["positions"].items()}
@@ -604,6 +608,8 @@ class TiledRun(PinnedRun):
             "memory": json.dumps(self.memory(self.states)),
             "recoveries": json.dumps(self.recoveries),
         }
+        if self.peer_block_ends:
+            attrs["peer_block_ends"] = json.dumps(sorted(self.peer_block_ends))
         return RunOutput(obj, np.asarray(got[-1]), self.costs, attrs, variables)
 
     def drop(self):
