@@ -296,7 +296,7 @@ def test_values_for_a_peer_cut_in_a_row_leave_as_one_message(monkeypatch):
 
     class Plugin:
         def __init__(self):
-            self.mailbox, self.sent, self.timeline = peer._Mailbox(), [], None
+            self.mailbox, self.sent, self.timeline, self.took = peer._Mailbox(), [], None, {}
 
         def send(self, address, channel, items, timeout):
             self.sent.append((address, [m for m, _ in items], time.perf_counter()))
@@ -322,6 +322,28 @@ def test_values_for_a_peer_cut_in_a_row_leave_as_one_message(monkeypatch):
     assert out == {("slow", 0): 101, ("strip", 3): 103}
     assert [(a, m) for a, m, _ in plugin.sent] == [("w2", [10, 11]), ("w2", [12, 13])]
     assert plugin.sent[0][2] < started[0]  # held only while quick tasks ran, not behind the slow one
+
+    # a round's end: a strip and a probe part for the peer, and the stage's own step of its
+    # tile between them in the builder's order. The part's producer runs first, the two
+    # values leave together, and only then the step: the peer does not wait for this
+    # stage's own work. (Kinds that ran before count as quick, as in a block's later rounds.)
+    stepped = []
+
+    def step(x):
+        stepped.append(time.perf_counter())
+        return x
+
+    tasks = ((("grad", 0), (np.add, Slot(0), 0)), (("strip", 0), (np.add, Slot(None, ("grad", 0)), 1)),
+             (("step", 0), (step, Slot(None, ("grad", 0)))), (("part", 0), (np.add, Slot(None, ("grad", 0)), 2)),
+             (("sum", 0), (np.add, Slot(None, ("part", 0)), 3)))
+    sends = ((("strip", 0), 20, ("w2",)), (("sum", 0), 21, ("w2",)))
+    spec = peer.PeerStage(StageSpec(tasks, (("step", 0), ("sum", 0))), "t|1", sends, ("w2",), 10.0)
+    plugin = Plugin()
+    plugin.took.update(dict.fromkeys(("grad", "strip", "step", "part", "sum"), 0.0))
+    out = peer._run(spec, (100,), plugin, 10.0)
+    assert out == {("step", 0): 100, ("sum", 0): 105}
+    assert [(a, m) for a, m, _ in plugin.sent] == [("w2", [20, 21])]
+    assert plugin.sent[0][2] < stepped[0]
 
 
 def _strips(x):

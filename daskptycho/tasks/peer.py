@@ -13,9 +13,10 @@ Inside a stage the tasks run as a small dataflow: the first task (in the builder
 order) whose inputs are all there runs next, and a task waiting for a message from
 another worker lets the others go first, so the passes still pipeline across
 directions. Every stage sends what it computed for a peer before any task that was slow
-(more than :data:`QUICK_S`) the last time one of its kind ran, and before it waits: the
-values for one peer cut in a row (a tile's strips, a probe part) leave as one message,
-with no gradient's time added to their journey. Deadlock is not
+(more than :data:`QUICK_S`) the last time one of its kind ran, before it waits, and as
+soon as no further value for that peer is one quick task away: the values for one peer
+cut in a row (a tile's strips, a probe part) leave as one message, with neither a
+gradient's time nor the stage's own steps added to their journey. Deadlock is not
 possible: all stages run their tasks in one global topological order restricted to
 what is ready, so the earliest unfinished task of the whole iteration always has its
 inputs.
@@ -74,6 +75,10 @@ log = logging.getLogger("daskptycho")
 
 #: a task kind that last ran in less (seconds) does not hold back the values waiting to leave
 QUICK_S = 0.5e-3
+
+#: how many of the next values for a peer a stage looks at to decide whether to hold the
+#: ones it has for that peer (a round sends a peer a few: its strips and a probe part)
+NEAR_SENDS = 4
 
 #: the most events a worker's timeline keeps (:func:`record_timeline`), the oldest dropped first
 TIMELINE_EVENTS = 200_000
@@ -195,6 +200,7 @@ class PeerExchange(WorkerPlugin):
         self._local_lock = threading.Lock()
         self.inbox = None
         self.timeline = None  # a bounded deque of events while recording (record_timeline), else None
+        self.took = {}  # task kind -> seconds the last one of its kind took in a stage here (_run's sending rule)
         # TLS asked for: every message keeps to the encrypted comms
         if self.same_host_sockets and hasattr(socket, "AF_UNIX") and not worker.security.require_encryption:
             try:
@@ -600,6 +606,8 @@ class _Plan:
     readers_of_key: dict  # in-stage key -> the tasks that read it
     readers_of_msg: dict  # message -> the tasks that read it
     exports: frozenset
+    producers: tuple  # per task: the tasks of the stage whose values it reads
+    sends_to: dict  # address -> the tasks whose values go to it, in order
 
 
 #: ``{id(stage body): (weak reference to it, its _Plan)}``; an entry goes with its body
@@ -628,9 +636,14 @@ def _plan(spec):
             readers_of_key.setdefault(k, []).append(i)
         for m in msgs:
             readers_of_msg.setdefault(m, []).append(i)
+    sends_to = {}
+    for key, _, addrs in spec.sends:
+        for a in addrs:
+            sends_to.setdefault(a, []).append(index[key])
     plan = _Plan(tuple(spec.sends), {key: (msg, addrs) for key, msg, addrs in spec.sends}, tuple(task_slots), tuple(task_msgs), tuple(missing),
                  {k: tuple(v) for k, v in readers_of_key.items()}, {m: tuple(v) for m, v in readers_of_msg.items()},
-                 frozenset(stage.exports))
+                 frozenset(stage.exports), tuple(tuple(index[k] for k in slots) for slots in task_slots),
+                 {a: tuple(sorted(v)) for a, v in sends_to.items()})
     key = id(stage)
     try:
         ref = weakref.ref(stage, functools.partial(_forget_plan, key))
@@ -683,27 +696,73 @@ def _run(spec, inputs, plugin, timeout):
         return arg
 
     # values for the same peer computed in a row travel in one message: they are held while
-    # the tasks that run next were quick the last time a task of their kind ran, and sent
-    # before anything slower, and before the stage waits
-    pending, took = {}, {}
+    # another value for that peer is at most one quick task away (a task that can run now, or
+    # one whose inputs all can, quickly), which then runs first, and sent before anything
+    # slower and before the stage waits: a peer is never kept waiting while this stage runs
+    # work of its own (its steps, its probe) that the next values for the peer do not need.
+    # Tasks run out of the heap's order that way are skipped when the heap hands them out.
+    pending, took = {}, plugin.took
+    finished = bytearray(len(tasks))
+    sends_to, producers = plan.sends_to, plan.producers
+    first_unsent = dict.fromkeys(sends_to, 0)
 
-    def flush():
-        for address, items in pending.items():
+    def quick(j):
+        return took.get(_kind(tasks[j][0]), QUICK_S) < QUICK_S
+
+    def runnable(j):
+        return missing[j] == 0 and not finished[j]
+
+    def next_for(address):
+        """The task to run next towards the next value for ``address``, or None when that
+        value is not one quick task away."""
+        order = sends_to[address]
+        k = first_unsent[address]
+        while k < len(order) and finished[order[k]]:
+            k += 1
+        first_unsent[address] = k
+        for j in order[k:k + NEAR_SENDS]:
+            if finished[j] or not quick(j):
+                continue
+            if runnable(j):
+                return j
+            if task_msgs[j] & waiting:
+                continue
+            todo = [p for p in producers[j] if not finished[p]]
+            if all(runnable(p) and quick(p) for p in todo):
+                return min(todo)
+        return None
+
+    def has_ready():
+        while ready and finished[ready[0]]:
+            heapq.heappop(ready)
+        return bool(ready)
+
+    def flush(addresses=None):
+        for address in list(pending) if addresses is None else addresses:
+            items = pending.pop(address)
             start = time.perf_counter()
             outgoing.append((address, plugin.send(address, spec.channel, items, timeout)))
             if timeline is not None:
                 timeline.append(("send", spec.channel, start, time.perf_counter(), _nbytes(items)))
-        pending.clear()
 
     while done < len(tasks):
-        if pending and (not ready or took.get(_kind(tasks[ready[0]][0]), QUICK_S) >= QUICK_S):
-            flush()
+        first = None
+        if pending:
+            if not has_ready() or not quick(ready[0]):
+                flush()
+            else:
+                for address in list(pending):
+                    j = next_for(address)
+                    if j is None:
+                        flush([address])
+                    elif first is None:
+                        first = j
         with box.cond:
-            while True:
+            while first is None:
                 box.check(spec.channel)
                 if waiting:
                     arrived(box.poll(spec.channel, waiting))
-                if ready:
+                if has_ready():
                     break
                 if not waiting:
                     raise PeerExchangeError(f"stage {spec.channel}: no task can run and no message is awaited (a malformed stage)")
@@ -717,7 +776,7 @@ def _run(spec, inputs, plugin, timeout):
                     start = time.perf_counter()
                     box.cond.wait(min(left, 1.0))
                     timeline.append(("wait", spec.channel, start, time.perf_counter()))
-        i = heapq.heappop(ready)
+        i = heapq.heappop(ready) if first is None else first
         key, task = tasks[i]
         start = time.perf_counter()
         cpu = time.thread_time() if timeline is not None else 0.0
@@ -727,6 +786,7 @@ def _run(spec, inputs, plugin, timeout):
         if timeline is not None:
             timeline.append(("task", _kind(key), start, end, time.thread_time() - cpu))
         cache[key] = value
+        finished[i] = 1
         done += 1
         if key in sends:
             msg, addrs = sends[key]
