@@ -154,7 +154,9 @@ def adjoint_window(g, psi, obj_s, cy, cx, g_obj_s, illum_s, probe_g, probe_il, w
     """The adjoint of one slice at one position (see :func:`adjoint_slice`); g, psi
     (K, N_y, N_x); ``go`` (N_x,) complex and ``il`` (N_x,) real are row scratch. With
     ``conj``, ``g`` holds the complex conjugate of the gradient (what a forward FFT of the
-    conjugated far-field gradient gives: see :func:`position_gradients`)."""
+    conjugated far-field gradient gives: see :func:`position_gradients`). With
+    ``with_probe`` (slice 0, whose wave gradient no one reads after) ``g`` may be left
+    as it was instead of multiplied by ``conj(O_s)``."""
     n_modes, ny, nx = g.shape
     if conj and n_modes > 1:  # several modes: conjugated in place first
         for k in range(n_modes):
@@ -162,6 +164,32 @@ def adjoint_window(g, psi, obj_s, cy, cx, g_obj_s, illum_s, probe_g, probe_il, w
                 grow = g[k, y]
                 for x in range(nx):
                     grow[x] = grow[x].conjugate()
+    if n_modes == 1 and with_probe:
+        # slice 0 with the probe's gradient: the wave is not read again, so it is not
+        # written back, and the window is swept twice, the object's accumulators first,
+        # then the probe's: each loop then writes two arrays and reads two, which LLVM
+        # vectorises (one loop over all seven arrays was measured 1.2-1.4x slower)
+        for y in range(ny):
+            prow = psi[0, y]
+            grow = g[0, y]
+            gorow = g_obj_s[cy + y, cx:cx + nx]
+            ilrow = illum_s[cy + y, cx:cx + nx]
+            for x in range(nx):
+                p = prow[x]
+                gv = grow[x].conjugate() if conj else grow[x]
+                gorow[x] += p.conjugate() * gv
+                ilrow[x] += p.real * p.real + p.imag * p.imag
+        for y in range(ny):
+            orow = obj_s[cy + y, cx:cx + nx]
+            grow = g[0, y]
+            pgrow = probe_g[0, y]
+            pilrow = probe_il[y]
+            for x in range(nx):
+                o = orow[x]
+                gv = grow[x].conjugate() if conj else grow[x]
+                pgrow[x] += gv * o.conjugate()
+                pilrow[x] += o.real * o.real + o.imag * o.imag
+        return
     if n_modes == 1:  # one pass per row (no mode sums to stage): measured 2x faster
         for y in range(ny):
             orow = obj_s[cy + y, cx:cx + nx]
@@ -169,26 +197,12 @@ def adjoint_window(g, psi, obj_s, cy, cx, g_obj_s, illum_s, probe_g, probe_il, w
             grow = g[0, y]
             gorow = g_obj_s[cy + y, cx:cx + nx]
             ilrow = illum_s[cy + y, cx:cx + nx]
-            if with_probe:
-                pgrow = probe_g[0, y]
-                pilrow = probe_il[y]
-                for x in range(nx):
-                    p = prow[x]
-                    o = orow[x]
-                    gv = grow[x].conjugate() if conj else grow[x]
-                    gorow[x] += p.conjugate() * gv
-                    ilrow[x] += p.real * p.real + p.imag * p.imag
-                    gn = gv * o.conjugate()
-                    grow[x] = gn
-                    pgrow[x] += gn
-                    pilrow[x] += o.real * o.real + o.imag * o.imag
-            else:
-                for x in range(nx):
-                    p = prow[x]
-                    gv = grow[x].conjugate() if conj else grow[x]
-                    gorow[x] += p.conjugate() * gv
-                    ilrow[x] += p.real * p.real + p.imag * p.imag
-                    grow[x] = gv * orow[x].conjugate()
+            for x in range(nx):
+                p = prow[x]
+                gv = grow[x].conjugate() if conj else grow[x]
+                gorow[x] += p.conjugate() * gv
+                ilrow[x] += p.real * p.real + p.imag * p.imag
+                grow[x] = gv * orow[x].conjugate()
         return
     for y in range(ny):
         orow = obj_s[cy + y, cx:cx + nx]
@@ -257,10 +271,11 @@ def cost_gradient(far, intensity, mask, scale2, w_scale, poisson):
 def adjoint_slice(g, psi, obj_s, corners, g_obj_s, illum_s, probe_g, probe_il, with_probe):
     """The adjoint of one slice for every position: ``g_obj_s[window j] += sum_k
     conj(psi[j, k]) g[j, k]``, ``illum_s[window j] += sum_k |psi[j, k]|^2``, then
-    ``g[j, k] *= conj(obj_s[window j])``; with ``with_probe`` also ``probe_g[k] +=
-    g[j, k]`` (after the product) and ``probe_il += |obj_s[window j]|^2``.
+    ``g[j, k] *= conj(obj_s[window j])``; with ``with_probe`` (slice 0) also
+    ``probe_g[k] += g[j, k] conj(obj_s[window j])`` and ``probe_il += |obj_s[window j]|^2``.
 
-    g (J, K, N_y, N_x) overwritten; psi (J', K, N_y, N_x), J' = J or 1; accumulators
+    g (J, K, N_y, N_x) overwritten (with ``with_probe``: possibly left as it was, since
+    nothing reads slice 0's wave gradient after); psi (J', K, N_y, N_x), J' = J or 1; accumulators
     g_obj_s, illum_s (H, W), probe_g (K, N_y, N_x), probe_il (N_y, N_x) added into.
     """
     shared = psi.shape[0] == 1
