@@ -89,6 +89,27 @@ def test_per_position_path_is_deterministic_and_accumulates_into_out():
         np.testing.assert_allclose(out[key], a[key], rtol=0, atol=1e-5 * np.abs(a[key]).max())
 
 
+def test_threads_running_the_per_position_model_at_once_get_its_serial_results():
+    # each thread keeps its own scratch (waves, far field) between calls: two threads, each
+    # alternating between problems of different shapes, give exactly the serial results
+    import concurrent.futures
+
+    pytest.importorskip("pyfftw")
+    problems = [_problem(3, 3, 2), _problem(4, 1, 1), _problem(5, 2, 1)]
+
+    def run(p):
+        _, obj, probe, corners, kernel, inten, m = p
+        return _gradients("positions", obj, probe, corners, kernel, inten, m, "amplitude")
+
+    serial = [run(p) for p in problems]
+    order = [i % len(problems) for i in range(24)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda i: (i, run(problems[i])), order))
+    for i, g in got:
+        for key in ("object", "illumination", "probe", "probe_illumination"):
+            np.testing.assert_array_equal(g[key], serial[i][key])
+
+
 def test_rows_pick_patterns_in_place():
     pytest.importorskip("pyfftw")
     _, obj, probe, corners, kernel, inten, _ = _problem(3, 2, 1)

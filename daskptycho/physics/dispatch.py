@@ -19,6 +19,7 @@ the compiled kernels without importing each other:
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 
@@ -166,4 +167,4 @@ def aligned_stride(shape):
     """True when complex64 waves of ``shape`` (K, N_y, N_x), laid end to end, each start
     on pyFFTW's SIMD alignment (False without pyFFTW)."""
     alignment = backend.simd_alignment()
-    return alignment is not None and (int(np.prod(shape)) * 8) % alignment == 0
+    return alignment is not None and (math.prod(int(n) for n in shape) * 8) % alignment == 0

@@ -17,6 +17,9 @@ Everything else (slices, windows, cost, the fused elementwise kernels) is the sa
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import numpy as np
 
 from ..backend import empty, fft2, get_array_module, ifft2, is_gpu, scatter_add
@@ -541,6 +544,33 @@ def position_scratch_waves(slices, interval=1):
     return max(-(-slices // c) - 1 + c - 1, 1)
 
 
+#: each thread's scratch of the compiled per-position model (:func:`_position_scratch`)
+_SCRATCH = threading.local()
+
+
+def _position_scratch(slots, shape):
+    """The incident-wave scratch (slots, K, N_y, N_x) and the wave and far-field scratch
+    (K, N_y, N_x) of the compiled per-position model, SIMD-aligned: the calling thread's,
+    kept from its last call of the same shape (the model writes them before it reads
+    them, and a thread runs one call at a time), so that a call of a few positions does
+    not pay three aligned allocations. At most one set per thread."""
+    key = (int(slots), tuple(shape))
+    held = getattr(_SCRATCH, "arrays", None)
+    if held is None or held[0] != key:
+        held = (key, empty((key[0], *key[1]), np.complex64), empty(key[1], np.complex64), empty(key[1], np.complex64))
+        _SCRATCH.arrays = held
+    return held[1:]
+
+
+@functools.lru_cache(maxsize=16)
+def _read_only(kind, shape):
+    """Constant arrays of the per-position model, made once per shape: ``ones`` (complex64:
+    the slice kernel of one slice, never read) and ``mask`` (bool: every pixel counted)."""
+    a = np.ones(shape, dtype=np.complex64 if kind == "ones" else bool)
+    a.flags.writeable = False
+    return a
+
+
 def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, probe_gradient, out, rows, interval=1,
                             detector=None):
     """:func:`gradients` by :func:`daskptycho.physics._compiled.position_gradients`, or
@@ -561,14 +591,14 @@ def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, pr
     rows = np.arange(corners.shape[0], dtype=np.int64) if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
     if rows.shape != (corners.shape[0],) or (rows.size and (rows.min() < 0 or rows.max() >= intensity.shape[0])):
         raise ValueError(f"rows must give one pattern of the {intensity.shape[0]} for each of the {corners.shape[0]} positions")
-    m = np.ones((ny, nx), dtype=bool) if mask is None else np.ascontiguousarray(np.broadcast_to(mask, (ny, nx)), dtype=bool)
+    m = _read_only("mask", (ny, nx)) if mask is None else np.ascontiguousarray(np.broadcast_to(mask, (ny, nx)), dtype=bool)
     if n_slices > 1:
         if kernel is None or kernel.shape != (ny, nx):
             raise ValueError(f"kernel must be ({ny}, {nx}) with {n_slices} slices")
         k_fwd = np.ascontiguousarray(_scaled_kernel(kernel, np.complex64))
         k_adj = np.ascontiguousarray(_scaled_kernel(kernel.conj(), np.complex64))
     else:
-        k_fwd = k_adj = np.ones((ny, nx), dtype=np.complex64)
+        k_fwd = k_adj = _read_only("ones", (ny, nx))
     near = detector is not None
     if near:
         if detector.shape != (ny, nx):
@@ -592,8 +622,7 @@ def _gradients_per_position(obj, probe, index, kernel, intensity, mask, cost, pr
         gp, pil = acc("probe", probe.shape, np.complex64), acc("probe_illumination", (ny, nx), np.float32)
     else:  # not written; the arguments keep their types
         gp, pil = np.zeros((1, 1, 1), dtype=np.complex64), np.zeros((1, 1), dtype=np.float32)
-    inc = empty((position_scratch_waves(n_slices, interval), k, ny, nx), np.complex64)
-    wave, far = empty((k, ny, nx), np.complex64), empty((k, ny, nx), np.complex64)
+    inc, wave, far = _position_scratch(position_scratch_waves(n_slices, interval), (k, ny, nx))
     plan_f, plan_b = fftw_plans(probe.shape)
     s2 = 1.0 if near else 1.0 / (ny * nx)  # near field: the detector wave comes out of a unitary propagation
     counts = np.zeros(1, dtype=np.int64)
