@@ -41,9 +41,17 @@ threads, and the client's process: :func:`cpu_by_role`), and turned into a bound
 floor over half the CPU per iteration, the most of the floor the run could reach on the 2
 cores at that CPU cost if no core ever waited.
 
-The FFT floor of one iteration: the FFTs counted in one ``ml`` step on this dataset x this
-moment's time of one 96 x 96 FFT (one thread, reused pyFFTW plan), divided by 2 for the 2
-cores; minibatches and probe refinement compute the same transforms. The full-batch pair
+The FFT floor of one iteration: the FFTs counted in one ``ml`` step on this dataset x the
+time of one 96 x 96 FFT (one thread, reused pyFFTW plan), divided by 2 for the 2 cores;
+minibatches and probe refinement compute the same transforms. The FFT is timed right
+before and right after every run. This shared machine alternates between two speeds (one
+FFT in 18 us, or in 24-26 us for seconds to minutes): the floor takes the fast speed (the
+median of the measurements within ``FAST`` of the fastest), and a run whose two checks
+are both at that speed is a steady one. A row's floor fraction is the median over all its
+runs (runs in the slow state measured against the fast floor: the strict figure), and,
+beside it, over its steady runs. (pyFFTW's one-thread single transform is the fastest FFT measured here: a batch of
+169 or FFTW's own 2 threads over the 676 patterns are no faster per transform, and
+``scipy.fft`` is 1.6x slower with 2 workers.) The full-batch pair
 is compared over the field gd's tiles hold (with the default probe-support halos the
 window pixels beyond a tile's halo, where 0.1% of the probe falls, are held fixed). Writes
 benchmarks/results/default_run.json.
@@ -70,6 +78,9 @@ SCAN, DETECTOR = 26, 96
 
 #: peer messages between the workers of this machine over their Unix sockets (default) or comms
 COMMS = "daskptycho.schedule.same_host_sockets"
+
+#: a measured FFT time within this factor of the fastest one is the machine's fast speed
+FAST = 1.1
 
 #: the exact comparison's update rule: full batch, probe fixed
 FULL_BATCH = dict(batch_size=None, refine_probe=False)
@@ -189,13 +200,17 @@ def main(argv=None):
         ffts = iteration_fft_count(ds, 1)
         with dask.config.set({"daskptycho.dashboard.live": False}):
             for rnd in range(args.repeats):
-                us_runs.append(us_per_fft_now(DETECTOR))
                 results = {}
                 # a fresh cluster per case, as a user's run starts (a case run after others on
                 # the same cluster was measured up to 20% slower, and a worker's peer plugin keeps
                 # the message path it was registered with); every other round in reverse order,
                 # so that drift over the rounds favours no case
                 for label, engine, workers, kw, cfg in CASES if rnd % 2 == 0 else CASES[::-1]:
+                    # the FFT's time right before and right after each run: this shared machine
+                    # alternates between two speeds (one FFT 18 or 24-26 us, for seconds to
+                    # minutes), and a run with both checks at the fast speed is a steady one
+                    us_case = us_per_fft_now(DETECTOR)
+                    us_runs.append(us_case)
                     with local_cluster(workers) as cluster, Client(cluster) as client:
                         pids = [os.getpid(), *client.run(os.getpid).values()]
                         stamps, cpu, roles = [], [], []
@@ -209,11 +224,13 @@ def main(argv=None):
                         with dask.config.set(cfg):
                             res = dp.reconstruct(ds, engine, client=client, progress=progress, **kw)
                         results[label] = res
-                        runs[label].append({k: _per_iteration(stamps, s) for k, s in case_spans[label].items()}
-                                           | {"final_cost": float(res["cost"].values[-1]),
-                                              "cpu_s_per_iteration": _per_iteration(cpu, span["run"]),
-                                              "cpu_by_role": cpu_by_role(roles[0][0], roles[1][0], (roles[0][1], roles[1][1]),
-                                                                         span["run"][1] - span["run"][0])})
+                    us_after = us_per_fft_now(DETECTOR)
+                    us_runs.append(us_after)
+                    runs[label].append({k: _per_iteration(stamps, s) for k, s in case_spans[label].items()}
+                                       | {"final_cost": float(res["cost"].values[-1]), "us_per_fft": [us_case, us_after],
+                                          "cpu_s_per_iteration": _per_iteration(cpu, span["run"]),
+                                          "cpu_by_role": cpu_by_role(roles[0][0], roles[1][0], (roles[0][1], roles[1][1]),
+                                                                     span["run"][1] - span["run"][0])})
                 # the exact pair: gd in full batch is full-batch gradient descent, over the field its tiles hold
                 held = _held(results["gd 2x2, full batch"])
                 o, r = (results[k]["object"].values[held] for k in ("gd 2x2, full batch", "ml, full batch"))
@@ -222,21 +239,36 @@ def main(argv=None):
                 o, r = (np.angle(results[k]["object"].values[held]) for k in ("gd 2x2 (default)", "gd 2x2, whole windows"))
                 halo_phase.append(float(np.linalg.norm(o - r) / np.linalg.norm(r)))
                 print({k: round(v[-1]["run"] * 1e3, 1) for k, v in runs.items()}, flush=True)
-    us = statistics.median(us_runs)
-    floor_2 = ffts["ffts"] * us * 1e-6 / 2
+    # the 2-thread floor from the machine's fast speed: the median of the measurements within
+    # 10% of the fastest (the strict floor; a run in the slow state is measured against it too)
+    fastest = min(us_runs)
+    us = statistics.median(x for x in us_runs if x <= FAST * fastest)
+
+    def floor(r):
+        return ffts["ffts"] * us * 1e-6 / 2
+
+    def steady(r):  # both FFT checks of the run at the fast speed
+        return all(x <= FAST * fastest for x in r["us_per_fft"])
+
     rows = []
     for label, engine, w, kw, cfg in CASES:
+        rr = runs[label]
         row = {"label": label, "engine": engine or "gd", "workers": w, "options": kw, "config": cfg,
-               "final_cost": statistics.median(r["final_cost"] for r in runs[label]), "floor_2_threads_s": floor_2,
-               "cpu_s_per_iteration": statistics.median(r["cpu_s_per_iteration"] for r in runs[label]),
-               "cpu_by_role": {k: statistics.median(r["cpu_by_role"][k] for r in runs[label]) for k in runs[label][0]["cpu_by_role"]}}
+               "final_cost": statistics.median(r["final_cost"] for r in rr),
+               "floor_2_threads_s": statistics.median(floor(r) for r in rr), "us_per_fft_runs": [r["us_per_fft"] for r in rr],
+               "cpu_s_per_iteration": statistics.median(r["cpu_s_per_iteration"] for r in rr),
+               "cpu_by_role": {k: statistics.median(r["cpu_by_role"][k] for r in rr) for k in rr[0]["cpu_by_role"]}}
         # the most of the floor the run could reach on these 2 cores at this CPU cost, were
         # no core ever idle: floor / (CPU per iteration / 2)
-        row["cpu_bound_floor_fraction"] = floor_2 / (row["cpu_s_per_iteration"] / 2)
+        row["cpu_bound_floor_fraction"] = statistics.median(floor(r) / (r["cpu_s_per_iteration"] / 2) for r in rr)
+        row["steady_runs"] = [steady(r) for r in rr]
         for k in span:
             if case_spans[label][k] is not None:
-                row[k] = {"s_per_iteration": statistics.median(r[k] for r in runs[label]), "runs": [r[k] for r in runs[label]]}
-                row[k]["floor_fraction"] = floor_2 / row[k]["s_per_iteration"]
+                fractions = [floor(r) / r[k] for r in rr]
+                calm = [f for f, r in zip(fractions, rr) if steady(r)]
+                row[k] = {"s_per_iteration": statistics.median(r[k] for r in rr), "runs": [r[k] for r in rr],
+                          "floor_fraction": statistics.median(fractions), "floor_fraction_runs": fractions,
+                          "floor_fraction_steady": statistics.median(calm) if calm else None}
         rows.append(row)
 
     def ratio(label, ref, kind="run"):
@@ -247,8 +279,9 @@ def main(argv=None):
     speed = ratio("gd 2x2 (default)", "ml, 1 worker")
     targets = {
         "default_speedup_over_ml": {**speed, "target": ">= 1.3", "met": speed["value"] >= 1.3},
-        "default_floor_fraction": {"value": default["run"]["floor_fraction"], "target": ">= 0.5",
-                                   "met": default["run"]["floor_fraction"] >= 0.5},
+        "default_floor_fraction": {"value": default["run"]["floor_fraction"], "per_round": default["run"]["floor_fraction_runs"],
+                                   "steady_rounds": default["steady_runs"], "steady_value": default["run"]["floor_fraction_steady"],
+                                   "target": ">= 0.5", "met": default["run"]["floor_fraction"] >= 0.5},
         "minibatch_speedup_over_ml": ratio("gd 2x2 (default)", "ml, 1 worker", "minibatch"),
         "full_batch_speedup_over_ml": ratio("gd 2x2 (default)", "ml, 1 worker", "full batch"),
         "scheduler_exchange_speedup_over_ml": ratio("gd 2x2, scheduler exchange", "ml, 1 worker"),
@@ -261,7 +294,7 @@ def main(argv=None):
         "dataset": f"simulate(kind='image', scan=({SCAN}, {SCAN}), detector={DETECTOR}): {SCAN * SCAN} positions, single slice",
         "iterations": iterations, "minibatch_iterations": mb_iterations, "block_iterations": block,
         "spans": {k: list(v) if v else None for k, v in span.items()}, "repeats": args.repeats, "cluster_per_case": True,
-        "ffts_per_iteration": ffts["ffts"], "us_per_fft_96_one_thread": us,
+        "ffts_per_iteration": ffts["ffts"], "us_per_fft_96_one_thread": us, "us_per_fft_runs": us_runs,
         "full_batch_relative_difference_to_ml": {"max": max(rel), "runs": rel},
         "default_phase_difference_to_whole_windows": {"max": max(halo_phase), "runs": halo_phase},
         "loadavg_start": load0, "loadavg_end": os.getloadavg(),

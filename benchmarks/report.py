@@ -518,7 +518,11 @@ def section_default_run(d, lines):
               f"runs from the end of a block to the end of another: the run after its first block (iterations "
               f"{sp['run'][0] + 1}-{sp['run'][1]}), its minibatch iterations ({sp['minibatch'][0] + 1}-{sp['minibatch'][1]}) and "
               f"full-batch ones ({sp['full batch'][0] + 1}-{sp['full batch'][1]}). FFT floor: {d['ffts_per_iteration']:,} FFTs "
-              f"per iteration x {d['us_per_fft_96_one_thread']:.1f} us (96^2, one thread) / 2 cores = "
+              f"per iteration x {d['us_per_fft_96_one_thread']:.1f} us (96^2, one thread" +
+              (f"; the machine's fast speed: {len(d['us_per_fft_runs'])} measurements, one before and one after each run, "
+               f"{min(d['us_per_fft_runs']):.1f}-{max(d['us_per_fft_runs']):.1f} us, "
+               f"{sum(x > 1.1 * min(d['us_per_fft_runs']) for x in d['us_per_fft_runs'])} of them in its slow state (over 10% "
+               "slower than the fastest)" if "us_per_fft_runs" in d else "") + ") / 2 cores = "
               f"{d['rows'][0]['floor_2_threads_s'] * 1e3:.1f} ms.", "",
               "| run | ms per iteration, whole run (rounds) | minibatch iterations | full-batch iterations | floor fraction (run) "
               "| CPU ms per iteration (run) | CPU bound on the floor fraction | final cost |",
@@ -534,7 +538,11 @@ def section_default_run(d, lines):
     lines += ["", f"The default run over ml: **{sp['value']:.2f}x** (per round {', '.join(f'{x:.2f}' for x in sp['per_round'])}; "
               f"target {sp['target']}: {'met' if sp['met'] else 'NOT met'}); in its minibatch iterations "
               f"{t['minibatch_speedup_over_ml']['value']:.2f}x, in its full-batch ones {t['full_batch_speedup_over_ml']['value']:.2f}x. "
-              f"Floor fraction of the whole run **{ff['value']:.2f}** (target {ff['target']}: {'met' if ff['met'] else 'NOT met'}). "
+              f"Floor fraction of the whole run **{ff['value']:.2f}** (" + (f"per round {', '.join(f'{x:.2f}' for x in ff['per_round'])}; "
+              if ff.get("per_round") else "") + f"target {ff['target']}: {'met' if ff['met'] else 'NOT met'})" +
+              (f"; over the {sum(ff['steady_rounds'])} rounds whose default run had the machine at its fast speed before and "
+               f"after, **{ff['steady_value']:.2f}**" if ff.get("steady_value") is not None else
+               ("; no round's default run had the machine at its fast speed before and after" if "steady_rounds" in ff else "")) + ". "
               f"With every strip a task: {t['scheduler_exchange_speedup_over_ml']['value']:.2f}x. With the peer messages over the "
               f"workers' comms instead of their Unix sockets: {t['comms_speedup_over_ml']['value']:.2f}x (the sockets are "
               f"{t['sockets_over_comms']['value']:.2f}x faster, per round "
@@ -547,7 +555,11 @@ def section_default_run(d, lines):
                  f"{_row(d, 'gd 2x2, live page on')['run']['floor_fraction']:.2f}." if "live_page_speedup" in t else ""), "",
               "A minibatch iteration is 4 pass rounds, and every round ends in a barrier: each tile's next gradient needs "
               "its neighbours' strips (here swapped at once, one message each way) and the probe stepped from every tile's "
-              "part (each worker steps its own copy from the two halves of the sum). Between workers of one machine those messages "
+              "part (each worker steps its own copy from the two halves of the sum). A stage sends its round's values for the "
+              "peer as soon as no further value for that peer is one quick task away, before its own strips, probe step and "
+              "tile updates (`daskptycho.tasks.peer`; measured ABBA on fresh clusters, iterations 16-49: 23.7 against 24.2 ms "
+              "per iteration with the peer's message waiting behind those, faster in 4 of 6 blocks). "
+              "Between workers of one machine those messages "
               "go over the receivers' Unix sockets, written by the sending stage's own thread and read by a thread of the "
               "receiver (`daskptycho.schedule.same_host_sockets`): over the workers' comms instead, each message waits for the "
               "sender's and then the receiver's event loop to get a core, while the two stages fill both, and costs both "
