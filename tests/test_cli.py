@@ -137,6 +137,26 @@ def test_simulate_and_import_refuse_an_existing_output_before_doing_any_work(tmp
     assert (out / "keep").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep"]
 
 
+def test_a_peer_block_runs_steady_time_starts_where_its_first_block_ends(small_pbtio3, tmp_path):
+    # gd on 2 workers: 10 iterations in peer blocks 1-7 (the minibatches) and 8-10; the
+    # costs of a block arrive together, so the steady state is iterations 8-10, measured
+    # from the arrival of the first block's last cost
+    from daskptycho.engines import engine_options
+    from daskptycho.engines.gd import block_ends
+
+    assert block_ends(10, 16, engine_options(iterations=10).minibatch_iterations()) == [6, 9]
+    p = run("reconstruct", small_pbtio3, "--slices", "2", "--iterations", "10", "--workers", "2",
+            "--out", tmp_path / "r.zarr", "--timing", tmp_path / "t.json")
+    assert p.returncode == 0, p.stderr
+    res = dp.open_result(tmp_path / "r.zarr")
+    assert res.attrs["engine"] == "gd" and json.loads(res.attrs["peer_block_ends"]) == [6, 9]
+    timing = json.loads((tmp_path / "t.json").read_text())
+    intervals = timing["cost_arrival_intervals_s"]
+    assert timing["iteration_s"] == pytest.approx(sum(intervals[7:]) / 3)
+    assert "iterations 8-10 of 10" in timing["iteration_s_definition"]
+    assert "s per iteration in the steady state (iterations 8-10 of 10;" in p.stderr, p.stderr
+
+
 def test_steady_iteration_time_is_the_rate_between_the_ends_of_bursts():
     from daskptycho.metrics import steady_iteration_s, steady_span
 
