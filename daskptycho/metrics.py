@@ -123,12 +123,6 @@ def seam_ratio(result, truth: xr.DataArray, position, width_px=2):
     return float(err[near].mean() / err[~near].mean())
 
 
-#: an interval between two costs' arrivals shorter than this fraction of the run's mean
-#: interval belongs to a burst: costs computed together (a peer block's, or a pipelined
-#: pair) and handed over one after another
-BURST_FRACTION = 0.5
-
-
 def steady_span(intervals, skip=2, burst_ends=None):
     """The arrivals a steady-state time per iteration is measured between.
 
@@ -152,8 +146,9 @@ def steady_span(intervals, skip=2, burst_ends=None):
     The span starts where a burst ends. Costs computed together arrive together (a peer
     block's 16, handed to the caller one by one within milliseconds): a span that started
     inside such a burst would count the burst's iterations as if they had cost nothing.
-    Without ``burst_ends``, ``a`` moves on from ``skip - 1`` while the next cost follows
-    within :data:`BURST_FRACTION` of the mean interval; the last cost always ends a burst.
+    With ``burst_ends`` the span starts at the first of them at or after ``skip - 1``;
+    without, at ``skip - 1`` (costs that arrive one by one, or in the pairs of a run that
+    keeps one iteration in flight, which ``skip`` covers). The last cost always ends one.
     """
     xs = [float(x) for x in intervals]
     n = len(xs)
@@ -162,11 +157,7 @@ def steady_span(intervals, skip=2, burst_ends=None):
     if burst_ends is not None:
         starts = [int(e) for e in burst_ends if max(skip - 1, 0) <= int(e) < n - 1]
         return (min(starts), n - 1) if starts else None
-    short = BURST_FRACTION * sum(xs[1:]) / (n - 1)
-    a = max(skip - 1, 0)
-    while a < n - 1 and xs[a + 1] <= short:
-        a += 1
-    return (a, n - 1) if a < n - 1 else None
+    return max(skip - 1, 0), n - 1
 
 
 def steady_iteration_s(intervals, skip=2, burst_ends=None):

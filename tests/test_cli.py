@@ -178,19 +178,19 @@ def test_steady_iteration_time_is_the_rate_between_the_ends_of_bursts():
     for (lo, hi), end in zip(blocks[1:], ends):
         stamps += [end + gap * k for k in range(hi - lo)]
     intervals = [stamps[0]] + [b - a for a, b in zip(stamps, stamps[1:])]
-    assert steady_span(intervals) == (15, 49)
-    assert steady_iteration_s(intervals) == pytest.approx((stamps[49] - stamps[15]) / 34)
+    # the groups given (a run's peer_block_ends, as indices): the span runs from the end of
+    # the first block to the last cost
+    ends = [15, 34, 49]
+    assert steady_span(intervals, burst_ends=ends) == (15, 49)
+    assert steady_iteration_s(intervals, burst_ends=ends) == pytest.approx((stamps[49] - stamps[15]) / 34)
     # within 2% of the true rate (the last block's own spread of arrivals aside), where the
-    # mean after the second cost was 30% fast
-    assert steady_iteration_s(intervals) == pytest.approx(t_it, rel=0.02)
-    assert sum(intervals[2:]) / 48 < 0.75 * t_it
-    # the groups given (a run's peer_block_ends, as indices): the same span
-    assert steady_span(intervals, burst_ends=[15, 34, 49]) == (15, 49)
+    # mean after the second cost, what the groups' ends mend, was 30% fast
+    assert steady_iteration_s(intervals, burst_ends=ends) == pytest.approx(t_it, rel=0.02)
+    assert steady_iteration_s(intervals) == pytest.approx(sum(intervals[2:]) / 48) and sum(intervals[2:]) / 48 < 0.75 * t_it
     # every iteration after the start in one group: no steady span, and no rate made of
-    # the milliseconds between one group's costs
+    # the milliseconds between one group's costs: the whole mean, start included
     assert steady_span([3.0] + [0.0002] * 9, burst_ends=[9]) is None
-    assert steady_span([3.0] + [0.0] * 9) is None
-    assert steady_iteration_s([3.0] + [0.0] * 9) == pytest.approx(0.3)
+    assert steady_iteration_s([3.0] + [0.0002] * 9, burst_ends=[9]) == pytest.approx((3.0 + 0.0018) / 10)
     with pytest.raises(ValueError):
         steady_iteration_s([])
 
