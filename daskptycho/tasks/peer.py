@@ -728,7 +728,7 @@ def _run(spec, inputs, plugin, timeout):
             if task_msgs[j] & waiting:
                 continue
             todo = [p for p in producers[j] if not finished[p]]
-            if all(runnable(p) and quick(p) for p in todo):
+            if todo and all(runnable(p) and quick(p) for p in todo):
                 return min(todo)
         return None
 
