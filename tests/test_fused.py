@@ -193,3 +193,44 @@ def test_unknown_kernels_setting_is_one_clear_error():
 
     with dask.config.set({"daskptycho.kernels": "fortran"}), pytest.raises(OptionsError, match="kernels"):
         fused.kernels()
+
+
+_BITS_SCRIPT = """
+import hashlib, sys
+import numpy as np
+from daskptycho import physics
+from daskptycho.physics import fused
+assert fused.kernels() is not None
+rng = np.random.default_rng(12)
+N, HW = 32, (80, 80)
+out = []
+for slices, modes in ((1, 1), (1, 2), (2, 2)):
+    obj = (1 + 0.1 * (rng.standard_normal((slices,) + HW) + 1j * rng.standard_normal((slices,) + HW))).astype(np.complex64)
+    probe = (rng.standard_normal((modes, N, N)) + 1j * rng.standard_normal((modes, N, N))).astype(np.complex64)
+    win = physics.windows(rng.integers(0, HW[0] - N, (20, 2)), (N, N), HW)
+    kernel = physics.fresnel_kernel((N, N), 1e-10, 2.5e-12, 2e-10) if slices > 1 else None
+    data = (rng.random((20, N, N)) * 100).astype(np.float32)
+    for cost in ("amplitude", "poisson"):
+        r = physics.gradients(obj, probe, win, kernel, data, None, cost, True)
+        out.append(hashlib.sha256(repr(r["cost"]).encode() + b"".join(
+            np.ascontiguousarray(r[k]).tobytes() for k in ("object", "illumination", "probe", "probe_illumination"))).hexdigest())
+print(" ".join(out))
+"""
+
+
+def test_a_process_that_compiles_the_kernels_and_one_that_loads_them_compute_the_same_bits(tmp_path):
+    """The first run on a machine compiles the kernels; every later one loads them from
+    Numba's cache. Both must give the same bits, or a lost worker's replacement (or a
+    resumed run) would not recompute what the first run's workers did. With fast-math
+    reassociation in the cost's loops, a two-mode gradient differed between the two."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    runs = [subprocess.run([sys.executable, "-c", _BITS_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert any((tmp_path / "numba-cache").rglob("*.nbi")), "the first process wrote no kernel cache"
+    assert runs[0].stdout.split() == runs[1].stdout.split()

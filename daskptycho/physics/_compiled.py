@@ -6,7 +6,9 @@ Every loop takes one row view per (position, mode, row) and indexes it by x alon
 measured 4-6x faster than indexing the 4-D arrays element by element, which Numba
 compiles to a stride computation per access that LLVM does not vectorise. Loops run
 positions in order and sum modes before adding into an accumulator, as the NumPy path
-does, single-threaded: deterministic, and equal to the NumPy path to float32 rounding.
+does, single-threaded and with no fast-math licence (LLVM may not reorder a sum, so every
+build of a kernel, compiled in this process or loaded from Numba's cache, computes the
+same bits): deterministic, and equal to the NumPy path to float32 rounding.
 """
 
 from __future__ import annotations
@@ -48,61 +50,88 @@ def scale_window(wave, factor):
                 frow[x] = frow[x] * krow[x]
 
 
-# the cost's sums are reassociated (each row's terms summed in vector lanes) and divisions
-# may become products by reciprocals: both within float32 rounding of the NumPy path
-_jit_sums = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "arcp"})
+# The cost's sums run in LANES interleaved partial sums, added in a fixed order at the end:
+# LLVM vectorises those (each lane is its own chain) without any fast-math licence, so the
+# bits do not depend on the vector width or on which build of the kernel runs. With
+# reassociation allowed instead, a machine's first run (compiling the kernels) and every
+# later one (loading them from Numba's cache) summed a two-mode cost and gradient in
+# different orders: a lost worker's replacement would not have recomputed its bits.
+LANES = 8
 # a row's loop inlined into its caller: measured 10% faster than the call per row
-_jit_sums_inline = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "arcp"},
-                              inline="always")
+_jit_row = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 # float32 constants: a float64 one would turn a float32 pixel's arithmetic into float64
 # (float64 patterns promote them)
 _ZERO32, _ONE32, _TINY32 = np.float32(0.0), np.float32(1.0), np.float32(_TINY)
 
 
-@_jit_sums
+@_jit
 def _amplitude_term(m, i, ok, ws):
-    """The amplitude cost of one pixel of model intensity ``m`` and measured ``i``
-    (counted when ``ok``), and the factor that makes ``2 dL/dPsi*`` of its
-    far-field wave."""
-    amp = math.sqrt(m)
-    r = amp - math.sqrt(i)
-    return (r * r if ok else _ZERO32), (r / amp * ws if (ok and amp > _ZERO32) else _ZERO32)
+    """The amplitude cost ``(sqrt(m) - sqrt(i))^2`` of one pixel of model intensity ``m``
+    and measured ``i`` (counted when ``ok``), and the factor ``(1 - sqrt(i / m)) ws`` that
+    makes ``2 dL/dPsi*`` of its far-field wave; by one division and one square root, the
+    cost as ``m (1 - sqrt(i / m))^2`` (where ``m`` is 0: ``i``, and no gradient)."""
+    d = _ONE32 - math.sqrt(i / m)
+    live = ok and m > _ZERO32
+    return (m * d * d if live else (i if ok else _ZERO32)), (d * ws if live else _ZERO32)
 
 
-@_jit_sums
+@_jit
 def _poisson_term(m, i, ok, ws):
     """As :func:`_amplitude_term`, for the Poisson likelihood."""
     den = m + _TINY32
     return (m - i * math.log(den) if ok else _ZERO32), ((_ONE32 - i / den) * ws if ok else _ZERO32)
 
 
-@_jit_sums_inline
-def _row_cost(frow, irow, mrow, s2, ws, poisson, sign):
+@_jit_row
+def _lane_sum(terms, zero):
+    """``sum(terms)`` (1-D) in :data:`LANES` interleaved partial sums of ``zero``'s type,
+    then those in order: the same bits however the loop is vectorised."""
+    n = terms.shape[0]
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
+    x = 0
+    while x + LANES <= n:
+        a0 += terms[x]
+        a1 += terms[x + 1]
+        a2 += terms[x + 2]
+        a3 += terms[x + 3]
+        a4 += terms[x + 4]
+        a5 += terms[x + 5]
+        a6 += terms[x + 6]
+        a7 += terms[x + 7]
+        x += LANES
+    while x < n:
+        a0 += terms[x]
+        x += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+@_jit_row
+def _row_cost(frow, irow, mrow, s2, ws, poisson, sign, trow):
     """One row of one mode: the cost of its pixels, its waves (pairs of reals (2 N_x,))
-    scaled in place into the gradient, conjugated with ``sign`` -1 (1: not)."""
-    if poisson:  # terms differ in sign: their sum is kept in float64
-        c = 0.0
+    scaled in place into the gradient, conjugated with ``sign`` -1 (1: not); ``trow``
+    (N_x,) is scratch for the pixels' terms."""
+    # Poisson terms differ in sign: their sum is kept in float64; amplitude terms are
+    # >= 0, and a row's sum in the patterns' precision stays within its rounding
+    if poisson:
         for x in range(irow.shape[0]):
             re = frow[2 * x]
             im = frow[2 * x + 1]
             t, f = _poisson_term((re * re + im * im) * s2, irow[x], mrow[x], ws)
-            c += t
+            trow[x] = t
             frow[2 * x] = re * f
             frow[2 * x + 1] = im * (f * sign)
-        return c
-    # amplitude terms are >= 0: a row's sum in the patterns' precision stays within its rounding
-    c32 = _ZERO32
+        return _lane_sum(trow, 0.0)
     for x in range(irow.shape[0]):
         re = frow[2 * x]
         im = frow[2 * x + 1]
         t, f = _amplitude_term((re * re + im * im) * s2, irow[x], mrow[x], ws)
-        c32 += t
+        trow[x] = t
         frow[2 * x] = re * f
         frow[2 * x + 1] = im * (f * sign)
-    return float(c32)
+    return float(_lane_sum(trow, _ZERO32))
 
 
-@_jit_sums
+@_jit
 def cost_window(far, intensity, mask, s2, ws, poisson, model, w, conj):
     """Cost of one position's unnormalised far field (K, N_y, N_x) against ``intensity``
     (N_y, N_x) (complex64 and float32, or complex128 and float64); the gradient is
@@ -124,7 +153,7 @@ def cost_window(far, intensity, mask, s2, ws, poisson, model, w, conj):
         irow = intensity[y]
         mrow = mask[y]
         if n_modes == 1:
-            cost += _row_cost(fv[0, y], irow, mrow, s2, ws, poisson, sign)
+            cost += _row_cost(fv[0, y], irow, mrow, s2, ws, poisson, sign, model)
             continue
         # several modes: their intensities summed, then one factor for every mode's pixel
         for k in range(n_modes):
@@ -132,16 +161,15 @@ def cost_window(far, intensity, mask, s2, ws, poisson, model, w, conj):
             for x in range(nx):
                 p = frow[2 * x] * frow[2 * x] + frow[2 * x + 1] * frow[2 * x + 1]
                 model[x] = p if k == 0 else model[x] + p
-        c32 = _ZERO32
-        c64 = 0.0
-        for x in range(nx):
-            if poisson:
-                t, w[x] = _poisson_term(model[x] * s2, irow[x], mrow[x], ws)
-                c64 += t
-            else:
-                t, w[x] = _amplitude_term(model[x] * s2, irow[x], mrow[x], ws)
-                c32 += t
-        cost += c64 + c32
+        # each pixel's term written over its model intensity, once read
+        if poisson:
+            for x in range(nx):
+                model[x], w[x] = _poisson_term(model[x] * s2, irow[x], mrow[x], ws)
+            cost += _lane_sum(model, 0.0)
+        else:
+            for x in range(nx):
+                model[x], w[x] = _amplitude_term(model[x] * s2, irow[x], mrow[x], ws)
+            cost += float(_lane_sum(model, _ZERO32))
         for k in range(n_modes):
             frow = fv[k, y]
             for x in range(nx):
