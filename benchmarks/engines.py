@@ -12,8 +12,9 @@ peak memory belongs to that run:
   4 tiles, ``dm`` (2 parts) on 2 workers, and ``gd`` with 4 tiles on 1 worker;
 * time per iteration (``s_per_iteration``): the steady-state mean of one run, the wall time
   between the arrivals of two iterations' costs at the client over the iterations between,
-  from the 2nd (or, with peer blocks, the end of the first block after it: a block's costs
-  arrive together) to the last (:func:`daskptycho.metrics.steady_iteration_s`; with one
+  from the end of the first group of costs that reached the client together
+  (:func:`arrival_groups`: with peer blocks, of :data:`BLOCK` iterations here, a block's;
+  otherwise one or a pipelined pair) from the 2nd on, to the last (:func:`daskptycho.metrics.steady_iteration_s`; with one
   iteration kept in flight the costs arrive in bursts, so single intervals' median is not
   a rate); each
   case runs ``--repeats`` times, the rounds interleaved (every case once, then again), and
@@ -47,6 +48,14 @@ from .fft_floor import us_per_fft_now
 
 #: iterations left out of each run's steady-state time (the start, and the burst of the first two costs)
 SKIP = 2
+
+#: the shortest wait (a fraction of a run's mean time per iteration, start included) between
+#: the costs of two groups (:func:`arrival_groups`); a group's own come milliseconds apart
+GROUP_GAP = 0.05
+
+#: iterations per peer block here (``daskptycho.schedule.block_iterations``; the default 16
+#: would make a 12-iteration run one block, whose costs all arrive at once: no steady state)
+BLOCK = 4
 
 CASES = [
     # (label, engine, tiles, workers, multislice); each target's pair of rows runs back to back
@@ -99,6 +108,7 @@ def _task_stream_summary(records, n_workers, t_begin, t_end):
 
 def run_case(store, engine, tiles, workers, iterations, slices, extra=None, device="cpu"):
     """One reconstruction on a fresh LocalCluster; returns timings, memory and the task stream summary."""
+    import dask
     from distributed import Client, get_task_stream
 
     import daskptycho as dp
@@ -113,7 +123,8 @@ def run_case(store, engine, tiles, workers, iterations, slices, extra=None, devi
     kw = dict(iterations=iterations, slices=slices, device=device, **(extra or {}))
     if engine in ("gd", "hve"):
         kw["tiles"] = tiles
-    with local_cluster(workers, memory_limit=0) as cl, Client(cl) as c:
+    with dask.config.set({"daskptycho.schedule.block_iterations": BLOCK}), local_cluster(workers, memory_limit=0) as cl, \
+            Client(cl) as c:
         c.wait_for_workers(workers)
         t0 = time.perf_counter()
         with get_task_stream(client=c) as ts:
@@ -122,8 +133,9 @@ def run_case(store, engine, tiles, workers, iterations, slices, extra=None, devi
         records = ts.data
     edges = [t0] + stamps
     per_it = [b - a for a, b in zip(edges[:-1], edges[1:])]
-    # a peer block's costs arrive together: the steady span starts where one ends
-    ends = json.loads(res.attrs["peer_block_ends"]) if "peer_block_ends" in res.attrs else None
+    # costs that reach the client together (a peer block's; on 1 worker the client may
+    # fetch several blocks' at once): the steady span starts where such a group ends
+    ends = arrival_groups(per_it)
     span = steady_span(per_it, SKIP, ends)
     mem = json.loads(res.attrs["memory"])
     peaks = list(mem.get("worker_peak_above_baseline_bytes", {}).values())
@@ -138,6 +150,15 @@ def run_case(store, engine, tiles, workers, iterations, slices, extra=None, devi
         # steady state: the iterations that s_per_iteration averages
         "task_stream": _task_stream_summary(records, workers, epoch[span[0] if span else SKIP - 1], epoch[-1]),
     }
+
+
+def arrival_groups(per_it, gap=GROUP_GAP):
+    """The iterations whose costs end a group that reached the client together: ``k`` where
+    the next cost came more than ``gap`` of the run's mean time per iteration later, and the
+    last. Measured from the arrivals themselves, not from the run's ``peer_block_ends``:
+    a client busy building graphs can fetch several blocks' costs at once."""
+    mean = sum(per_it) / len(per_it)
+    return [k for k in range(len(per_it)) if k == len(per_it) - 1 or per_it[k + 1] > gap * mean]
 
 
 def dataset_ffts(ds, slices, engine="ml"):
@@ -304,7 +325,7 @@ def main(argv=None):
         "loadavg_start": load0, "loadavg_end": os.getloadavg(),
         "dataset": f"pbtio3 {a.scan}x{a.scan} positions, {a.detector} px patterns, {a.slices} slices (dm: 1 slice)",
         "scan": a.scan, "detector": a.detector, "slices": a.slices,
-        "iterations": a.iterations, "repeats": a.repeats, "skip": SKIP, "best_us_per_fft": best_us,
+        "iterations": a.iterations, "repeats": a.repeats, "skip": SKIP, "block_iterations": BLOCK, "best_us_per_fft": best_us,
         "message_interval": str(dask.config.get("daskptycho.cluster.message-interval", "auto")),
         "fft_count": {k: {kk: vv for kk, vv in v.items() if kk != "by_size"} for k, v in ffts.items()},
         "rows": rows, "failed": failed, "targets": targets,

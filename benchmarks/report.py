@@ -125,7 +125,11 @@ def section_engines(d, floor, lines):
               f"A run's time per iteration is its steady state: the wall time between the arrivals of the {d.get('skip', 2)}nd and "
               "the last iteration's costs at the client, over the iterations between (`daskptycho.metrics.steady_iteration_s`). "
               "With one iteration kept in flight ahead the costs arrive in bursts (0.02 s, then 1.1 s), so the median of single "
-              "intervals, used before, could land on either side of the rate; the table gives the median over runs and the range.", ""]
+              "intervals, used before, could land on either side of the rate; the table gives the median over runs and the range. "
+              f"Peer exchange runs blocks of {d.get('block_iterations', 16)} iterations here, whose costs arrive together, and a "
+              "client busy building the next blocks' graphs may fetch two blocks' costs at once: the span starts at the end of "
+              "the first such group of arrivals after the 2nd cost (`benchmarks.engines.arrival_groups`: the next cost more "
+              "than 5% of the run's mean interval later).", ""]
     _engine_rows(d, lines)
     lines += ["", "`ml` and `gd 1 tile` run on one of the two workers, so half their worker-seconds are idle by construction. "
               "Task-stream columns cover the steady-state iterations, per iteration (median over runs): compute and "

@@ -536,3 +536,17 @@ def test_a_worker_directory_too_deep_for_a_socket_name_uses_the_temporary_direct
     finally:
         inbox.close()
     assert not os.path.exists(inbox.dir)
+
+
+def test_one_worker_runs_a_block_as_one_graph_and_says_where_its_blocks_end(small_pbtio3):
+    # on one worker a peer block is one fused graph whose costs come back together: the
+    # result says where each block ends (daskptycho.metrics.steady_span starts there)
+    from distributed import Client
+
+    from daskptycho.cluster import local_cluster
+
+    ds = dp.open_dataset(small_pbtio3)
+    with dask.config.set({"daskptycho.schedule.exchange": "peer", "daskptycho.schedule.block_iterations": 4}), \
+            local_cluster(1, memory_limit="2GiB") as cluster, Client(cluster) as client:
+        got = dp.reconstruct(ds, iterations=ITERATIONS, client=client, engine="gd", tiles=(2, 2), slices=2)
+    assert json.loads(got.attrs["peer_block_ends"]) == [4, 6]

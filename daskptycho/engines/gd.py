@@ -302,7 +302,8 @@ class TiledRun(PinnedRun):
         # like its state; never gathered before the end of the run
         self.corrects, self.positions = corrects_positions(problem), {}
         self._ahead, self.exchange, self._blocks, self._block_last = {}, "scheduler", {}, None
-        # the last iteration of each peer block run: a block's costs reach the client together
+        # the last iteration of each block of several iterations run (peer exchange): a
+        # block's costs reach the client together
         self.peer_block_ends = set()
         super().__init__(drv, problem, source, progress)
 
@@ -510,7 +511,7 @@ class TiledRun(PinnedRun):
         ``indexed`` (a peer block): each iteration's costs are ``(key, index)`` pairs, places
         in the block's one cost task (:func:`~daskptycho.schedule.fuse.one_cost_task`)."""
         self._block_last = block[-1]
-        if indexed:
+        if indexed or len(block) > 1:  # its costs come back together (one worker: one fused graph)
             self.peer_block_ends.add(block[-1])
         self.states = {k: got[v] for k, v in out["states"].items()}
         if out.get("positions") is not None:
