@@ -52,11 +52,11 @@ def scale_window(wave, factor):
 
 # The cost's sums run in LANES interleaved partial sums, added in a fixed order at the end:
 # LLVM vectorises those (each lane is its own chain) without any fast-math licence, so the
-# bits do not depend on the vector width or on which build of the kernel runs. With
-# reassociation allowed instead, a machine's first run (compiling the kernels) and every
-# later one (loading them from Numba's cache) summed a two-mode cost and gradient in
-# different orders: a lost worker's replacement would not have recomputed its bits.
-LANES = 8
+# bits depend neither on the vector width nor on which build of a kernel runs. With
+# reassociation allowed, the build a process compiles and the one another loads from
+# Numba's cache can sum in different orders (a two-mode cost and gradient did), and a lost
+# worker's replacement or a resumed run must recompute the same bits.
+LANES = 8  # the partial sums of _lane_sum, written out there
 # a row's loop inlined into its caller: measured 10% faster than the call per row
 _jit_row = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 # float32 constants: a float64 one would turn a float32 pixel's arithmetic into float64
