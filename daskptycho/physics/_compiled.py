@@ -50,11 +50,13 @@ def scale_window(wave, factor):
                 frow[x] = frow[x] * krow[x]
 
 
-# The cost's sums run in LANES interleaved partial sums, added in a fixed order at the end:
-# LLVM vectorises those (each lane is its own chain) without any fast-math licence, so the
-# bits depend neither on the vector width nor on which build of a kernel runs. With
+# The cost's sums are kept in a fixed order, so every build of a kernel (compiled in this
+# process or loaded from Numba's cache, vectorised at any width) computes the same bits
+# without a fast-math licence: amplitude terms go into one partial sum per column (an
+# element-wise add per row, which LLVM vectorises), Poisson terms into float64 row sums in
+# LANES interleaved partial sums, and either set is added up by _lane_sum. With
 # reassociation allowed, the build a process compiles and the one another loads from
-# Numba's cache can sum in different orders (a two-mode cost and gradient did), and a lost
+# Numba's cache summed in different orders (a two-mode cost and gradient did), and a lost
 # worker's replacement or a resumed run must recompute the same bits.
 LANES = 8  # the partial sums of _lane_sum, written out there
 # a row's loop inlined into its caller: measured 10% faster than the call per row
@@ -106,12 +108,13 @@ def _lane_sum(terms, zero):
 
 
 @_jit_row
-def _row_cost(frow, irow, mrow, s2, ws, poisson, sign, trow):
-    """One row of one mode: the cost of its pixels, its waves (pairs of reals (2 N_x,))
-    scaled in place into the gradient, conjugated with ``sign`` -1 (1: not); ``trow``
-    (N_x,) is scratch for the pixels' terms."""
+def _row_cost(frow, irow, mrow, s2, ws, poisson, sign, trow, acc):
+    """One row of one mode: its waves (pairs of reals (2 N_x,)) scaled in place into the
+    gradient, conjugated with ``sign`` -1 (1: not). Poisson: returns the float64 sum of
+    the row's terms (``trow`` (N_x,) scratch for them); amplitude: adds each pixel's term
+    to its column's partial sum in ``acc`` (N_x,) and returns 0."""
     # Poisson terms differ in sign: their sum is kept in float64; amplitude terms are
-    # >= 0, and a row's sum in the patterns' precision stays within its rounding
+    # >= 0, and a column's sum in the patterns' precision stays within its rounding
     if poisson:
         for x in range(irow.shape[0]):
             re = frow[2 * x]
@@ -125,35 +128,40 @@ def _row_cost(frow, irow, mrow, s2, ws, poisson, sign, trow):
         re = frow[2 * x]
         im = frow[2 * x + 1]
         t, f = _amplitude_term((re * re + im * im) * s2, irow[x], mrow[x], ws)
-        trow[x] = t
+        acc[x] += t
         frow[2 * x] = re * f
         frow[2 * x + 1] = im * (f * sign)
-    return float(_lane_sum(trow, _ZERO32))
+    return 0.0
 
 
 @_jit
-def cost_window(far, intensity, mask, s2, ws, poisson, model, w, conj):
+def cost_window(far, intensity, mask, s2, ws, poisson, model, w, acc, conj):
     """Cost of one position's unnormalised far field (K, N_y, N_x) against ``intensity``
     (N_y, N_x) (complex64 and float32, or complex128 and float64); the gradient is
     written over ``far`` (see :func:`cost_gradient`), its complex conjugate with ``conj``
     (negating a float is exact: the same bits but the imaginary parts' signs). ``s2``,
-    ``ws`` of the intensity's type; ``model``, ``w``: row scratch (N_x,) of that type.
-    Returns the float64 cost.
+    ``ws`` of the intensity's type; ``model``, ``w``, ``acc``: row scratch (N_x,) of that
+    type. Returns the float64 cost.
 
     The waves are read as pairs of reals (real, imaginary side by side): LLVM vectorises
     those loops, not the same arithmetic on complex values. With one mode each row is
-    one pass (:func:`_row_cost`).
+    one pass (:func:`_row_cost`). Amplitude terms are summed per column down the rows,
+    then the columns' sums by :func:`_lane_sum` (a sum across each row, 8 scalar chains,
+    took a quarter of this function's time); Poisson terms per row in float64.
     """
     n_modes, ny, nx = far.shape
     fv = far.view(intensity.dtype)  # (K, N_y, 2 N_x)
     one = intensity.dtype.type(1.0)
     sign = -one if conj else one
     cost = 0.0
+    if not poisson:
+        for x in range(nx):
+            acc[x] = _ZERO32
     for y in range(ny):
         irow = intensity[y]
         mrow = mask[y]
         if n_modes == 1:
-            cost += _row_cost(fv[0, y], irow, mrow, s2, ws, poisson, sign, model)
+            cost += _row_cost(fv[0, y], irow, mrow, s2, ws, poisson, sign, model, acc)
             continue
         # several modes: their intensities summed, then one factor for every mode's pixel
         for k in range(n_modes):
@@ -161,20 +169,21 @@ def cost_window(far, intensity, mask, s2, ws, poisson, model, w, conj):
             for x in range(nx):
                 p = frow[2 * x] * frow[2 * x] + frow[2 * x + 1] * frow[2 * x + 1]
                 model[x] = p if k == 0 else model[x] + p
-        # each pixel's term written over its model intensity, once read
-        if poisson:
+        if poisson:  # each pixel's term written over its model intensity, once read
             for x in range(nx):
                 model[x], w[x] = _poisson_term(model[x] * s2, irow[x], mrow[x], ws)
             cost += _lane_sum(model, 0.0)
         else:
             for x in range(nx):
-                model[x], w[x] = _amplitude_term(model[x] * s2, irow[x], mrow[x], ws)
-            cost += float(_lane_sum(model, _ZERO32))
+                t, w[x] = _amplitude_term(model[x] * s2, irow[x], mrow[x], ws)
+                acc[x] += t
         for k in range(n_modes):
             frow = fv[k, y]
             for x in range(nx):
                 frow[2 * x] = frow[2 * x] * w[x]
                 frow[2 * x + 1] = frow[2 * x + 1] * (w[x] * sign)
+    if not poisson:
+        cost = float(_lane_sum(acc, _ZERO32))
     return cost
 
 
@@ -285,9 +294,10 @@ def cost_gradient(far, intensity, mask, scale2, w_scale, poisson):
     nx = far.shape[-1]
     model = np.empty(nx, dtype=intensity.dtype)
     w = np.empty(nx, dtype=intensity.dtype)
+    acc = np.empty(nx, dtype=intensity.dtype)
     cost = 0.0
     for j in range(far.shape[0]):
-        cost += cost_window(far[j], intensity[j], mask, real(scale2), real(w_scale), poisson, model, w, False)
+        cost += cost_window(far[j], intensity[j], mask, real(scale2), real(w_scale), poisson, model, w, acc, False)
     return cost
 
 
@@ -466,6 +476,7 @@ def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, 
     real = illum.dtype.type
     model = np.empty(nx, dtype=illum.dtype)
     w = np.empty(nx, dtype=illum.dtype)
+    acc = np.empty(nx, dtype=illum.dtype)
     go = np.empty(nx, dtype=g_obj.dtype)
     il = np.empty(nx, dtype=illum.dtype)
     n_segments = (n_slices + interval - 1) // interval
@@ -485,7 +496,7 @@ def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, 
         if near:  # on to the detector plane, and back from it after the cost
             scale_window(far, d_fwd)
             transform(plan_b, far, wave)
-            cost += cost_window(wave, data[rows[i]], mask, real(s2), real(ws), poisson, model, w, False)
+            cost += cost_window(wave, data[rows[i]], mask, real(s2), real(ws), poisson, model, w, acc, False)
             transform(plan_f, wave, far)
             scale_window(far, d_adj)
             transform(plan_b, far, wave)  # now the gradient w.r.t. the last slice's exit wave
@@ -497,7 +508,7 @@ def position_gradients(obj, probe, corners, rows, data, mask, k_fwd, k_adj, s2, 
             # FFTW itself computes by swapping real and imaginary parts): every transform of
             # a far-field position then runs the forward plan, whose speed the FFT floor is
             # measured at; the conjugations ride in the cost's and the adjoint's loops
-            cost += cost_window(far, data[rows[i]], mask, real(s2), real(ws), poisson, model, w, True)
+            cost += cost_window(far, data[rows[i]], mask, real(s2), real(ws), poisson, model, w, acc, True)
             transform(plan_f, far, wave)  # the conjugate of the gradient w.r.t. the last slice's exit wave
             conj = True
         counts[0] += 2 * n_modes
