@@ -123,6 +123,11 @@ def seam_ratio(result, truth: xr.DataArray, position, width_px=2):
     return float(err[near].mean() / err[~near].mean())
 
 
+#: a group of costs whose next cost came less than this share of the run's mean time per
+#: iteration after it was fetched with that next cost: no boundary to measure from
+BURST_GAP = 0.05
+
+
 def steady_span(intervals, skip=2, burst_ends=None):
     """The arrivals a steady-state time per iteration is measured between.
 
@@ -136,7 +141,8 @@ def steady_span(intervals, skip=2, burst_ends=None):
     burst_ends : iterable of int, optional
         Where it is known (a run's ``peer_block_ends``): the indices (into ``intervals``) of
         the last cost of each group of costs that arrived together. The span then runs from
-        the first of them at or after ``skip - 1`` to the last cost.
+        the first of them at or after ``skip - 1`` whose next cost came later (more than
+        :data:`BURST_GAP` of the mean time per iteration after it) to the last cost.
 
     Returns
     -------
@@ -149,13 +155,17 @@ def steady_span(intervals, skip=2, burst_ends=None):
     With ``burst_ends`` the span starts at the first of them at or after ``skip - 1``;
     without, at ``skip - 1`` (costs that arrive one by one, or in the pairs of a run that
     keeps one iteration in flight, which ``skip`` covers). The last cost always ends one.
+    A group's end is no boundary when the next group's costs came right behind it: a client
+    busy elsewhere (one worker sharing its cores with the client) fetches several blocks'
+    costs at once, and a span starting inside them would count a whole block as free.
     """
     xs = [float(x) for x in intervals]
     n = len(xs)
     if n <= skip or n < 2:
         return None
     if burst_ends is not None:
-        starts = [int(e) for e in burst_ends if max(skip - 1, 0) <= int(e) < n - 1]
+        mean = sum(xs[1:]) / (n - 1)
+        starts = [int(e) for e in burst_ends if max(skip - 1, 0) <= int(e) < n - 1 and xs[int(e) + 1] > BURST_GAP * mean]
         return (min(starts), n - 1) if starts else None
     return max(skip - 1, 0), n - 1
 
