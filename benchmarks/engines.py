@@ -41,7 +41,7 @@ import statistics
 import tempfile
 import time
 
-from daskptycho.metrics import steady_iteration_s, steady_span
+from daskptycho.metrics import BURST_GAP, steady_iteration_s, steady_span
 
 from .common import RESULTS, write
 from .fft_floor import us_per_fft_now
@@ -50,8 +50,10 @@ from .fft_floor import us_per_fft_now
 SKIP = 2
 
 #: the shortest wait (a fraction of a run's mean time per iteration, start included) between
-#: the costs of two groups (:func:`arrival_groups`); a group's own come milliseconds apart
-GROUP_GAP = 0.05
+#: the costs of two groups (:func:`arrival_groups`; a group's own come milliseconds apart):
+#: the library's, with which :func:`~daskptycho.metrics.steady_span` passes over a run's
+#: block ends that were fetched together
+GROUP_GAP = BURST_GAP
 
 #: iterations per peer block here (``daskptycho.schedule.block_iterations``; the default 16
 #: would make a 12-iteration run one block, whose costs all arrive at once: no steady state)
